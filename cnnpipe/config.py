@@ -1,0 +1,409 @@
+"""Training configs: YAML -> typed, validated, frozen `Config`.
+
+Owns the schema (one commented field per option), YAML loading, `--set a.b=value`
+overrides and the error messages. Every mistake is one `ConfigError` that names the
+full dotted key, the value received and what was expected; an unknown key also
+suggests the nearest valid one, so a typo never silently becomes a new option.
+
+    cfg = load_config("configs/mnist.yaml", overrides=["train.epochs=1"])
+    print(dump_config(cfg))
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
+
+__all__ = [
+    "ConfigError", "Config", "DataConfig", "AugmentConfig", "TrainConfig",
+    "OptimizerConfig", "PRESETS", "LAYER_TYPES", "load_config", "dump_config",
+    "parse_overrides", "validate_layers", "default_config_path", "config_from_dict",
+]
+
+PRESETS = ("simple_cnn", "lenet5", "vgg_small", "resnet_small")
+
+
+class ConfigError(ValueError):
+    """A config mistake: names the dotted key, the value and what was expected."""
+
+
+class _Schema(BaseModel):
+    # frozen: a resolved config is a value; forbid: a typo is an error, not a new key
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PosInt = Annotated[StrictInt, Field(ge=1)]
+NonNegInt = Annotated[StrictInt, Field(ge=0)]
+
+
+# ---------------------------------------------------------------- model layers
+# One schema per layer type; `validate_layers` picks it by `type` so an error can
+# name the layer's index and the offending option.
+
+class _Layer(_Schema):
+    name: str | None = None     # feature-map name; default: type + running number
+
+
+class ConvLayer(_Layer):
+    type: Literal["conv"]
+    filters: PosInt             # output channels
+    kernel: PosInt | tuple[PosInt, PosInt] = 3
+    stride: PosInt = 1
+    padding: Literal["same", "valid"] = "same"
+
+
+class PoolLayer(_Layer):
+    type: Literal["max_pool", "avg_pool"]
+    window: PosInt = 2
+    stride: PosInt | None = None    # None = window (non-overlapping)
+
+
+class BatchNormLayer(_Layer):
+    type: Literal["batch_norm"]
+    momentum: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    epsilon: Annotated[float, Field(gt=0)] = 1e-5
+
+
+class DropoutLayer(_Layer):
+    type: Literal["dropout"]
+    rate: Annotated[float, Field(ge=0, lt=1)]
+
+
+class DenseLayer(_Layer):
+    type: Literal["dense"]
+    units: PosInt
+
+
+class ResidualLayer(_Layer):
+    # conv-bn-relu-conv-bn + shortcut (1x1 conv when the shape changes), then relu
+    type: Literal["residual"]
+    filters: PosInt
+    stride: PosInt = 1
+
+
+class PlainLayer(_Layer):
+    type: Literal["relu", "gelu", "tanh", "sigmoid", "global_avg_pool", "flatten"]
+
+
+_LAYER_SCHEMAS: dict[str, type[_Layer]] = {
+    "conv": ConvLayer, "max_pool": PoolLayer, "avg_pool": PoolLayer,
+    "batch_norm": BatchNormLayer, "dropout": DropoutLayer, "dense": DenseLayer,
+    "residual": ResidualLayer, **{t: PlainLayer for t in
+                                  ("relu", "gelu", "tanh", "sigmoid", "global_avg_pool", "flatten")},
+}
+LAYER_TYPES = tuple(_LAYER_SCHEMAS)
+
+
+def validate_layers(layers: Sequence[Any], *, where: str = "model") -> tuple[dict[str, Any], ...]:
+    """Check a layer list; return each layer as a dict with every option filled in.
+
+    Errors name the layer by index (``model[2].filters``) and the offending key.
+    """
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise ConfigError(f"{where}: got {layers!r}; expected a preset name or a list of layers")
+    if not layers:
+        raise ConfigError(f"{where}: got an empty layer list; expected at least one layer")
+    out = []
+    for i, layer in enumerate(layers):
+        at = f"{where}[{i}]"
+        if not isinstance(layer, Mapping):
+            raise ConfigError(f"{at}: got {layer!r}; expected a mapping with a 'type' key")
+        kind = layer.get("type")
+        if kind not in _LAYER_SCHEMAS:
+            hint = _suggest(str(kind), LAYER_TYPES)
+            raise ConfigError(f"{at}.type: got {kind!r}; expected one of {', '.join(LAYER_TYPES)}{hint}")
+        try:
+            spec = _LAYER_SCHEMAS[kind].model_validate(dict(layer))
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, _LAYER_SCHEMAS[kind], prefix=at, sep=".")) from None
+        out.append(spec.model_dump())
+    names = [d["name"] for d in out if d["name"] is not None]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{where}: layer name {dup[0]!r} is used more than once; names must be unique")
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- the schema
+
+class DataConfig(_Schema):
+    source: Literal["store", "folder", "tfds", "shapes"] = "shapes"
+    path: str | None = None             # store dir (store) or image folder (folder)
+    name: str | None = None             # tfds dataset name, e.g. mnist, cifar10 (tfds)
+    split_train: str = "train"          # tfds split names
+    split_val: str = "test"
+    size: tuple[PosInt, PosInt] = (32, 32)   # H, W for folder preprocessing and shapes
+    resize: Literal["crop", "pad", "stretch"] = "crop"   # folder
+    channels: Literal["rgb", "gray"] = "rgb"             # folder
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1   # folder
+    bit_depth: Literal[8, 16] = 8       # shapes only
+    num_train: PosInt = 2000            # shapes only
+    num_val: PosInt = 400               # shapes only
+    cache_dir: str | None = None        # folder cache (default ~/.cache/cnnpipe)
+
+
+class AugmentConfig(_Schema):
+    flip: StrictBool = False            # random horizontal flip, on device
+    crop_padding: NonNegInt = 0         # padded random crop, on device (0 = off)
+
+
+class TrainConfig(_Schema):
+    epochs: PosInt = 5
+    batch_size: PosInt = 64
+    eval_batch_size: PosInt = 256
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: bf16 compute, fp32 params (CPU: fp32)
+    checkpoint_every_steps: NonNegInt = 0   # 0 = only at epoch end
+    keep_checkpoints: PosInt = 3
+    max_nonfinite_steps: PosInt = 5     # that many non-finite losses in a row stop the run
+    log_every_steps: PosInt = 20
+    num_devices: NonNegInt = 0          # 0 = all local devices
+    probe_feature_maps: StrictBool = False   # feature maps of a probe image to TensorBoard
+
+
+class OptimizerConfig(_Schema):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: Annotated[float, Field(gt=0)] = 0.001
+    schedule: Literal["constant", "warmup_cosine"] = "constant"
+    warmup_steps: NonNegInt = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9   # sgd
+    grad_clip: Annotated[float, Field(gt=0)] | None = None   # global-norm clip
+
+
+class Config(_Schema):
+    seed: StrictInt = 0
+    data: DataConfig = DataConfig()
+    # a preset name, or a list of layer mappings (validated into dicts, defaults filled in)
+    model: str | tuple[dict[str, Any], ...] = "simple_cnn"
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _check_model(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value not in PRESETS:
+                raise ConfigError(f"model: got {value!r}; expected a preset "
+                                  f"({', '.join(PRESETS)}) or a list of layers{_suggest(value, PRESETS)}")
+            return value
+        return validate_layers(value)
+
+
+# ---------------------------------------------------------------- loading
+
+def default_config_path() -> Path:
+    """The packaged default config (so `cnnpipe train` works from any directory)."""
+    return Path(str(resources.files("cnnpipe") / "configs" / "default.yaml"))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `a.b=value` overrides, validate.
+
+    Args:
+      path: a YAML file; None reads the packaged default.
+      overrides: ``"a.b=value"`` strings (``--set``); the value is parsed as YAML, so
+        ``train.epochs=3`` is an int and ``model=lenet5`` a string.
+    Returns:
+      The frozen, validated `Config`. Keys the file leaves out take their defaults.
+    Raises:
+      ConfigError: unreadable YAML, an unknown key (with the nearest valid key), a
+        wrong type or an out-of-range value (with the key, the value and what was expected).
+      FileNotFoundError: `path` does not exist.
+    """
+    path = default_config_path() if path is None else Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    set_keys = parse_overrides(overrides, raw)
+    return _validate(raw, source=str(path), set_keys=set_keys)
+
+
+def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (),
+                     *, source: str = "config") -> Config:
+    """Validate a config given as a (nested) mapping, e.g. from a notebook or a test."""
+    raw = _deep_copy(raw)
+    set_keys = parse_overrides(overrides, raw)
+    return _validate(raw, source=source, set_keys=set_keys)
+
+
+def parse_overrides(overrides: Sequence[str], raw: dict[str, Any]) -> dict[str, str]:
+    """Apply ``a.b=value`` overrides to `raw` in place; return {dotted key: override text}.
+
+    A list (a layer list) is indexed by number: ``model.0.filters=8``.
+    """
+    applied: dict[str, str] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=3")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({' '.join(str(exc).split())})") from None
+        parts = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            here = ".".join(parts[: depth + 1])
+            if isinstance(node, dict):
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+                node = child
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth]) or 'config'} has no key "
+                                  f"{part!r} (it is {_short(node)}); cannot set {here}")
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {item!r}: {here} is {_short(node)}, not a mapping; "
+                                  f"cannot set {key}")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not (last.isdigit() and int(last) < len(node)):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])} has {len(node)} entries; "
+                                  f"{last!r} is not an index")
+            node[int(last)] = value
+        else:
+            node[last] = value
+        applied[key] = item
+    return applied
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML of the resolved config (every key, defaults included); `load_config` reads it back."""
+    data = cfg.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------- error messages
+
+def _validate(raw: dict[str, Any], *, source: str, set_keys: Mapping[str, str]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ConfigError as exc:   # raised by our own validators outside pydantic's wrapping
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc, Config, set_keys=set_keys)}") from None
+
+
+def _describe(exc: ValidationError, schema: type[BaseModel], *, prefix: str = "",
+              sep: str = "", set_keys: Mapping[str, str] = {}) -> str:
+    """One readable line per problem, joined with '; ' (no pydantic dump)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = [p for p in err["loc"] if not _is_union_tag(p)]
+        key = prefix + (sep if prefix and loc else "") + _dotted(loc)
+        origin = next((f" (from --set {v!r})" for k, v in set_keys.items()
+                       if key == k or key.startswith(k + ".")), "")
+        kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+        if kind == "extra_forbidden":
+            valid = _fields_at(schema, loc[:-1])
+            parent = key[: len(key) - len(str(loc[-1]))]
+            hint = _suggest(str(loc[-1]), valid, prefix=parent)
+            lines.append(f"unknown key {key!r}{origin}{hint or ''}"
+                         f"{'' if hint else '; valid keys here: ' + ', '.join(valid)}")
+            continue
+        if kind == "value_error" and isinstance(ctx.get("error"), ConfigError):
+            lines.append(f"{ctx['error']}{origin}")
+            continue
+        if kind == "missing" and loc and isinstance(loc[-1], int):
+            parent = key.rsplit("[", 1)[0]
+            lines.append(f"{parent}: got {_short(value)}{origin}; expected more items (item {loc[-1]} is missing)")
+            continue
+        if kind == "missing":
+            lines.append(f"{key}: missing; this key is required")
+            continue
+        lines.append(f"{key}: got {_short(value)}{origin}; expected {_expected(kind, ctx, err['msg'])}")
+    # a union (e.g. `model`) reports each branch; keep the first line per key
+    seen, unique = set(), []
+    for line in lines:
+        head = line.split(":")[0]
+        if head not in seen:
+            seen.add(head)
+            unique.append(line)
+    return "; ".join(unique)
+
+
+def _expected(kind: str, ctx: Mapping[str, Any], msg: str) -> str:
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds and ctx:
+        bound = next(iter(ctx.values()))
+        what = "an integer" if isinstance(bound, int) else "a number"
+        return f"{what} {bounds[kind]} {bound:g}"
+    named = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+             "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+             "bool_parsing": "true or false", "string_type": "a string",
+             "tuple_type": "a list", "model_type": "a mapping of keys", "model_attributes_type":
+             "a mapping of keys"}
+    if kind == "literal_error":
+        return f"one of {ctx.get('expected', '?')}"
+    if kind == "too_short" or kind == "too_long":
+        return f"a list of {ctx.get('max_length', ctx.get('min_length'))} items" if "tuple" in msg else msg
+    return named.get(kind, msg[0].lower() + msg[1:] if msg else "a valid value")
+
+
+def _fields_at(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    for part in loc:
+        field = schema.model_fields.get(str(part)) if isinstance(part, str) else None
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return []
+        schema = sub
+    return list(schema.model_fields)
+
+
+def _suggest(word: str, choices: Sequence[str], *, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""
+
+
+def _dotted(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (("." if out else "") + str(part))
+    return out
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the union branch ("str", "tuple[...]") into the location
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "none"))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_deep_copy(v) for v in value]
+    return value
