@@ -1,0 +1,296 @@
+"""The on-disk dataset store written by `cnnpipe preprocess`, and its atomic writer.
+
+Layout of a store directory::
+
+    OUT/meta.json             classes, dtype, bit depth, size, channels, counts, mean/std
+    OUT/report.json           skipped files with reasons, duplicates, counts
+    OUT/<split>/images.npy    (N, H, W, C) uint8 or uint16, read memory-mapped
+    OUT/<split>/labels.npy    (N,) int32 class indices into meta["classes"]
+
+A store is complete or absent: `StoreWriter` builds it in a hidden temporary
+directory beside OUT and renames it into place only once everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+_DTYPES = {"uint8": 8, "uint16": 16}
+
+
+class Store:
+    """A read-only view of a store directory; arrays are memory-mapped on demand."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not self.path.is_dir():
+            raise ValueError(f"{self.path}: not a dataset store (directory not found)")
+        if not meta_path.is_file():
+            raise ValueError(f"{self.path}: not a dataset store (meta.json is missing)")
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{meta_path}: corrupt store metadata ({exc})") from None
+        for key in ("classes", "dtype", "bit_depth", "size", "channels", "splits", "counts", "mean", "std"):
+            if key not in self.meta:
+                raise ValueError(f"{meta_path}: corrupt store metadata (key {key!r} is missing)")
+        if self.meta["dtype"] not in _DTYPES:
+            raise ValueError(f"{meta_path}: unsupported dtype {self.meta['dtype']!r}; expected uint8 or uint16")
+        self._report: dict[str, Any] | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    @property
+    def bit_depth(self) -> int:
+        return int(self.meta["bit_depth"])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        h, w = self.meta["size"]
+        return int(h), int(w)
+
+    @property
+    def channels(self) -> int:
+        return int(self.meta["channels"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    @property
+    def mean(self) -> list[float]:
+        return [float(m) for m in self.meta["mean"]]
+
+    @property
+    def std(self) -> list[float]:
+        return [float(s) for s in self.meta["std"]]
+
+    @property
+    def report(self) -> dict[str, Any]:
+        if self._report is None:
+            path = self.path / "report.json"
+            if not path.is_file():
+                raise ValueError(f"{self.path}: store is incomplete (report.json is missing)")
+            try:
+                self._report = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: corrupt store report ({exc})") from None
+        return self._report
+
+    def _check_split(self, split: str) -> Path:
+        if split not in self.meta["splits"]:
+            raise ValueError(f"{self.path}: no split {split!r} in this store (splits: {', '.join(self.splits)})")
+        return self.path / split
+
+    def _load(self, path: Path, mmap: bool) -> np.ndarray:
+        if not path.is_file():
+            raise ValueError(f"{self.path}: store is incomplete ({path.relative_to(self.path)} is missing)")
+        try:
+            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: corrupt store array ({exc})") from None
+        return arr
+
+    def images(self, split: str) -> np.ndarray:
+        """(N, H, W, C) uint8/uint16 images of `split`, memory-mapped read-only."""
+        d = self._check_split(split)
+        n = int(self.meta["counts"][split]["total"])
+        # an empty file cannot be memory-mapped, so empty splits load normally
+        arr = self._load(d / "images.npy", mmap=n > 0)
+        expected = (n, *self.size, self.channels)
+        if arr.shape != expected or arr.dtype != self.dtype:
+            raise ValueError(f"{d / 'images.npy'}: corrupt store array (shape {arr.shape} {arr.dtype}, "
+                             f"meta.json says {expected} {self.dtype})")
+        return arr
+
+    def labels(self, split: str) -> np.ndarray:
+        """(N,) int32 class indices of `split`."""
+        d = self._check_split(split)
+        arr = self._load(d / "labels.npy", mmap=False)
+        n = int(self.meta["counts"][split]["total"])
+        if arr.shape != (n,) or arr.dtype != np.int32:
+            raise ValueError(f"{d / 'labels.npy'}: corrupt store array (shape {arr.shape} {arr.dtype}, "
+                             f"meta.json says ({n},) int32)")
+        return arr
+
+    def __len__(self) -> int:
+        return sum(int(self.meta["counts"][s]["total"]) for s in self.splits)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self.meta['counts'][s]['total']}" for s in self.splits)
+        h, w = self.size
+        return (f"Store({str(self.path)!r}: {len(self.meta['classes'])} classes, {h}x{w}x{self.channels} "
+                f"{self.meta['dtype']}, {counts})")
+
+
+def load_store(path: str | os.PathLike) -> Store:
+    """Open the store at `path`; ValueError naming the path and what is missing if it is not one."""
+    return Store(path)
+
+
+def _npy_shrink(path: Path, n: int) -> None:
+    """Cut an .npy file to its first `n` rows in place, keeping the data offset.
+
+    The rewritten header is padded with spaces to its old length, so the data
+    stays where it was and nothing is copied.
+    """
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        offset = f.tell()
+        new_shape = (n, *shape[1:])
+        header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
+                       "shape": new_shape}).encode("latin1")
+        len_size = 2 if version == (1, 0) else 4
+        prefix = 6 + 2 + len_size  # magic string + version bytes + header length field
+        body_len = offset - prefix
+        if len(header) + 1 > body_len:  # cannot happen: the shape only got shorter
+            raise RuntimeError(f"{path}: cannot shrink .npy header in place")
+        body = header + b" " * (body_len - len(header) - 1) + b"\n"
+        f.seek(prefix - len_size)
+        f.write(body_len.to_bytes(len_size, "little"))
+        f.write(body)
+        f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+
+
+class StoreWriter:
+    """Builds a store in a temporary directory beside `out`; `commit()` renames it into place.
+
+    Use as a context manager: leaving the block without `commit()` (an
+    exception, KeyboardInterrupt) removes the temporary directory, so OUT is
+    either the complete new store or untouched.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False) -> None:
+        self.out = Path(out).absolute()
+        self.overwrite = overwrite
+        check_output(self.out, overwrite)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
+        self._arrays: dict[str, np.memmap] = {}
+        self._labels: dict[str, np.memmap] = {}
+        self._filled: dict[str, int] = {}
+        self.committed = False
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create_split(self, split: str, capacity: int, size: tuple[int, int], channels: int,
+                     dtype: np.dtype | str) -> None:
+        """Allocate (capacity, H, W, C) images and (capacity,) labels for `split` on disk."""
+        d = self.tmp / split
+        d.mkdir()
+        shape = (capacity, int(size[0]), int(size[1]), int(channels))
+        if capacity == 0:
+            np.save(d / "images.npy", np.zeros(shape, dtype))
+            np.save(d / "labels.npy", np.zeros((0,), np.int32))
+        else:
+            self._arrays[split] = np.lib.format.open_memmap(d / "images.npy", mode="w+", dtype=dtype, shape=shape)
+            self._labels[split] = np.lib.format.open_memmap(d / "labels.npy", mode="w+", dtype=np.int32,
+                                                            shape=(capacity,))
+        self._filled[split] = 0
+
+    def append(self, split: str, image: np.ndarray, label: int) -> int:
+        """Write one (H, W, C) image and its label at the next free row of `split`; returns the row."""
+        i = self._filled[split]
+        self._arrays[split][i] = image
+        self._labels[split][i] = label
+        self._filled[split] = i + 1
+        return i
+
+    def count(self, split: str) -> int:
+        return self._filled[split]
+
+    def commit(self, meta: Mapping[str, Any], report: Mapping[str, Any]) -> Path:
+        """Flush the arrays, cut unused rows, write meta/report and rename the store into place."""
+        for split in list(self._arrays):
+            capacity = self._arrays[split].shape[0]
+            self._arrays[split].flush()
+            self._labels[split].flush()
+            del self._arrays[split], self._labels[split]  # close the maps before resizing the files
+            n = self._filled[split]
+            if n < capacity:
+                if n == 0:
+                    shape = np.load(self.tmp / split / "images.npy", mmap_mode="r").shape
+                    dtype = np.load(self.tmp / split / "images.npy", mmap_mode="r").dtype
+                    np.save(self.tmp / split / "images.npy", np.zeros((0, *shape[1:]), dtype))
+                    np.save(self.tmp / split / "labels.npy", np.zeros((0,), np.int32))
+                else:
+                    _npy_shrink(self.tmp / split / "images.npy", n)
+                    _npy_shrink(self.tmp / split / "labels.npy", n)
+        _write_json(self.tmp / "report.json", report)
+        _write_json(self.tmp / "meta.json", meta)
+        check_output(self.out, self.overwrite)  # OUT may have appeared while we worked
+        old = None
+        if self.out.exists() or self.out.is_symlink():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        self.committed = True
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+        return self.out
+
+    def close(self) -> None:
+        """Drop the temporary directory unless the store was committed."""
+        self._arrays.clear()
+        self._labels.clear()
+        if not self.committed and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """ValueError unless `out` may be (re)written: absent, empty, or a store and `overwrite`."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return  # an empty directory holds nothing to lose
+    if not overwrite:
+        raise ValueError(f"{out}: output already exists; pass --overwrite (overwrite=True) to replace it")
+    if out.is_dir() and not out.is_symlink():
+        # never delete a directory that is not one of ours
+        if (out / "meta.json").is_file():
+            return
+        raise ValueError(f"{out}: exists and is not a dataset store (no meta.json); refusing to overwrite it")
+    raise ValueError(f"{out}: exists and is not a directory; refusing to overwrite it")
+
+
+def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def build_meta(*, classes: Sequence[str], dtype: str, size: tuple[int, int], channel_names: Sequence[str],
+               splits: Sequence[str], counts: Mapping[str, Mapping[str, Any]], mean: Sequence[float],
+               std: Sequence[float], **extra: Any) -> dict[str, Any]:
+    """The meta.json mapping, with the keys `Store` relies on first."""
+    return {"format_version": FORMAT_VERSION, "classes": list(classes), "dtype": dtype,
+            "bit_depth": _DTYPES[dtype], "size": [int(size[0]), int(size[1])],
+            "channels": len(channel_names), "channel_names": list(channel_names), "splits": list(splits),
+            "counts": counts, "mean": [float(m) for m in mean], "std": [float(s) for s in std], **extra}
