@@ -49,8 +49,52 @@ def _run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_preprocess(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preprocess", help="decode an image folder once into a dataset store",
+                       description="Decode SRC/<class>/**/<image> (or SRC/<train|val|test>/<class>/**/<image>) "
+                                   "into a store at OUT: per split images.npy (N, H, W, C) uint8/uint16 and "
+                                   "labels.npy, meta.json and report.json (every skipped file, duplicates).")
+    p.add_argument("src", metavar="SRC", help="image folder: one sub-folder per class (or per split, then class)")
+    p.add_argument("out", metavar="OUT", help="store directory to create")
+    p.add_argument("--size", required=True, metavar="H[xW]", help="target size, e.g. 64 or 64x48")
+    p.add_argument("--resize", choices=["crop", "pad", "stretch"], default="crop",
+                   help="crop: cover and centre-crop (default); pad: fit and zero-pad; stretch: exact size")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="share of each class for the val split (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=0.0, metavar="F",
+                   help="share of each class for the test split (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="decoding processes (default: 0 = every core)")
+    p.add_argument("--channels", choices=["rgb", "gray"], default="rgb",
+                   help="rgb: three planes (default); gray: one luma plane")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT once the new one is complete")
+    p.set_defaults(func=_run_preprocess)
+
+
+def _run_preprocess(args: argparse.Namespace) -> int:
+    import logging
+
+    from cnnpipe.preprocess import format_summary, preprocess
+
+    logger = logging.getLogger("cnnpipe.preprocess")
+    if not sys.stderr.isatty() and not logger.handlers:
+        # no progress bar off a terminal: a log line every 10 s instead
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    store = preprocess(args.src, args.out, size=args.size, resize=args.resize, val_fraction=args.val_fraction,
+                       test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
+                       channels=args.channels, overwrite=args.overwrite)
+    print(format_summary(store))
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_decode,
+    _add_preprocess,
 ]
 
 
