@@ -389,6 +389,10 @@ def _decode_tiff(data: bytes, source: str | None, max_pixels: int | None):
 # ---------------------------------------------------------------- Pillow (JPEG, BMP, GIF, WebP, ...)
 
 def _decode_pillow(data: bytes, source: str | None, fmt: str, max_pixels: int | None):
+    if fmt == "JPEG":
+        fast = _decode_jpeg_fast(data, source, max_pixels)
+        if fast is not None:
+            return fast
     with warnings.catch_warnings():
         # Our own max_pixels check replaces Pillow's bomb warning; Pillow's hard
         # limit (2x its default) still raises and is reported below.
@@ -398,12 +402,10 @@ def _decode_pillow(data: bytes, source: str | None, fmt: str, max_pixels: int | 
         except Image.DecompressionBombError as exc:
             raise DecodeError(source, f"image over Pillow's hard pixel limit: {_reason(exc)}") from None
         except Exception as exc:
-            raise DecodeError(source, f"corrupt {fmt} data: {_reason(exc)}") from None
+            raise DecodeError(source, _pillow_reason(fmt, exc)) from None
         with im:
             _check_pixels(source, im.width, im.height, max_pixels)
             orientation = im.getexif().get(0x0112)
-            if fmt == "JPEG" and im.mode in ("L", "RGB"):
-                return _decode_jpeg_fast(data, source, im), (("L",) if im.mode == "L" else ("R", "G", "B")), orientation
             try:
                 im.seek(0)  # animated GIF / WebP / APNG: the first frame
                 im.load()
@@ -413,25 +415,66 @@ def _decode_pillow(data: bytes, source: str | None, fmt: str, max_pixels: int | 
     return arr, names, orientation
 
 
-def _decode_jpeg_fast(data: bytes, source: str | None, im: Image.Image) -> np.ndarray:
-    """libjpeg-turbo through imagecodecs: same library and settings as Pillow, fewer copies."""
+def _jpeg_header(data: bytes) -> tuple[int, int, int, int | None] | None:
+    """(width, height, components, orientation) from the markers before the scan, or None.
+
+    A few hundred bytes of marker walking instead of a full ``Image.open``,
+    which costs more than decoding a small JPEG's header should.
+    """
+    pos, orientation, n = 2, None, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00":
+            exif = Image.Exif()
+            try:
+                exif.load(data[pos + 10:pos + 2 + length])
+                orientation = exif.get(0x0112)
+            except Exception:
+                orientation = None  # broken optional metadata: keep the pixels as stored
+        elif marker in (0xC0, 0xC1, 0xC2):  # baseline, extended, progressive Huffman
+            if pos + 10 > n:
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return width, height, data[pos + 9], orientation
+        elif marker in (0xDA, 0xD9) or 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return None  # scan before frame, or lossless/arithmetic: leave it to Pillow
+        pos += 2 + length
+    return None
+
+
+def _decode_jpeg_fast(data: bytes, source: str | None, max_pixels: int | None):
+    """Gray and YCbCr JPEG through imagecodecs' libjpeg-turbo (same library and
+    defaults as Pillow, so the same pixels) without Pillow's extra copies."""
     import imagecodecs
 
-    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        raise DecodeError(source, "truncated JPEG: no end-of-image marker")
+    header = _jpeg_header(data)
+    if header is None or header[2] not in (1, 3):
+        return None  # CMYK/YCCK and unusual streams: Pillow converts them
+    width, height, components, orientation = header
+    _check_pixels(source, width, height, max_pixels)
+    if not data[-64:].rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # Truncated, or valid with trailing bytes after EOI (some cameras append
+        # data): Pillow tells the two apart and names a truncation as such.
+        return None
     arr = imagecodecs.jpeg8_decode(data)
     if arr.dtype != np.uint8:
         raise DecodeError(source, f"unsupported JPEG sample precision ({arr.dtype}); cnnpipe reads 8-bit JPEG")
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if arr.shape[:2] != (im.height, im.width):
+    if arr.shape != (height, width, components):
         raise DecodeError(source, f"corrupt JPEG: decoded shape {arr.shape} does not match header")
-    return arr
+    return arr, (("L",) if components == 1 else ("R", "G", "B")), orientation
 
 
 def _pillow_reason(fmt: str, exc: BaseException) -> str:
     text = _reason(exc)
-    if "truncated" in text or isinstance(exc, EOFError):
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
         return f"truncated {fmt}: {text}"
     return f"corrupt {fmt} data: {text}"
 
