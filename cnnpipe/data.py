@@ -1,0 +1,409 @@
+"""Training data: sources -> one `Dataset` -> fixed-shape, deterministic host batches.
+
+Sources (`data.source`): `shapes` (built-in synthetic images, no files needed),
+`store` (the output of `cnnpipe preprocess`, memory-mapped), `folder` (a raw
+image folder, preprocessed once into a cache keyed by its contents and the
+settings) and `tfds` (a TensorFlow Datasets name read with `tfds.data_source`,
+no TensorFlow). Pixels stay integers (uint8/uint16) on the host; the model
+normalises them on the device.
+
+Batch order is a pure function of (seed, epoch), so a resumed run continues
+from (epoch, step in epoch) with exactly the order an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
+_SPLIT_SEEDS = {"train": 0, "val": 1}
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: images (N, H, W, C) uint8/uint16 (array or memmap) and int32 labels (N,)."""
+
+    images: Any
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Everything training needs to know about the data, whatever its source."""
+
+    classes: list[str]
+    train: Split
+    val: Split
+    bit_depth: int
+    mean: tuple[float, ...]  # per channel, raw pixel units, train split
+    std: tuple[float, ...]
+    description: str
+    resize: str = "crop"  # how images of another size are fitted (predict uses the same)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.train.images.shape[1:3])  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[3])
+
+    def info(self) -> dict[str, Any]:
+        """What inference needs without the data (saved as `dataset.json` in a run)."""
+        return {"classes": list(self.classes), "size": list(self.size), "channels": self.channels,
+                "bit_depth": self.bit_depth, "dtype": str(np.dtype(self.train.images.dtype)),
+                "mean": list(self.mean), "std": list(self.std),
+                "num_train": len(self.train), "num_val": len(self.val),
+                "resize": self.resize, "description": self.description}
+
+
+# ---------------------------------------------------------------- sources
+
+def load_dataset(data: Any, seed: int = 0) -> Dataset:
+    """Load the dataset described by a `DataConfig` (`cfg.data`).
+
+    `seed` is the run seed; it only affects the synthetic `shapes` data.
+    """
+    source = data.source
+    if source == "shapes":
+        h, w = data.size
+        return shapes_dataset(data.num_train, data.num_val, size=(h, w),
+                              bit_depth=data.bit_depth, seed=seed)
+    if source == "store":
+        if not data.path:
+            raise ValueError("data.path: required when data.source is 'store' (a `cnnpipe preprocess` output dir)")
+        return store_dataset(data.path)
+    if source == "folder":
+        if not data.path:
+            raise ValueError("data.path: required when data.source is 'folder' (a folder of class sub-folders)")
+        return folder_dataset(data.path, size=tuple(data.size), resize=data.resize,
+                              channels=data.channels, val_fraction=data.val_fraction,
+                              cache_dir=data.cache_dir)
+    if source == "tfds":
+        if not data.name:
+            raise ValueError("data.name: required when data.source is 'tfds' (e.g. mnist, cifar10)")
+        return tfds_dataset(data.name, split_train=data.split_train, split_val=data.split_val)
+    raise ValueError(f"data.source: unknown source {source!r}; expected one of shapes, store, folder, tfds")
+
+
+def _mean_std(images: Any, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in raw units, float64, in chunks (memmaps stay paged)."""
+    n, c = len(images), images.shape[-1]
+    s = np.zeros(c, np.float64)
+    ss = np.zeros(c, np.float64)
+    count = 0
+    for i in range(0, n, chunk):
+        x = np.asarray(images[i:i + chunk], dtype=np.float64).reshape(-1, c)
+        s += x.sum(0)
+        ss += np.square(x).sum(0)
+        count += x.shape[0]
+    mean = s / max(count, 1)
+    std = np.sqrt(np.maximum(ss / max(count, 1) - mean ** 2, 0.0))
+    return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+
+
+def _shape_masks(label: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Boolean (N, H, W) masks; dx, dy are pixel offsets from the centre in units of the radius.
+
+    Only +, *, sqrt, abs and comparisons: all exactly rounded in IEEE arithmetic,
+    so the images are bit-identical on every machine.
+    """
+    dx, dy = np.broadcast_arrays(dx, dy)
+    ax, ay = np.abs(dx), np.abs(dy)
+    r2 = dx * dx + dy * dy
+    mask = np.zeros(dx.shape, bool)
+    k = label[:, None, None]
+    mask |= (k == 0) & (r2 <= 1.0)
+    mask |= (k == 1) & (np.maximum(ax, ay) <= 0.8)
+    mask |= (k == 2) & (dy <= 0.8) & (ax <= (dy + 1.0) * 0.6)
+    mask |= (k == 3) & (((ax <= 0.3) & (ay <= 1.0)) | ((ay <= 0.3) & (ax <= 1.0)))
+    mask |= (k == 4) & (r2 <= 1.0) & (r2 >= 0.36)
+    mask |= (k == 5) & (ax + ay <= 1.0)
+    return mask
+
+
+def make_shapes(n: int, *, size: tuple[int, int] = (32, 32), bit_depth: int = 8,
+                seed: int = 0, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic labelled RGB images of simple shapes.
+
+    Returns (images (n, H, W, 3) uint8|uint16, labels (n,) int32); classes are
+    `SHAPE_CLASSES`. Each image is one shape at a random position, size and
+    colour on a random contrasting background with uniform noise; 16-bit images
+    use the full uint16 range (not 8-bit values times 257).
+    """
+    if bit_depth not in (8, 16):
+        raise ValueError(f"data.bit_depth: expected 8 or 16, got {bit_depth!r}")
+    h, w = int(size[0]), int(size[1])
+    if min(h, w) < 8:
+        raise ValueError(f"data.size: shapes need images of at least 8x8, got {h}x{w}")
+    rng = np.random.default_rng([int(seed), _SPLIT_SEEDS.get(split, 2), 0x5A4E])
+    labels = rng.integers(0, len(SHAPE_CLASSES), n).astype(np.int32)
+    short = min(h, w)
+    radius = short * (0.2 + 0.18 * rng.random(n))
+    cy = radius + (h - 1 - 2 * radius) * rng.random(n)
+    cx = radius + (w - 1 - 2 * radius) * rng.random(n)
+    # colours in [0, 1]: one side dark, the other light, swapped at random
+    dark = 0.45 * rng.random((n, 3))
+    light = 0.55 + 0.45 * rng.random((n, 3))
+    swap = rng.random(n) < 0.5
+    fg = np.where(swap[:, None], dark, light)
+    bg = np.where(swap[:, None], light, dark)
+    ys = np.arange(h, dtype=np.float64)[None, :, None]
+    xs = np.arange(w, dtype=np.float64)[None, None, :]
+    inv = 1.0 / radius[:, None, None]
+    mask = _shape_masks(labels, (xs - cx[:, None, None]) * inv, (ys - cy[:, None, None]) * inv)
+    img = np.where(mask[..., None], fg[:, None, None, :], bg[:, None, None, :])
+    # triangular noise from uniforms (platform-independent, unlike a Gaussian sampler)
+    img += 0.08 * (rng.random(img.shape) - rng.random(img.shape))
+    maxval = (1 << bit_depth) - 1
+    out = np.rint(np.clip(img, 0.0, 1.0) * maxval).astype(np.uint8 if bit_depth == 8 else np.uint16)
+    return out, labels
+
+
+def shapes_dataset(num_train: int, num_val: int, *, size: tuple[int, int] = (32, 32),
+                   bit_depth: int = 8, seed: int = 0) -> Dataset:
+    """The built-in synthetic dataset (see `make_shapes`)."""
+    xtr, ytr = make_shapes(num_train, size=size, bit_depth=bit_depth, seed=seed, split="train")
+    xva, yva = make_shapes(num_val, size=size, bit_depth=bit_depth, seed=seed, split="val")
+    mean, std = _mean_std(xtr)
+    return Dataset(list(SHAPE_CLASSES), Split(xtr, ytr), Split(xva, yva), bit_depth, mean, std,
+                   f"shapes ({bit_depth}-bit, {size[0]}x{size[1]}, seed {seed})")
+
+
+def store_dataset(path: str | os.PathLike) -> Dataset:
+    """A `cnnpipe preprocess` store: train split + its "val" (or else "test") split, memory-mapped."""
+    from cnnpipe.store import load_store
+
+    store = load_store(path)
+    val_name = next((s for s in ("val", "test") if s in store.splits and len(store.labels(s))), None)
+    if "train" not in store.splits or not len(store.labels("train")):
+        raise ValueError(f"{store.path}: store has no train images (splits: {', '.join(store.splits)})")
+    if val_name is None:
+        raise ValueError(f"{store.path}: store has no validation split (splits: {', '.join(store.splits)}); "
+                         "preprocess it with a validation fraction > 0")
+    train = Split(store.images("train"), np.asarray(store.labels("train"), np.int32))
+    val = Split(store.images(val_name), np.asarray(store.labels(val_name), np.int32))
+    return Dataset(list(store.classes), train, val, int(store.bit_depth),
+                   tuple(float(m) for m in store.mean), tuple(float(s) for s in store.std),
+                   f"store {store.path}", str(store.meta.get("resize", "crop")))
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/cnnpipe, or $XDG_CACHE_HOME/cnnpipe."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cnnpipe"
+
+
+def folder_cache_key(folder: str | os.PathLike, settings: dict[str, Any]) -> tuple[str, int]:
+    """(hash of the folder's listing (relative path, size, mtime) and the settings, file count)."""
+    root = Path(folder)
+    count = 0
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            st = p.stat()
+            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            count += 1
+    return h.hexdigest()[:20], count
+
+
+def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: str = "crop",
+                   channels: str = "rgb", val_fraction: float = 0.1,
+                   cache_dir: str | os.PathLike | None = None) -> Dataset:
+    """A raw image folder, preprocessed once into `cache_dir` and reused while unchanged."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path: image folder not found: {root}")
+    settings = {"size": [int(size[0]), int(size[1])], "resize": resize, "channels": channels,
+                "val_fraction": float(val_fraction), "seed": 0, "format": 1}
+    key, num_files = folder_cache_key(root, settings)
+    out = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    out = out / "folders" / f"{root.resolve().name}-{key}"
+    if not (out / "meta.json").is_file():
+        from cnnpipe.preprocess import preprocess
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # a process pool only pays off past a few hundred files
+        try:
+            preprocess(root, out, size=tuple(settings["size"]), resize=resize, val_fraction=val_fraction,
+                       seed=0, channels=channels, overwrite=False, workers=1 if num_files < 256 else None)
+        except ValueError:
+            if not (out / "meta.json").is_file():  # not merely another process finishing first
+                raise
+    ds = store_dataset(out)
+    return Dataset(ds.classes, ds.train, ds.val, ds.bit_depth, ds.mean, ds.std,
+                   f"folder {root} (cache {out})", resize)
+
+
+def tfds_dataset(name: str, *, split_train: str = "train", split_val: str = "test") -> Dataset:
+    """A TensorFlow Datasets image classification dataset via `tfds.data_source` (no TensorFlow).
+
+    Records are dicts with 'image' (H, W, C) uint8 and 'label'; the splits are
+    read into memory once.
+    """
+    import tensorflow_datasets as tfds
+
+    def read(split: str) -> Split:
+        try:
+            src = tfds.data_source(name, split=split)
+        except Exception as exc:  # tfds raises many types; name the dataset and split
+            raise ValueError(f"data.name: cannot open tfds dataset {name!r} split {split!r}: {exc}") from exc
+        n = len(src)
+        if n == 0:
+            raise ValueError(f"tfds dataset {name!r} split {split!r} is empty")
+        first = np.asarray(src[0]["image"])
+        if first.ndim == 2:
+            first = first[..., None]
+        images = np.empty((n, *first.shape), first.dtype)
+        labels = np.empty(n, np.int32)
+        for i in range(n):
+            rec = src[i]
+            img = np.asarray(rec["image"])
+            images[i] = img.reshape(first.shape) if img.ndim == 2 else img
+            labels[i] = int(rec["label"])
+        return Split(images, labels)
+
+    train, val = read(split_train), read(split_val)
+    try:
+        classes = list(tfds.builder(name).info.features["label"].names)
+    except Exception:  # no label names in the metadata: number the classes
+        classes = [str(i) for i in range(int(max(train.labels.max(), val.labels.max())) + 1)]
+    bit_depth = 16 if train.images.dtype == np.uint16 else 8
+    mean, std = _mean_std(train.images)
+    return Dataset(classes, train, val, bit_depth, mean, std, f"tfds {name} ({split_train}/{split_val})")
+
+
+# ---------------------------------------------------------------- batching
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full train batches per epoch (the remainder is dropped, so shapes stay fixed)."""
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise ValueError(f"train.batch_size (={batch_size}) is larger than the train split "
+                         f"(={num_examples} images)")
+    return steps
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the train split in `epoch`: a pure function of (seed, epoch, n)."""
+    return np.random.default_rng([int(seed), int(epoch), 0xDA7A]).permutation(n)
+
+
+def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int,
+                  start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled (images, labels) batches of exactly `batch_size`, from `start_step` of `epoch`."""
+    perm = epoch_permutation(seed, epoch, len(split))
+    for step in range(start_step, steps_per_epoch(len(split), batch_size)):
+        idx = perm[step * batch_size:(step + 1) * batch_size]
+        # sorted reads are sequential on a memmap; the batch itself keeps `perm` order
+        order = np.argsort(idx, kind="stable")
+        images = np.empty((batch_size, *split.images.shape[1:]), split.images.dtype)
+        images[order] = split.images[idx[order]]
+        yield images, split.labels[idx]
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(images, labels, mask) batches in order, all of `batch_size`; the last one zero-padded, mask False."""
+    n = len(split)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        images = np.zeros((batch_size, *split.images.shape[1:]), split.images.dtype)
+        labels = np.zeros(batch_size, np.int32)
+        mask = np.zeros(batch_size, bool)
+        images[:stop - start] = split.images[start:stop]
+        labels[:stop - start] = split.labels[start:stop]
+        mask[:stop - start] = True
+        yield images, labels, mask
+
+
+class prefetch:  # noqa: N801 - used like a generator function
+    """Iterate `it` in a background thread, `size` items ahead (host I/O overlaps device work)."""
+
+    _END = object()
+
+    def __init__(self, it: Iterable[Any], size: int = 2) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(iter(it),), daemon=True)
+        self._thread.start()
+
+    def _fill(self, it: Iterator[Any]) -> None:
+        try:
+            for item in it:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._put_end(self._END)
+        except BaseException as exc:  # re-raised in the consumer thread
+            self._put_end(exc)
+
+    def _put_end(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> prefetch:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the background thread (safe to call twice)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `dataset.json` a run saved (classes, size, channels, bit depth, mean/std)."""
+    path = Path(run_dir) / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {run_dir} a cnnpipe run directory?")
+    return json.loads(path.read_text())
+
+
+__all__: Sequence[str] = [
+    "SHAPE_CLASSES", "Split", "Dataset", "load_dataset", "make_shapes", "shapes_dataset",
+    "store_dataset", "folder_dataset", "tfds_dataset", "folder_cache_key", "default_cache_dir",
+    "steps_per_epoch", "epoch_permutation", "train_batches", "eval_batches", "prefetch",
+    "read_dataset_info",
+]
