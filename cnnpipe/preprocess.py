@@ -595,7 +595,7 @@ def _convert_and_write(scan: _Scan, ok: list[_Candidate], classes: list[str], dt
                     bad += 1
                     continue
                 _, img, s1, s2 = res
-                writer.append(cand.split, img, class_index[cand.class_name])
+                writer.append(cand.split, img, class_index[cand.class_name], cand.rel)
                 per_class[cand.split][cand.class_name] += 1
                 if s1 is not None:
                     sums = [a + b for a, b in zip(sums, s1)]

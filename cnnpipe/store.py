@@ -6,6 +6,7 @@ Layout of a store directory::
     OUT/report.json           skipped files with reasons, duplicates, counts
     OUT/<split>/images.npy    (N, H, W, C) uint8 or uint16, read memory-mapped
     OUT/<split>/labels.npy    (N,) int32 class indices into meta["classes"]
+    OUT/<split>/sources.json  the N source files (relative to SRC), row order
 
 A store is complete or absent: `StoreWriter` builds it in a hidden temporary
 directory beside OUT and renames it into place only once everything is written.
@@ -130,6 +131,16 @@ class Store:
                              f"meta.json says ({n},) int32)")
         return arr
 
+    def sources(self, split: str) -> list[str]:
+        """The source file of each row of `split` (path relative to SRC), or [] if not recorded."""
+        path = self._check_split(split) / "sources.json"
+        if not path.is_file():
+            return []
+        try:
+            return list(json.loads(path.read_text()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: corrupt store file ({exc})") from None
+
     def __len__(self) -> int:
         return sum(int(self.meta["counts"][s]["total"]) for s in self.splits)
 
@@ -191,6 +202,7 @@ class StoreWriter:
         self._arrays: dict[str, np.memmap] = {}
         self._labels: dict[str, np.memmap] = {}
         self._filled: dict[str, int] = {}
+        self._sources: dict[str, list[str]] = {}
         self.committed = False
 
     def __enter__(self) -> StoreWriter:
@@ -213,12 +225,14 @@ class StoreWriter:
             self._labels[split] = np.lib.format.open_memmap(d / "labels.npy", mode="w+", dtype=np.int32,
                                                             shape=(capacity,))
         self._filled[split] = 0
+        self._sources[split] = []
 
-    def append(self, split: str, image: np.ndarray, label: int) -> int:
-        """Write one (H, W, C) image and its label at the next free row of `split`; returns the row."""
+    def append(self, split: str, image: np.ndarray, label: int, source: str = "") -> int:
+        """Write one (H, W, C) image, its label and source name at the next free row of `split`."""
         i = self._filled[split]
         self._arrays[split][i] = image
         self._labels[split][i] = label
+        self._sources[split].append(source)
         self._filled[split] = i + 1
         return i
 
@@ -242,6 +256,8 @@ class StoreWriter:
                 else:
                     _npy_shrink(self.tmp / split / "images.npy", n)
                     _npy_shrink(self.tmp / split / "labels.npy", n)
+        for split, names in self._sources.items():
+            (self.tmp / split / "sources.json").write_text(json.dumps(names, indent=0) + "\n")
         _write_json(self.tmp / "report.json", report)
         _write_json(self.tmp / "meta.json", meta)
         check_output(self.out, self.overwrite)  # OUT may have appeared while we worked
