@@ -92,9 +92,143 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a CNN from a YAML config into a run directory",
+                       description="Train from CONFIG (default: the packaged default config, a small CNN on the "
+                                   "built-in shapes data) into a run directory: config.yaml, metrics.jsonl, "
+                                   "checkpoints/, plots/, summary.json.")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config (default: the packaged default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=3 (repeatable; value parsed as YAML)")
+    p.add_argument("--workdir", metavar="DIR", help="run directory (default: runs/<config>-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest checkpoint, with its own config.yaml")
+    p.set_defaults(func=_run_train)
+
+
+def _cpu_device_count(cfg: object) -> int:
+    """Devices to expose on a CPU host: one per core, but a count that divides both batch sizes."""
+    import os
+
+    tc = cfg.train  # type: ignore[attr-defined]
+    if tc.num_devices:
+        return int(tc.num_devices)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(d for d in range(1, cores + 1) if tc.batch_size % d == 0 and tc.eval_batch_size % d == 0)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cnnpipe.config import load_config
+
+    if args.resume:
+        if args.config or args.overrides or args.workdir:
+            raise CLIError("--resume continues RUN_DIR with its own config.yaml; "
+                           "leave out CONFIG, --set and --workdir")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise CLIError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+        cfg, name = load_config(run_dir / "config.yaml"), run_dir.name
+    else:
+        cfg = load_config(args.config, args.overrides)
+        name, run_dir = (Path(args.config).stem if args.config else "default"), args.workdir
+    # one XLA device per core (data parallel) must be chosen before jax starts its backend
+    from cnnpipe.steps import setup_cpu_devices
+
+    setup_cpu_devices(_cpu_device_count(cfg))
+    from cnnpipe.train import NonFiniteLossError, train_and_evaluate
+
+    try:
+        train_and_evaluate(cfg, run_dir, name=name, resume=bool(args.resume))
+    except NonFiniteLossError as exc:
+        print(f"cnnpipe train: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `cnnpipe train` run directory")
+    p.add_argument("--data", metavar="SPEC",
+                   help="evaluate on other data: a store dir, an image folder, 'shapes' or 'tfds:NAME' "
+                        "(default: the run's own validation data)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                   help="override a data key of the run's config, e.g. --set data.split_val=train")
+    p.add_argument("--checkpoint", default="best", metavar="WHICH",
+                   help="best (default: highest validation accuracy), latest, or a step number")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from cnnpipe.evaluate import data_overrides, evaluate_run, format_confusion, load_run
+
+    bad = [o for o in args.overrides if not o.startswith("data.")]
+    if bad:
+        raise CLIError(f"--set {bad[0]!r}: evaluate only takes data.* keys")
+    run = load_run(args.run_dir, args.checkpoint)
+    overrides = (data_overrides(args.data) if args.data else []) + list(args.overrides)
+    result, ds = evaluate_run(run, overrides)
+    print(f"{run.run_dir} (checkpoint step {run.step}) on {ds.description}: {result['count']} validation images")
+    correct = int(result["confusion"].trace())
+    print(f"accuracy: {result['accuracy']:.4f} ({correct}/{result['count']})  loss: {result['loss']:.4f}")
+    print("per-class accuracy:")
+    for name, acc, total in zip(ds.classes, result["per_class_accuracy"], result["confusion"].sum(1)):
+        print(f"  {name:<16} {'-' if acc is None else f'{acc:.4f}':>7}  ({int(total)} images)")
+    print("confusion matrix (rows: true class, columns: predicted):")
+    print(format_confusion(result["confusion"], ds.classes))
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-k classes of images with a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `cnnpipe train` run directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (decoded and resized like the training data)")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to show per image (default: %(default)s)")
+    p.add_argument("--out", metavar="PREDS.csv", help="also write path,rank,class,probability rows as CSV")
+    p.add_argument("--checkpoint", default="best", metavar="WHICH",
+                   help="best (default), latest, or a step number")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import csv
+    import io
+    import os
+    from pathlib import Path
+
+    from cnnpipe.evaluate import load_run, predict_images
+
+    if args.top_k < 1:
+        raise CLIError(f"--top-k: got {args.top_k}; expected an integer >= 1")
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: image file not found")
+    run = load_run(args.run_dir, args.checkpoint)
+    preds = predict_images(run, args.images, top_k=args.top_k)
+    rows = []
+    for path, top in zip(args.images, preds):
+        print(f"{path}: " + ", ".join(f"{name} {p:.4f}" for name, p in top))
+        rows += [(path, rank, name, f"{p:.6f}") for rank, (name, p) in enumerate(top, 1)]
+    if args.out:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["path", "rank", "class", "probability"])
+        writer.writerows(rows)
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        tmp.write_text(buf.getvalue())
+        os.replace(tmp, out)
+        print(f"wrote {len(rows)} rows to {out}")
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_decode,
     _add_preprocess,
+    _add_train,
+    _add_evaluate,
+    _add_predict,
 ]
 
 

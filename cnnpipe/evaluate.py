@@ -1,0 +1,281 @@
+"""Evaluation and inference on runs: accuracy, per-class accuracy, confusion matrix, plots, predict.
+
+`evaluate_split` is the per-epoch evaluation of the training loop; `load_run`
+rebuilds a finished (or interrupted) run's model from its directory alone
+(`config.yaml`, `dataset.json`, `checkpoints/`), which `cnnpipe evaluate` and
+`cnnpipe predict` use. Predicted images go through the same decode and resize
+as the training data (`cnnpipe.decode.read_image`, `cnnpipe.preprocess.resize_image`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnpipe.data import Dataset, Split, eval_batches, prefetch, read_dataset_info
+
+__all__ = ["evaluate_split", "confusion_matrix", "per_class_accuracy", "format_confusion", "plot_curves",
+           "plot_confusion", "Run", "load_run", "evaluate_run", "data_overrides", "predict_images"]
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts; row = true class, column = predicted class."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(labels, np.int64), np.asarray(predictions, np.int64)), 1)
+    return cm
+
+
+def per_class_accuracy(cm: np.ndarray) -> list[float | None]:
+    """Recall of each class (None for a class without examples)."""
+    totals = cm.sum(1)
+    return [float(cm[i, i] / t) if t else None for i, t in enumerate(totals)]
+
+
+def evaluate_split(eval_step: Any, state: Any, split: Split, batch_size: int, mesh: Any,
+                   num_classes: int) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix of `state` on `split`.
+
+    Batches all have `batch_size` rows (the last one padded and masked), so the
+    eval step compiles once.
+    """
+    import jax
+
+    from cnnpipe.steps import shard_batch
+
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    preds, pending = [], []
+    with prefetch((shard_batch(mesh, x, y, m) + (m,) for x, y, m in eval_batches(split, batch_size)),
+                  size=2) as batches:
+        for images, labels, mask, host_mask in batches:
+            pending.append((eval_step(state, images, labels, mask), host_mask))
+    for out, host_mask in pending:
+        out = jax.device_get(out)
+        loss_sum += float(out["loss_sum"])
+        correct += float(out["correct"])
+        count += float(out["count"])
+        preds.append(np.asarray(out["predictions"])[host_mask])
+    predictions = np.concatenate(preds) if preds else np.zeros(0, np.int32)
+    cm = confusion_matrix(split.labels, predictions, num_classes)
+    return {"loss": loss_sum / max(count, 1.0), "accuracy": correct / max(count, 1.0), "count": int(count),
+            "per_class_accuracy": per_class_accuracy(cm), "confusion": cm, "predictions": predictions}
+
+
+def format_confusion(cm: np.ndarray, classes: Sequence[str]) -> str:
+    """The confusion matrix as a text table (rows: true class, columns: predicted)."""
+    width = max(6, max(len(c) for c in classes) + 1, len(str(int(cm.max(initial=0)))) + 1)
+    head = "true \\ pred".ljust(width) + "".join(c[:width - 1].rjust(width) for c in classes)
+    rows = [c.ljust(width) + "".join(str(int(v)).rjust(width) for v in row) for c, row in zip(classes, cm)]
+    return "\n".join([head, *rows])
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_curves(metrics_path: str | os.PathLike, plots_dir: str | os.PathLike) -> None:
+    """loss.png and accuracy.png (train per log line, validation per epoch) from metrics.jsonl."""
+    from matplotlib.figure import Figure
+
+    train: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
+    val: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
+    for line in Path(metrics_path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("loss") is None:  # non-finite step
+            continue
+        into = val if rec.get("split") == "val" else train
+        for key in into:
+            into[key].append(rec[key])
+    for key, label in (("loss", "loss"), ("accuracy", "accuracy")):
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        ax.plot(train["step"], train[key], label="train")
+        ax.plot(val["step"], val[key], "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        _save_figure(fig, Path(plots_dir) / f"{key}.png")
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike) -> None:
+    """The confusion matrix as an annotated heat map (rows: true class)."""
+    from matplotlib.figure import Figure
+
+    n = len(classes)
+    fig = Figure(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
+    ax = fig.add_subplot()
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        top = cm.max(initial=0)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > top / 2 else "black")
+    _save_figure(fig, Path(path))
+
+
+# ---------------------------------------------------------------- finished runs
+
+@dataclass
+class Run:
+    """A run's model rebuilt from its directory: config, dataset info, graphdef, state, checkpoint step."""
+
+    run_dir: Path
+    cfg: Any
+    info: dict[str, Any]
+    graphdef: Any
+    state: Any
+    step: int
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    def model(self) -> Any:
+        """The CNN (eval mode) with this checkpoint's parameters."""
+        from cnnpipe.steps import state_to_model
+
+        return state_to_model(self.graphdef, self.state)
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> Run:
+    """Rebuild a run's model from its directory and restore a checkpoint.
+
+    Args:
+      checkpoint: "best" (highest validation accuracy; the latest if none was
+        evaluated), "latest", or a step number.
+    Raises:
+      FileNotFoundError: not a run directory, or no complete checkpoint (the message names it).
+    """
+    from flax import nnx
+
+    from cnnpipe import steps
+    from cnnpipe.checkpoint import Checkpoints
+    from cnnpipe.config import load_config
+    from cnnpipe.models import build_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a cnnpipe run directory (config.yaml is missing)")
+    cfg = load_config(run_dir / "config.yaml")
+    info = read_dataset_info(run_dir)
+    model = build_model(cfg.model, in_channels=int(info["channels"]), num_classes=len(info["classes"]),
+                        input_size=tuple(info["size"]), bit_depth=int(info["bit_depth"]),
+                        rngs=nnx.Rngs(cfg.seed), mean=info["mean"], std=info["std"])
+    total = max(1, int(info["num_train"]) // cfg.train.batch_size) * cfg.train.epochs
+    tx = steps.make_optimizer(cfg.optimizer, total)
+    graphdef, state = steps.create_train_state(model, tx, cfg.seed)
+    ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
+    try:
+        if checkpoint == "best":
+            step = ckpts.best_step() or ckpts.latest_step()
+        elif checkpoint == "latest":
+            step = ckpts.latest_step()
+        elif str(checkpoint).isdigit():
+            step = int(checkpoint)
+        else:
+            raise ValueError(f"--checkpoint: got {checkpoint!r}; expected best, latest or a step number "
+                             f"(saved: {', '.join(map(str, ckpts.steps())) or 'none'})")
+        state, _, step = ckpts.restore(state, step)
+    finally:
+        ckpts.close()
+    return Run(run_dir, cfg, info, graphdef, state, step)
+
+
+def data_overrides(spec: str) -> list[str]:
+    """`--data` for evaluate -> config overrides: a store dir, an image folder, "shapes" or "tfds:NAME"."""
+    if spec == "shapes":
+        return ["data.source=shapes"]
+    if spec.startswith("tfds:"):
+        return ["data.source=tfds", f"data.name={json.dumps(spec[5:])}"]
+    path = Path(spec)
+    if (path / "meta.json").is_file():
+        return ["data.source=store", f"data.path={json.dumps(str(path))}"]
+    if path.is_dir():
+        return ["data.source=folder", f"data.path={json.dumps(str(path))}"]
+    raise FileNotFoundError(f"--data: {spec} is not a store, an image folder, 'shapes' or 'tfds:NAME'")
+
+
+def _check_compatible(run: Run, ds: Dataset) -> None:
+    info = run.info
+    for what, have, want in (("classes", ds.classes, info["classes"]), ("image size", list(ds.size), info["size"]),
+                             ("channels", ds.channels, info["channels"]), ("bit depth", ds.bit_depth,
+                                                                           info["bit_depth"])):
+        if have != want:
+            raise ValueError(f"{ds.description}: {what} {have} do not match the run's {what} {want}")
+
+
+def evaluate_run(run: Run, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Dataset]:
+    """Evaluate `run` on the validation split of its data, or of the data `overrides` select."""
+    from cnnpipe import steps
+    from cnnpipe.config import config_from_dict
+    from cnnpipe.data import load_dataset
+
+    cfg = run.cfg
+    if overrides:
+        cfg = config_from_dict(cfg.model_dump(mode="json"), overrides, source="--data/--set")
+    ds = load_dataset(cfg.data, seed=cfg.seed)
+    _check_compatible(run, ds)
+    mesh = steps.make_mesh(0)
+    batch = -(-cfg.train.eval_batch_size // mesh.size) * mesh.size
+    state = steps.replicate(mesh, run.state)
+    result = evaluate_split(steps.make_eval_step(run.graphdef, mesh), state, ds.val, batch, mesh,
+                            ds.num_classes)
+    return result, ds
+
+
+def load_for_model(path: str | os.PathLike, info: dict[str, Any]) -> np.ndarray:
+    """Decode and resize one image exactly as the run's training data: (H, W, C) float32 in the model's units.
+
+    A 16-bit file fed to an 8-bit model (or the reverse) is scaled to the model's
+    range (x * (2**model_bits - 1) / (2**file_bits - 1)), which the model divides out again.
+    """
+    from cnnpipe.decode import read_image
+    from cnnpipe.preprocess import resize_image
+
+    planes = read_image(path, channels="gray" if int(info["channels"]) == 1 else "rgb")
+    img = resize_image(planes.hwc(), tuple(info["size"]), str(info.get("resize") or "crop"))
+    x = np.asarray(img, np.float32)
+    if planes.bit_depth != int(info["bit_depth"]):
+        x *= ((1 << int(info["bit_depth"])) - 1) / ((1 << planes.bit_depth) - 1)
+    return x
+
+
+def predict_images(run: Run, paths: Sequence[str | os.PathLike], top_k: int = 3,
+                   batch_size: int = 64) -> list[list[tuple[str, float]]]:
+    """Top-k (class, probability) for each image, most likely first."""
+    import jax
+    from flax import nnx
+
+    if top_k < 1:
+        raise ValueError(f"--top-k: got {top_k}; expected an integer >= 1")
+    k = min(top_k, len(run.classes))
+    model = run.model()
+    graphdef, params = nnx.split(model)
+    probs = jax.jit(lambda p, x: jax.nn.softmax(nnx.merge(graphdef, p)(x), axis=-1))
+    out: list[list[tuple[str, float]]] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        x = np.zeros((batch_size, *tuple(run.info["size"]), int(run.info["channels"])), np.float32)
+        for i, p in enumerate(chunk):
+            x[i] = load_for_model(p, run.info)
+        pr = np.asarray(probs(params, x))[:len(chunk)]
+        for row in pr:
+            order = np.argsort(-row, kind="stable")[:k]
+            out.append([(run.classes[j], float(row[j])) for j in order])
+    return out
