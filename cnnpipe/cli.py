@@ -223,12 +223,47 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="feature maps, kernels, Grad-CAM and per-plane attribution as an HTML page",
+                       description="Write DIR/index.html (default RUN_DIR/inspect/) with, per image: its channel "
+                                   "planes, the feature maps of every conv and pool layer, the first layer's "
+                                   "kernels per input plane, a Grad-CAM heat map, per-plane attribution and the "
+                                   "top-k predictions; every picture is also a PNG and DIR/summary.json holds "
+                                   "the numbers.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `cnnpipe train` run directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (decoded and resized like the training data)")
+    p.add_argument("--layers", nargs="+", metavar="NAME", help="layers to show (default: every conv and pool layer)")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="explain this class with Grad-CAM and attribution (default: the predicted class)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/inspect)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="predictions to list per image (default: %(default)s)")
+    p.add_argument("--checkpoint", default="best", metavar="WHICH", help="best (default), latest, or a step number")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.top_k < 1:
+        raise CLIError(f"--top-k: got {args.top_k}; expected an integer >= 1")
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: image file not found")
+    from cnnpipe.report import inspect_run
+
+    page = inspect_run(args.run_dir, args.images, layers=args.layers, class_name=args.class_name,
+                       out=args.out, top_k=args.top_k, checkpoint=args.checkpoint)
+    print(f"wrote {page} ({len(args.images)} image(s))")
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_decode,
     _add_preprocess,
     _add_train,
     _add_evaluate,
     _add_predict,
+    _add_inspect,
 ]
 
 

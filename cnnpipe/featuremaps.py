@@ -1,0 +1,484 @@
+"""Look inside a trained CNN: activations, kernels per input plane, Grad-CAM, per-plane attribution.
+
+Everything here takes a `cnnpipe.models.CNN` and RAW pixel batches (N, H, W, C)
+(uint8/uint16 as decoded; the model normalises them itself). The heavy parts are
+pure functions of (graphdef, state) from `nnx.split`, jitted once per model and
+batch shape, with gradients taken by `jax.grad` (flax performance guide).
+Plotting helpers return matplotlib `Figure`s built without pyplot (Agg canvas),
+so they work headless and in notebooks; `cnnpipe.report` turns them into a page.
+
+The models are sequential (`model.layers` in `model.layer_names` order), so a
+Grad-CAM target layer splits the forward pass in two: layers up to and including
+it give the activation A, the rest map A to the logits, and d logit / d A is a
+plain `jax.grad` -- no hooks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["InputImage", "prepare_image", "capture_activations", "predict_proba", "grad_cam",
+           "default_cam_layer", "plane_attribution", "activation_stats", "first_conv_kernels",
+           "feature_grid", "plot_planes", "plot_feature_maps", "plot_kernels", "plot_grad_cam",
+           "plot_attribution", "save_figure", "DPI", "TILE_NORMALISATION", "ATTRIBUTION_METHOD"]
+
+DPI = 100  # every figure is saved at its figsize * DPI, no tight bbox: the PNG size is known in advance
+TILE_NORMALISATION = ("per-tile min-max: each channel scaled to its own [min, max] "
+                      "(viridis: dark purple = that channel's min, yellow = its max)")
+ATTRIBUTION_METHOD = ("|gradient x input| in raw pixel units (baseline: a black plane), summed over "
+                      "each plane's pixels, as a share of the total over all planes")
+
+
+# ---------------------------------------------------------------- input images
+
+@dataclass(frozen=True)
+class InputImage:
+    """One image prepared exactly as the run's training data, ready for the model.
+
+    Attributes:
+      pixels: (H, W, C) uint8/uint16 at the model's input size and bit depth.
+      planes: plane names after conversion, e.g. ("R", "G", "B") or ("L",).
+      bit_depth: 8 or 16 (the model's).
+      source: the file path.
+      notes: the conversions applied (plain sentences, shown in the report).
+    """
+
+    pixels: np.ndarray
+    planes: tuple[str, ...]
+    bit_depth: int
+    source: str
+    notes: tuple[str, ...] = ()
+
+
+def _expects(in_channels: int, bit_depth: int, size: Sequence[int]) -> str:
+    return f"the model expects {in_channels} plane(s) at {bit_depth}-bit, {size[0]}x{size[1]}"
+
+
+def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, size: Sequence[int],
+                  resize: str = "crop") -> InputImage:
+    """Decode and resize one image the way `cnnpipe preprocess` prepared the training data.
+
+    Rules (the same as preprocess): an alpha plane is dropped; a gray image is expanded
+    to three equal planes for a 3-plane model, a colour image becomes luma for a 1-plane
+    model; an 8-bit image for a 16-bit model is promoted exactly (x257, 255 -> 65535).
+    A 16-bit image for an 8-bit model is refused (nothing in cnnpipe drops 16-bit values
+    to 8 bits), and a model with another plane count needs exactly that many planes.
+
+    Raises:
+      DecodeError: the file is not a readable image.
+      ValueError: the image cannot be matched to the model; the message says what it expects.
+    """
+    from cnnpipe.decode import read_image
+    from cnnpipe.preprocess import resize_image
+
+    path = str(path)
+    native = read_image(path, channels="native", alpha="keep")
+    names, notes = native.channels, []
+    colour = [n for n in names if n != "A"]
+    data = native.data
+    if "A" in names and in_channels in (1, 3):
+        notes.append("alpha plane dropped (as in preprocessing)")
+        data = data[[i for i, n in enumerate(names) if n != "A"]]
+    if in_channels == 3 and tuple(colour) == ("L",):
+        data, planes = np.repeat(data, 3, axis=0), ("R", "G", "B")
+        notes.append("gray image expanded to three equal planes R = G = B")
+    elif in_channels == 3 and tuple(colour) == ("R", "G", "B"):
+        planes = ("R", "G", "B")
+    elif in_channels == 1 and tuple(colour) == ("L",):
+        planes = ("L",)
+    elif in_channels == 1 and tuple(colour) == ("R", "G", "B"):
+        data, planes = read_image(path, channels="gray").data, ("L",)
+        notes.append("colour image converted to one luma plane L (as preprocess --channels gray)")
+    elif in_channels not in (1, 3) and len(names) == in_channels:
+        planes = tuple(names)
+    else:
+        raise ValueError(f"{path}: image has {len(names)} plane(s) {'/'.join(names)} at {native.bit_depth}-bit; "
+                         f"{_expects(in_channels, bit_depth, size)}")
+    img = np.ascontiguousarray(np.moveaxis(np.asarray(data), 0, -1))
+    if native.bit_depth == 16 and bit_depth == 8:
+        raise ValueError(f"{path}: 16-bit image; {_expects(in_channels, bit_depth, size)} (cnnpipe never "
+                         "drops 16-bit values to 8 bits: convert the file, or train on 16-bit data)")
+    if native.bit_depth == 8 and bit_depth == 16:
+        img = img.astype(np.uint16) * np.uint16(257)
+        notes.append("8-bit image promoted exactly to 16-bit (x257, as in preprocessing)")
+    if img.shape[:2] != tuple(size):
+        notes.append(f"resized from {img.shape[1]}x{img.shape[0]} to {size[1]}x{size[0]} (W x H) by {resize}")
+        img = resize_image(img, (int(size[0]), int(size[1])), resize)
+    return InputImage(np.ascontiguousarray(img), planes, bit_depth, path, tuple(notes))
+
+
+# ---------------------------------------------------------------- model plumbing
+
+def _layer_kind(layer: Any) -> str:
+    from flax import nnx
+
+    if isinstance(layer, nnx.Conv):
+        return "conv"
+    if isinstance(layer, nnx.Linear):
+        return "dense"
+    if isinstance(layer, nnx.BatchNorm):
+        return "batch_norm"
+    if isinstance(layer, nnx.Dropout):
+        return "dropout"
+    if hasattr(layer, "conv1"):
+        return "residual"
+    return str(getattr(layer, "kind", type(layer).__name__))
+
+
+def _apply(layers: Sequence[Any], x: Any) -> Any:
+    """Run `layers` in order exactly as `CNN._run` does in eval mode."""
+    for layer in layers:
+        if _layer_kind(layer) == "dense" and x.ndim > 2:
+            x = x.reshape(x.shape[0], -1)
+        x = layer(x)
+    return x
+
+
+def _check_images(model: Any, images: Any) -> Any:
+    import jax.numpy as jnp
+
+    x = images if hasattr(images, "shape") and hasattr(images, "dtype") else np.asarray(images)
+    want = (*model.input_size, model.in_channels)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        raise ValueError(f"images: got shape {tuple(x.shape)}; the model expects (N, {want[0]}, {want[1]}, "
+                         f"{want[2]}) raw {model.bit_depth}-bit pixel values")
+    if np.dtype(x.dtype) == np.uint16 and model.bit_depth == 8:
+        raise ValueError("images: uint16 pixels for an 8-bit model; the model expects 8-bit values 0..255")
+    if np.dtype(x.dtype) == np.uint8 and model.bit_depth == 16:
+        raise ValueError("images: uint8 pixels for a 16-bit model; promote them first (x257, see prepare_image)")
+    return jnp.asarray(x)
+
+
+def _split(model: Any) -> tuple[Any, Any]:
+    from flax import nnx
+
+    model.eval()  # inspection never wants dropout or batch statistics
+    return nnx.split(model)
+
+
+def _layer_index(model: Any, name: str) -> int:
+    names = model.layer_names
+    if name not in names:
+        raise ValueError(f"unknown layer name {name!r}; available: {', '.join(names)}")
+    return names.index(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(kind: str) -> Any:
+    """The jitted pure function `kind`; graphdef and layer choices are static arguments."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def features(graphdef, state, x, names):
+        model = nnx.merge(graphdef, state)
+        logits, feats = model.features(x, list(names))
+        return jax.nn.softmax(logits, axis=-1), feats
+
+    def cam(graphdef, state, x, cls, idx):
+        model = nnx.merge(graphdef, state)
+        layers = list(model.layers)
+        a = _apply(layers[:idx + 1], model.normalize(x))
+
+        def score(a):
+            logits = _apply(layers[idx + 1:], a).astype(jnp.float32)
+            return jnp.take_along_axis(logits, cls[:, None], axis=1).sum()
+
+        grads = jax.grad(score)(a)
+        weights = grads.mean(axis=(1, 2))                       # (N, C): alpha_k of Grad-CAM
+        heat = jax.nn.relu(jnp.einsum("nhwc,nc->nhw", a, weights))
+        heat = jax.image.resize(heat, (x.shape[0], x.shape[1], x.shape[2]), "bilinear")
+        top = heat.max(axis=(1, 2), keepdims=True)
+        return jnp.where(top > 0, heat / jnp.where(top > 0, top, 1.0), 0.0)
+
+    def gxi(graphdef, state, x, cls):
+        model = nnx.merge(graphdef, state)
+        x = x.astype(jnp.float32)
+
+        def score(x):
+            return jnp.take_along_axis(model(x), cls[:, None], axis=1).sum()
+
+        return jax.grad(score)(x) * x                            # (N, H, W, C), raw units
+
+    fn = {"features": features, "cam": cam, "gxi": gxi}[kind]
+    static = {"features": (0, 3), "cam": (0, 4), "gxi": (0,)}[kind]
+    return jax.jit(fn, static_argnums=static)
+
+
+def _classes(class_index: int | Sequence[int], n: int, num_classes: int) -> Any:
+    import jax.numpy as jnp
+
+    cls = np.broadcast_to(np.asarray(class_index, np.int32), (n,))
+    if cls.min() < 0 or cls.max() >= num_classes:
+        raise ValueError(f"class_index: got {cls.tolist()}; the model has {num_classes} classes (0..{num_classes - 1})")
+    return jnp.asarray(cls)
+
+
+# ---------------------------------------------------------------- analyses
+
+def capture_activations(model: Any, images: Any, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Named layer outputs for a batch of raw images: {name: (N, H, W, C)} (dense layers (N, units)).
+
+    `names` None means every conv and pool layer (`model.feature_layer_names`).
+    Raises ValueError for an unknown name, listing the available ones.
+    """
+    return predict_proba(model, images, names)[1]
+
+
+def predict_proba(model: Any, images: Any, names: Sequence[str] | None = None
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(class probabilities (N, num_classes), activations as `capture_activations`) in one pass."""
+    names = tuple(model.feature_layer_names if names is None else names)
+    for name in names:
+        _layer_index(model, name)
+    x = _check_images(model, images)
+    graphdef, state = _split(model)
+    probs, feats = _jitted("features")(graphdef, state, x, names)
+    return np.asarray(probs), {k: np.asarray(v) for k, v in feats.items()}
+
+
+def default_cam_layer(model: Any) -> str:
+    """The Grad-CAM layer: the last conv (or residual) block, with the batch norm and activation after it."""
+    kinds = [_layer_kind(layer) for layer in model.layers]
+    convs = [i for i, k in enumerate(kinds) if k in ("conv", "residual")]
+    if not convs:
+        raise ValueError("the model has no conv layer for Grad-CAM")
+    i = convs[-1]
+    while i + 1 < len(kinds) and kinds[i + 1] in ("batch_norm", "relu", "gelu", "tanh", "sigmoid"):
+        i += 1
+    return model.layer_names[i]
+
+
+def grad_cam(model: Any, images: Any, class_index: int | Sequence[int], layer: str | None = None) -> np.ndarray:
+    """Grad-CAM heat maps (N, H, W) at input size, each scaled to [0, 1] by its maximum.
+
+    relu(sum_k alpha_k A_k) with alpha_k the spatial mean of d logit[class] / d A_k
+    (Selvaraju et al. 2017), A the output of `layer` (default: `default_cam_layer`),
+    upsampled bilinearly to the input size. An all-zero map stays zero.
+    """
+    layer = default_cam_layer(model) if layer is None else layer
+    idx = _layer_index(model, layer)
+    x = _check_images(model, images)
+    graphdef, state = _split(model)
+    probe = model.features(x[:1], [layer])[1][layer]
+    if probe.ndim != 4:
+        raise ValueError(f"Grad-CAM layer {layer!r} is not spatial (output {tuple(probe.shape)}); "
+                         f"choose one of {', '.join(model.feature_layer_names)}")
+    cls = _classes(class_index, x.shape[0], model.num_classes)
+    return np.asarray(_jitted("cam")(graphdef, state, x, cls, idx))
+
+
+def plane_attribution(model: Any, images: Any, class_index: int | Sequence[int]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-plane shares of the decision for `class_index`: (shares (N, C) summing to 1, signed sums (N, C)).
+
+    Gradient x input of the class logit with respect to the raw pixels (so the
+    baseline is a black plane); shares use |gradient x input| summed over each
+    plane's pixels, the signed sums keep the direction. All-zero gradients give
+    equal shares.
+    """
+    x = _check_images(model, images)
+    graphdef, state = _split(model)
+    cls = _classes(class_index, x.shape[0], model.num_classes)
+    gx = np.asarray(_jitted("gxi")(graphdef, state, x, cls), np.float64)
+    mag = np.abs(gx).sum(axis=(1, 2))
+    total = mag.sum(axis=1, keepdims=True)
+    shares = np.where(total > 0, mag / np.where(total > 0, total, 1.0), 1.0 / gx.shape[-1])
+    return shares, gx.sum(axis=(1, 2))
+
+
+def activation_stats(activations: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Per layer over every image and position: mean, min, max and the channels that never activate.
+
+    A channel "never activates" when its value is <= 0 everywhere (a relu after it would
+    output only zeros).
+    """
+    out = {}
+    for name, act in activations.items():
+        a = np.asarray(act, np.float64)
+        chan_max = a.reshape(-1, a.shape[-1]).max(axis=0)
+        dead = np.flatnonzero(chan_max <= 0)
+        out[name] = {"shape": list(a.shape[1:]), "channels": int(a.shape[-1]), "mean": float(a.mean()),
+                     "min": float(a.min()), "max": float(a.max()),
+                     "never_active_fraction": float(len(dead) / a.shape[-1]),
+                     "never_active_channels": [int(i) for i in dead]}
+    return out
+
+
+def first_conv_kernels(model: Any, layer: str | None = None) -> tuple[str, np.ndarray]:
+    """(layer name, kernels (in_planes, filters, kh, kw)) of the first conv layer (or `layer`)."""
+    names = model.layer_names
+    idx = _layer_index(model, layer) if layer is not None else next(
+        (i for i, m in enumerate(model.layers) if _layer_kind(m) in ("conv", "residual")), None)
+    if idx is None:
+        raise ValueError(f"the model has no conv layer; layers: {', '.join(names)}")
+    mod = model.layers[idx]
+    conv = mod.conv1 if _layer_kind(mod) == "residual" else mod
+    if _layer_kind(conv) != "conv":
+        raise ValueError(f"layer {names[idx]!r} is not a conv layer; conv layers: "
+                         f"{', '.join(n for n, m in zip(names, model.layers) if _layer_kind(m) == 'conv')}")
+    kernel = np.asarray(conv.kernel[...], np.float32)         # HWIO
+    return names[idx], np.transpose(kernel, (2, 3, 0, 1))
+
+
+def feature_grid(fmap: np.ndarray, cols: int | None = None, pad: int = 1,
+                 fill: float = float("nan")) -> tuple[np.ndarray, int, int]:
+    """Tile (H, W, C) channels into one 2-D image, each tile min-max scaled to [0, 1].
+
+    Returns (grid, rows, cols); tile k sits at row k // cols, column k % cols, and
+    separators/empty tiles hold `fill` (NaN shows as background; use 0 for TensorBoard).
+    A constant channel becomes all zeros.
+    """
+    fmap = np.asarray(fmap, np.float32)
+    if fmap.ndim != 3:
+        raise ValueError(f"feature map: got shape {fmap.shape}; expected (H, W, C)")
+    h, w, c = fmap.shape
+    cols = cols or int(math.ceil(math.sqrt(c)))
+    rows = int(math.ceil(c / cols))
+    lo, hi = fmap.min(axis=(0, 1)), fmap.max(axis=(0, 1))
+    scaled = (fmap - lo) / np.where(hi > lo, hi - lo, 1.0)
+    grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), fill, np.float32)
+    for k in range(c):
+        r, q = divmod(k, cols)
+        grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = scaled[..., k]
+    return grid, rows, cols
+
+
+# ---------------------------------------------------------------- figures
+
+def _figure(w: float, h: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> tuple[int, int]:
+    """Write `fig` as PNG at its own size (temp file + rename); returns (width, height) in pixels."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=DPI, format="png")
+    os.replace(tmp, path)
+    w, h = fig.get_size_inches() * DPI
+    return int(round(w)), int(round(h))
+
+
+def plot_planes(pixels: np.ndarray, planes: Sequence[str], bit_depth: int) -> list[Any]:
+    """One figure per channel plane of (H, W, C) raw pixels, colour bar in the plane's own units."""
+    pixels = np.asarray(pixels)
+    top = (1 << bit_depth) - 1
+    figs = []
+    for k, name in enumerate(planes):
+        fig = _figure(2.8, 2.4)
+        ax = fig.add_subplot()
+        im = ax.imshow(pixels[..., k], cmap="gray", vmin=0, vmax=top, interpolation="nearest")
+        ax.set_title(f"plane {name} ({bit_depth}-bit, 0..{top})", fontsize=9)
+        ax.set_axis_off()
+        fig.colorbar(im, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
+        figs.append(fig)
+    return figs
+
+
+def plot_feature_maps(fmap: np.ndarray, layer: str) -> Any:
+    """All channels of one image's (H, W, C) feature map as a tile grid (per-tile min-max)."""
+    fmap = np.asarray(fmap)
+    if fmap.ndim == 1:  # a dense layer: one bar per unit
+        fig = _figure(4.0, 1.6)
+        ax = fig.add_subplot()
+        ax.bar(np.arange(fmap.size), fmap, color="0.3")
+        ax.set_title(f"{layer}: {fmap.size} units (raw values)", fontsize=9)
+        ax.tick_params(labelsize=7)
+        return fig
+    grid, rows, cols = feature_grid(fmap)
+    width = min(6.0, max(2.4, 0.45 * cols + 0.6))
+    fig = _figure(width, max(1.2, width * grid.shape[0] / grid.shape[1]) + 0.35)
+    ax = fig.add_subplot()
+    cmap = _cmap("viridis", bad="white")
+    ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(f"{layer}: {fmap.shape[2]} channels, {fmap.shape[0]}x{fmap.shape[1]}", fontsize=9)
+    ax.set_axis_off()
+    return fig
+
+
+def _cmap(name: str, bad: str) -> Any:
+    import matplotlib
+
+    cmap = matplotlib.colormaps[name].copy()
+    cmap.set_bad(bad)
+    return cmap
+
+
+def plot_kernels(kernels: np.ndarray, planes: Sequence[str], layer: str) -> Any:
+    """First-layer kernels (in_planes, filters, kh, kw): one row per input plane, one tile per filter.
+
+    One symmetric colour scale for every tile, so planes and filters compare directly.
+    """
+    kernels = np.asarray(kernels, np.float32)
+    n_in, n_out, kh, kw = kernels.shape
+    bound = float(np.abs(kernels).max()) or 1.0
+    cols = min(n_out, 16)
+    rows = int(math.ceil(n_out / cols))
+    fig = _figure(min(7.0, 0.3 * cols * max(kw, 3) / 3 + 1.6), 0.35 + n_in * (0.3 * rows * max(kh, 3) / 3 + 0.3))
+    axes = fig.subplots(n_in, 1, squeeze=False)[:, 0]
+    cmap = _cmap("RdBu_r", bad="white")
+    for p, ax in enumerate(axes):
+        grid = np.full((rows * (kh + 1) - 1, cols * (kw + 1) - 1), np.nan, np.float32)
+        for k in range(n_out):
+            r, q = divmod(k, cols)
+            grid[r * (kh + 1):r * (kh + 1) + kh, q * (kw + 1):q * (kw + 1) + kw] = kernels[p, k]
+        im = ax.imshow(grid, cmap=cmap, vmin=-bound, vmax=bound, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(planes[p] if p < len(planes) else f"in {p}", rotation=0, labelpad=10, fontsize=9)
+    axes[0].set_title(f"{layer}: {n_out} filters of {kh}x{kw}, rows = input plane", fontsize=9)
+    fig.colorbar(im, ax=list(axes), shrink=0.9).ax.tick_params(labelsize=7)
+    return fig
+
+
+def _display_rgb(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
+    x = np.asarray(pixels, np.float32) / ((1 << bit_depth) - 1)
+    if x.shape[-1] == 3:
+        return x
+    return np.repeat(x.mean(axis=-1, keepdims=True), 3, axis=-1)
+
+
+def plot_grad_cam(pixels: np.ndarray, heat: np.ndarray, bit_depth: int, title: str) -> Any:
+    """The image (full-scale display) with the Grad-CAM map (0..1) over it."""
+    fig = _figure(3.0, 2.6)
+    ax = fig.add_subplot()
+    ax.imshow(_display_rgb(pixels, bit_depth), interpolation="nearest")
+    im = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    fig.colorbar(im, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
+    return fig
+
+
+_PLANE_COLOURS = {"R": "tab:red", "G": "tab:green", "B": "tab:blue", "L": "0.4", "A": "0.7"}
+
+
+def plot_attribution(shares: Sequence[float], planes: Sequence[str], title: str) -> Any:
+    """Bar chart of each input plane's share of the decision (shares sum to 1)."""
+    shares = np.asarray(shares, np.float64)
+    fig = _figure(max(2.2, 0.6 * len(planes) + 1.2), 2.4)
+    ax = fig.add_subplot()
+    bars = ax.bar(list(planes), shares, color=[_PLANE_COLOURS.get(p, "0.5") for p in planes])
+    for bar, s in zip(bars, shares):
+        ax.text(bar.get_x() + bar.get_width() / 2, s + 0.02, f"{100 * s:.1f}%", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("share of |grad x input|", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=8)
+    return fig

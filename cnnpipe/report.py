@@ -1,0 +1,242 @@
+"""The `cnnpipe inspect` report: PNG pictures, `summary.json` and one `index.html` per output folder.
+
+`inspect_run` restores a run (`cnnpipe.evaluate.load_run`), prepares the images like
+the training data (`cnnpipe.featuremaps.prepare_image`) and calls `inspect_images`,
+which works on any model (tests and notebooks build their own). Every file is
+written to a temporary name and renamed, and `index.html` comes last, so a page
+never points at a half-written picture.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnpipe import featuremaps as fm
+
+__all__ = ["inspect_images", "inspect_run", "write_report"]
+
+NEVER_ACTIVE = "a channel whose value is <= 0 at every position of the image (a relu after it outputs only zeros)"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "image"
+
+
+class _Pictures:
+    """Saves figures into the output folder and remembers each file's pixel size."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.files = out, {}
+
+    def save(self, fig: Any, name: str) -> dict[str, Any]:
+        w, h = fm.save_figure(fig, self.out / name)
+        fig.clear()
+        self.files[name] = {"width": w, "height": h}
+        return {"file": name, "width": w, "height": h}
+
+
+def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | os.PathLike, *,
+                   classes: Sequence[str], layers: Sequence[str] | None = None,
+                   class_name: str | None = None, top_k: int = 5,
+                   context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Analyse `images` with `model`, write pictures, `summary.json` and `index.html` to `out_dir`.
+
+    Args:
+      classes: class names, in the model's output order.
+      layers: layers to show (default: every conv and pool layer); unknown names are a
+        ValueError listing the available ones.
+      class_name: explain this class (default: each image's predicted class).
+      top_k: how many predictions to list.
+      context: extra top-level facts for the summary (run directory, checkpoint step).
+    Returns:
+      The summary (also `summary.json`).
+    """
+    if top_k < 1:
+        raise ValueError(f"--top-k: got {top_k}; expected an integer >= 1")
+    if len(classes) != model.num_classes:
+        raise ValueError(f"classes: got {len(classes)} names for a model with {model.num_classes} outputs")
+    if class_name is not None and class_name not in classes:
+        raise ValueError(f"--class: unknown class {class_name!r}; classes: {', '.join(classes)}")
+    if not images:
+        raise ValueError("no images given")
+    names = list(model.feature_layer_names if layers is None else layers)
+    for name in names:
+        fm._layer_index(model, name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pics = _Pictures(out)
+
+    batch = np.stack([im.pixels for im in images])
+    probs, acts = fm.predict_proba(model, batch, names)
+    predicted = probs.argmax(axis=1)
+    target = np.full(len(images), classes.index(class_name)) if class_name else predicted
+    cam_layer = fm.default_cam_layer(model)
+    heat = fm.grad_cam(model, batch, target, cam_layer)
+    shares, signed = fm.plane_attribution(model, batch, target)
+
+    kernel_layer, kernels = fm.first_conv_kernels(model)
+    kernel_planes = images[0].planes
+    kern = pics.save(fm.plot_kernels(kernels, kernel_planes, kernel_layer), f"kernels-{kernel_layer}.png")
+    summary: dict[str, Any] = {
+        **(context or {}), "classes": list(classes),
+        "model": {"in_channels": model.in_channels, "bit_depth": model.bit_depth,
+                  "input_size": list(model.input_size), "layers": model.layer_names},
+        "definitions": {"feature_maps": fm.TILE_NORMALISATION, "attribution": fm.ATTRIBUTION_METHOD,
+                        "never_active": NEVER_ACTIVE,
+                        "grad_cam": f"relu(sum_k alpha_k A_k) at layer {cam_layer}, alpha_k = spatial mean of "
+                                    "d logit / d A_k, upsampled to the input and scaled to max 1"},
+        "kernels": {"layer": kernel_layer, "planes": list(kernel_planes), "shape": list(kernels.shape), **kern},
+        "images": [],
+    }
+    k = min(top_k, len(classes))
+    for i, im in enumerate(images):
+        stem = f"{i + 1:02d}-{_safe(Path(im.source).stem)}"
+        order = np.argsort(-probs[i], kind="stable")[:k]
+        tgt = classes[int(target[i])]
+        entry: dict[str, Any] = {
+            "source": im.source, "notes": list(im.notes), "planes": list(im.planes), "bit_depth": im.bit_depth,
+            "predictions": [{"class": classes[j], "probability": float(probs[i, j])} for j in order],
+            "explained_class": tgt, "explained_because": "--class" if class_name else "predicted",
+            "attribution": {"shares": dict(zip(im.planes, map(float, shares[i]))),
+                            "signed_sums": dict(zip(im.planes, map(float, signed[i])))},
+            "layers": fm.activation_stats({n: a[i:i + 1] for n, a in acts.items()}),
+            "pictures": {},
+        }
+        pictures = entry["pictures"]
+        pictures["planes"] = [{"plane": p, **pics.save(fig, f"{stem}-plane-{_safe(p)}.png")}
+                              for p, fig in zip(im.planes, fm.plot_planes(im.pixels, im.planes, im.bit_depth))]
+        pictures["grad_cam"] = {"layer": cam_layer, **pics.save(
+            fm.plot_grad_cam(im.pixels, heat[i], im.bit_depth, f"Grad-CAM: {tgt} ({cam_layer})"),
+            f"{stem}-gradcam.png")}
+        pictures["attribution"] = pics.save(fm.plot_attribution(shares[i], im.planes, f"planes -> {tgt}"),
+                                            f"{stem}-attribution.png")
+        pictures["feature_maps"] = [
+            {"layer": n, "tiles": int(acts[n].shape[-1]),
+             **pics.save(fm.plot_feature_maps(acts[n][i], n), f"{stem}-fmap-{_safe(n)}.png")} for n in names]
+        summary["images"].append(entry)
+    summary["files"] = pics.files
+    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_report(out, summary)
+    return summary
+
+
+# ---------------------------------------------------------------- HTML
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:1.2em;max-width:1300px;color:#222}
+h1{font-size:1.4em}h2{font-size:1.15em;border-top:1px solid #ccc;padding-top:.6em;margin-top:1.4em}
+h3{font-size:1em;margin:.8em 0 .3em}figure{display:inline-block;margin:0 .6em .6em 0;vertical-align:top}
+figcaption{font-size:.8em;color:#555;max-width:420px}table{border-collapse:collapse;font-size:.85em;margin:.3em 0}
+td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
+.note{font-size:.85em;color:#555}.row{display:flex;flex-wrap:wrap;align-items:flex-start}"""
+
+
+def _img(pic: dict[str, Any], caption: str) -> str:
+    src = html.escape(pic["file"], quote=True)
+    return (f'<figure><img src="{src}" width="{pic["width"]}" height="{pic["height"]}" loading="lazy" '
+            f'alt="{html.escape(caption, quote=True)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def _image_section(n: int, entry: dict[str, Any], defs: dict[str, str]) -> list[str]:
+    pics, tgt = entry["pictures"], entry["explained_class"]
+    parts = [f"<h2>{n}. {html.escape(entry['source'])}</h2>"]
+    if entry["notes"]:
+        parts.append('<p class="note">' + "; ".join(html.escape(x) for x in entry["notes"]) + ".</p>")
+    parts.append("<h3>Top predictions</h3>" + _table(
+        ["class", "probability"], [(p["class"], f"{p['probability']:.4f}") for p in entry["predictions"]]))
+    parts.append(f"<h3>Input planes ({entry['bit_depth']}-bit values)</h3><div class=row>" + "".join(
+        _img(p, f"plane {p['plane']}, raw {entry['bit_depth']}-bit values") for p in pics["planes"]) + "</div>")
+    shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in entry["attribution"]["shares"].items())
+    parts.append(f"<h3>Where and which plane: class {html.escape(tgt)} ({entry['explained_because']})</h3>"
+                 "<div class=row>"
+                 + _img(pics["grad_cam"], f"Grad-CAM for {tgt} at layer {pics['grad_cam']['layer']}; "
+                                          "1 = the strongest evidence in this image")
+                 + _img(pics["attribution"], f"per-plane attribution: {shares}. {defs['attribution']}")
+                 + "</div>")
+    parts.append("<h3>Feature maps</h3>"
+                 f'<p class="note">One tile per channel, row by row from channel 0; {html.escape(defs["feature_maps"])}.'
+                 "</p><div class=row>")
+    for f in pics["feature_maps"]:
+        st = entry["layers"][f["layer"]]
+        parts.append(_img(f, f"{f['layer']}: {f['tiles']} tiles, values {st['min']:.3g}..{st['max']:.3g}, "
+                             f"per-tile min-max"))
+    parts.append("</div><h3>Activation statistics</h3>" + _table(
+        ["layer", "shape", "mean", "max", "never active"],
+        [(name, "x".join(map(str, s["shape"])), f"{s['mean']:.4g}", f"{s['max']:.4g}",
+          f"{100 * s['never_active_fraction']:.0f}% ({len(s['never_active_channels'])}/{s['channels']})")
+         for name, s in entry["layers"].items()]))
+    return parts
+
+
+def write_report(out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    """Write `index.html` for a summary made by `inspect_images`; images are relative paths."""
+    out = Path(out_dir)
+    defs, kern = summary["definitions"], summary["kernels"]
+    title = f"cnnpipe inspect: {summary.get('run_dir', 'model')}"
+    model = summary["model"]
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             '<p class="note">' + html.escape(
+                 f"model input: {model['in_channels']} plane(s), {model['bit_depth']}-bit, "
+                 f"{model['input_size'][0]}x{model['input_size'][1]}; classes: {', '.join(summary['classes'])}"
+                 + (f"; checkpoint step {summary['checkpoint_step']}" if "checkpoint_step" in summary else ""))
+             + "</p>",
+             "<h2>First-layer kernels</h2>",
+             _img(kern, f"{kern['layer']}: one row per input plane ({', '.join(kern['planes'])}), one tile per "
+                        "filter, one shared colour scale (red > 0 > blue)"),
+             f'<p class="note">Never active: {html.escape(defs["never_active"])}. '
+             f'Grad-CAM: {html.escape(defs["grad_cam"])}. Numbers: <a href="summary.json">summary.json</a>.</p>']
+    for n, entry in enumerate(summary["images"], 1):
+        parts.extend(_image_section(n, entry, defs))
+    parts.append("</body></html>\n")
+    path = out / "index.html"
+    _write_text(path, "\n".join(parts))
+    return path
+
+
+# ---------------------------------------------------------------- runs
+
+def inspect_run(run_dir: str | os.PathLike, images: Sequence[str | os.PathLike], *,
+                layers: Sequence[str] | None = None, class_name: str | None = None,
+                out: str | os.PathLike | None = None, top_k: int = 5, checkpoint: str = "best") -> Path:
+    """`cnnpipe inspect`: restore the run, prepare `images` like its training data, write the report.
+
+    Returns the path of `index.html` (in `out`, default RUN_DIR/inspect).
+    Raises:
+      FileNotFoundError: not a run directory, or no checkpoint in it (the message names it).
+      ValueError: an unknown layer or class, or an image the model cannot take.
+    """
+    from cnnpipe.evaluate import load_run
+
+    run = load_run(run_dir, checkpoint)
+    info = run.info
+    model = run.model()
+    if layers:
+        for name in layers:
+            fm._layer_index(model, name)
+    prepared = [fm.prepare_image(p, in_channels=int(info["channels"]), bit_depth=int(info["bit_depth"]),
+                                 size=tuple(info["size"]), resize=str(info.get("resize") or "crop"))
+                for p in images]
+    out_dir = Path(out) if out is not None else Path(run_dir) / "inspect"
+    inspect_images(model, prepared, out_dir, classes=run.classes, layers=layers, class_name=class_name,
+                   top_k=top_k, context={"run_dir": str(run_dir), "checkpoint_step": run.step})
+    return out_dir / "index.html"
