@@ -4,8 +4,7 @@ Everything here takes a `cnnpipe.models.CNN` and RAW pixel batches (N, H, W, C)
 (uint8/uint16 as decoded; the model normalises them itself). The heavy parts are
 pure functions of (graphdef, state) from `nnx.split`, jitted once per model and
 batch shape, with gradients taken by `jax.grad` (flax performance guide).
-Plotting helpers return matplotlib `Figure`s built without pyplot (Agg canvas),
-so they work headless and in notebooks; `cnnpipe.report` turns them into a page.
+`cnnpipe.report` draws the numbers (matplotlib figures) and writes the page.
 
 The models are sequential (`model.layers` in `model.layer_names` order), so a
 Grad-CAM target layer splits the forward pass in two: layers up to and including
@@ -20,17 +19,14 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = ["InputImage", "prepare_image", "capture_activations", "predict_proba", "grad_cam",
            "default_cam_layer", "plane_attribution", "activation_stats", "first_conv_kernels",
-           "feature_grid", "plot_planes", "plot_feature_maps", "plot_kernels", "plot_grad_cam",
-           "plot_attribution", "save_figure", "DPI", "TILE_NORMALISATION", "ATTRIBUTION_METHOD"]
+           "feature_grid", "TILE_NORMALISATION", "ATTRIBUTION_METHOD"]
 
-DPI = 100  # every figure is saved at its figsize * DPI, no tight bbox: the PNG size is known in advance
 TILE_NORMALISATION = ("per-tile min-max: each channel scaled to its own [min, max] "
                       "(viridis: dark purple = that channel's min, yellow = its max)")
 ATTRIBUTION_METHOD = ("|gradient x input| in raw pixel units (baseline: a black plane), summed over "
@@ -353,132 +349,3 @@ def feature_grid(fmap: np.ndarray, cols: int | None = None, pad: int = 1,
         grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = scaled[..., k]
     return grid, rows, cols
 
-
-# ---------------------------------------------------------------- figures
-
-def _figure(w: float, h: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig: Any, path: str | os.PathLike) -> tuple[int, int]:
-    """Write `fig` as PNG at its own size (temp file + rename); returns (width, height) in pixels."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=DPI, format="png")
-    os.replace(tmp, path)
-    w, h = fig.get_size_inches() * DPI
-    return int(round(w)), int(round(h))
-
-
-def plot_planes(pixels: np.ndarray, planes: Sequence[str], bit_depth: int) -> list[Any]:
-    """One figure per channel plane of (H, W, C) raw pixels, colour bar in the plane's own units."""
-    pixels = np.asarray(pixels)
-    top = (1 << bit_depth) - 1
-    figs = []
-    for k, name in enumerate(planes):
-        fig = _figure(2.8, 2.4)
-        ax = fig.add_subplot()
-        im = ax.imshow(pixels[..., k], cmap="gray", vmin=0, vmax=top, interpolation="nearest")
-        ax.set_title(f"plane {name} ({bit_depth}-bit, 0..{top})", fontsize=9)
-        ax.set_axis_off()
-        fig.colorbar(im, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
-        figs.append(fig)
-    return figs
-
-
-def plot_feature_maps(fmap: np.ndarray, layer: str) -> Any:
-    """All channels of one image's (H, W, C) feature map as a tile grid (per-tile min-max)."""
-    fmap = np.asarray(fmap)
-    if fmap.ndim == 1:  # a dense layer: one bar per unit
-        fig = _figure(4.0, 1.6)
-        ax = fig.add_subplot()
-        ax.bar(np.arange(fmap.size), fmap, color="0.3")
-        ax.set_title(f"{layer}: {fmap.size} units (raw values)", fontsize=9)
-        ax.tick_params(labelsize=7)
-        return fig
-    grid, rows, cols = feature_grid(fmap)
-    width = min(6.0, max(2.4, 0.45 * cols + 0.6))
-    fig = _figure(width, max(1.2, width * grid.shape[0] / grid.shape[1]) + 0.35)
-    ax = fig.add_subplot()
-    cmap = _cmap("viridis", bad="white")
-    ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(f"{layer}: {fmap.shape[2]} channels, {fmap.shape[0]}x{fmap.shape[1]}", fontsize=9)
-    ax.set_axis_off()
-    return fig
-
-
-def _cmap(name: str, bad: str) -> Any:
-    import matplotlib
-
-    cmap = matplotlib.colormaps[name].copy()
-    cmap.set_bad(bad)
-    return cmap
-
-
-def plot_kernels(kernels: np.ndarray, planes: Sequence[str], layer: str) -> Any:
-    """First-layer kernels (in_planes, filters, kh, kw): one row per input plane, one tile per filter.
-
-    One symmetric colour scale for every tile, so planes and filters compare directly.
-    """
-    kernels = np.asarray(kernels, np.float32)
-    n_in, n_out, kh, kw = kernels.shape
-    bound = float(np.abs(kernels).max()) or 1.0
-    cols = min(n_out, 16)
-    rows = int(math.ceil(n_out / cols))
-    fig = _figure(min(7.0, 0.3 * cols * max(kw, 3) / 3 + 1.6), 0.35 + n_in * (0.3 * rows * max(kh, 3) / 3 + 0.3))
-    axes = fig.subplots(n_in, 1, squeeze=False)[:, 0]
-    cmap = _cmap("RdBu_r", bad="white")
-    for p, ax in enumerate(axes):
-        grid = np.full((rows * (kh + 1) - 1, cols * (kw + 1) - 1), np.nan, np.float32)
-        for k in range(n_out):
-            r, q = divmod(k, cols)
-            grid[r * (kh + 1):r * (kh + 1) + kh, q * (kw + 1):q * (kw + 1) + kw] = kernels[p, k]
-        im = ax.imshow(grid, cmap=cmap, vmin=-bound, vmax=bound, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(planes[p] if p < len(planes) else f"in {p}", rotation=0, labelpad=10, fontsize=9)
-    axes[0].set_title(f"{layer}: {n_out} filters of {kh}x{kw}, rows = input plane", fontsize=9)
-    fig.colorbar(im, ax=list(axes), shrink=0.9).ax.tick_params(labelsize=7)
-    return fig
-
-
-def _display_rgb(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
-    x = np.asarray(pixels, np.float32) / ((1 << bit_depth) - 1)
-    if x.shape[-1] == 3:
-        return x
-    return np.repeat(x.mean(axis=-1, keepdims=True), 3, axis=-1)
-
-
-def plot_grad_cam(pixels: np.ndarray, heat: np.ndarray, bit_depth: int, title: str) -> Any:
-    """The image (full-scale display) with the Grad-CAM map (0..1) over it."""
-    fig = _figure(3.0, 2.6)
-    ax = fig.add_subplot()
-    ax.imshow(_display_rgb(pixels, bit_depth), interpolation="nearest")
-    im = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-    fig.colorbar(im, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
-    return fig
-
-
-_PLANE_COLOURS = {"R": "tab:red", "G": "tab:green", "B": "tab:blue", "L": "0.4", "A": "0.7"}
-
-
-def plot_attribution(shares: Sequence[float], planes: Sequence[str], title: str) -> Any:
-    """Bar chart of each input plane's share of the decision (shares sum to 1)."""
-    shares = np.asarray(shares, np.float64)
-    fig = _figure(max(2.2, 0.6 * len(planes) + 1.2), 2.4)
-    ax = fig.add_subplot()
-    bars = ax.bar(list(planes), shares, color=[_PLANE_COLOURS.get(p, "0.5") for p in planes])
-    for bar, s in zip(bars, shares):
-        ax.text(bar.get_x() + bar.get_width() / 2, s + 0.02, f"{100 * s:.1f}%", ha="center", fontsize=8)
-    ax.set_ylim(0, 1.12)
-    ax.set_ylabel("share of |grad x input|", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    ax.tick_params(labelsize=8)
-    return fig

@@ -1,4 +1,7 @@
-"""The `cnnpipe inspect` report: PNG pictures, `summary.json` and one `index.html` per output folder.
+"""The `cnnpipe inspect` report: figures, PNG pictures, `summary.json` and one `index.html`.
+
+The plotting helpers return matplotlib `Figure`s built without pyplot (on an Agg
+canvas), so they work headless and display in notebooks.
 
 `inspect_run` restores a run (`cnnpipe.evaluate.load_run`), prepares the images like
 the training data (`cnnpipe.featuremaps.prepare_image`) and calls `inspect_images`,
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -21,7 +25,10 @@ import numpy as np
 
 from cnnpipe import featuremaps as fm
 
-__all__ = ["inspect_images", "inspect_run", "write_report"]
+__all__ = ["inspect_images", "inspect_run", "write_report", "plot_planes", "plot_feature_maps", "plot_kernels",
+           "plot_grad_cam", "plot_attribution", "save_figure", "DPI"]
+
+DPI = 100  # every figure is saved at its figsize * DPI, no tight bbox: the PNG size is known in advance
 
 NEVER_ACTIVE = "a channel whose value is <= 0 at every position of the image (a relu after it outputs only zeros)"
 
@@ -43,11 +50,141 @@ class _Pictures:
         self.out, self.files = out, {}
 
     def save(self, fig: Any, name: str) -> dict[str, Any]:
-        w, h = fm.save_figure(fig, self.out / name)
+        w, h = save_figure(fig, self.out / name)
         fig.clear()
         self.files[name] = {"width": w, "height": h}
         return {"file": name, "width": w, "height": h}
 
+
+# ---------------------------------------------------------------- figures
+
+def _figure(w: float, h: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> tuple[int, int]:
+    """Write `fig` as PNG at its own size (temp file + rename); returns (width, height) in pixels."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=DPI, format="png")
+    os.replace(tmp, path)
+    w, h = fig.get_size_inches() * DPI
+    return int(round(w)), int(round(h))
+
+
+def plot_planes(pixels: np.ndarray, planes: Sequence[str], bit_depth: int) -> list[Any]:
+    """One figure per channel plane of (H, W, C) raw pixels, colour bar in the plane's own units."""
+    pixels = np.asarray(pixels)
+    top = (1 << bit_depth) - 1
+    figs = []
+    for k, name in enumerate(planes):
+        fig = _figure(2.8, 2.4)
+        ax = fig.add_subplot()
+        im = ax.imshow(pixels[..., k], cmap="gray", vmin=0, vmax=top, interpolation="nearest")
+        ax.set_title(f"plane {name} ({bit_depth}-bit, 0..{top})", fontsize=9)
+        ax.set_axis_off()
+        fig.colorbar(im, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
+        figs.append(fig)
+    return figs
+
+
+def plot_feature_maps(fmap: np.ndarray, layer: str) -> Any:
+    """All channels of one image's (H, W, C) feature map as a tile grid (per-tile min-max)."""
+    fmap = np.asarray(fmap)
+    if fmap.ndim == 1:  # a dense layer: one bar per unit
+        fig = _figure(4.0, 1.6)
+        ax = fig.add_subplot()
+        ax.bar(np.arange(fmap.size), fmap, color="0.3")
+        ax.set_title(f"{layer}: {fmap.size} units (raw values)", fontsize=9)
+        ax.tick_params(labelsize=7)
+        return fig
+    grid, rows, cols = fm.feature_grid(fmap)
+    width = min(6.0, max(2.4, 0.45 * cols + 0.6))
+    fig = _figure(width, max(1.2, width * grid.shape[0] / grid.shape[1]) + 0.35)
+    ax = fig.add_subplot()
+    cmap = _cmap("viridis", bad="white")
+    ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(f"{layer}: {fmap.shape[2]} channels, {fmap.shape[0]}x{fmap.shape[1]}", fontsize=9)
+    ax.set_axis_off()
+    return fig
+
+
+def _cmap(name: str, bad: str) -> Any:
+    import matplotlib
+
+    return matplotlib.colormaps[name].with_extremes(bad=bad)
+
+
+def plot_kernels(kernels: np.ndarray, planes: Sequence[str], layer: str) -> Any:
+    """First-layer kernels (in_planes, filters, kh, kw): one row per input plane, one tile per filter.
+
+    One symmetric colour scale for every tile, so planes and filters compare directly.
+    """
+    kernels = np.asarray(kernels, np.float32)
+    n_in, n_out, kh, kw = kernels.shape
+    bound = float(np.abs(kernels).max()) or 1.0
+    cols = min(n_out, 16)
+    rows = int(math.ceil(n_out / cols))
+    fig = _figure(min(7.0, 0.3 * cols * max(kw, 3) / 3 + 1.6), 0.35 + n_in * (0.3 * rows * max(kh, 3) / 3 + 0.3))
+    axes = fig.subplots(n_in, 1, squeeze=False)[:, 0]
+    cmap = _cmap("RdBu_r", bad="white")
+    for p, ax in enumerate(axes):
+        grid = np.full((rows * (kh + 1) - 1, cols * (kw + 1) - 1), np.nan, np.float32)
+        for k in range(n_out):
+            r, q = divmod(k, cols)
+            grid[r * (kh + 1):r * (kh + 1) + kh, q * (kw + 1):q * (kw + 1) + kw] = kernels[p, k]
+        im = ax.imshow(grid, cmap=cmap, vmin=-bound, vmax=bound, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(planes[p] if p < len(planes) else f"in {p}", rotation=0, labelpad=10, fontsize=9)
+    axes[0].set_title(f"{layer}: {n_out} filters of {kh}x{kw}, rows = input plane", fontsize=9)
+    fig.colorbar(im, ax=list(axes), shrink=0.9).ax.tick_params(labelsize=7)
+    return fig
+
+
+def _display_rgb(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
+    x = np.asarray(pixels, np.float32) / ((1 << bit_depth) - 1)
+    if x.shape[-1] == 3:
+        return x
+    return np.repeat(x.mean(axis=-1, keepdims=True), 3, axis=-1)
+
+
+def plot_grad_cam(pixels: np.ndarray, heat: np.ndarray, bit_depth: int, title: str) -> Any:
+    """The image (full-scale display) with the Grad-CAM map (0..1) over it."""
+    fig = _figure(3.0, 2.6)
+    ax = fig.add_subplot()
+    ax.imshow(_display_rgb(pixels, bit_depth), interpolation="nearest")
+    im = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    fig.colorbar(im, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
+    return fig
+
+
+_PLANE_COLOURS = {"R": "tab:red", "G": "tab:green", "B": "tab:blue", "L": "0.4", "A": "0.7"}
+
+
+def plot_attribution(shares: Sequence[float], planes: Sequence[str], title: str) -> Any:
+    """Bar chart of each input plane's share of the decision (shares sum to 1)."""
+    shares = np.asarray(shares, np.float64)
+    fig = _figure(max(2.2, 0.6 * len(planes) + 1.2), 2.4)
+    ax = fig.add_subplot()
+    bars = ax.bar(list(planes), shares, color=[_PLANE_COLOURS.get(p, "0.5") for p in planes])
+    for bar, s in zip(bars, shares):
+        ax.text(bar.get_x() + bar.get_width() / 2, s + 0.02, f"{100 * s:.1f}%", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("share of |grad x input|", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------- analysis -> files
 
 def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | os.PathLike, *,
                    classes: Sequence[str], layers: Sequence[str] | None = None,
@@ -90,7 +227,7 @@ def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | o
 
     kernel_layer, kernels = fm.first_conv_kernels(model)
     kernel_planes = images[0].planes
-    kern = pics.save(fm.plot_kernels(kernels, kernel_planes, kernel_layer), f"kernels-{kernel_layer}.png")
+    kern = pics.save(plot_kernels(kernels, kernel_planes, kernel_layer), f"kernels-{kernel_layer}.png")
     summary: dict[str, Any] = {
         **(context or {}), "classes": list(classes),
         "model": {"in_channels": model.in_channels, "bit_depth": model.bit_depth,
@@ -118,15 +255,15 @@ def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | o
         }
         pictures = entry["pictures"]
         pictures["planes"] = [{"plane": p, **pics.save(fig, f"{stem}-plane-{_safe(p)}.png")}
-                              for p, fig in zip(im.planes, fm.plot_planes(im.pixels, im.planes, im.bit_depth))]
+                              for p, fig in zip(im.planes, plot_planes(im.pixels, im.planes, im.bit_depth))]
         pictures["grad_cam"] = {"layer": cam_layer, **pics.save(
-            fm.plot_grad_cam(im.pixels, heat[i], im.bit_depth, f"Grad-CAM: {tgt} ({cam_layer})"),
+            plot_grad_cam(im.pixels, heat[i], im.bit_depth, f"Grad-CAM: {tgt} ({cam_layer})"),
             f"{stem}-gradcam.png")}
-        pictures["attribution"] = pics.save(fm.plot_attribution(shares[i], im.planes, f"planes -> {tgt}"),
+        pictures["attribution"] = pics.save(plot_attribution(shares[i], im.planes, f"planes -> {tgt}"),
                                             f"{stem}-attribution.png")
         pictures["feature_maps"] = [
             {"layer": n, "tiles": int(acts[n].shape[-1]),
-             **pics.save(fm.plot_feature_maps(acts[n][i], n), f"{stem}-fmap-{_safe(n)}.png")} for n in names]
+             **pics.save(plot_feature_maps(acts[n][i], n), f"{stem}-fmap-{_safe(n)}.png")} for n in names]
         summary["images"].append(entry)
     summary["files"] = pics.files
     _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
