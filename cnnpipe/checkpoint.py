@@ -79,8 +79,8 @@ class Checkpoints:
             best_fn=lambda m: m["val_accuracy"], best_mode="max",
             cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
         if read_only and not self.directory.is_dir():
-            raise NoCheckpointError(f"{self.directory}: no checkpoints folder; "
-                                    "the run has not saved a checkpoint yet")
+            raise NoCheckpointError(f"{self.directory}: no complete checkpoint "
+                                    "(no checkpoints folder: the run has not saved one yet)")
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))
 
