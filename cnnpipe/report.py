@@ -51,20 +51,27 @@ class _Pictures:
 
     def save(self, fig: Any, name: str) -> dict[str, Any]:
         w, h = save_figure(fig, self.out / name)
-        fig.clear()
         self.files[name] = {"width": w, "height": h}
         return {"file": name, "width": w, "height": h}
 
 
 # ---------------------------------------------------------------- figures
+# Axes are placed by hand (in inches): a layout engine would double the drawing time,
+# and a page holds dozens of these pictures.
 
 def _figure(w: float, h: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(w, h), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _axes(fig: Any, left: float, bottom: float, width: float, height: float) -> Any:
+    """Axes at a position given in inches from the lower left corner."""
+    fw, fh = fig.get_size_inches()
+    return fig.add_axes((left / fw, bottom / fh, width / fw, height / fh))
 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> tuple[int, int]:
@@ -77,20 +84,26 @@ def save_figure(fig: Any, path: str | os.PathLike) -> tuple[int, int]:
     return int(round(w)), int(round(h))
 
 
+def _image_with_bar(pixels: np.ndarray, title: str, **imshow: Any) -> tuple[Any, Any, Any]:
+    h, w = pixels.shape[:2]
+    side = 1.9
+    iw, ih = (side, side * h / w) if w >= h else (side * w / h, side)
+    fig = _figure(2.9, ih + 0.45)
+    ax = _axes(fig, 0.08, 0.1, iw, ih)
+    im = ax.imshow(pixels, interpolation="nearest", **imshow)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=8, loc="left")
+    cax = _axes(fig, 0.08 + iw + 0.1, 0.1, 0.12, ih)
+    fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
+    return fig, ax, im
+
+
 def plot_planes(pixels: np.ndarray, planes: Sequence[str], bit_depth: int) -> list[Any]:
     """One figure per channel plane of (H, W, C) raw pixels, colour bar in the plane's own units."""
     pixels = np.asarray(pixels)
     top = (1 << bit_depth) - 1
-    figs = []
-    for k, name in enumerate(planes):
-        fig = _figure(2.8, 2.4)
-        ax = fig.add_subplot()
-        im = ax.imshow(pixels[..., k], cmap="gray", vmin=0, vmax=top, interpolation="nearest")
-        ax.set_title(f"plane {name} ({bit_depth}-bit, 0..{top})", fontsize=9)
-        ax.set_axis_off()
-        fig.colorbar(im, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
-        figs.append(fig)
-    return figs
+    return [_image_with_bar(pixels[..., k], f"plane {name}: {bit_depth}-bit values 0..{top}",
+                            cmap="gray", vmin=0, vmax=top)[0] for k, name in enumerate(planes)]
 
 
 def plot_feature_maps(fmap: np.ndarray, layer: str) -> Any:
@@ -98,19 +111,19 @@ def plot_feature_maps(fmap: np.ndarray, layer: str) -> Any:
     fmap = np.asarray(fmap)
     if fmap.ndim == 1:  # a dense layer: one bar per unit
         fig = _figure(4.0, 1.6)
-        ax = fig.add_subplot()
+        ax = _axes(fig, 0.4, 0.3, 3.5, 1.0)
         ax.bar(np.arange(fmap.size), fmap, color="0.3")
-        ax.set_title(f"{layer}: {fmap.size} units (raw values)", fontsize=9)
+        ax.set_title(f"{layer}: {fmap.size} units (raw values)", fontsize=8, loc="left")
         ax.tick_params(labelsize=7)
         return fig
     grid, rows, cols = fm.feature_grid(fmap)
-    width = min(6.0, max(2.4, 0.45 * cols + 0.6))
-    fig = _figure(width, max(1.2, width * grid.shape[0] / grid.shape[1]) + 0.35)
-    ax = fig.add_subplot()
-    cmap = _cmap("viridis", bad="white")
-    ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(f"{layer}: {fmap.shape[2]} channels, {fmap.shape[0]}x{fmap.shape[1]}", fontsize=9)
+    gw = min(5.0, max(1.6, 0.32 * cols * max(fmap.shape[1], 4) / 8))
+    gh = gw * grid.shape[0] / grid.shape[1]
+    fig = _figure(max(gw, 2.4) + 0.1, gh + 0.32)
+    ax = _axes(fig, 0.05, 0.05, gw, gh)
+    ax.imshow(grid, cmap=_cmap("viridis", bad="white"), vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
+    ax.set_title(f"{layer}: {fmap.shape[2]} ch, {fmap.shape[0]}x{fmap.shape[1]}", fontsize=8, loc="left")
     return fig
 
 
@@ -128,22 +141,28 @@ def plot_kernels(kernels: np.ndarray, planes: Sequence[str], layer: str) -> Any:
     kernels = np.asarray(kernels, np.float32)
     n_in, n_out, kh, kw = kernels.shape
     bound = float(np.abs(kernels).max()) or 1.0
-    cols = min(n_out, 16)
+    cols = min(n_out, 8)
     rows = int(math.ceil(n_out / cols))
-    fig = _figure(min(7.0, 0.3 * cols * max(kw, 3) / 3 + 1.6), 0.35 + n_in * (0.3 * rows * max(kh, 3) / 3 + 0.3))
-    axes = fig.subplots(n_in, 1, squeeze=False)[:, 0]
-    cmap = _cmap("RdBu_r", bad="white")
-    for p, ax in enumerate(axes):
-        grid = np.full((rows * (kh + 1) - 1, cols * (kw + 1) - 1), np.nan, np.float32)
+    gw_px, gh_px = cols * (kw + 1) - 1, rows * (kh + 1) - 1
+    gw = min(5.5, 0.4 * cols * max(kw, 3) / 3)
+    gh = gw * gh_px / gw_px
+    fig = _figure(gw + 1.3, n_in * (gh + 0.08) + 0.35)
+    cmap = _cmap("RdBu_r", bad="0.55")  # grey gaps: white is a zero weight here
+    for p in range(n_in):
+        ax = _axes(fig, 0.35, 0.05 + (n_in - 1 - p) * (gh + 0.08), gw, gh)
+        grid = np.full((gh_px, gw_px), np.nan, np.float32)
         for k in range(n_out):
             r, q = divmod(k, cols)
             grid[r * (kh + 1):r * (kh + 1) + kh, q * (kw + 1):q * (kw + 1) + kw] = kernels[p, k]
         im = ax.imshow(grid, cmap=cmap, vmin=-bound, vmax=bound, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_ylabel(planes[p] if p < len(planes) else f"in {p}", rotation=0, labelpad=10, fontsize=9)
-    axes[0].set_title(f"{layer}: {n_out} filters of {kh}x{kw}, rows = input plane", fontsize=9)
-    fig.colorbar(im, ax=list(axes), shrink=0.9).ax.tick_params(labelsize=7)
+        ax.set_ylabel(planes[p] if p < len(planes) else f"in {p}", rotation=0, labelpad=12, fontsize=9,
+                      va="center")
+        if p == 0:
+            ax.set_title(f"{layer}: {n_out} filters of {kh}x{kw}; one block per input plane", fontsize=8, loc="left")
+    cax = _axes(fig, 0.35 + gw + 0.12, 0.05, 0.12, n_in * (gh + 0.08) - 0.08)
+    fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
     return fig
 
 
@@ -156,13 +175,8 @@ def _display_rgb(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
 
 def plot_grad_cam(pixels: np.ndarray, heat: np.ndarray, bit_depth: int, title: str) -> Any:
     """The image (full-scale display) with the Grad-CAM map (0..1) over it."""
-    fig = _figure(3.0, 2.6)
-    ax = fig.add_subplot()
-    ax.imshow(_display_rgb(pixels, bit_depth), interpolation="nearest")
-    im = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-    fig.colorbar(im, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
+    fig, ax, _ = _image_with_bar(np.asarray(heat), title, cmap="jet", alpha=0.45, vmin=0, vmax=1, zorder=2)
+    ax.imshow(_display_rgb(pixels, bit_depth), interpolation="nearest", zorder=1)
     return fig
 
 
@@ -172,15 +186,16 @@ _PLANE_COLOURS = {"R": "tab:red", "G": "tab:green", "B": "tab:blue", "L": "0.4",
 def plot_attribution(shares: Sequence[float], planes: Sequence[str], title: str) -> Any:
     """Bar chart of each input plane's share of the decision (shares sum to 1)."""
     shares = np.asarray(shares, np.float64)
-    fig = _figure(max(2.2, 0.6 * len(planes) + 1.2), 2.4)
-    ax = fig.add_subplot()
+    width = max(1.4, 0.45 * len(planes) + 0.5)
+    fig = _figure(width + 0.6, 2.35)
+    ax = _axes(fig, 0.5, 0.3, width, 1.75)
     bars = ax.bar(list(planes), shares, color=[_PLANE_COLOURS.get(p, "0.5") for p in planes])
-    for bar, s in zip(bars, shares):
-        ax.text(bar.get_x() + bar.get_width() / 2, s + 0.02, f"{100 * s:.1f}%", ha="center", fontsize=8)
+    for bar, v in zip(bars, shares):
+        ax.text(bar.get_x() + bar.get_width() / 2, v + 0.02, f"{100 * v:.1f}%", ha="center", fontsize=7)
     ax.set_ylim(0, 1.12)
-    ax.set_ylabel("share of |grad x input|", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    ax.tick_params(labelsize=8)
+    ax.set_ylabel("share of |grad x input|", fontsize=7)
+    ax.set_title(title, fontsize=8, loc="left")
+    ax.tick_params(labelsize=7)
     return fig
 
 
@@ -338,8 +353,8 @@ def write_report(out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
                  + (f"; checkpoint step {summary['checkpoint_step']}" if "checkpoint_step" in summary else ""))
              + "</p>",
              "<h2>First-layer kernels</h2>",
-             _img(kern, f"{kern['layer']}: one row per input plane ({', '.join(kern['planes'])}), one tile per "
-                        "filter, one shared colour scale (red > 0 > blue)"),
+             _img(kern, f"{kern['layer']}: one block per input plane ({', '.join(kern['planes'])}), one tile per "
+                        "filter (filter k at row k // 8, column k % 8), one shared colour scale (red > 0 > blue)"),
              f'<p class="note">Never active: {html.escape(defs["never_active"])}. '
              f'Grad-CAM: {html.escape(defs["grad_cam"])}. Numbers: <a href="summary.json">summary.json</a>.</p>']
     for n, entry in enumerate(summary["images"], 1):

@@ -132,9 +132,9 @@ def test_kernel_grid_is_grouped_by_input_plane():
     np.testing.assert_array_equal(kernels[1, 5], hwio[:, :, 1, 5])   # G plane, filter 5
     fig = report.plot_kernels(kernels, ("R", "G", "B"), name)
     grids = [ax.images[0].get_array() for ax in fig.axes if ax.images]
-    assert len(grids) == 3                                         # one row per input plane
+    assert len(grids) == 3 and all(g.shape == (7, 31) for g in grids)  # a 2 x 8 block per plane
     for p, grid in enumerate(grids):
-        tiles = [grid[0:3, q * 4:q * 4 + 3] for q in range(16)]
+        tiles = [grid[(q // 8) * 4:(q // 8) * 4 + 3, (q % 8) * 4:(q % 8) * 4 + 3] for q in range(16)]
         assert all(np.ma.getdata(t).shape == (3, 3) for t in tiles)
         np.testing.assert_allclose(np.ma.getdata(tiles[9]), kernels[p, 9])
 
@@ -235,7 +235,7 @@ def test_inspect_images_writes_pages_pngs_and_summary(tmp_path):
             assert im.format == "PNG" and im.size == (size["width"], size["height"])
     for entry in on_disk["images"]:
         for plane in entry["pictures"]["planes"]:
-            assert (plane["width"], plane["height"]) == (280, 240)
+            assert (plane["width"], plane["height"]) == (290, 235)  # 2.9 x 2.35 in at 100 dpi
     page = (out / "index.html").read_text()
     srcs = re.findall(r'<img src="([^"]+)"', page)
     assert sorted(srcs) == pngs
