@@ -63,7 +63,8 @@ def _figure(w: float, h: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h), dpi=DPI)
+    # whole pixels, so the PNG is exactly figsize * DPI (matplotlib truncates fractions)
+    fig = Figure(figsize=(round(w * DPI) / DPI, round(h * DPI) / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
