@@ -321,7 +321,7 @@ def _describe(exc: ValidationError, schema: type[BaseModel], *, prefix: str = ""
         loc = [p for p in err["loc"] if not _is_union_tag(p)]
         key = prefix + (sep if prefix and loc else "") + _dotted(loc)
         origin = next((f" (from --set {v!r})" for k, v in set_keys.items()
-                       if key == k or key.startswith(k + ".")), "")
+                       if key == k or key.startswith(k + ".") or k.startswith(key + ".")), "")
         kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
         if kind == "extra_forbidden":
             valid = _fields_at(schema, loc[:-1])

@@ -11,6 +11,7 @@ reference CNN (0.86x vs 0.36x PyTorch); other windows fall back to `reduce_windo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -75,6 +76,92 @@ def avg_pool(x: jax.Array, window: int = 2, stride: int | None = None) -> jax.Ar
     return total / (window * window)
 
 
+# ---------------------------------------------------------------- convolution
+# XLA:CPU runs a conv's forward and input gradient fast (~150 GFLOP/s per core here) but
+# its weight gradient, a conv with a huge "kernel" and a 3x3 output, at ~18 GFLOP/s; and
+# a conv over 3 input channels is slow in every direction. On CPU the weight gradient is
+# therefore an explicit im2col + one matmul, and thin-input convs run im2col forward too
+# (patches saved for the backward pass). Other backends use `lax` as is.
+
+_IM2COL_FORWARD_MAX = 64   # kh * kw * C_in at or below which the forward pass is im2col too
+
+
+def _out_and_pads(size: int, k: int, s: int, padding: str) -> tuple[int, int, int]:
+    if padding == "VALID":
+        return (size - k) // s + 1, 0, 0
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return out, total // 2, total - total // 2
+
+
+def _patches(x: jax.Array, kh: int, kw: int, s: tuple[int, int], padding: str) -> jax.Array:
+    """(N, OH, OW, kh*kw*C) patches ordered (kh, kw, C) like an HWIO kernel's rows."""
+    _, h, w, _ = x.shape
+    oh, ph0, ph1 = _out_and_pads(h, kh, s[0], padding)
+    ow, pw0, pw1 = _out_and_pads(w, kw, s[1], padding)
+    xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+    return jnp.concatenate([xp[:, i:i + (oh - 1) * s[0] + 1:s[0], j:j + (ow - 1) * s[1] + 1:s[1], :]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _lax_conv(x: jax.Array, k: jax.Array, s: tuple[int, int], padding: str) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, k, s, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _im2col_conv(x: jax.Array, k: jax.Array, s: tuple[int, int], padding: str) -> tuple[jax.Array, jax.Array]:
+    p = _patches(x, k.shape[0], k.shape[1], s, padding)
+    return (p.reshape(-1, p.shape[-1]) @ k.reshape(-1, k.shape[-1])).reshape(*p.shape[:3], k.shape[-1]), p
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _cpu_conv(x: jax.Array, k: jax.Array, s: tuple[int, int], padding: str) -> jax.Array:
+    return _cpu_conv_fwd(x, k, s, padding)[0]
+
+
+def _cpu_conv_fwd(x, k, s, padding):
+    if k.shape[0] * k.shape[1] * k.shape[2] <= _IM2COL_FORWARD_MAX:
+        y, p = _im2col_conv(x, k, s, padding)
+        return y, (None, p, k, x.shape)
+    return _lax_conv(x, k, s, padding), (x, None, k, x.shape)
+
+
+def _cpu_conv_bwd(s, padding, res, dy):
+    x, p, k, x_shape = res
+    # linear in x: the transpose needs only the shape (zeros are folded away by XLA)
+    _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, k, s, padding), jnp.zeros(x_shape, k.dtype))
+    (dx,) = vjp_x(dy)
+    if p is None:
+        # materialise the patches: fused into the matmul they make it several times slower
+        p = jax.lax.optimization_barrier(_patches(x, k.shape[0], k.shape[1], s, padding))
+    dk = (p.reshape(-1, p.shape[-1]).T @ dy.reshape(-1, dy.shape[-1]).astype(p.dtype)).reshape(k.shape)
+    return dx, dk.astype(k.dtype)
+
+
+_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
+def conv_general_dilated(x: jax.Array, kernel: jax.Array, window_strides: Sequence[int], padding: Any,
+                         lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
+                         feature_group_count: int = 1, precision: Any = None, **kwargs: Any) -> jax.Array:
+    """`lax.conv_general_dilated` with the CPU fast path above for plain 2-D NHWC convs."""
+    plain = (jax.default_backend() == "cpu" and x.ndim == 4 and padding in ("SAME", "VALID")
+             and feature_group_count == 1 and all(d in (None, 1) or tuple(d) == (1, 1)
+                                                  for d in (lhs_dilation, rhs_dilation))
+             and x.dtype == kernel.dtype and not kwargs.get("preferred_element_type"))
+    if plain:
+        return _cpu_conv(x, kernel, tuple(int(v) for v in window_strides), padding)
+    return jax.lax.conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision,
+                                        **kwargs)
+
+
+def _conv(in_ch: int, out_ch: int, kernel: tuple[int, int], stride: int, padding: str, *,
+          use_bias: bool = True, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(in_ch, out_ch, kernel, stride, padding=padding, use_bias=use_bias,
+                    conv_general_dilated=conv_general_dilated, rngs=rngs)
+
+
 # ---------------------------------------------------------------- layers
 
 class _Pool(nnx.Module):
@@ -106,12 +193,12 @@ class _Residual(nnx.Module):
     """conv-bn-relu-conv-bn plus a shortcut (1x1 strided conv + bn when the shape changes), relu."""
 
     def __init__(self, in_ch: int, filters: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(in_ch, filters, (3, 3), stride, padding="SAME", use_bias=False, rngs=rngs)
+        self.conv1 = _conv(in_ch, filters, (3, 3), stride, "SAME", use_bias=False, rngs=rngs)
         self.bn1 = nnx.BatchNorm(filters, momentum=0.9, rngs=rngs)
-        self.conv2 = nnx.Conv(filters, filters, (3, 3), 1, padding="SAME", use_bias=False, rngs=rngs)
+        self.conv2 = _conv(filters, filters, (3, 3), 1, "SAME", use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(filters, momentum=0.9, rngs=rngs)
         if stride != 1 or in_ch != filters:
-            self.proj = nnx.Conv(in_ch, filters, (1, 1), stride, padding="SAME", use_bias=False, rngs=rngs)
+            self.proj = _conv(in_ch, filters, (1, 1), stride, "SAME", use_bias=False, rngs=rngs)
             self.proj_bn = nnx.BatchNorm(filters, momentum=0.9, rngs=rngs)
         else:
             self.proj = self.proj_bn = None
@@ -180,7 +267,7 @@ class CNN(nnx.Module):
                     h, w = -(-h // s), -(-w // s)
                 else:
                     h, w = (h - k[0]) // s + 1, (w - k[1]) // s + 1
-                mod = nnx.Conv(c, spec["filters"], k, s, padding=spec["padding"].upper(), rngs=rngs)
+                mod = _conv(c, spec["filters"], k, s, spec["padding"].upper(), rngs=rngs)
                 c = spec["filters"]
             elif kind in ("max_pool", "avg_pool"):
                 s = spec["stride"] or spec["window"]
@@ -224,19 +311,20 @@ class CNN(nnx.Module):
     def feature_layer_names(self) -> list[str]:
         return [n for n, k in zip(self._names, self._kinds) if k in ("conv", "max_pool", "avg_pool", "residual")]
 
-    def normalize(self, x: jax.Array) -> jax.Array:
-        """Raw pixel values -> float32 network input."""
-        x = jnp.asarray(x).astype(jnp.float32)
+    def normalize(self, x: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        """Raw pixel values -> network input (float32, or wider when the params are)."""
+        x = jnp.asarray(x).astype(dtype)
         if self.mean is None:
             return x * (1.0 / (2 ** self.bit_depth - 1))
-        return (x - jnp.asarray(self.mean, jnp.float32)) * jnp.asarray([1.0 / s for s in self.std], jnp.float32)
+        return (x - jnp.asarray(self.mean, dtype)) * jnp.asarray([1.0 / s for s in self.std], dtype)
 
     def _run(self, x: jax.Array, keep: set[str] | None, rngs: nnx.Rngs | None) -> tuple[jax.Array, dict]:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"input: got shape {tuple(x.shape)}; expected (N, H, W, {self.in_channels}) "
                              "raw pixel values (NHWC)")
-        x = self.normalize(x)
-        x = x.astype(self._compute_dtype())   # bf16 when the train step casts the params
+        compute = self._compute_dtype()   # bf16 when the train step casts the params
+        wide = jnp.promote_types(compute, jnp.float32)
+        x = self.normalize(x, wide).astype(compute)
         feats = {}
         for name, kind, layer in zip(self._names, self._kinds, self.layers):
             if kind == "dense" and x.ndim > 2:
@@ -244,7 +332,7 @@ class CNN(nnx.Module):
             x = layer(x, rngs=rngs) if kind == "dropout" else layer(x)
             if keep is None or name in keep:
                 feats[name] = x
-        return x.astype(jnp.float32), feats
+        return x.astype(wide), feats
 
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Logits (N, num_classes) in float32. `rngs` (a 'dropout' stream) is needed for dropout in train mode."""

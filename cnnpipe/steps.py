@@ -1,0 +1,300 @@
+"""Optimizer, train state, the one jitted train step, the eval step, and the device mesh.
+
+The train step follows the flax performance guide and big_vision: the model is split
+once into a static graphdef and array state; the step is a pure function of
+(`TrainState`, images, labels) under `jax.jit(donate_argnums=0)`, with `nnx.merge`
+inside, so the whole run compiles it once. The batch is sharded over the mesh axis
+"data" and the state is replicated (data parallel over every local device).
+
+CPU hosts: XLA:CPU gives a process one device that spreads each op over the cores;
+one device per core, data parallel, trained the reference CNN ~1.5x faster on 2 cores.
+Call `setup_cpu_devices()` before jax initialises its backend to get that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cnnpipe.config import AugmentConfig, OptimizerConfig
+from cnnpipe.models import CNN
+
+__all__ = ["TrainState", "make_optimizer", "make_schedule", "make_mesh", "create_train_state",
+           "make_train_step", "make_eval_step", "state_to_model", "shard_batch", "replicate",
+           "augment_batch", "setup_cpu_devices", "resolve_precision"]
+
+DATA_AXIS = "data"
+
+
+# ---------------------------------------------------------------- CPU devices
+
+def setup_cpu_devices(count: int | None = None) -> bool:
+    """Expose one XLA CPU device per core (data parallel over cores); call before jax starts.
+
+    Appends ``--xla_force_host_platform_device_count=<count>`` (default: the cores this
+    process may use) to ``XLA_FLAGS``. It only affects the CPU platform, so it is harmless
+    on GPU/TPU hosts. Returns False (and changes nothing) when jax's backend is already
+    initialised or the flag is already set; the flag is read once, at backend start.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return False
+    if _backend_started():
+        return False
+    if not count:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = max(1, int(count or 1))
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={count}").strip()
+    return True
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except ImportError:  # private module moved: assume started, so we never half-apply the flag
+        return True
+
+
+# ---------------------------------------------------------------- optimizer
+
+def make_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate per optimizer step: constant (after optional linear warmup) or warmup-cosine to 0."""
+    lr, warm = float(opt.learning_rate), int(opt.warmup_steps)
+    if opt.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(int(total_steps), warm + 1), 0.0)
+    if warm > 0:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
+    return optax.constant_schedule(lr)
+
+
+def make_optimizer(opt: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """optax transformation from the config: Adam (default), AdamW or SGD with momentum.
+
+    Global-norm clipping runs first when `grad_clip` is set. For adam and sgd a nonzero
+    `weight_decay` is classic L2 (added to the gradient); adamw decouples it. The
+    learning rate is an injected hyperparameter, so the train step can report it.
+    """
+    def build(learning_rate: Any) -> optax.GradientTransformation:
+        parts = [] if opt.grad_clip is None else [optax.clip_by_global_norm(float(opt.grad_clip))]
+        wd = float(opt.weight_decay)
+        if opt.name == "adamw":
+            parts.append(optax.adamw(learning_rate, weight_decay=wd))
+        else:
+            if wd > 0:
+                parts.append(optax.add_decayed_weights(wd))
+            parts.append(optax.adam(learning_rate) if opt.name == "adam"
+                         else optax.sgd(learning_rate, momentum=float(opt.momentum) or None))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(build)(learning_rate=make_schedule(opt, total_steps))
+
+
+# ---------------------------------------------------------------- state
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (no graphdef).
+
+    params: trainable `nnx.Param` state; model_state: the rest (batch-norm statistics);
+    opt_state: optax state; step: int32 scalar, steps taken (skipped ones included);
+    rng: raw uint32[2] key, folded with `step` for augmentation and dropout.
+    """
+    params: Any
+    model_state: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+def create_train_state(model: CNN, tx: optax.GradientTransformation, seed: int) -> tuple[Any, TrainState]:
+    """Split `model` once (in train mode) into a graphdef and a fresh `TrainState`."""
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = TrainState(params=params, model_state=rest, opt_state=tx.init(params),
+                       step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
+    return graphdef, state
+
+
+def state_to_model(graphdef: Any, state: TrainState) -> CNN:
+    """A model in eval mode with the state's parameters (for evaluate, predict, inspect)."""
+    model = nnx.merge(graphdef, state.params, state.model_state)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------- devices
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+    """1-D mesh with axis "data" over the first `num_devices` local devices (0 = all)."""
+    devices = jax.local_devices()
+    if num_devices < 0 or num_devices > len(devices):
+        raise ValueError(f"train.num_devices: got {num_devices}; this host has {len(devices)} "
+                         f"{devices[0].platform} device(s) (0 = all)")
+    return Mesh(devices[: num_devices or len(devices)], (DATA_AXIS,))
+
+
+def _check_divisible(mesh: Mesh, n: int, what: str = "batch size") -> None:
+    if n % mesh.size:
+        raise ValueError(f"{what} ({n}) must be divisible by the number of devices ({mesh.size}); "
+                         f"pick a multiple of {mesh.size} or set train.num_devices")
+
+
+def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
+    """Place arrays with their leading (batch) axis split over the mesh axis "data".
+
+    Always returns a tuple. Raises ValueError naming both numbers when the batch size
+    does not divide over the devices.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    out = []
+    for a in arrays:
+        _check_divisible(mesh, a.shape[0])
+        out.append(jax.device_put(a, sharding))
+    return tuple(out)
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+    """Place a pytree (e.g. a `TrainState`) fully replicated on every device of the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+# ---------------------------------------------------------------- augmentation
+
+def augment_batch(images: jax.Array, key: jax.Array, *, flip: bool, crop_padding: int) -> jax.Array:
+    """Random horizontal flip and padded random crop of a whole NHWC batch, on device.
+
+    Each image gets its own draw; padding is zeros (black) in raw pixel units. Same key,
+    same result.
+    """
+    if not flip and not crop_padding:
+        return images
+    k_flip, k_crop = jax.random.split(key)
+    n, h, w, _ = images.shape
+    if flip:
+        mirror = jax.random.bernoulli(k_flip, 0.5, (n,))
+        images = jnp.where(mirror[:, None, None, None], images[:, :, ::-1, :], images)
+    if crop_padding:
+        p = int(crop_padding)
+        padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+        offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * p + 1)
+        images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
+            padded, offsets)
+    return images
+
+
+# ---------------------------------------------------------------- steps
+
+def resolve_precision(precision: str) -> str:
+    """The precision a run will use: bf16 only off CPU (XLA:CPU bf16 convs are slow); warns on fallback."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision: got {precision!r}; expected fp32 or bf16")
+    if precision == "bf16" and jax.default_backend() == "cpu":
+        warnings.warn("train.precision=bf16 is for GPU/TPU; running fp32 on CPU", stacklevel=2)
+        return "fp32"
+    return precision
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh, *,
+                    precision: str = "fp32", augment: AugmentConfig | None = None
+                    ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """The one jitted train step: ``step(state, images, labels) -> (state, metrics)``.
+
+    `images` are raw pixels (N, H, W, C) and `labels` int (N,), ideally already placed
+    with `shard_batch`. The state is donated. Metrics (device scalars): loss, accuracy,
+    grad_norm, learning_rate, nonfinite. A non-finite loss or gradient keeps params,
+    optimizer and batch-norm state unchanged (the step counter still advances) and
+    reports nonfinite=True. The returned callable exposes the jitted function as `.jitted`.
+    """
+    aug = augment or AugmentConfig()
+    bf16 = resolve_precision(precision) == "bf16"
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    def loss_fn(params, model_state, images, labels, dropout_key):
+        if bf16:
+            params, model_state_c = _cast_floats(params, jnp.bfloat16), _cast_floats(model_state, jnp.bfloat16)
+        else:
+            model_state_c = model_state
+        model = nnx.merge(graphdef, params, model_state_c, copy=True)
+        logits = model(images, rngs=nnx.Rngs(dropout=dropout_key))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+        if bf16:  # running statistics stay in their own (fp32) dtype
+            new_model_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_model_state, model_state)
+        return loss, (logits, new_model_state)
+
+    def step(state: TrainState, images: jax.Array, labels: jax.Array):
+        key = jax.random.fold_in(state.rng, state.step)
+        aug_key, drop_key = jax.random.split(key)
+        images = augment_batch(images, aug_key, flip=aug.flip, crop_padding=aug.crop_padding)
+        (loss, (logits, new_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.model_state, images, labels, drop_key)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        hyper = getattr(new_opt, "hyperparams", {})
+        lr = jnp.asarray(hyper.get("learning_rate", jnp.nan), jnp.float32)
+        new_state = TrainState(params=keep(new_params, state.params),
+                               model_state=keep(new_ms, state.model_state),
+                               opt_state=keep(new_opt, state.opt_state),
+                               step=state.step + 1, rng=state.rng)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+                   "grad_norm": grad_norm, "learning_rate": lr, "nonfinite": ~finite}
+        return new_state, metrics
+
+    jitted = jax.jit(step, in_shardings=(replicated, batched, batched),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+
+    def train_step(state: TrainState, images: Any, labels: Any):
+        _check_divisible(mesh, images.shape[0])
+        return jitted(state, images, labels)
+
+    train_step.jitted = jitted  # type: ignore[attr-defined]
+    return train_step
+
+
+def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
+    """Jitted ``eval_step(state, images, labels, mask) -> {loss_sum, correct, count, predictions}``.
+
+    `mask` (N,) is 1 for real rows and 0 for the padding of a short last batch, so every
+    batch has the same shape and the step compiles once; sums count real rows only.
+    `predictions` (N,) are argmax classes for every row (padding included).
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    def step(state: TrainState, images, labels, mask):
+        model = nnx.merge(graphdef, state.params, state.model_state)
+        model.eval()
+        logits = model(images)
+        m = mask.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        pred = jnp.argmax(logits, -1).astype(jnp.int32)
+        return {"loss_sum": jnp.sum(loss * m), "correct": jnp.sum((pred == labels) * m),
+                "count": jnp.sum(m), "predictions": pred}
+
+    jitted = jax.jit(step, in_shardings=(replicated, batched, batched, batched), out_shardings=replicated)
+
+    def eval_step(state: TrainState, images: Any, labels: Any, mask: Any):
+        _check_divisible(mesh, images.shape[0], "eval batch size")
+        return jitted(state, images, labels, mask)
+
+    eval_step.jitted = jitted  # type: ignore[attr-defined]
+    return eval_step
