@@ -61,14 +61,27 @@ class _CompileClock:
                "/jax/core/compile/backend_compile_duration")
 
     def __init__(self) -> None:
-        self.seconds, self.active = 0.0, True
+        self.seconds = 0.0
         import jax.monitoring
 
         jax.monitoring.register_event_duration_secs_listener(self._listen)
 
     def _listen(self, event: str, duration: float, **_: Any) -> None:
-        if self.active and event in self._EVENTS:
+        if event in self._EVENTS:
             self.seconds += duration
+
+    def stop(self) -> None:
+        import jax.monitoring
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a killed process counts as past every step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class _Log:
@@ -80,8 +93,7 @@ class _Log:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # a killed run may have logged past its last checkpoint; those steps run again
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             write_atomic(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
@@ -164,6 +176,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     state = steps.replicate(mesh, state)
     train_step = steps.make_train_step(graphdef, tx, mesh, precision=tc.precision, augment=cfg.augment)
     eval_step = steps.make_eval_step(graphdef, mesh)
+    probe = jax.jit(lambda st, x: steps.state_to_model(graphdef, st).features(x)[1])
 
     ckpts = Checkpoints(run_dir / "checkpoints", keep=tc.keep_checkpoints)
     meta: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_accuracy": None,
@@ -265,14 +278,14 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
                        val_accuracy=result["accuracy"])
             last_ckpt = step
             if tc.probe_feature_maps:
-                _probe_feature_maps(logger.tb, steps.state_to_model(graphdef, state), ds, step)
+                _probe_feature_maps(logger.tb, probe, state, ds, step)
             log(f"epoch {epoch + 1}/{tc.epochs}: val loss {result['loss']:.4f}, val accuracy "
                 f"{result['accuracy']:.4f}{' (best)' if is_best else ''} [{time.perf_counter() - t_eval:.1f}s eval]")
     finally:
         bar.close()
         logger.close()
         ckpts.close()
-        clock.active = False
+        clock.stop()
 
     if not result:  # resumed a run that had already finished: evaluate its final state
         result = evaluate_split(eval_step, state, ds.val, tc.eval_batch_size, mesh, ds.num_classes)
@@ -295,10 +308,11 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     return summary
 
 
-def _probe_feature_maps(tb: Any, model: Any, ds: Dataset, step: int) -> None:
+def _probe_feature_maps(tb: Any, probe: Callable[..., Any], state: Any, ds: Dataset, step: int) -> None:
     """Feature maps of the first validation image to TensorBoard, one grid per layer."""
-    model.eval()
-    _, feats = model.features(np.asarray(ds.val.images[:1]))
+    import jax
+
+    feats = jax.device_get(probe(state, np.asarray(ds.val.images[:1])))
     for name, fmap in feats.items():
         fmap = np.asarray(fmap[0], np.float32)  # (H, W, C)
         lo, hi = fmap.min(axis=(0, 1)), fmap.max(axis=(0, 1))

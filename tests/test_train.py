@@ -20,7 +20,7 @@ from cnnpipe.train import NonFiniteLossError, train_and_evaluate
 # 96 train images / batch 16 = 6 steps per epoch; 40 val images = 3 eval batches, the last padded
 TINY = ["data.size=[16,16]", "data.num_train=96", "data.num_val=40", "train.batch_size=16",
         "train.eval_batch_size=16", "train.epochs=2", "train.log_every_steps=2",
-        "train.checkpoint_every_steps=4", "train.keep_checkpoints=10",
+        "train.checkpoint_every_steps=4", "train.keep_checkpoints=10", "train.probe_feature_maps=true",
         "model=[{type: conv, filters: 4}, {type: relu}, {type: max_pool}, {type: flatten}]"]
 # conv 3x3x3->4 (+bias) = 112; pool -> 8x8x4 = 256 features; dense 256->6 (+bias) = 1542
 TINY_PARAMS = 112 + 1542
@@ -101,6 +101,32 @@ def test_run_directory_has_everything(finished):
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6, 8, 12]
 
 
+def _event_tags(tb_dir) -> set[tuple[str, str]]:
+    """(tag, kind) of every summary value in TensorBoard event files (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in tb_dir.iterdir():
+        raw, i = path.read_bytes(), 0
+        while i < len(raw):
+            (n,) = struct.unpack("<Q", raw[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(raw[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            tags |= {(v.tag, v.WhichOneof("value")) for v in event.summary.value}
+    return tags
+
+
+def test_tensorboard_scalars_and_probe_feature_maps(finished):
+    tags = _event_tags(finished[0] / "tensorboard")
+    for tag in ("train/loss", "train/accuracy", "train/learning_rate", "train/images_per_sec",
+                "val/loss", "val/accuracy"):
+        assert (tag, "simple_value") in tags
+    assert {("feature_maps/conv1", "image"), ("feature_maps/pool1", "image")} <= tags
+
+
 def test_each_step_function_compiles_once_per_run(finished):
     _, _, built, _ = finished
     # 12 train steps over two epochs and 6 eval batches (a padded one included): one program each
@@ -130,6 +156,8 @@ def test_resume_continues_exactly(finished, tmp_path):
         if f.is_file():
             f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
     (copy / "summary.json").unlink()
+    with open(copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": 14, "epo')  # a line cut short by the kill
     resumed = train_and_evaluate(tiny_cfg(), copy, resume=True, log=quiet)
     assert resumed["steps"] == 12 and resumed["final_val_accuracy"] == summary["final_val_accuracy"]
     a, b = load_run(run_dir, "latest"), load_run(copy, "latest")
