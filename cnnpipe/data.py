@@ -18,7 +18,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -401,7 +401,7 @@ def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-__all__: Sequence[str] = [
+__all__ = [
     "SHAPE_CLASSES", "Split", "Dataset", "load_dataset", "make_shapes", "shapes_dataset",
     "store_dataset", "folder_dataset", "tfds_dataset", "folder_cache_key", "default_cache_dir",
     "steps_per_epoch", "epoch_permutation", "train_batches", "eval_batches", "prefetch",
