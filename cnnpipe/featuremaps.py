@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = ["InputImage", "prepare_image", "capture_activations", "predict_proba", "grad_cam",
            "default_cam_layer", "plane_attribution", "activation_stats", "first_conv_kernels",
-           "feature_grid", "TILE_NORMALISATION", "ATTRIBUTION_METHOD"]
+           "feature_grid", "probe_grids", "TILE_NORMALISATION", "ATTRIBUTION_METHOD"]
 
 TILE_NORMALISATION = ("per-tile min-max: each channel scaled to its own [min, max] "
                       "(viridis: dark purple = that channel's min, yellow = its max)")
@@ -240,7 +240,8 @@ def predict_proba(model: Any, images: Any, names: Sequence[str] | None = None
     x = _check_images(model, images)
     graphdef, state = _split(model)
     probs, feats = _jitted("features")(graphdef, state, x, names)
-    return np.asarray(probs), {k: np.asarray(v) for k, v in feats.items()}
+    # jit returns dicts with sorted keys; keep the layer order
+    return np.asarray(probs), {k: np.asarray(feats[k]) for k in names}
 
 
 def default_cam_layer(model: Any) -> str:
@@ -349,3 +350,14 @@ def feature_grid(fmap: np.ndarray, cols: int | None = None, pad: int = 1,
         grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = scaled[..., k]
     return grid, rows, cols
 
+
+
+def probe_grids(model: Any, image: Any, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Feature-map grids of one raw image for TensorBoard: {layer: (1, H, W) float32 in [0, 1]}.
+
+    One grid per conv and pool layer (or `names`), tiles as `feature_grid` with black
+    gaps; the (C, H, W) layout is what `SummaryWriter.add_image` takes by default.
+    Meant for the training loop's optional per-epoch probe (`train.probe_feature_maps`).
+    """
+    acts = capture_activations(model, np.asarray(image)[None] if np.ndim(image) == 3 else image, names)
+    return {name: feature_grid(a[0], fill=0.0)[0][None] for name, a in acts.items() if a.ndim == 4}

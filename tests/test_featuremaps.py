@@ -124,6 +124,18 @@ def test_feature_grid_has_one_min_max_tile_per_channel():
         np.testing.assert_allclose(tiles[k], want, atol=1e-6)
 
 
+def test_probe_grids_for_tensorboard():
+    model = _model("simple_cnn", num_classes=4)
+    img = np.random.default_rng(6).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    grids = fm.probe_grids(model, img)
+    assert list(grids) == ["conv1", "pool1", "conv2", "pool2"]
+    acts = fm.capture_activations(model, img[None])
+    for name, grid in grids.items():
+        np.testing.assert_array_equal(grid[0], fm.feature_grid(acts[name][0], fill=0.0)[0])
+    assert grids["conv1"].shape == (1, 4 * 17 - 1, 4 * 17 - 1) and grids["pool2"].shape == (1, 6 * 5 - 1, 6 * 5 - 1)
+    assert all(0.0 <= g.min() and g.max() <= 1.0 for g in grids.values())
+
+
 def test_kernel_grid_is_grouped_by_input_plane():
     model = _model("simple_cnn", num_classes=4)
     name, kernels = fm.first_conv_kernels(model)
@@ -224,6 +236,7 @@ def test_inspect_images_writes_pages_pngs_and_summary(tmp_path):
         assert entry["explained_class"] == "y"
         assert sum(entry["attribution"]["shares"].values()) == pytest.approx(1.0)
         assert [f["tiles"] for f in entry["pictures"]["feature_maps"]] == [4, 4]
+        assert list(entry["layers"]) == ["conv1", "pool1"]
 
     # every picture exists, opens and has the recorded (figsize x DPI) size
     pngs = sorted(p.name for p in out.glob("*.png"))
