@@ -151,7 +151,7 @@ class DataConfig(_Schema):
     channels: Literal["rgb", "gray"] = "rgb"             # folder
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1   # folder
     bit_depth: Literal[8, 16] = 8       # shapes only
-    num_train: PosInt = 2000            # shapes only
+    num_train: PosInt = 4000            # shapes only
     num_val: PosInt = 400               # shapes only
     cache_dir: str | None = None        # folder cache (default ~/.cache/cnnpipe)
 
@@ -162,7 +162,7 @@ class AugmentConfig(_Schema):
 
 
 class TrainConfig(_Schema):
-    epochs: PosInt = 5
+    epochs: PosInt = 10
     batch_size: PosInt = 64
     eval_batch_size: PosInt = 256
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16: bf16 compute, fp32 params (CPU: fp32)

@@ -244,7 +244,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
         images = augment_batch(images, aug_key, flip=aug.flip, crop_padding=aug.crop_padding)
         (loss, (logits, new_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.model_state, images, labels, drop_key)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
