@@ -1,15 +1,17 @@
 """Image folder -> dataset store: scan, stable split, parallel decode + resize, report.
 
-Two passes over the files, both in worker processes:
+Two passes over the files:
 
-1. *probe*: read each file once, recognise it by magic bytes, note its bit
-   depth from the header and hash its bytes (for the duplicate report). This
-   fixes the store's dtype (uint16 as soon as one file is 16-bit) and the
-   classes before anything is written.
-2. *convert*: decode, promote 8-bit to 16-bit exactly (x257) when needed,
-   resize in float32 (antialiased when shrinking; no trip through 8 bits) and
-   stream the result into memory-mapped arrays, so memory does not grow with
-   the number of images.
+1. *probe*, in this process while the worker pool starts: read the first
+   bytes of each file, recognise it by magic bytes, note its bit depth from
+   the header. This fixes the store's dtype (uint16 as soon as one file is
+   16-bit) and the classes before anything is written.
+2. *convert*, in worker processes: read each file once, hash its bytes (for
+   the duplicate report), decode (JPEGs that shrink >= 2x at reduced DCT
+   scale), promote 8-bit to
+   16-bit exactly (x257) when needed, resize (antialiased when shrinking;
+   16-bit in float32, no trip through 8 bits) and stream the rows to the
+   store's .npy files, so memory does not grow with the number of images.
 
 The split of a file is a pure function of (seed, class, path relative to the
 class folder): the same files give the same split on any machine, and adding
@@ -23,6 +25,7 @@ Worker processes import only this module, `cnnpipe.store` and `cnnpipe.decode`
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import multiprocessing
@@ -32,7 +35,9 @@ import stat
 import struct
 import sys
 import time
+import types
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnpipe.decode import read_image, sniff_format
+from cnnpipe.decode import DEFAULT_MAX_PIXELS, DecodeError, read_image, sniff_format
 from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, load_store
 
 __all__ = ["PreprocessError", "preprocess", "format_summary", "parse_size", "assign_split"]
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("crop", "pad", "stretch")
 _PROBE_CHUNK = 64
+_HEAD_BYTES = 64  # enough for sniffing and the PNG IHDR
 _CONVERT_CHUNK = 8
 
 
@@ -214,46 +220,39 @@ def scan_folder(src: Path) -> _Scan:
 
 # ---------------------------------------------------------------- workers
 
-def _probe_one(path: str) -> tuple[str | None, int, str]:
-    """(error or None, bit depth from the header, blake2b of the bytes) of one file."""
+def _probe_one(path: str) -> tuple[str | None, int]:
+    """(error or None, bit depth from the header) of one file, reading only its first bytes."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            head = f.read(_HEAD_BYTES)
     except OSError as exc:
-        return f"{path}: cannot read file: {exc.strerror or exc}", 8, ""
-    if not data:
-        return f"{path}: empty file (0 bytes)", 8, ""
-    fmt = sniff_format(data[:32])
+        return f"{path}: cannot read file: {exc.strerror or exc}", 8
+    if not head:
+        return f"{path}: empty file (0 bytes)", 8
+    fmt = sniff_format(head[:32])
     if fmt is None:
-        try:  # let the decoder word the reason (it names unsupported formats)
-            read_image(data)
+        try:  # let the decoder word the reason (it names known unsupported formats)
+            read_image(head)
             reason = "not a recognised image"
         except Exception as exc:
             reason = str(exc).removeprefix("<bytes>: ")
-        return f"{path}: {reason}", 8, ""
-    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    return None, _header_bit_depth(fmt, data), digest
+        return f"{path}: {reason}", 8
+    return None, _header_bit_depth(fmt, head, path)
 
 
-def _header_bit_depth(fmt: str, data: bytes) -> int:
+def _header_bit_depth(fmt: str, head: bytes, path: str) -> int:
     """16 if the header says more than 8 bits per sample, else 8 (a guess the decoder may correct)."""
     if fmt == "PNG":
-        return 16 if len(data) > 24 and data[24] == 16 else 8
+        return 16 if len(head) > 24 and head[24] == 16 else 8
     if fmt == "TIFF":
         try:
-            import io
-
             import tifffile
 
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            with tifffile.TiffFile(path) as tif:  # reads the first directory only
                 return 16 if int(tif.pages.first.bitspersample) > 8 else 8
         except Exception:
             return 8
     return 8
-
-
-def _probe_chunk(paths: list[str]) -> list[tuple[str | None, int, str]]:
-    return [_probe_one(p) for p in paths]
 
 
 @dataclass(frozen=True)
@@ -325,25 +324,95 @@ def resize_image(img: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarra
     raise PreprocessError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {mode!r}")
 
 
-def _convert_one(path: str, want_stats: bool, cfg: _ConvertSettings) -> tuple:
-    """("ok", (H, W, C) image, channel sums, channel sums of squares) or ("error", reason)."""
+def _read_jpeg_reduced(data: bytes, path: str, cfg: _ConvertSettings) -> np.ndarray | None:
+    """Decode an 8-bit JPEG at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
+
+    libjpeg scales in the DCT domain (an area average: it antialiases) and
+    skips most of the work, so shrinking photos costs a fraction of a full
+    decode. Returns (h, w, C) uint8 with EXIF orientation applied, or None
+    whenever the plain decode should be used instead (no 2x reduction
+    possible, CMYK, gray from colour, oversized, truncated or damaged files:
+    `read_image` then decides and words any error).
+    """
+    from PIL import Image, ImageOps
+
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None
     try:
-        planes = read_image(path, channels=cfg.channels, alpha="drop")
-    except Exception as exc:  # DecodeError names the file; anything else is reported, not fatal
-        text = str(exc) if str(exc).startswith(path) else f"{path}: {type(exc).__name__}: {exc}"
-        return ("error", text)
-    img = planes.hwc()
+        im = Image.open(io.BytesIO(data), formats=["JPEG"])
+    except Exception:
+        return None
+    with im:
+        if im.mode not in ("L", "RGB") or (cfg.channels == "gray" and im.mode != "L"):
+            return None
+        if im.width * im.height > DEFAULT_MAX_PIXELS:
+            return None
+        orientation = im.getexif().get(0x0112) or 1
+        w, h = im.size
+        transposed = orientation in (5, 6, 7, 8)
+        oh, ow = (w, h) if transposed else (h, w)
+        rh, rw = _needed_source_size(oh, ow, cfg.size, cfg.resize)
+        if transposed:
+            rh, rw = rw, rh
+        if min(w // rw, h // rh) < 2:
+            return None
+        try:
+            im.draft(im.mode, (rw, rh))
+            im.load()
+            if orientation != 1:
+                im = ImageOps.exif_transpose(im)
+            arr = np.asarray(im)
+        except Exception:
+            return None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if cfg.channels == "rgb" and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return arr
+
+
+def _needed_source_size(h: int, w: int, size: tuple[int, int], mode: str) -> tuple[int, int]:
+    """The smallest (h, w) the source may be reduced to before the final resize to `size`."""
+    th, tw = size
+    if mode == "stretch":
+        return th, tw
+    s = max(th / h, tw / w) if mode == "crop" else min(th / h, tw / w)
+    return max(1, math.ceil(h * s)), max(1, math.ceil(w * s))
+
+
+def _convert_one(path: str, want_stats: bool, cfg: _ConvertSettings) -> tuple:
+    """Read, hash, decode and resize one file.
+
+    Returns ("ok", (H, W, C) image, channel sums or None, channel sums of
+    squares or None, content hash), ("error", reason) or ("needs16", path).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return ("error", f"{path}: cannot read file: {exc.strerror or exc}")
+    digest = hashlib.sha256(data).hexdigest()[:32]
+    img = None
+    if data[:3] == b"\xff\xd8\xff":
+        img = _read_jpeg_reduced(data, path, cfg)
+    if img is None:
+        try:
+            img = read_image(data, channels=cfg.channels, alpha="drop").hwc()
+        except DecodeError as exc:  # decoded from bytes: put the file's name on the reason
+            return ("error", str(DecodeError(path, exc.reason)))
+        except Exception as exc:  # anything else is reported, not fatal
+            return ("error", f"{path}: {type(exc).__name__}: {exc}")
     if img.dtype == np.uint16 and cfg.dtype == "uint8":
         return ("needs16", path)
     if img.dtype == np.uint8 and cfg.dtype == "uint16":
         img = img.astype(np.uint16) * np.uint16(257)  # 255 * 257 = 65535: exact, full scale
-    img = resize_image(img, cfg.size, cfg.resize)
-    img = np.ascontiguousarray(img)
+    img = np.ascontiguousarray(resize_image(img, cfg.size, cfg.resize))
     if not want_stats:
-        return ("ok", img, None, None)
+        return ("ok", img, None, None, digest)
     flat = img.reshape(-1, img.shape[2]).astype(np.uint64)
     # integer sums are exact, so the mean/std do not depend on order or chunking
-    return ("ok", img, [int(v) for v in flat.sum(0)], [int(v) for v in np.einsum("ij,ij->j", flat, flat)])
+    return ("ok", img, [int(v) for v in flat.sum(0)], [int(v) for v in np.einsum("ij,ij->j", flat, flat)],
+            digest)
 
 
 def _convert_chunk(args: tuple[list[tuple[str, bool]], _ConvertSettings]) -> list[tuple]:
@@ -391,10 +460,27 @@ def _take(it: Iterator[Any], n: int) -> list[Any]:
 
 
 def _make_pool(workers: int) -> Any:
-    methods = multiprocessing.get_all_start_methods()
-    # never fork: the parent may hold jax/XLA threads
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    return ctx.Pool(workers, initializer=_worker_init)
+    """A pool of `workers` processes that import this module but never the caller's script.
+
+    Never fork (the parent may hold jax/XLA threads). Under forkserver/spawn a
+    child normally re-runs the parent's main script to unpickle functions
+    defined there; ours live in this module, so the script is hidden while the
+    workers start: a training script that imports jax does not drag jax into
+    every decoding worker.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # the fork server imports the decoding stack once; workers fork from it ready
+        ctx.set_forkserver_preload(["cnnpipe.preprocess"])
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        return ctx.Pool(workers, initializer=_worker_init)
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
 
 
 # ---------------------------------------------------------------- progress
@@ -497,21 +583,21 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
     if not scan.candidates:
         raise PreprocessError(f"SRC: no image files found in {src_p} (expected SRC/<class>/<image> or "
                               f"SRC/<train|val|test>/<class>/<image>; {len(scan.skipped)} entries skipped)")
-    pool = _make_pool(n_workers) if n_workers > 1 and len(scan.candidates) > n_workers else None
+    # The pool starts (imports numpy/Pillow/imagecodecs in the workers) while
+    # this process reads the headers: pass 1 is a few bytes per file.
+    starter = pool_future = None
+    if n_workers > 1 and len(scan.candidates) > n_workers:
+        starter = ThreadPoolExecutor(1, thread_name_prefix="cnnpipe-pool-start")
+        pool_future = starter.submit(_make_pool, n_workers)
     try:
         # ---- pass 1: what is there
-        paths = [c.path for c in scan.candidates]
-        bar = _Progress(show, len(paths), "scanning")
+        bar = _Progress(show, len(scan.candidates), "scanning")
         ok: list[_Candidate] = []
-        results = _ordered_map(pool, _probe_chunk, _chunks(paths, _PROBE_CHUNK), 4 * n_workers)
-        i = 0
-        for chunk in results:
+        for chunk in _chunks(scan.candidates, _PROBE_CHUNK):
             bad = 0
-            for err, depth, digest in chunk:
-                cand = scan.candidates[i]
-                i += 1
+            for cand in chunk:
+                err, cand.bit_depth = _probe_one(cand.path)
                 if err is None:
-                    cand.bit_depth, cand.digest = depth, digest
                     ok.append(cand)
                 else:
                     bad += 1
@@ -534,6 +620,7 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
         # ---- pass 2: decode, resize, write
         while True:
             try:
+                pool = pool_future.result() if pool_future is not None else None
                 return _convert_and_write(scan, ok, classes, dtype, hw, resize, channels, src_p, out_p,
                                           overwrite, pool, n_workers, show, t0,
                                           dict(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction))
@@ -543,9 +630,15 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
                 log.info("%s decoded as 16-bit; restarting with a uint16 store", exc)
                 dtype = "uint16"
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if starter is not None:
+            try:
+                pool = pool_future.result()  # waits if still starting, so no worker outlives us
+            except Exception:
+                pool = None
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            starter.shutdown()
 
 
 def _reason_counts(skipped: Sequence[dict[str, str]]) -> str:
@@ -594,7 +687,7 @@ def _convert_and_write(scan: _Scan, ok: list[_Candidate], classes: list[str], dt
                     decode_failed.append((cand, res[1]))
                     bad += 1
                     continue
-                _, img, s1, s2 = res
+                _, img, s1, s2, cand.digest = res
                 writer.append(cand.split, img, class_index[cand.class_name], cand.rel)
                 per_class[cand.split][cand.class_name] += 1
                 if s1 is not None:
@@ -641,13 +734,14 @@ def _build_report(scan: _Scan, ok: list[_Candidate], classes: list[str], counts:
                   elapsed: float) -> dict[str, Any]:
     by_hash: dict[str, list[_Candidate]] = {}
     for c in ok:
-        by_hash.setdefault(c.digest, []).append(c)
+        if c.digest:  # stored images only
+            by_hash.setdefault(c.digest, []).append(c)
     duplicates = []
     for digest, group in by_hash.items():
         if len(group) < 2:
             continue
         duplicates.append({
-            "hash": f"blake2b-128:{digest}",
+            "hash": f"sha256-128:{digest}",
             "files": [{"path": c.rel, "class": c.class_name, "split": c.split} for c in group],
             "cross_split": len({c.split for c in group}) > 1,
             "cross_class": len({c.class_name for c in group}) > 1,

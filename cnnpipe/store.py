@@ -184,6 +184,39 @@ def _npy_shrink(path: Path, n: int) -> None:
         f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
 
 
+class _RowStream:
+    """Append-only writer of an .npy array's rows with plain file writes.
+
+    The header is written for `capacity` rows up front; rows go to disk as
+    they come (nothing is kept in memory, nothing is mapped, so the writer's
+    memory does not grow with the store) and `close()` cuts unused rows.
+    """
+
+    def __init__(self, path: Path, capacity: int, row_shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.capacity, self.row_shape, self.dtype = path, capacity, row_shape, np.dtype(dtype)
+        self.n = 0
+        self.f = open(path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (capacity, *row_shape)}
+        np.lib.format.write_array_header_1_0(self.f, header)
+
+    def write(self, row: np.ndarray) -> None:
+        if row.shape != self.row_shape or row.dtype != self.dtype:
+            raise ValueError(f"{self.path}: row {self.n} is {row.shape} {row.dtype}, expected "
+                             f"{self.row_shape} {self.dtype}")
+        if self.n >= self.capacity:
+            raise ValueError(f"{self.path}: more than the {self.capacity} rows allocated")
+        self.f.write(np.ascontiguousarray(row).data)
+        self.n += 1
+
+    def close(self) -> None:
+        if self.f.closed:
+            return
+        self.f.close()
+        if self.n < self.capacity:
+            _npy_shrink(self.path, self.n)
+
+
 class StoreWriter:
     """Builds a store in a temporary directory beside `out`; `commit()` renames it into place.
 
@@ -199,9 +232,8 @@ class StoreWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.tmp.mkdir()
-        self._arrays: dict[str, np.memmap] = {}
-        self._labels: dict[str, np.memmap] = {}
-        self._filled: dict[str, int] = {}
+        self._images: dict[str, _RowStream] = {}
+        self._labels: dict[str, _RowStream] = {}
         self._sources: dict[str, list[str]] = {}
         self.committed = False
 
@@ -213,51 +245,31 @@ class StoreWriter:
 
     def create_split(self, split: str, capacity: int, size: tuple[int, int], channels: int,
                      dtype: np.dtype | str) -> None:
-        """Allocate (capacity, H, W, C) images and (capacity,) labels for `split` on disk."""
+        """Start (at most `capacity`) rows of (H, W, C) images and int32 labels for `split`."""
         d = self.tmp / split
         d.mkdir()
-        shape = (capacity, int(size[0]), int(size[1]), int(channels))
-        if capacity == 0:
-            np.save(d / "images.npy", np.zeros(shape, dtype))
-            np.save(d / "labels.npy", np.zeros((0,), np.int32))
-        else:
-            self._arrays[split] = np.lib.format.open_memmap(d / "images.npy", mode="w+", dtype=dtype, shape=shape)
-            self._labels[split] = np.lib.format.open_memmap(d / "labels.npy", mode="w+", dtype=np.int32,
-                                                            shape=(capacity,))
-        self._filled[split] = 0
+        self._images[split] = _RowStream(d / "images.npy", capacity, (int(size[0]), int(size[1]), int(channels)),
+                                         np.dtype(dtype))
+        self._labels[split] = _RowStream(d / "labels.npy", capacity, (), np.dtype(np.int32))
         self._sources[split] = []
 
     def append(self, split: str, image: np.ndarray, label: int, source: str = "") -> int:
-        """Write one (H, W, C) image, its label and source name at the next free row of `split`."""
-        i = self._filled[split]
-        self._arrays[split][i] = image
-        self._labels[split][i] = label
+        """Write one (H, W, C) image, its label and source name as the next row of `split`."""
+        i = self._images[split].n
+        self._images[split].write(image)
+        self._labels[split].write(np.asarray(label, np.int32))
         self._sources[split].append(source)
-        self._filled[split] = i + 1
         return i
 
     def count(self, split: str) -> int:
-        return self._filled[split]
+        return self._images[split].n
 
     def commit(self, meta: Mapping[str, Any], report: Mapping[str, Any]) -> Path:
-        """Flush the arrays, cut unused rows, write meta/report and rename the store into place."""
-        for split in list(self._arrays):
-            capacity = self._arrays[split].shape[0]
-            self._arrays[split].flush()
-            self._labels[split].flush()
-            del self._arrays[split], self._labels[split]  # close the maps before resizing the files
-            n = self._filled[split]
-            if n < capacity:
-                if n == 0:
-                    shape = np.load(self.tmp / split / "images.npy", mmap_mode="r").shape
-                    dtype = np.load(self.tmp / split / "images.npy", mmap_mode="r").dtype
-                    np.save(self.tmp / split / "images.npy", np.zeros((0, *shape[1:]), dtype))
-                    np.save(self.tmp / split / "labels.npy", np.zeros((0,), np.int32))
-                else:
-                    _npy_shrink(self.tmp / split / "images.npy", n)
-                    _npy_shrink(self.tmp / split / "labels.npy", n)
-        for split, names in self._sources.items():
-            (self.tmp / split / "sources.json").write_text(json.dumps(names, indent=0) + "\n")
+        """Finish the arrays (cut unused rows), write meta/report and rename the store into place."""
+        for split in self._images:
+            self._images[split].close()
+            self._labels[split].close()
+            (self.tmp / split / "sources.json").write_text(json.dumps(self._sources[split], indent=0) + "\n")
         _write_json(self.tmp / "report.json", report)
         _write_json(self.tmp / "meta.json", meta)
         check_output(self.out, self.overwrite)  # OUT may have appeared while we worked
@@ -276,8 +288,8 @@ class StoreWriter:
 
     def close(self) -> None:
         """Drop the temporary directory unless the store was committed."""
-        self._arrays.clear()
-        self._labels.clear()
+        for stream in (*self._images.values(), *self._labels.values()):
+            stream.f.close()
         if not self.committed and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
 

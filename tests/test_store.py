@@ -63,7 +63,7 @@ def test_unused_rows_are_cut_in_place(tmp_path):
     assert os.path.getsize(out / "train" / "images.npy") == header + 3 * 4 * 3 * 3
 
 
-@pytest.mark.parametrize("cap,n", [(10000, 9), (1000, 999), (100, 1), (7, 7)])
+@pytest.mark.parametrize("cap,n", [(10000, 9), (1000, 999), (100, 1), (7, 7), (5, 0)])
 def test_npy_shrink_matches_numpy(tmp_path, cap, n):
     path = tmp_path / "a.npy"
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(cap, 2, 3))

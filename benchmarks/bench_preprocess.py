@@ -1,0 +1,197 @@
+"""Preprocess throughput and memory: `cnnpipe preprocess` vs a single-process Pillow loop.
+
+1. Throughput. Folders of 8-bit JPEGs, 16-bit RGB PNGs, and both mixed (a
+   uint16 store), photo-like content at 256x256, resized to 64x64. For each
+   folder the two contenders run in alternating timed blocks on the same files
+   and the median images/s of each is printed with their ratio:
+     pillow:  for each file, Image.open + .convert("RGB") + .resize((64, 64))
+              + np.asarray, in one process, nothing written (Pillow also drops
+              16-bit RGB to 8 bits on the way);
+     cnnpipe: `preprocess(...)` on every core: scan, hash, decode exactly,
+              resize, write the store (start-up of the worker pool included).
+   Target: ratio >= 1.8 on a 2-core machine.
+2. Memory. Peak RSS of a fresh process running `preprocess` on folders of
+   N and 10 N small JPEGs (N = 2,000), and the largest worker's peak. Target:
+   the peak does not grow with the image count (the images stream to disk).
+
+Run:  .venv/bin/python benchmarks/bench_preprocess.py [--quick] [--rounds R] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+from PIL import Image
+
+from cnnpipe.preprocess import preprocess
+
+TARGET = (64, 64)
+
+
+def _base(size: int, seed: int) -> np.ndarray:
+    """A smooth photo-like float image in [0, 1], (size, size, 3)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    fx, fy, fd = rng.uniform(15, 60, 3)
+    base = (np.sin(x / fx) * np.cos(y / fy) + np.sin((x + y) / fd) + 2) / 4
+    return np.stack([base, base ** 1.5, 1 - base], -1)
+
+
+def make_folder(root: Path, n_jpeg: int, n_png16: int, size: int = 256, classes: int = 4) -> None:
+    """Write photo-like JPEGs (quality 90) and 16-bit RGB PNGs into root/<class>/."""
+    rng = np.random.default_rng(0)
+    bases = [_base(2 * size, s) for s in range(8)]
+    for i in range(n_jpeg + n_png16):
+        b = bases[i % len(bases)]
+        y0, x0 = rng.integers(0, size, 2)
+        img = b[y0:y0 + size, x0:x0 + size] + rng.normal(0, 0.01, (size, size, 3)).astype(np.float32)
+        d = root / f"class{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        if i < n_jpeg:
+            a = np.clip(img * 255, 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(d / f"img{i:06d}.jpg", quality=90)
+        else:
+            a = np.clip(img * 65535, 0, 65535).astype(np.uint16)
+            (d / f"img{i:06d}.png").write_bytes(imagecodecs.png_encode(a, level=6))
+
+
+def list_files(root: Path) -> list[Path]:
+    return sorted(Path(d) / f for d, _, names in os.walk(root, followlinks=True) for f in names)
+
+
+def pillow_loop(files: list[Path]) -> int:
+    n = 0
+    for p in files:
+        with Image.open(p) as im:
+            arr = np.asarray(im.convert("RGB").resize(TARGET[::-1], Image.Resampling.BICUBIC))
+        n += arr.shape[0] > 0
+    return n
+
+
+def cnnpipe_run(src: Path, out: Path, workers: int) -> int:
+    store = preprocess(src, out, size=TARGET, resize="crop", val_fraction=0.1, workers=workers,
+                       progress=False, overwrite=True)
+    return len(store)
+
+
+def throughput(name: str, src: Path, work: Path, rounds: int, workers: int) -> dict:
+    """Alternating timed blocks: Pillow loop, cnnpipe on one worker, cnnpipe on every core."""
+    files = list_files(src)
+    pillow_loop(files[:50])  # warm the page cache and imports for both
+    out = work / f"store-{name}"
+    cnnpipe_run(src, out, workers)
+    t_pil, t_one, t_all = [], [], []
+    for _ in range(rounds):
+        for times, fn in ((t_pil, lambda: pillow_loop(files)), (t_one, lambda: cnnpipe_run(src, out, 1)),
+                          (t_all, lambda: cnnpipe_run(src, out, workers))):
+            t0 = time.perf_counter()
+            n = fn()
+            times.append(time.perf_counter() - t0)
+            assert n == len(files), (name, n, len(files))
+    dtype = json.loads((out / "meta.json").read_text())["dtype"]
+    shutil.rmtree(out)
+    pil, one, allc = (len(files) / statistics.median(t) for t in (t_pil, t_one, t_all))
+    print(f"{name:<7} {len(files):>5} files -> {dtype:<6}  pillow loop {pil:7.1f} img/s | cnnpipe 1 worker "
+          f"{one:7.1f} img/s ({one / pil:4.2f}x) | cnnpipe all cores {allc:7.1f} img/s  ratio {allc / pil:4.2f}x",
+          flush=True)
+    return {"case": name, "files": len(files), "pillow_img_s": pil, "cnnpipe_1_img_s": one,
+            "cnnpipe_img_s": allc, "ratio": allc / pil}
+
+
+_MEM_CHILD = """
+import json, resource, sys, threading, time
+import psutil
+from cnnpipe.preprocess import preprocess
+peak = {}
+done = threading.Event()
+def sample():  # worker processes descend from the fork server, so poll them by pid
+    me = psutil.Process()
+    while not done.is_set():
+        for p in me.children(recursive=True):
+            try:
+                peak[p.pid] = max(peak.get(p.pid, 0), p.memory_info().rss)
+            except psutil.Error:
+                pass
+        time.sleep(0.02)
+t = threading.Thread(target=sample, daemon=True)
+t.start()
+store = preprocess(sys.argv[1], sys.argv[2], size=(48, 48), workers=int(sys.argv[3]), progress=False)
+done.set()
+t.join()
+ru_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"stored": len(store), "parent_kib": ru_self, "worker_kib": max(peak.values(), default=0) // 1024}))
+"""
+
+
+def memory(n: int, work: Path, workers: int) -> dict:
+    src = work / f"mem-{n}"
+    rng = np.random.default_rng(1)
+    base = (_base(256, 3) * 255).astype(np.uint8)
+    for i in range(n):
+        d = src / f"class{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        y0, x0 = rng.integers(0, 256 - 48, 2)
+        Image.fromarray(base[y0:y0 + 48, x0:x0 + 48]).save(d / f"{i:06d}.jpg", quality=85)
+    out = work / f"mem-store-{n}"
+    res = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(src), str(out), str(workers)],
+                         check=True, capture_output=True, text=True)
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    info["n"] = n
+    info["store_mib"] = sum(f.stat().st_size for f in out.rglob("*.npy")) / 2**20
+    shutil.rmtree(src)
+    shutil.rmtree(out)
+    print(f"memory {n:>6} images: parent peak RSS {info['parent_kib'] / 1024:7.1f} MiB, largest worker "
+          f"{info['worker_kib'] / 1024:7.1f} MiB (store on disk {info['store_mib']:.1f} MiB)", flush=True)
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller folders, one round (a smoke run)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating timed rounds (default 3, quick 1)")
+    ap.add_argument("--workers", type=int, default=0, help="cnnpipe workers (default 0 = every core)")
+    ap.add_argument("--n-jpeg", type=int, default=None, help="JPEG files (default 2000, quick 300)")
+    ap.add_argument("--n-png16", type=int, default=None, help="16-bit PNG files (default 1000, quick 150)")
+    ap.add_argument("--mem-n", type=int, default=None, help="memory test: N vs 10 N images (default 2000, quick 500)")
+    args = ap.parse_args()
+    rounds = args.rounds or (1 if args.quick else 3)
+    n_jpeg = args.n_jpeg if args.n_jpeg is not None else (300 if args.quick else 2000)
+    n_png = args.n_png16 if args.n_png16 is not None else (150 if args.quick else 1000)
+    mem_n = args.mem_n or (500 if args.quick else 2000)
+    print(f"cpu cores: {os.cpu_count()}, workers: {args.workers or os.cpu_count()}, rounds: {rounds}, "
+          f"256x256 -> {TARGET[0]}x{TARGET[1]}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        make_folder(work / "jpeg8", n_jpeg, 0)
+        make_folder(work / "png16", 0, n_png)
+        mixed = work / "mixed"
+        for folder in ("jpeg8", "png16"):
+            for cls in sorted((work / folder).iterdir()):
+                (mixed / cls.name).mkdir(parents=True, exist_ok=True)
+                (mixed / cls.name / folder).symlink_to(cls)
+        print(f"generated {n_jpeg} JPEGs and {n_png} 16-bit PNGs in {time.perf_counter() - t0:.1f} s", flush=True)
+        rows = [throughput(name, work / name, work, rounds, args.workers) for name in ("jpeg8", "png16", "mixed")]
+        mems = [memory(n, work, args.workers) for n in (mem_n, 10 * mem_n)]
+    growth = mems[1]["parent_kib"] / mems[0]["parent_kib"]
+    wgrowth = mems[1]["worker_kib"] / mems[0]["worker_kib"]
+    print(f"all-core ratios: " + ", ".join(f"{r['case']} {r['ratio']:.2f}x" for r in rows) + " (target >= 1.8x); "
+          f"peak RSS {10 * mem_n} vs {mem_n} images: parent x{growth:.2f}, largest worker x{wgrowth:.2f} "
+          f"(store on disk x{mems[1]['store_mib'] / mems[0]['store_mib']:.1f}); load average now "
+          f"{os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
