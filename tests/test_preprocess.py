@@ -372,3 +372,65 @@ def test_cli(tmp_path, capsys):
     assert "already exists" in err and len(err.strip().splitlines()) == 1
     assert main(["preprocess", str(tmp_path / "nope"), str(out), "--size", "8"]) == 2
     assert "folder not found" in capsys.readouterr().err
+
+
+def _jpeg(path, arr, orientation=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kw = {"quality": 95}
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif.tobytes()
+    Image.fromarray(arr).save(path, **kw)
+    return path
+
+
+def test_jpeg_shrinks_at_reduced_dct_scale_like_a_full_decode(tmp_path):
+    """JPEGs shrunk >= 2x decode at 1/2..1/8 scale; the result matches decode + resize closely."""
+    y, x = np.mgrid[0:64, 0:96]
+    smooth = np.stack([x * 2.5, y * 3.5, (x + y) * 1.5], -1).clip(0, 255).astype(np.uint8)
+    upright = _jpeg(tmp_path / "a" / "up.jpg", smooth)
+    # stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)
+    rotated = _jpeg(tmp_path / "b" / "side.jpg", np.ascontiguousarray(np.rot90(smooth, 1)), orientation=6)
+    gray = _jpeg(tmp_path / "b" / "gray.jpg", smooth[:, :, 0])
+    cfg = pp._ConvertSettings((16, 16), "crop", "rgb", "uint8")
+    for path in (upright, rotated, gray):
+        fast = pp._read_jpeg_reduced(path.read_bytes(), str(path), cfg)
+        assert fast is not None and fast.dtype == np.uint8 and fast.shape[2] == 3
+        assert min(fast.shape[:2]) >= 16 and min(fast.shape[:2]) < 32  # 1/4 scale, still >= target
+        got = pp.resize_image(fast, (16, 16), "crop").astype(np.int64)
+        full = read_image(path).hwc()
+        ref = pp.resize_image(np.ascontiguousarray(full), (16, 16), "crop").astype(np.int64)
+        assert np.abs(got - ref).mean() < 3 and np.abs(got - ref).max() <= 16
+    # no 2x reduction possible, or gray wanted from colour: the plain decoder is used
+    assert pp._read_jpeg_reduced(upright.read_bytes(), "", pp._ConvertSettings((40, 40), "crop", "rgb", "uint8")) is None
+    assert pp._read_jpeg_reduced(upright.read_bytes(), "", pp._ConvertSettings((8, 8), "crop", "gray", "uint8")) is None
+    # truncated: left to the decoder, whose message lands in the report
+    cut = tmp_path / "b" / "cut.jpg"
+    cut.write_bytes(upright.read_bytes()[:-100])
+    store = run(tmp_path, tmp_path.parent / (tmp_path.name + "-out"), size=(16, 16))
+    assert [s["path"] for s in store.report["skipped"]] == ["b/cut.jpg"]
+    with pytest.raises(DecodeError) as exc:
+        read_image(cut)
+    assert store.report["skipped"][0]["reason"] == str(exc.value)
+
+
+def test_workers_do_not_rerun_the_callers_script(tmp_path):
+    """A script that imports jax at top level must not drag it into every decoding worker."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        "import os, sys\n"
+        "open(os.path.join(sys.argv[1], f'ran-{os.getpid()}'), 'w').close()  # top level: runs on import\n"
+        "if __name__ == '__main__':\n"
+        "    from cnnpipe import preprocess as pp\n"
+        "    pool = pp._make_pool(2)\n"
+        "    assert pool.map(eval, [\"'jax' in __import__('sys').modules\"] * 4) == [False] * 4\n"
+        "    pool.terminate(); pool.join()\n")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    res = subprocess.run([sys.executable, str(script), str(marks)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert len(os.listdir(marks)) == 1  # only the parent ran the script
