@@ -103,7 +103,7 @@ def assign_split(seed: int, class_name: str, relpath: str, val_fraction: float, 
 
 # ---------------------------------------------------------------- scan
 
-@dataclass
+@dataclass(slots=True)  # one per file: keep the per-file bookkeeping small
 class _Candidate:
     path: str  # absolute path as walked (symlinks kept)
     rel: str  # relative to SRC, posix
@@ -188,6 +188,11 @@ def scan_folder(src: Path) -> _Scan:
     roots: list[tuple[Path, str, str | None]]  # (folder holding class folders, rel, split)
     if is_split_layout:
         roots = [(src / s, s, s) for s in SPLIT_NAMES if s in top]
+        for entry in sorted(os.scandir(src), key=lambda e: e.name):
+            if not entry.is_dir():
+                kind = "appledouble" if entry.name.startswith("._") else (
+                    "hidden" if entry.name.startswith(".") else "outside_class")
+                _skip(scan, entry.name, kind, f"{entry.path}: not inside a split/class folder")
     else:
         roots = [(src, "", None)]
     for base, base_rel, split in roots:

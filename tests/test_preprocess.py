@@ -212,6 +212,7 @@ def test_split_layout_keeps_folder_splits(tmp_path):
             for i in range(n):
                 png8(src / split / cls / f"{i}.png", rgb8(6, 8))
     (src / "train" / "bird").mkdir()  # empty class folder in one split
+    (src / "notes.png").write_bytes(b"")  # loose file beside the split folders
     store = run(src, tmp_path / "out", val_fraction=0.5, test_fraction=0.2)  # fractions ignored
     assert store.meta["layout"] == "splits" and store.splits == ["train", "val", "test"]
     assert store.classes == ["cat", "dog"]
@@ -220,6 +221,7 @@ def test_split_layout_keeps_folder_splits(tmp_path):
         assert all(s.startswith(f"{split}/") for s in store.sources(split))
         np.testing.assert_array_equal(store.labels(split), [0] * n + [1] * n)
     assert store.report["empty_class_folders"] == ["train/bird"]
+    assert [(s["path"], s["kind"]) for s in store.report["skipped"]] == [("notes.png", "outside_class")]
 
 
 def _split_map(store):
