@@ -4,7 +4,7 @@
 rebuilds a finished (or interrupted) run's model from its directory alone
 (`config.yaml`, `dataset.json`, `checkpoints/`), which `cnnpipe evaluate` and
 `cnnpipe predict` use. Predicted images go through the same decode and resize
-as the training data (`cnnpipe.decode.read_image`, `cnnpipe.preprocess.resize_image`).
+as the training data (`cnnpipe.transform.prepare_image`, shared with `cnnpipe inspect`).
 """
 
 from __future__ import annotations
@@ -240,20 +240,17 @@ def evaluate_run(run: Run, overrides: Sequence[str] = ()) -> tuple[dict[str, Any
 
 
 def load_for_model(path: str | os.PathLike, info: dict[str, Any]) -> np.ndarray:
-    """Decode and resize one image exactly as the run's training data: (H, W, C) float32 in the model's units.
+    """Decode and resize one image exactly as the run's training data: (H, W, C) float32 raw pixel values.
 
-    A 16-bit file fed to an 8-bit model (or the reverse) is scaled to the model's
-    range (x * (2**model_bits - 1) / (2**file_bits - 1)), which the model divides out again.
+    The rules are `cnnpipe.transform.prepare_image`'s (shared with `cnnpipe inspect`):
+    an 8-bit image for a 16-bit model is promoted exactly (x257); a 16-bit image for an
+    8-bit model is refused, since nothing in cnnpipe drops 16-bit values to 8 bits.
     """
-    from cnnpipe.decode import read_image
-    from cnnpipe.preprocess import resize_image
+    from cnnpipe.transform import prepare_image
 
-    planes = read_image(path, channels="gray" if int(info["channels"]) == 1 else "rgb")
-    img = resize_image(planes.hwc(), tuple(info["size"]), str(info.get("resize") or "crop"))
-    x = np.asarray(img, np.float32)
-    if planes.bit_depth != int(info["bit_depth"]):
-        x *= ((1 << int(info["bit_depth"])) - 1) / ((1 << planes.bit_depth) - 1)
-    return x
+    prepared = prepare_image(path, in_channels=int(info["channels"]), bit_depth=int(info["bit_depth"]),
+                             size=tuple(info["size"]), resize=str(info.get("resize") or "crop"))
+    return prepared.pixels.astype(np.float32)
 
 
 def predict_images(run: Run, paths: Sequence[str | os.PathLike], top_k: int = 3,

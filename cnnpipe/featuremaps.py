@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from cnnpipe.transform import InputImage, prepare_image  # re-exported: the notebooks' API
 
 __all__ = ["InputImage", "prepare_image", "capture_activations", "predict_proba", "grad_cam",
            "default_cam_layer", "plane_attribution", "activation_stats", "first_conv_kernels",
@@ -31,84 +31,6 @@ TILE_NORMALISATION = ("per-tile min-max: each channel scaled to its own [min, ma
                       "(viridis: dark purple = that channel's min, yellow = its max)")
 ATTRIBUTION_METHOD = ("|gradient x input| in raw pixel units (baseline: a black plane), summed over "
                       "each plane's pixels, as a share of the total over all planes")
-
-
-# ---------------------------------------------------------------- input images
-
-@dataclass(frozen=True)
-class InputImage:
-    """One image prepared exactly as the run's training data, ready for the model.
-
-    Attributes:
-      pixels: (H, W, C) uint8/uint16 at the model's input size and bit depth.
-      planes: plane names after conversion, e.g. ("R", "G", "B") or ("L",).
-      bit_depth: 8 or 16 (the model's).
-      source: the file path.
-      notes: the conversions applied (plain sentences, shown in the report).
-    """
-
-    pixels: np.ndarray
-    planes: tuple[str, ...]
-    bit_depth: int
-    source: str
-    notes: tuple[str, ...] = ()
-
-
-def _expects(in_channels: int, bit_depth: int, size: Sequence[int]) -> str:
-    return f"the model expects {in_channels} plane(s) at {bit_depth}-bit, {size[0]}x{size[1]}"
-
-
-def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, size: Sequence[int],
-                  resize: str = "crop") -> InputImage:
-    """Decode and resize one image the way `cnnpipe preprocess` prepared the training data.
-
-    Rules (the same as preprocess): an alpha plane is dropped; a gray image is expanded
-    to three equal planes for a 3-plane model, a colour image becomes luma for a 1-plane
-    model; an 8-bit image for a 16-bit model is promoted exactly (x257, 255 -> 65535).
-    A 16-bit image for an 8-bit model is refused (nothing in cnnpipe drops 16-bit values
-    to 8 bits), and a model with another plane count needs exactly that many planes.
-
-    Raises:
-      DecodeError: the file is not a readable image.
-      ValueError: the image cannot be matched to the model; the message says what it expects.
-    """
-    from cnnpipe.decode import read_image
-    from cnnpipe.preprocess import resize_image
-
-    path = str(path)
-    native = read_image(path, channels="native", alpha="keep")
-    names, notes = native.channels, []
-    colour = [n for n in names if n != "A"]
-    data = native.data
-    if "A" in names and in_channels in (1, 3):
-        notes.append("alpha plane dropped (as in preprocessing)")
-        data = data[[i for i, n in enumerate(names) if n != "A"]]
-    if in_channels == 3 and tuple(colour) == ("L",):
-        data, planes = np.repeat(data, 3, axis=0), ("R", "G", "B")
-        notes.append("gray image expanded to three equal planes R = G = B")
-    elif in_channels == 3 and tuple(colour) == ("R", "G", "B"):
-        planes = ("R", "G", "B")
-    elif in_channels == 1 and tuple(colour) == ("L",):
-        planes = ("L",)
-    elif in_channels == 1 and tuple(colour) == ("R", "G", "B"):
-        data, planes = read_image(path, channels="gray").data, ("L",)
-        notes.append("colour image converted to one luma plane L (as preprocess --channels gray)")
-    elif in_channels not in (1, 3) and len(names) == in_channels:
-        planes = tuple(names)
-    else:
-        raise ValueError(f"{path}: image has {len(names)} plane(s) {'/'.join(names)} at {native.bit_depth}-bit; "
-                         f"{_expects(in_channels, bit_depth, size)}")
-    img = np.ascontiguousarray(np.moveaxis(np.asarray(data), 0, -1))
-    if native.bit_depth == 16 and bit_depth == 8:
-        raise ValueError(f"{path}: 16-bit image; {_expects(in_channels, bit_depth, size)} (cnnpipe never "
-                         "drops 16-bit values to 8 bits: convert the file, or train on 16-bit data)")
-    if native.bit_depth == 8 and bit_depth == 16:
-        img = img.astype(np.uint16) * np.uint16(257)
-        notes.append("8-bit image promoted exactly to 16-bit (x257, as in preprocessing)")
-    if img.shape[:2] != tuple(size):
-        notes.append(f"resized from {img.shape[1]}x{img.shape[0]} to {size[1]}x{size[0]} (W x H) by {resize}")
-        img = resize_image(img, (int(size[0]), int(size[1])), resize)
-    return InputImage(np.ascontiguousarray(img), planes, bit_depth, path, tuple(notes))
 
 
 # ---------------------------------------------------------------- model plumbing

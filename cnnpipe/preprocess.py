@@ -47,12 +47,12 @@ import numpy as np
 
 from cnnpipe.decode import DEFAULT_MAX_PIXELS, DecodeError, read_image, sniff_format
 from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, load_store
+from cnnpipe.transform import RESIZE_MODES, resize_image
 
-__all__ = ["PreprocessError", "preprocess", "format_summary", "parse_size", "assign_split"]
+__all__ = ["PreprocessError", "preprocess", "format_summary", "parse_size", "assign_split", "resize_image"]
 
 log = logging.getLogger(__name__)
 
-RESIZE_MODES = ("crop", "pad", "stretch")
 _PROBE_CHUNK = 64
 _HEAD_BYTES = 64  # enough for sniffing and the PNG IHDR
 _CONVERT_CHUNK = 8
@@ -270,63 +270,6 @@ class _ConvertSettings:
 
 class _NeedsUint16(Exception):
     """A file decoded as 16-bit although its header suggested 8: the store must be uint16."""
-
-
-def _resample(planes: np.ndarray, out_hw: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
-    """Resize (h, w, C) uint8/uint16 to (H, W, C) of the same dtype, antialiased.
-
-    uint8 goes through Pillow's 8-bit resampler (exact to within rounding at
-    8 bits); uint16 is resampled per plane in float32 ("F" mode) and rounded
-    back, so no precision is lost to an 8-bit or fixed-point intermediate.
-    """
-    from PIL import Image
-
-    oh, ow = out_hw
-    bicubic = Image.Resampling.BICUBIC
-    c = planes.shape[2]
-    if planes.dtype == np.uint8 and c in (1, 3):
-        src = planes[:, :, 0] if c == 1 else planes
-        im = Image.fromarray(np.ascontiguousarray(src), "L" if c == 1 else "RGB")
-        out = np.asarray(im.resize((ow, oh), bicubic, box=box))
-        return out.reshape(oh, ow, c)
-    top = float(np.iinfo(planes.dtype).max)
-    out = np.empty((oh, ow, c), planes.dtype)
-    for i in range(c):
-        im = Image.fromarray(planes[:, :, i].astype(np.float32), "F")
-        res = np.asarray(im.resize((ow, oh), bicubic, box=box))
-        out[:, :, i] = np.rint(np.clip(res, 0.0, top))
-    return out
-
-
-def resize_image(img: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """(h, w, C) -> (H, W, C) by `mode`; an image already (H, W) is returned unchanged.
-
-    crop: scale so the image covers the target, keep the centre; pad: scale so
-    it fits inside, centre it on zeros; stretch: scale each side independently.
-    """
-    h, w, c = img.shape
-    th, tw = size
-    if (h, w) == (th, tw):
-        return img
-    if mode == "stretch":
-        return _resample(img, (th, tw), (0.0, 0.0, float(w), float(h)))
-    if mode == "crop":
-        s = max(th / h, tw / w)
-        if s == 1.0:  # only cutting is needed: slice exactly, no resampling
-            y0, x0 = (h - th) // 2, (w - tw) // 2
-            return img[y0:y0 + th, x0:x0 + tw]
-        bh, bw = th / s, tw / s  # source box with the target's aspect ratio
-        y0, x0 = (h - bh) / 2, (w - bw) / 2
-        return _resample(img, (th, tw), (x0, y0, x0 + bw, y0 + bh))
-    if mode == "pad":
-        s = min(th / h, tw / w)
-        nh, nw = min(th, max(1, round(h * s))), min(tw, max(1, round(w * s)))
-        inner = img if (nh, nw) == (h, w) else _resample(img, (nh, nw), (0.0, 0.0, float(w), float(h)))
-        out = np.zeros((th, tw, c), img.dtype)
-        y0, x0 = (th - nh) // 2, (tw - nw) // 2
-        out[y0:y0 + nh, x0:x0 + nw] = inner
-        return out
-    raise PreprocessError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {mode!r}")
 
 
 def _read_jpeg_reduced(data: bytes, path: str, cfg: _ConvertSettings) -> np.ndarray | None:

@@ -106,17 +106,11 @@ def test_predict_top_k_matches_the_model_and_writes_csv(run, tmp_path, capsys):
     for i, img in enumerate(images):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(img).save(paths[-1])
-    # the same pixels as a 16-bit PNG (x257) must give the same probabilities
-    big = str(tmp_path / "16bit.png")
-    import imagecodecs
-
-    with open(big, "wb") as f:
-        f.write(imagecodecs.png_encode(images[0].astype(np.uint16) * 257))
     out_csv = tmp_path / "preds.csv"
-    assert main(["predict", str(run_dir), *paths, big, "--top-k", "2", "--out", str(out_csv)]) == 0
+    assert main(["predict", str(run_dir), *paths, "--top-k", "2", "--out", str(out_csv)]) == 0
     printed = capsys.readouterr().out.splitlines()
     rows = list(csv.DictReader(out_csv.open()))
-    assert len(rows) == 8 and rows[0].keys() == {"path", "rank", "class", "probability"}
+    assert len(rows) == 6 and rows[0].keys() == {"path", "rank", "class", "probability"}
     model = load_run(run_dir).model()
     probs = np.asarray(jax.nn.softmax(model(images), -1))
     for i, path in enumerate(paths):
@@ -126,13 +120,22 @@ def test_predict_top_k_matches_the_model_and_writes_csv(run, tmp_path, capsys):
         assert [r["class"] for r in mine] == [SHAPE_CLASSES[j] for j in order[:2]]
         assert float(mine[0]["probability"]) == pytest.approx(probs[i, order[0]], abs=1e-5)
         assert printed[i].startswith(f"{path}: {SHAPE_CLASSES[order[0]]} ")
-    same = [r for r in rows if r["path"] == big]
-    assert [(r["class"], r["probability"]) for r in same] == \
-           [(r["class"], r["probability"]) for r in rows if r["path"] == paths[0]]
+
+
+def test_predict_refuses_16bit_image_for_8bit_run(run, tmp_path, capsys):
+    import imagecodecs
+
+    run_dir, _ = run
+    images, _ = make_shapes(1, size=(16, 16), seed=0, split="val")
+    big = tmp_path / "16bit.png"
+    big.write_bytes(imagecodecs.png_encode(images[0].astype(np.uint16) * 257))
+    assert main(["predict", str(run_dir), str(big)]) == 2
+    err = capsys.readouterr().err
+    assert str(big) in err and "16-bit image" in err and "8-bit" in err
 
 
 def test_predict_resizes_like_the_training_data(run, tmp_path, capsys):
-    from cnnpipe.preprocess import resize_image
+    from cnnpipe.transform import resize_image
 
     run_dir, _ = run
     img, _ = make_shapes(1, size=(40, 30), seed=2)

@@ -15,7 +15,7 @@ from PIL import Image
 from cnnpipe import featuremaps as fm
 from cnnpipe import report
 from cnnpipe.models import build_model
-from cnnpipe.preprocess import resize_image
+from cnnpipe.transform import resize_image
 
 EXAMPLE16 = Path(__file__).resolve().parent.parent / "cnnpipe" / "examples" / "gradient16.png"
 
