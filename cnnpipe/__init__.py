@@ -14,9 +14,10 @@ from cnnpipe.decode import DecodeError, Planes, read_image
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (imported lazily, see module docstring)
+# public name -> module that defines it (imported lazily, see module docstring).
+# `preprocess` is not here: it would collide with the `cnnpipe.preprocess` submodule
+# (call `cnnpipe.preprocess.preprocess`).
 _LAZY = {
-    "preprocess": "cnnpipe.preprocess",
     "load_store": "cnnpipe.store",
     "load_config": "cnnpipe.config",
     "build_model": "cnnpipe.models",
