@@ -10,6 +10,7 @@ machine may be shared) and the medians are reported, with achieved GFLOP/s
     .venv/bin/pip install torch==2.13.0        # CPU build, a local file (optional peer)
     .venv/bin/python benchmarks/bench_train.py                 # one XLA device per core
     .venv/bin/python benchmarks/bench_train.py --devices 1     # one XLA device, all cores
+    .venv/bin/python benchmarks/bench_train.py --no-tune       # XLA:CPU's default (YNNPACK) kernels
     .venv/bin/python benchmarks/bench_train.py --breakdown     # + forward / backward / update split
 """
 
@@ -51,6 +52,8 @@ def main() -> int:
     ap.add_argument("--no-torch", action="store_true", help="time cnnpipe only")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time forward only and forward+backward (where the time goes)")
+    ap.add_argument("--no-tune", action="store_true",
+                    help="leave XLA:CPU's default kernels (YNNPACK) on, for comparison")
     ap.add_argument("--hlo", action="store_true", help="print the compiled step's op counts (fusions, convs)")
     args = ap.parse_args()
 
@@ -58,8 +61,7 @@ def main() -> int:
     devices = args.devices or nproc
     # must happen before jax starts its backend: the flag is read once
     from cnnpipe.steps import setup_cpu_devices
-    if devices > 1:
-        setup_cpu_devices(devices)
+    setup_cpu_devices(devices, tune=not args.no_tune)   # what `cnnpipe train` does on CPU
 
     import jax
     import jax.numpy as jnp
@@ -150,6 +152,7 @@ def main() -> int:
     print(f"reference CNN: {n_params:,} params, batch {BATCH}, {flops / 1e6:.1f} MFLOP/image (fwd+bwd)")
     print(f"jax {jax.__version__}, {len(mesh.devices.flat)} XLA {jax.default_backend()} device(s) on "
           f"{nproc} cores; {torch_info or 'no torch'}; compile {compile_s:.2f} s")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"{args.blocks} alternating blocks of {args.steps} steps, medians:")
     for name, v in ips.items():
         spread = [BATCH * args.steps / t for t in times[name]]

@@ -13,17 +13,23 @@ from jax.test_util import check_grads
 from cnnpipe.models import (
     CNN,
     PRESETS,
+    Conv,
     avg_pool,
     build_model,
-    conv_general_dilated,
     count_params,
 )
 
 GRID = jnp.arange(1.0, 10.0).reshape(1, 3, 3, 1)   # 1 2 3 / 4 5 6 / 7 8 9
 
 
-def conv(x, k, stride=1, padding="SAME"):
-    return conv_general_dilated(x, k, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def conv(x, k, stride=1, padding="SAME", bias=None):
+    """cnnpipe's Conv layer with the given kernel (and bias)."""
+    layer = Conv(k.shape[2], k.shape[3], k.shape[:2], stride, padding, use_bias=bias is not None,
+                 rngs=nnx.Rngs(0))
+    layer.kernel = nnx.Param(k)   # a new Param keeps k's dtype (float64 in the x64 checks)
+    if bias is not None:
+        layer.bias = nnx.Param(bias)
+    return layer(x)
 
 
 def lax_conv(x, k, stride=1, padding="SAME"):
@@ -106,28 +112,28 @@ def test_conv_layer_with_hand_set_kernel_and_channels():
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,padding", [(3, 4, 3, 1, "SAME"), (3, 5, 3, 2, "VALID"),
-                                                       (9, 4, 3, 1, "SAME"), (8, 3, 5, 2, "SAME"),
-                                                       (4, 6, 1, 2, "SAME")])
-def test_cpu_conv_matches_lax_forward_and_gradients(cin, cout, k, stride, padding):
-    # cin * k * k <= 64 takes the im2col forward path, above it the lax forward path;
-    # both use the im2col weight gradient
+                                                       (8, 3, 5, 2, "SAME"), (4, 6, 1, 1, "SAME")])
+def test_conv_layer_matches_lax_forward_and_gradients(cin, cout, k, stride, padding):
+    # the layer's bias has a hand-written gradient (a matrix-vector product): check it
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(2, 7, 8, cin)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
-    np.testing.assert_allclose(conv(x, w, stride, padding), lax_conv(x, w, stride, padding), rtol=1e-4, atol=1e-4)
-    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, stride, padding)))  # noqa: E731
-    got, ref = jax.grad(loss(conv), (0, 1))(x, w), jax.grad(loss(lax_conv), (0, 1))(x, w)
-    for g, r in zip(got, ref):
+    b = jnp.asarray(rng.normal(size=(cout,)), jnp.float32)
+    ref = lambda x, w, b: lax_conv(x, w, stride, padding) + b  # noqa: E731
+    np.testing.assert_allclose(conv(x, w, stride, padding, b), ref(x, w, b), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda x, w, b: jnp.sum(jnp.sin(f(x, w, b)))  # noqa: E731
+    got = jax.grad(loss(lambda x, w, b: conv(x, w, stride, padding, b)), (0, 1, 2))(x, w, b)
+    for g, r in zip(got, jax.grad(loss(ref), (0, 1, 2))(x, w, b)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_conv_gradients_numerically_in_float64():
+def test_conv_gradients_numerically_in_float64():
     with jax.enable_x64(True):
         rng = np.random.default_rng(4)
-        for cin in (2, 16):   # im2col forward, lax forward
-            x = jnp.asarray(rng.normal(size=(1, 5, 5, cin)))
-            w = jnp.asarray(rng.normal(size=(3, 3, cin, 2)))
-            check_grads(lambda x, w: conv(x, w, 2, "SAME"), (x, w), order=1, modes=("rev",))
+        x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)))
+        w = jnp.asarray(rng.normal(size=(3, 3, 3, 2)))
+        b = jnp.asarray(rng.normal(size=(2,)))
+        check_grads(lambda x, w, b: conv(x, w, 2, "SAME", b), (x, w, b), order=1, modes=("rev",))
 
 
 # ---------------------------------------------------------------- loss gradients

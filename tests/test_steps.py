@@ -307,3 +307,14 @@ def test_two_simulated_devices_match_one():
     np.testing.assert_allclose(out["eval"][0], out["eval"][1], rtol=1e-5)
     assert out["error"] == ("batch size (7) must be divisible by the number of devices (2); "
                             "pick a multiple of 2 or set train.num_devices")
+
+
+def test_setup_cpu_devices_before_jax_starts():
+    code = ("import os; from cnnpipe.steps import setup_cpu_devices; added = setup_cpu_devices(3); "
+            "import jax; print(added, jax.device_count(), repr(os.environ['XLA_FLAGS']))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == ("True 3 '--xla_force_host_platform_device_count=3 "
+                                   "--xla_cpu_experimental_ynn_fusion_type='")
