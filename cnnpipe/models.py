@@ -268,6 +268,11 @@ class CNN(nnx.Module):
         return list(self._names)
 
     @property
+    def layer_kinds(self) -> list[str]:
+        """The config type of each layer (conv, max_pool, dense, residual, relu, ...), in order."""
+        return list(self._kinds)
+
+    @property
     def feature_layer_names(self) -> list[str]:
         return [n for n, k in zip(self._names, self._kinds) if k in ("conv", "max_pool", "avg_pool", "residual")]
 

@@ -282,6 +282,15 @@ TWO_DEVICES = textwrap.dedent("""
 
     s1, _, e1 = run(1)
     s2, xs2, e2 = run(2)
+    # many calls queued without waiting: XLA:CPU's collectives could deadlock (see
+    # steps._InFlightGuard); the process would abort after 40 s
+    mesh2 = make_mesh(2)
+    graphdef2 = create_train_state(build_model(layers, in_channels=2, num_classes=3, input_size=(8, 8),
+                                               bit_depth=8, rngs=nnx.Rngs(0)), make_optimizer(
+                                       OptimizerConfig(), 10), 0)[0]
+    ev2 = make_eval_step(graphdef2, mesh2)
+    batch2 = shard_batch(mesh2, x, y, np.ones(8, np.float32))
+    jax.block_until_ready([ev2(s2, *batch2) for _ in range(300)])
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)))
     try:
@@ -297,7 +306,7 @@ TWO_DEVICES = textwrap.dedent("""
 def test_two_simulated_devices_match_one():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", TWO_DEVICES % (TINY_BN,)], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["shards"] == 2
