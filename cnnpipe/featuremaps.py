@@ -35,26 +35,10 @@ ATTRIBUTION_METHOD = ("|gradient x input| in raw pixel units (baseline: a black 
 
 # ---------------------------------------------------------------- model plumbing
 
-def _layer_kind(layer: Any) -> str:
-    from flax import nnx
-
-    if isinstance(layer, nnx.Conv):
-        return "conv"
-    if isinstance(layer, nnx.Linear):
-        return "dense"
-    if isinstance(layer, nnx.BatchNorm):
-        return "batch_norm"
-    if isinstance(layer, nnx.Dropout):
-        return "dropout"
-    if hasattr(layer, "conv1"):
-        return "residual"
-    return str(getattr(layer, "kind", type(layer).__name__))
-
-
-def _apply(layers: Sequence[Any], x: Any) -> Any:
-    """Run `layers` in order exactly as `CNN._run` does in eval mode."""
-    for layer in layers:
-        if _layer_kind(layer) == "dense" and x.ndim > 2:
+def _apply(layers: Sequence[Any], kinds: Sequence[str], x: Any) -> Any:
+    """Run `layers` in order exactly as `CNN._run` does in eval mode (kinds: `model.layer_kinds`)."""
+    for layer, kind in zip(layers, kinds):
+        if kind == "dense" and x.ndim > 2:
             x = x.reshape(x.shape[0], -1)
         x = layer(x)
     return x
@@ -105,11 +89,11 @@ def _jitted(kind: str) -> Any:
 
     def cam(graphdef, state, x, cls, idx):
         model = nnx.merge(graphdef, state)
-        layers = list(model.layers)
-        a = _apply(layers[:idx + 1], model.normalize(x))
+        layers, kinds = list(model.layers), model.layer_kinds
+        a = _apply(layers[:idx + 1], kinds[:idx + 1], model.normalize(x))
 
         def score(a):
-            logits = _apply(layers[idx + 1:], a).astype(jnp.float32)
+            logits = _apply(layers[idx + 1:], kinds[idx + 1:], a).astype(jnp.float32)
             return jnp.take_along_axis(logits, cls[:, None], axis=1).sum()
 
         grads = jax.grad(score)(a)
@@ -168,7 +152,7 @@ def predict_proba(model: Any, images: Any, names: Sequence[str] | None = None
 
 def default_cam_layer(model: Any) -> str:
     """The Grad-CAM layer: the last conv (or residual) block, with the batch norm and activation after it."""
-    kinds = [_layer_kind(layer) for layer in model.layers]
+    kinds = model.layer_kinds
     convs = [i for i, k in enumerate(kinds) if k in ("conv", "residual")]
     if not convs:
         raise ValueError("the model has no conv layer for Grad-CAM")
@@ -236,16 +220,16 @@ def activation_stats(activations: Mapping[str, np.ndarray]) -> dict[str, dict[st
 
 def first_conv_kernels(model: Any, layer: str | None = None) -> tuple[str, np.ndarray]:
     """(layer name, kernels (in_planes, filters, kh, kw)) of the first conv layer (or `layer`)."""
-    names = model.layer_names
+    names, kinds = model.layer_names, model.layer_kinds
     idx = _layer_index(model, layer) if layer is not None else next(
-        (i for i, m in enumerate(model.layers) if _layer_kind(m) in ("conv", "residual")), None)
+        (i for i, k in enumerate(kinds) if k in ("conv", "residual")), None)
     if idx is None:
         raise ValueError(f"the model has no conv layer; layers: {', '.join(names)}")
-    mod = model.layers[idx]
-    conv = mod.conv1 if _layer_kind(mod) == "residual" else mod
-    if _layer_kind(conv) != "conv":
+    if kinds[idx] not in ("conv", "residual"):
         raise ValueError(f"layer {names[idx]!r} is not a conv layer; conv layers: "
-                         f"{', '.join(n for n, m in zip(names, model.layers) if _layer_kind(m) == 'conv')}")
+                         f"{', '.join(n for n, k in zip(names, kinds) if k in ('conv', 'residual'))}")
+    mod = model.layers[idx]
+    conv = mod.conv1 if kinds[idx] == "residual" else mod     # a residual block's first conv sees the input
     kernel = np.asarray(conv.kernel[...], np.float32)         # HWIO
     return names[idx], np.transpose(kernel, (2, 3, 0, 1))
 

@@ -85,7 +85,7 @@ def test_split_forward_used_by_grad_cam_matches_the_model():
                     {"type": "dense", "units": 5}, {"type": "relu"}], num_classes=3)
     model.eval()
     x = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
-    ours = fm._apply(list(model.layers), model.normalize(x))
+    ours = fm._apply(list(model.layers), model.layer_kinds, model.normalize(x))
     np.testing.assert_allclose(np.asarray(ours), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
 
 
