@@ -8,6 +8,7 @@ Each sub-command registers itself through one `_add_<name>` function listed in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -286,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, DecodeError, FileNotFoundError, ValueError) as exc:
         # ValueError covers the library's own input errors (config keys, store
         # contents); each message already names the file, key or value.
+        # CNNPIPE_DEBUG=1 shows the traceback instead, for bug reports.
+        if os.environ.get("CNNPIPE_DEBUG"):
+            raise
         print(f"cnnpipe {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
