@@ -140,6 +140,7 @@ def main() -> int:
             runners["pytorch"] = torch_block
             torch_info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
+    load_before = os.getloadavg()[0]
     for run in runners.values():   # warm-up block each
         run()
     times: dict[str, list[float]] = {k: [] for k in runners}
@@ -152,7 +153,8 @@ def main() -> int:
     print(f"reference CNN: {n_params:,} params, batch {BATCH}, {flops / 1e6:.1f} MFLOP/image (fwd+bwd)")
     print(f"jax {jax.__version__}, {len(mesh.devices.flat)} XLA {jax.default_backend()} device(s) on "
           f"{nproc} cores; {torch_info or 'no torch'}; compile {compile_s:.2f} s")
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average before/after: "
+          f"{load_before:.2f}/{os.getloadavg()[0]:.2f} (a shared machine skews both sides)")
     print(f"{args.blocks} alternating blocks of {args.steps} steps, medians:")
     for name, v in ips.items():
         spread = [BATCH * args.steps / t for t in times[name]]
