@@ -407,6 +407,10 @@ def _take(it: Iterator[Any], n: int) -> list[Any]:
     return out
 
 
+_WORKER_PRELOAD = ["cnnpipe.preprocess", "imagecodecs", "tifffile", "PIL.JpegImagePlugin", "PIL.PngImagePlugin",
+                   "PIL.TiffImagePlugin", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.WebPImagePlugin"]
+
+
 def _make_pool(workers: int) -> Any:
     """A pool of `workers` processes that import this module but never the caller's script.
 
@@ -418,8 +422,10 @@ def _make_pool(workers: int) -> Any:
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        # the fork server imports the decoding stack once; workers fork from it ready
-        ctx.set_forkserver_preload(["cnnpipe.preprocess"])
+        # the fork server imports the whole decoding stack once (codecs and Pillow's
+        # plugins are otherwise imported lazily, on each worker's first file); workers
+        # fork from it ready
+        ctx.set_forkserver_preload(_WORKER_PRELOAD)
     else:
         ctx = multiprocessing.get_context("spawn")
     main = sys.modules.get("__main__")
