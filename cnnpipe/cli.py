@@ -192,6 +192,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_predict)
 
 
+def _check_top_k_and_images(args: argparse.Namespace) -> None:
+    """Fail before loading a model: --top-k must be >= 1 and every IMAGE must exist."""
+    from pathlib import Path
+
+    if args.top_k < 1:
+        raise CLIError(f"--top-k: got {args.top_k}; expected an integer >= 1")
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: image file not found")
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     import csv
     import io
@@ -200,11 +211,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from cnnpipe.evaluate import load_run, predict_images
 
-    if args.top_k < 1:
-        raise CLIError(f"--top-k: got {args.top_k}; expected an integer >= 1")
-    for path in args.images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: image file not found")
+    _check_top_k_and_images(args)
     run = load_run(args.run_dir, args.checkpoint)
     preds = predict_images(run, args.images, top_k=args.top_k)
     rows = []
@@ -243,13 +250,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    if args.top_k < 1:
-        raise CLIError(f"--top-k: got {args.top_k}; expected an integer >= 1")
-    for path in args.images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: image file not found")
+    _check_top_k_and_images(args)
     from cnnpipe.report import inspect_run
 
     page = inspect_run(args.run_dir, args.images, layers=args.layers, class_name=args.class_name,

@@ -126,6 +126,17 @@ def _skip(scan: _Scan, rel: str, kind: str, reason: str) -> None:
     scan.skipped.append({"path": rel, "kind": kind, "reason": reason})
 
 
+def _skipped_dotfile(scan: _Scan, entry: os.DirEntry, rel: str) -> bool:
+    """Skip (and report) AppleDouble `._*` files and hidden entries; True when skipped."""
+    if entry.name.startswith("._"):
+        _skip(scan, rel, "appledouble", f"{entry.path}: AppleDouble metadata file (._*), not an image")
+        return True
+    if entry.name.startswith("."):
+        _skip(scan, rel, "hidden", f"{entry.path}: hidden {'folder' if entry.is_dir() else 'file'}")
+        return True
+    return False
+
+
 def _walk_files(root: Path, rel_root: str, scan: _Scan, visited: set[tuple[int, int]],
                 ancestors: tuple[tuple[int, int], ...]) -> Iterator[tuple[str, str]]:
     """Yield (absolute path, path relative to SRC) of regular files under `root`, sorted.
@@ -140,11 +151,7 @@ def _walk_files(root: Path, rel_root: str, scan: _Scan, visited: set[tuple[int, 
         return
     for entry in entries:
         rel = f"{rel_root}/{entry.name}" if rel_root else entry.name
-        if entry.name.startswith("._"):
-            _skip(scan, rel, "appledouble", f"{entry.path}: AppleDouble metadata file (._*), not an image")
-            continue
-        if entry.name.startswith("."):
-            _skip(scan, rel, "hidden", f"{entry.path}: hidden {'folder' if entry.is_dir() else 'file'}")
+        if _skipped_dotfile(scan, entry, rel):
             continue
         try:
             st = os.stat(entry.path)  # follows symlinks
@@ -201,11 +208,7 @@ def scan_folder(src: Path) -> _Scan:
         ancestors = ((root_st.st_dev, root_st.st_ino), (base_st.st_dev, base_st.st_ino))
         for entry in sorted(os.scandir(base), key=lambda e: e.name):
             rel = f"{base_rel}/{entry.name}" if base_rel else entry.name
-            if entry.name.startswith("._"):
-                _skip(scan, rel, "appledouble", f"{entry.path}: AppleDouble metadata file (._*), not an image")
-                continue
-            if entry.name.startswith("."):
-                _skip(scan, rel, "hidden", f"{entry.path}: hidden {'folder' if entry.is_dir() else 'file'}")
+            if _skipped_dotfile(scan, entry, rel):
                 continue
             if not entry.is_dir():
                 _skip(scan, rel, "outside_class", f"{entry.path}: not inside a class folder")
