@@ -227,7 +227,10 @@ class CNN(nnx.Module):
                     h, w = -(-h // s), -(-w // s)
                 else:
                     h, w = (h - k[0]) // s + 1, (w - k[1]) // s + 1
-                mod = _conv(c, spec["filters"], k, s, spec["padding"].upper(), rngs=rngs)
+                # a bias right before batch norm is cancelled by its mean subtraction; its
+                # gradient is rounding noise that Adam would blow up into full-size steps
+                before_bn = i + 1 < len(specs) and specs[i + 1]["type"] == "batch_norm"
+                mod = _conv(c, spec["filters"], k, s, spec["padding"].upper(), use_bias=not before_bn, rngs=rngs)
                 c = spec["filters"]
             elif kind in ("max_pool", "avg_pool"):
                 s = spec["stride"] or spec["window"]

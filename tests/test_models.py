@@ -186,8 +186,9 @@ def test_simple_cnn_param_count_pinned():
 def test_param_count_excludes_batch_norm_statistics():
     model = build_model([{"type": "conv", "filters": 4, "kernel": 1}, {"type": "batch_norm"}],
                         in_channels=1, num_classes=2, input_size=(4, 4), bit_depth=8, rngs=nnx.Rngs(0))
-    # conv 1*4 + 4 = 8; bn scale + bias = 8; head (4*4*4)*2 + 2 = 130
-    assert count_params(model) == 8 + 8 + 130
+    # conv 1*4 = 4 (no bias: batch norm follows); bn scale + bias = 8; head (4*4*4)*2 + 2 = 130
+    assert count_params(model) == 4 + 8 + 130
+    assert model.layers[0].bias is None
 
 
 def test_layer_and_feature_names_and_shapes():
