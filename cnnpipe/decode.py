@@ -188,6 +188,8 @@ def read_image(
         raise ValueError(f"channels must be 'rgb', 'native' or 'gray', got {channels!r}")
     if alpha not in ("drop", "keep", "composite"):
         raise ValueError(f"alpha must be 'drop', 'keep' or 'composite', got {alpha!r}")
+    if not 0.0 <= background <= 1.0:  # checked here, not only when an image happens to have alpha
+        raise ValueError(f"background must be in [0, 1], got {background}")
     if isinstance(src, (bytes, bytearray, memoryview)):
         data, source = bytes(src), None
     else:
@@ -307,12 +309,17 @@ def _png_orientation(data: bytes, chunks: dict[bytes, int]) -> int | None:
     if pos is None:
         return None
     length = struct.unpack(">I", data[pos:pos + 4])[0]
+    return _exif_orientation(data[pos + 8:pos + 8 + length])
+
+
+def _exif_orientation(raw: bytes) -> int | None:
+    """The orientation tag of a raw EXIF block (TIFF header onwards), or None."""
     exif = Image.Exif()
     try:
-        exif.load(data[pos + 8:pos + 8 + length])
+        exif.load(raw)
+        return exif.get(0x0112)
     except Exception:
-        return None  # a broken optional metadata chunk is not worth refusing the pixels
-    return exif.get(0x0112)
+        return None  # broken optional metadata is not worth refusing the pixels
 
 
 class _silence_fd:
@@ -431,12 +438,7 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int, int | None] | None:
             continue
         length = (data[pos + 2] << 8) | data[pos + 3]
         if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00":
-            exif = Image.Exif()
-            try:
-                exif.load(data[pos + 10:pos + 2 + length])
-                orientation = exif.get(0x0112)
-            except Exception:
-                orientation = None  # broken optional metadata: keep the pixels as stored
+            orientation = _exif_orientation(data[pos + 10:pos + 2 + length])
         elif marker in (0xC0, 0xC1, 0xC2):  # baseline, extended, progressive Huffman
             if pos + 10 > n:
                 return None
@@ -549,8 +551,6 @@ def _apply_policies(arr: np.ndarray, names: Sequence[str], channels: ChannelPoli
 
 def _composite(color: np.ndarray, alpha: np.ndarray, background: float) -> np.ndarray:
     """Blend over a constant background in exact integer arithmetic (round half up)."""
-    if not 0.0 <= background <= 1.0:
-        raise ValueError(f"background must be in [0, 1], got {background}")
     top = int(np.iinfo(color.dtype).max)
     bg = int(round(background * top))
     c = color.astype(np.uint64)

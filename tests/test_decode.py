@@ -307,6 +307,10 @@ def test_alpha_drop_keep_composite() -> None:
     white = read_image(data, alpha="composite", background=1.0)
     # (200*128 + 255*127)/255 = 227.4 -> 227; (100*128 + 255*127)/255 = 177.2; (50*128+255*127)/255 = 152.1
     assert white.hwc().tolist() == [[[200, 100, 0], [255, 255, 255], [227, 177, 152]]]
+    # a bad background is an error whether or not this image has alpha
+    for arr in (rgba, rgba[:, :, :3]):
+        with pytest.raises(ValueError, match="background"):
+            read_image(pypng_bytes(arr, bitdepth=8), alpha="composite", background=2.0)
 
 
 def test_alpha_composite_16bit_exact() -> None:
