@@ -30,6 +30,7 @@ __all__ = [
     "IMAGE_FORMATS",
     "DecodeError",
     "Planes",
+    "convert_planes",
     "read_image",
     "sniff_format",
 ]
@@ -229,10 +230,27 @@ def _decode(data: bytes, source: str | None, channels: ChannelPolicy, alpha: Alp
     if exif_orientation and orientation not in (None, 1):
         arr = _orient(arr, orientation)
     arr, names = _apply_policies(arr, names, channels, alpha, background, source)
-    bit_depth = 16 if arr.dtype == np.uint16 else 8
+    return _planes(arr, names, source)
+
+
+def _planes(arr: np.ndarray, names: tuple[str, ...], source: str | None) -> Planes:
     view = arr.transpose(2, 0, 1).view()  # (C, H, W) over the decoder's buffer, no copy
     view.flags.writeable = False  # Planes are values, not buffers to scribble on
-    return Planes(data=view, bit_depth=bit_depth, channels=names, source=source)
+    return Planes(data=view, bit_depth=16 if arr.dtype == np.uint16 else 8, channels=names, source=source)
+
+
+def convert_planes(planes: Planes, *, channels: ChannelPolicy = "rgb", alpha: AlphaPolicy = "drop",
+                   background: float = 0.0) -> Planes:
+    """Apply `read_image`'s channel and alpha policies to already decoded planes.
+
+    ``convert_planes(read_image(p, channels="native", alpha="keep"), channels=c, alpha=a)``
+    equals ``read_image(p, channels=c, alpha=a)`` without decoding the file again.
+
+    Raises:
+      DecodeError: the planes cannot be mapped as asked (e.g. luma of planes other than R, G, B).
+    """
+    arr, names = _apply_policies(planes.hwc(), planes.channels, channels, alpha, background, planes.source)
+    return _planes(arr, names, planes.source)
 
 
 def _reason(exc: BaseException) -> str:

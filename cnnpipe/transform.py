@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnpipe.decode import read_image
+from cnnpipe.decode import convert_planes, read_image
 
 __all__ = ["RESIZE_MODES", "resize_image", "InputImage", "prepare_image"]
 
@@ -131,17 +131,17 @@ def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, 
     elif in_channels == 1 and tuple(colour) == ("L",):
         planes = ("L",)
     elif in_channels == 1 and tuple(colour) == ("R", "G", "B"):
-        data, planes = read_image(path, channels="gray").data, ("L",)
+        data, planes = convert_planes(native, channels="gray").data, ("L",)
         notes.append("colour image converted to one luma plane L (as preprocess --channels gray)")
     elif in_channels not in (1, 3) and len(names) == in_channels:
         planes = tuple(names)
     else:
         raise ValueError(f"{path}: image has {len(names)} plane(s) {'/'.join(names)} at {native.bit_depth}-bit; "
                          f"{_expects(in_channels, bit_depth, size)}")
-    img = np.ascontiguousarray(np.moveaxis(np.asarray(data), 0, -1))
     if native.bit_depth == 16 and bit_depth == 8:
         raise ValueError(f"{path}: 16-bit image; {_expects(in_channels, bit_depth, size)} (cnnpipe never "
                          "drops 16-bit values to 8 bits: convert the file, or train on 16-bit data)")
+    img = data.transpose(1, 2, 0)  # (H, W, C) view; the promotion/resize/final copy make new arrays
     if native.bit_depth == 8 and bit_depth == 16:
         img = img.astype(np.uint16) * np.uint16(257)
         notes.append("8-bit image promoted exactly to 16-bit (x257, as in preprocessing)")

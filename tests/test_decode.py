@@ -21,7 +21,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from cnnpipe import DecodeError, Planes, read_image
 from cnnpipe.cli import main
-from cnnpipe.decode import DEFAULT_MAX_PIXELS, sniff_format
+from cnnpipe.decode import DEFAULT_MAX_PIXELS, convert_planes, sniff_format
 
 PNGSUITE = Path(os.environ.get("CNNPIPE_PNGSUITE", Path(__file__).resolve().parents[2] / "shared/conformance/pngsuite"))
 
@@ -312,6 +312,21 @@ def test_alpha_drop_keep_composite() -> None:
         with pytest.raises(ValueError, match="background"):
             read_image(pypng_bytes(arr, bitdepth=8), alpha="composite", background=2.0)
 
+
+
+@pytest.mark.parametrize("bitdepth", [8, 16])
+def test_convert_planes_equals_decoding_with_the_policy(bitdepth: int) -> None:
+    dtype = np.uint8 if bitdepth == 8 else np.uint16
+    rgba = np.random.default_rng(1).integers(0, 1 << bitdepth, (5, 7, 4)).astype(dtype)
+    for arr in (rgba, rgba[:, :, :3], rgba[:, :, :1]):
+        data = pypng_bytes(arr, bitdepth=bitdepth)
+        native = read_image(data, channels="native", alpha="keep")
+        for channels in ("rgb", "native", "gray"):
+            for alpha in ("drop", "keep", "composite"):
+                want = read_image(data, channels=channels, alpha=alpha, background=0.5)
+                got = convert_planes(native, channels=channels, alpha=alpha, background=0.5)
+                assert (got.channels, got.bit_depth) == (want.channels, want.bit_depth)
+                np.testing.assert_array_equal(got.data, want.data)
 
 def test_alpha_composite_16bit_exact() -> None:
     rgba = np.array([[[65535, 1000, 0, 32768]]], np.uint16)
