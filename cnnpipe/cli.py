@@ -206,10 +206,8 @@ def _check_top_k_and_images(args: argparse.Namespace) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import csv
     import io
-    import os
-    from pathlib import Path
 
-    from cnnpipe.evaluate import load_run, predict_images
+    from cnnpipe.evaluate import load_run, predict_images, write_atomic
 
     _check_top_k_and_images(args)
     run = load_run(args.run_dir, args.checkpoint)
@@ -223,11 +221,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         writer = csv.writer(buf)
         writer.writerow(["path", "rank", "class", "probability"])
         writer.writerows(rows)
-        out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, out)
-        print(f"wrote {len(rows)} rows to {out}")
+        write_atomic(args.out, buf.getvalue())
+        print(f"wrote {len(rows)} rows to {args.out}")
     return 0
 
 

@@ -9,9 +9,10 @@ as the training data (`cnnpipe.transform.prepare_image`, shared with `cnnpipe in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,35 @@ import numpy as np
 
 from cnnpipe.data import Dataset, Split, eval_batches, prefetch, read_dataset_info
 
-__all__ = ["evaluate_split", "confusion_matrix", "per_class_accuracy", "format_confusion", "plot_curves",
+__all__ = ["atomic_path", "write_atomic", "evaluate_split", "confusion_matrix", "per_class_accuracy", "format_confusion", "plot_curves",
            "plot_confusion", "Run", "load_run", "evaluate_run", "data_overrides", "predict_images"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; renamed onto `path` when the block succeeds.
+
+    Readers see the old file or the complete new one, never a half-written one; a
+    failed write removes the temporary file. The suffix is kept, so writers that pick
+    a format from the name (matplotlib) still do.
+
+    Example:
+      with atomic_path(run_dir / "loss.png") as tmp:
+          fig.savefig(tmp)
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `atomic_path` (never half-written)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -78,9 +106,8 @@ def _save_figure(fig: Any, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def plot_curves(metrics_path: str | os.PathLike, plots_dir: str | os.PathLike) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cnnpipe import featuremaps as fm
+from cnnpipe.evaluate import atomic_path, write_atomic
 
 __all__ = ["inspect_images", "inspect_run", "write_report", "plot_planes", "plot_feature_maps", "plot_kernels",
            "plot_grad_cam", "plot_attribution", "save_figure", "DPI"]
@@ -31,12 +32,6 @@ __all__ = ["inspect_images", "inspect_run", "write_report", "plot_planes", "plot
 DPI = 100  # every figure is saved at its figsize * DPI, no tight bbox: the PNG size is known in advance
 
 NEVER_ACTIVE = "a channel whose value is <= 0 at every position of the image (a relu after it outputs only zeros)"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _safe(name: str) -> str:
@@ -77,10 +72,8 @@ def _axes(fig: Any, left: float, bottom: float, width: float, height: float) -> 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> tuple[int, int]:
     """Write `fig` as PNG at its own size (temp file + rename); returns (width, height) in pixels."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=DPI, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     w, h = fig.get_size_inches() * DPI
     return int(round(w)), int(round(h))
 
@@ -282,7 +275,7 @@ def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | o
              **pics.save(plot_feature_maps(acts[n][i], n), f"{stem}-fmap-{_safe(n)}.png")} for n in names]
         summary["images"].append(entry)
     summary["files"] = pics.files
-    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_report(out, summary)
     return summary
 
@@ -362,7 +355,7 @@ def write_report(out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
         parts.extend(_image_section(n, entry, defs))
     parts.append("</body></html>\n")
     path = out / "index.html"
-    _write_text(path, "\n".join(parts))
+    write_atomic(path, "\n".join(parts))
     return path
 
 

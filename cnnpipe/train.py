@@ -29,6 +29,7 @@ import numpy as np
 
 from cnnpipe.config import Config, dump_config
 from cnnpipe.data import Dataset, load_dataset, prefetch, steps_per_epoch, train_batches
+from cnnpipe.evaluate import write_atomic  # re-exported: part of this module's API
 
 __all__ = ["train_and_evaluate", "NonFiniteLossError", "default_run_dir", "write_atomic"]
 
@@ -45,13 +46,6 @@ def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class _CompileClock:
