@@ -39,10 +39,7 @@ class Store:
             raise ValueError(f"{self.path}: not a dataset store (directory not found)")
         if not meta_path.is_file():
             raise ValueError(f"{self.path}: not a dataset store (meta.json is missing)")
-        try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{meta_path}: corrupt store metadata ({exc})") from None
+        self.meta: dict[str, Any] = _read_json(meta_path, "metadata")
         for key in ("classes", "dtype", "bit_depth", "size", "channels", "splits", "counts", "mean", "std"):
             if key not in self.meta:
                 raise ValueError(f"{meta_path}: corrupt store metadata (key {key!r} is missing)")
@@ -89,10 +86,7 @@ class Store:
             path = self.path / "report.json"
             if not path.is_file():
                 raise ValueError(f"{self.path}: store is incomplete (report.json is missing)")
-            try:
-                self._report = json.loads(path.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{path}: corrupt store report ({exc})") from None
+            self._report = _read_json(path, "report")
         return self._report
 
     def _check_split(self, split: str) -> Path:
@@ -100,52 +94,48 @@ class Store:
             raise ValueError(f"{self.path}: no split {split!r} in this store (splits: {', '.join(self.splits)})")
         return self.path / split
 
-    def _load(self, path: Path, mmap: bool) -> np.ndarray:
+    def count(self, split: str) -> int:
+        """Number of images in `split` (from meta.json; nothing is loaded)."""
+        self._check_split(split)
+        return int(self.meta["counts"][split]["total"])
+
+    def _array(self, split: str, name: str, row_shape: tuple[int, ...], dtype: np.dtype, mmap: bool) -> np.ndarray:
+        """Load `split`/`name` and check it is (count, *row_shape) of `dtype`, as meta.json says."""
+        path = self._check_split(split) / name
+        n = self.count(split)
         if not path.is_file():
             raise ValueError(f"{self.path}: store is incomplete ({path.relative_to(self.path)} is missing)")
         try:
-            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            # an empty file cannot be memory-mapped, so empty splits load normally
+            arr = np.load(path, mmap_mode="r" if mmap and n > 0 else None, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: corrupt store array ({exc})") from None
+        expected = (n, *row_shape)
+        if arr.shape != expected or arr.dtype != dtype:
+            raise ValueError(f"{path}: corrupt store array (shape {arr.shape} {arr.dtype}, "
+                             f"meta.json says {expected} {dtype})")
         return arr
 
     def images(self, split: str) -> np.ndarray:
         """(N, H, W, C) uint8/uint16 images of `split`, memory-mapped read-only."""
-        d = self._check_split(split)
-        n = int(self.meta["counts"][split]["total"])
-        # an empty file cannot be memory-mapped, so empty splits load normally
-        arr = self._load(d / "images.npy", mmap=n > 0)
-        expected = (n, *self.size, self.channels)
-        if arr.shape != expected or arr.dtype != self.dtype:
-            raise ValueError(f"{d / 'images.npy'}: corrupt store array (shape {arr.shape} {arr.dtype}, "
-                             f"meta.json says {expected} {self.dtype})")
-        return arr
+        return self._array(split, "images.npy", (*self.size, self.channels), self.dtype, mmap=True)
 
     def labels(self, split: str) -> np.ndarray:
         """(N,) int32 class indices of `split`."""
-        d = self._check_split(split)
-        arr = self._load(d / "labels.npy", mmap=False)
-        n = int(self.meta["counts"][split]["total"])
-        if arr.shape != (n,) or arr.dtype != np.int32:
-            raise ValueError(f"{d / 'labels.npy'}: corrupt store array (shape {arr.shape} {arr.dtype}, "
-                             f"meta.json says ({n},) int32)")
-        return arr
+        return self._array(split, "labels.npy", (), np.dtype(np.int32), mmap=False)
 
     def sources(self, split: str) -> list[str]:
         """The source file of each row of `split` (path relative to SRC), or [] if not recorded."""
         path = self._check_split(split) / "sources.json"
         if not path.is_file():
             return []
-        try:
-            return list(json.loads(path.read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: corrupt store file ({exc})") from None
+        return list(_read_json(path, "file"))
 
     def __len__(self) -> int:
-        return sum(int(self.meta["counts"][s]["total"]) for s in self.splits)
+        return sum(self.count(s) for s in self.splits)
 
     def __repr__(self) -> str:
-        counts = ", ".join(f"{s}={self.meta['counts'][s]['total']}" for s in self.splits)
+        counts = ", ".join(f"{s}={self.count(s)}" for s in self.splits)
         h, w = self.size
         return (f"Store({str(self.path)!r}: {len(self.meta['classes'])} classes, {h}x{w}x{self.channels} "
                 f"{self.meta['dtype']}, {counts})")
@@ -308,6 +298,14 @@ def check_output(out: Path, overwrite: bool) -> None:
             return
         raise ValueError(f"{out}: exists and is not a dataset store (no meta.json); refusing to overwrite it")
     raise ValueError(f"{out}: exists and is not a directory; refusing to overwrite it")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """Parse a store's JSON file; ValueError naming the file if it is unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: corrupt store {what} ({exc})") from None
 
 
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
