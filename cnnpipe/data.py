@@ -13,6 +13,7 @@ from (epoch, step in epoch) with exactly the order an uninterrupted run sees.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -192,16 +193,16 @@ def store_dataset(path: str | os.PathLike) -> Dataset:
     from cnnpipe.store import load_store
 
     store = load_store(path)
-    val_name = next((s for s in ("val", "test") if s in store.splits and len(store.labels(s))), None)
-    if "train" not in store.splits or not len(store.labels("train")):
+    # counts come from meta.json; Store.labels checks each loaded array against them
+    val_name = next((s for s in ("val", "test") if s in store.splits and store.count(s)), None)
+    if "train" not in store.splits or not store.count("train"):
         raise ValueError(f"{store.path}: store has no train images (splits: {', '.join(store.splits)})")
     if val_name is None:
         raise ValueError(f"{store.path}: store has no validation split (splits: {', '.join(store.splits)}); "
                          "preprocess it with a validation fraction > 0")
-    train = Split(store.images("train"), np.asarray(store.labels("train"), np.int32))
-    val = Split(store.images(val_name), np.asarray(store.labels(val_name), np.int32))
-    return Dataset(list(store.classes), train, val, int(store.bit_depth),
-                   tuple(float(m) for m in store.mean), tuple(float(s) for s in store.std),
+    train = Split(store.images("train"), store.labels("train"))
+    val = Split(store.images(val_name), store.labels(val_name))
+    return Dataset(store.classes, train, val, store.bit_depth, tuple(store.mean), tuple(store.std),
                    f"store {store.path}", str(store.meta.get("resize", "crop")))
 
 
@@ -212,18 +213,23 @@ def default_cache_dir() -> Path:
 
 
 def folder_cache_key(folder: str | os.PathLike, settings: dict[str, Any]) -> tuple[str, int]:
-    """(hash of the folder's listing (relative path, size, mtime) and the settings, file count)."""
-    root = Path(folder)
-    count = 0
+    """(hash of the folder's listing (relative path, size, mtime) and the settings, file count).
+
+    The listing is `cnnpipe preprocess`'s own scan, so the key covers exactly the
+    files it would read: symlinked class folders are followed, and broken links,
+    hidden files and loops are left out as preprocess leaves them out.
+    """
+    from cnnpipe.preprocess import scan_folder
+
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            st = p.stat()
-            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            count += 1
-    return h.hexdigest()[:20], count
+    candidates = scan_folder(Path(folder)).candidates
+    for cand in candidates:
+        try:
+            st = os.stat(cand.path)
+        except OSError:  # gone since the scan: preprocess will report it
+            continue
+        h.update(f"{cand.rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20], len(candidates)
 
 
 def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: str = "crop",
@@ -249,9 +255,7 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
         except ValueError:
             if not (out / "meta.json").is_file():  # not merely another process finishing first
                 raise
-    ds = store_dataset(out)
-    return Dataset(ds.classes, ds.train, ds.val, ds.bit_depth, ds.mean, ds.std,
-                   f"folder {root} (cache {out})", resize)
+    return dataclasses.replace(store_dataset(out), description=f"folder {root} (cache {out})", resize=resize)
 
 
 def tfds_dataset(name: str, *, split_train: str = "train", split_val: str = "test") -> Dataset:

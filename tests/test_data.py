@@ -19,6 +19,7 @@ from cnnpipe.data import (
     _shape_masks,
     epoch_permutation,
     eval_batches,
+    folder_cache_key,
     folder_dataset,
     load_dataset,
     make_shapes,
@@ -265,6 +266,20 @@ def test_folder_source_caches_by_contents_and_settings(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not-there"):
         folder_dataset(tmp_path / "not-there", **kw)
 
+
+
+def test_folder_cache_key_covers_the_files_preprocess_reads(tmp_path):
+    real = write_shapes_folder(tmp_path / "real", per_class=2)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for d in sorted(real.iterdir()):
+        os.symlink(d, linked / d.name)  # class folders as symbolic links: followed, as preprocess does
+    key, count = folder_cache_key(linked, {})
+    assert count == 6 and (key, count) == folder_cache_key(real, {})
+    os.symlink(tmp_path / "nowhere", real / "circle" / "broken.png")  # skipped by preprocess, not a crash
+    assert folder_cache_key(linked, {}) == (key, count)
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(real / "circle" / "new.png")
+    assert folder_cache_key(linked, {})[0] != key
 
 def test_tfds_source_under_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
