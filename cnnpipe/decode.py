@@ -30,6 +30,7 @@ __all__ = [
     "IMAGE_FORMATS",
     "DecodeError",
     "Planes",
+    "check_format",
     "convert_planes",
     "read_image",
     "sniff_format",
@@ -140,6 +141,24 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+def check_format(head: bytes, source: str | None = None) -> str:
+    """The allow-listed format of a file from its first bytes (32 suffice), as `sniff_format`.
+
+    Raises:
+      DecodeError: naming `source` and why: empty, a known unsupported format, or not an image.
+    """
+    if not head:
+        raise DecodeError(source, "empty file (0 bytes)")
+    fmt = sniff_format(head[:32])
+    if fmt is None:
+        other = _unsupported_name(head[:32])
+        if other:
+            raise DecodeError(source, f"unsupported image format {other}; supported: {_SUPPORTED_TEXT}")
+        raise DecodeError(source, f"not a recognised image (first bytes {head[:8]!r}); "
+                                  f"supported: {_SUPPORTED_TEXT}")
+    return fmt
+
+
 def _unsupported_name(head: bytes) -> str | None:
     for magic, name in _KNOWN_UNSUPPORTED:
         if head.startswith(magic):
@@ -207,15 +226,7 @@ def read_image(
 
 def _decode(data: bytes, source: str | None, channels: ChannelPolicy, alpha: AlphaPolicy,
             background: float, exif_orientation: bool, max_pixels: int | None) -> Planes:
-    if not data:
-        raise DecodeError(source, "empty file (0 bytes)")
-    fmt = sniff_format(data[:32])
-    if fmt is None:
-        other = _unsupported_name(data[:32])
-        if other:
-            raise DecodeError(source, f"unsupported image format {other}; supported: {_SUPPORTED_TEXT}")
-        raise DecodeError(source, f"not a recognised image (first bytes {data[:8]!r}); "
-                                  f"supported: {_SUPPORTED_TEXT}")
+    fmt = check_format(data, source)
     try:
         if fmt == "PNG":
             arr, names, orientation = _decode_png(data, source, max_pixels)

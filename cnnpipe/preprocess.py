@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnpipe.decode import DEFAULT_MAX_PIXELS, DecodeError, read_image, sniff_format
+from cnnpipe.decode import DEFAULT_MAX_PIXELS, DecodeError, check_format, read_image
 from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, load_store
 from cnnpipe.transform import RESIZE_MODES, resize_image
 
@@ -235,16 +235,10 @@ def _probe_one(path: str) -> tuple[str | None, int]:
             head = f.read(_HEAD_BYTES)
     except OSError as exc:
         return f"{path}: cannot read file: {exc.strerror or exc}", 8
-    if not head:
-        return f"{path}: empty file (0 bytes)", 8
-    fmt = sniff_format(head[:32])
-    if fmt is None:
-        try:  # let the decoder word the reason (it names known unsupported formats)
-            read_image(head)
-            reason = "not a recognised image"
-        except Exception as exc:
-            reason = str(exc).removeprefix("<bytes>: ")
-        return f"{path}: {reason}", 8
+    try:
+        fmt = check_format(head, path)  # the decoder's own wording (it names known unsupported formats)
+    except DecodeError as exc:
+        return str(exc), 8
     return None, _header_bit_depth(fmt, head, path)
 
 

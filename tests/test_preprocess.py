@@ -109,6 +109,10 @@ def test_bad_files_are_reported_and_good_ones_stored(tmp_path):
     assert reasons["b/truncated.png"] == str(exc.value)
     assert reasons["a/zero.png"].endswith("empty file (0 bytes)")
     assert "not a recognised image" in reasons["a/notes.png"]
+    for name in ("a/notes.png", "a/zero.png"):  # probe-time reasons are the decoder's words too
+        with pytest.raises(DecodeError) as exc:
+            read_image(src / name)
+        assert reasons[name] == str(exc.value)
     assert rep["empty_class_folders"] == ["empty_class"]
     assert rep["counts"]["images_stored"] == 5 and rep["counts"]["skipped"] == 9
     assert [[f["path"] for f in d["files"]] for d in rep["duplicates"]] == [["a/link_to_one.png", "a/one.png"]]
