@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from cnnpipe.decode import DEFAULT_MAX_PIXELS, DecodeError, check_format, read_image
+from cnnpipe.decode import DEFAULT_MAX_PIXELS, DecodeError, check_format, read_image, sniff_format
 from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, load_store
-from cnnpipe.transform import RESIZE_MODES, resize_image
+from cnnpipe.transform import RESIZE_MODES, promote_to_16bit, resize_image
 
 __all__ = ["PreprocessError", "preprocess", "format_summary", "parse_size", "assign_split", "resize_image"]
 
@@ -338,7 +338,7 @@ def _convert_one(path: str, want_stats: bool, cfg: _ConvertSettings) -> tuple:
         return ("error", f"{path}: cannot read file: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()[:32]
     img = None
-    if data[:3] == b"\xff\xd8\xff":
+    if sniff_format(data[:32]) == "JPEG":
         img = _read_jpeg_reduced(data, path, cfg)
     if img is None:
         try:
@@ -350,7 +350,7 @@ def _convert_one(path: str, want_stats: bool, cfg: _ConvertSettings) -> tuple:
     if img.dtype == np.uint16 and cfg.dtype == "uint8":
         return ("needs16", path)
     if img.dtype == np.uint8 and cfg.dtype == "uint16":
-        img = img.astype(np.uint16) * np.uint16(257)  # 255 * 257 = 65535: exact, full scale
+        img = promote_to_16bit(img)
     img = np.ascontiguousarray(resize_image(img, cfg.size, cfg.resize))
     if not want_stats:
         return ("ok", img, None, None, digest)
@@ -597,18 +597,18 @@ def _reason_counts(skipped: Sequence[dict[str, str]]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in counts.most_common()) or "none"
 
 
-def _split_order(scan: _Scan, ok: Sequence[_Candidate]) -> list[str]:
+def _split_order(scan: _Scan) -> list[str]:
     if scan.layout == "splits":
         present = {d[2] for d in scan.class_dirs}
         return [s for s in SPLIT_NAMES if s in present]
-    return ["train", "val", "test"]
+    return list(SPLIT_NAMES)
 
 
 def _convert_and_write(scan: _Scan, ok: list[_Candidate], classes: list[str], dtype: str, hw: tuple[int, int],
                        resize: str, channels: str, src: Path, out: Path, overwrite: bool, pool: Any,
                        n_workers: int, show: bool, t0: float, split_cfg: dict[str, Any]) -> Store:
     class_index = {c: i for i, c in enumerate(classes)}
-    splits = _split_order(scan, ok)
+    splits = _split_order(scan)
     if scan.layout == "classes":
         splits = [s for s in splits if s == "train" or split_cfg[f"{s}_fraction"] > 0]
     order = {s: i for i, s in enumerate(splits)}

@@ -16,7 +16,7 @@ import numpy as np
 
 from cnnpipe.decode import convert_planes, read_image
 
-__all__ = ["RESIZE_MODES", "resize_image", "InputImage", "prepare_image"]
+__all__ = ["RESIZE_MODES", "resize_image", "promote_to_16bit", "InputImage", "prepare_image"]
 
 RESIZE_MODES = ("crop", "pad", "stretch")
 
@@ -45,6 +45,11 @@ def _resample(planes: np.ndarray, out_hw: tuple[int, int], box: tuple[float, flo
         res = np.asarray(im.resize((ow, oh), bicubic, box=box))
         out[:, :, i] = np.rint(np.clip(res, 0.0, top))
     return out
+
+
+def promote_to_16bit(img: np.ndarray) -> np.ndarray:
+    """uint8 -> uint16 exactly, x257 (0 -> 0, 255 -> 65535: full scale stays full scale)."""
+    return img.astype(np.uint16) * np.uint16(257)
 
 
 def resize_image(img: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
@@ -143,7 +148,7 @@ def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, 
                          "drops 16-bit values to 8 bits: convert the file, or train on 16-bit data)")
     img = data.transpose(1, 2, 0)  # (H, W, C) view; the promotion/resize/final copy make new arrays
     if native.bit_depth == 8 and bit_depth == 16:
-        img = img.astype(np.uint16) * np.uint16(257)
+        img = promote_to_16bit(img)
         notes.append("8-bit image promoted exactly to 16-bit (x257, as in preprocessing)")
     if img.shape[:2] != tuple(size):
         notes.append(f"resized from {img.shape[1]}x{img.shape[0]} to {size[1]}x{size[0]} (W x H) by {resize}")
