@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 from cnnpipe.data import Dataset, Split, eval_batches, prefetch, read_dataset_info
 
 __all__ = ["atomic_path", "write_atomic", "evaluate_split", "confusion_matrix", "per_class_accuracy", "format_confusion", "plot_curves",
-           "plot_confusion", "Run", "load_run", "evaluate_run", "data_overrides", "predict_images"]
+           "plot_confusion", "feature_grid", "Run", "load_run", "evaluate_run", "data_overrides", "predict_images"]
 
 
 @contextlib.contextmanager
@@ -156,6 +157,29 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLi
     _save_figure(fig, Path(path))
 
 
+def feature_grid(fmap: np.ndarray, cols: int | None = None, pad: int = 1,
+                 fill: float = float("nan")) -> tuple[np.ndarray, int, int]:
+    """Tile (H, W, C) channels into one 2-D image, each tile min-max scaled to [0, 1].
+
+    Returns (grid, rows, cols); tile k sits at row k // cols, column k % cols, and
+    separators/empty tiles hold `fill` (NaN shows as background; use 0 for TensorBoard).
+    A constant channel becomes all zeros.
+    """
+    fmap = np.asarray(fmap, np.float32)
+    if fmap.ndim != 3:
+        raise ValueError(f"feature map: got shape {fmap.shape}; expected (H, W, C)")
+    h, w, c = fmap.shape
+    cols = cols or int(math.ceil(math.sqrt(c)))
+    rows = int(math.ceil(c / cols))
+    lo, hi = fmap.min(axis=(0, 1)), fmap.max(axis=(0, 1))
+    scaled = (fmap - lo) / np.where(hi > lo, hi - lo, 1.0)
+    grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), fill, np.float32)
+    for k in range(c):
+        r, q = divmod(k, cols)
+        grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = scaled[..., k]
+    return grid, rows, cols
+
+
 # ---------------------------------------------------------------- finished runs
 
 @dataclass
@@ -283,22 +307,21 @@ def load_for_model(path: str | os.PathLike, info: dict[str, Any]) -> np.ndarray:
 def predict_images(run: Run, paths: Sequence[str | os.PathLike], top_k: int = 3,
                    batch_size: int = 64) -> list[list[tuple[str, float]]]:
     """Top-k (class, probability) for each image, most likely first."""
-    import jax
     from flax import nnx
+
+    from cnnpipe.steps import forward
 
     if top_k < 1:
         raise ValueError(f"--top-k: got {top_k}; expected an integer >= 1")
     k = min(top_k, len(run.classes))
-    model = run.model()
-    graphdef, params = nnx.split(model)
-    probs = jax.jit(lambda p, x: jax.nn.softmax(nnx.merge(graphdef, p)(x), axis=-1))
+    graphdef, state = nnx.split(run.model())
     out: list[list[tuple[str, float]]] = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         x = np.zeros((batch_size, *tuple(run.info["size"]), int(run.info["channels"])), np.float32)
         for i, p in enumerate(chunk):
             x[i] = load_for_model(p, run.info)
-        pr = np.asarray(probs(params, x))[:len(chunk)]
+        pr = np.asarray(forward(graphdef, (state,), x)[0])[:len(chunk)]
         for row in pr:
             order = np.argsort(-row, kind="stable")[:k]
             out.append([(run.classes[j], float(row[j])) for j in order])

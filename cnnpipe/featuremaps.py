@@ -15,12 +15,12 @@ plain `jax.grad` -- no hooks.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from cnnpipe.evaluate import feature_grid  # re-exported: the notebooks' API
 from cnnpipe.transform import InputImage, prepare_image  # re-exported: the notebooks' API
 
 __all__ = ["InputImage", "prepare_image", "capture_activations", "predict_proba", "grad_cam",
@@ -82,11 +82,6 @@ def _jitted(kind: str) -> Any:
     import jax.numpy as jnp
     from flax import nnx
 
-    def features(graphdef, state, x, names):
-        model = nnx.merge(graphdef, state)
-        logits, feats = model.features(x, list(names))
-        return jax.nn.softmax(logits, axis=-1), feats
-
     def cam(graphdef, state, x, cls, idx):
         model = nnx.merge(graphdef, state)
         layers, kinds = list(model.layers), model.layer_kinds
@@ -112,8 +107,8 @@ def _jitted(kind: str) -> Any:
 
         return jax.grad(score)(x) * x                            # (N, H, W, C), raw units
 
-    fn = {"features": features, "cam": cam, "gxi": gxi}[kind]
-    static = {"features": (0, 3), "cam": (0, 4), "gxi": (0,)}[kind]
+    fn = {"cam": cam, "gxi": gxi}[kind]
+    static = {"cam": (0, 4), "gxi": (0,)}[kind]
     return jax.jit(fn, static_argnums=static)
 
 
@@ -143,9 +138,11 @@ def predict_proba(model: Any, images: Any, names: Sequence[str] | None = None
     names = tuple(model.feature_layer_names if names is None else names)
     for name in names:
         _layer_index(model, name)
+    from cnnpipe.steps import forward
+
     x = _check_images(model, images)
     graphdef, state = _split(model)
-    probs, feats = _jitted("features")(graphdef, state, x, names)
+    probs, feats = forward(graphdef, (state,), x, names)
     # jit returns dicts with sorted keys; keep the layer order
     return np.asarray(probs), {k: np.asarray(feats[k]) for k in names}
 
@@ -171,10 +168,13 @@ def grad_cam(model: Any, images: Any, class_index: int | Sequence[int], layer: s
     """
     layer = default_cam_layer(model) if layer is None else layer
     idx = _layer_index(model, layer)
+    from cnnpipe.steps import forward
+
     x = _check_images(model, images)
     graphdef, state = _split(model)
-    probe = model.features(x[:1], [layer])[1][layer]
-    if probe.ndim != 4:
+    # the layer's output shape, traced without running the model
+    probe = forward.eval_shape(graphdef, (state,), x[:1], (layer,))[1][layer]
+    if len(probe.shape) != 4:
         raise ValueError(f"Grad-CAM layer {layer!r} is not spatial (output {tuple(probe.shape)}); "
                          f"choose one of {', '.join(model.feature_layer_names)}")
     cls = _classes(class_index, x.shape[0], model.num_classes)
@@ -232,30 +232,6 @@ def first_conv_kernels(model: Any, layer: str | None = None) -> tuple[str, np.nd
     conv = mod.conv1 if kinds[idx] == "residual" else mod     # a residual block's first conv sees the input
     kernel = np.asarray(conv.kernel[...], np.float32)         # HWIO
     return names[idx], np.transpose(kernel, (2, 3, 0, 1))
-
-
-def feature_grid(fmap: np.ndarray, cols: int | None = None, pad: int = 1,
-                 fill: float = float("nan")) -> tuple[np.ndarray, int, int]:
-    """Tile (H, W, C) channels into one 2-D image, each tile min-max scaled to [0, 1].
-
-    Returns (grid, rows, cols); tile k sits at row k // cols, column k % cols, and
-    separators/empty tiles hold `fill` (NaN shows as background; use 0 for TensorBoard).
-    A constant channel becomes all zeros.
-    """
-    fmap = np.asarray(fmap, np.float32)
-    if fmap.ndim != 3:
-        raise ValueError(f"feature map: got shape {fmap.shape}; expected (H, W, C)")
-    h, w, c = fmap.shape
-    cols = cols or int(math.ceil(math.sqrt(c)))
-    rows = int(math.ceil(c / cols))
-    lo, hi = fmap.min(axis=(0, 1)), fmap.max(axis=(0, 1))
-    scaled = (fmap - lo) / np.where(hi > lo, hi - lo, 1.0)
-    grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), fill, np.float32)
-    for k in range(c):
-        r, q = divmod(k, cols)
-        grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = scaled[..., k]
-    return grid, rows, cols
-
 
 
 def probe_grids(model: Any, image: Any, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:

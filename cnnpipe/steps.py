@@ -15,9 +15,10 @@ initialises its backend, sets both up (see benchmarks/bench_train.py for the fig
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,7 +31,7 @@ from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.models import CNN
 
 __all__ = ["TrainState", "make_optimizer", "make_schedule", "make_mesh", "create_train_state",
-           "make_train_step", "make_eval_step", "state_to_model", "shard_batch", "replicate",
+           "make_train_step", "make_eval_step", "state_to_model", "forward", "shard_batch", "replicate",
            "augment_batch", "setup_cpu_devices", "resolve_precision"]
 
 DATA_AXIS = "data"
@@ -142,6 +143,23 @@ def state_to_model(graphdef: Any, state: TrainState) -> CNN:
     model = nnx.merge(graphdef, state.params, state.model_state)
     model.eval()
     return model
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def forward(graphdef: Any, states: tuple[Any, ...], images: Any, names: Sequence[str] | None = ()
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(class probabilities (N, classes), named layer outputs) of a split model, in eval mode.
+
+    `states` are the states `nnx.split` gave beside `graphdef` (e.g. ``(state,)`` or
+    ``(state.params, state.model_state)`` of a `TrainState`); `names` (a hashable tuple,
+    or None for every spatial layer) as `CNN.features`. One jitted function for
+    predict, inspect and the training loop's probe, so each compiles once per model
+    and input shape instead of once per call.
+    """
+    model = nnx.merge(graphdef, *states)
+    model.eval()
+    logits, feats = model.features(images, None if names is None else list(names))
+    return jax.nn.softmax(logits, axis=-1), feats
 
 
 # ---------------------------------------------------------------- devices

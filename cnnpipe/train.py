@@ -170,7 +170,6 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     state = steps.replicate(mesh, state)
     train_step = steps.make_train_step(graphdef, tx, mesh, precision=tc.precision, augment=cfg.augment)
     eval_step = steps.make_eval_step(graphdef, mesh)
-    probe = jax.jit(lambda st, x: steps.state_to_model(graphdef, st).features(x)[1])
 
     ckpts = Checkpoints(run_dir / "checkpoints", keep=tc.keep_checkpoints)
     meta: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_accuracy": None,
@@ -272,7 +271,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
                        val_accuracy=result["accuracy"])
             last_ckpt = step
             if tc.probe_feature_maps:
-                _probe_feature_maps(logger.tb, probe, state, ds, step)
+                _probe_feature_maps(logger.tb, graphdef, state, ds, step)
             log(f"epoch {epoch + 1}/{tc.epochs}: val loss {result['loss']:.4f}, val accuracy "
                 f"{result['accuracy']:.4f}{' (best)' if is_best else ''} [{time.perf_counter() - t_eval:.1f}s eval]")
     finally:
@@ -302,20 +301,13 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     return summary
 
 
-def _probe_feature_maps(tb: Any, probe: Callable[..., Any], state: Any, ds: Dataset, step: int) -> None:
-    """Feature maps of the first validation image to TensorBoard, one grid per layer."""
+def _probe_feature_maps(tb: Any, graphdef: Any, state: Any, ds: Dataset, step: int) -> None:
+    """Feature maps of the first validation image to TensorBoard, one grid per spatial layer."""
     import jax
 
-    feats = jax.device_get(probe(state, np.asarray(ds.val.images[:1])))
-    for name, fmap in feats.items():
-        fmap = np.asarray(fmap[0], np.float32)  # (H, W, C)
-        lo, hi = fmap.min(axis=(0, 1)), fmap.max(axis=(0, 1))
-        fmap = (fmap - lo) / np.where(hi > lo, hi - lo, 1.0)
-        h, w, c = fmap.shape
-        cols = int(math.ceil(math.sqrt(c)))
-        rows = int(math.ceil(c / cols))
-        grid = np.zeros((rows * (h + 1), cols * (w + 1)), np.float32)
-        for k in range(c):
-            r, q = divmod(k, cols)
-            grid[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = fmap[..., k]
-        tb.add_image(f"feature_maps/{name}", grid[None], step)
+    from cnnpipe.evaluate import feature_grid
+    from cnnpipe.steps import forward
+
+    _, feats = forward(graphdef, (state.params, state.model_state), np.asarray(ds.val.images[:1]), None)
+    for name, fmap in jax.device_get(feats).items():
+        tb.add_image(f"feature_maps/{name}", feature_grid(fmap[0], fill=0.0)[0][None], step)
