@@ -13,17 +13,17 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cnnpipe.data import Dataset, Split, eval_batches, prefetch, read_dataset_info
+from cnnpipe.data import Dataset, Split, eval_batches, prefetch, read_dataset_info, steps_per_epoch
 
 __all__ = ["atomic_path", "write_atomic", "evaluate_split", "confusion_matrix", "per_class_accuracy", "format_confusion", "plot_curves",
-           "plot_confusion", "feature_grid", "Run", "load_run", "evaluate_run", "data_overrides", "predict_images"]
+           "plot_confusion", "feature_grid", "Run", "load_run", "evaluate_run", "data_overrides", "prepare_for_run", "predict_images"]
 
 
 @contextlib.contextmanager
@@ -228,7 +228,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> Run:
     model = build_model(cfg.model, in_channels=int(info["channels"]), num_classes=len(info["classes"]),
                         input_size=tuple(info["size"]), bit_depth=int(info["bit_depth"]),
                         rngs=nnx.Rngs(cfg.seed), mean=info["mean"], std=info["std"])
-    total = max(1, int(info["num_train"]) // cfg.train.batch_size) * cfg.train.epochs
+    total = steps_per_epoch(int(info["num_train"]), cfg.train.batch_size) * cfg.train.epochs
     tx = steps.make_optimizer(cfg.optimizer, total)
     graphdef, state = steps.create_train_state(model, tx, cfg.seed)
     ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
@@ -290,18 +290,18 @@ def evaluate_run(run: Run, overrides: Sequence[str] = ()) -> tuple[dict[str, Any
     return result, ds
 
 
-def load_for_model(path: str | os.PathLike, info: dict[str, Any]) -> np.ndarray:
-    """Decode and resize one image exactly as the run's training data: (H, W, C) float32 raw pixel values.
+def prepare_for_run(path: str | os.PathLike, info: Mapping[str, Any]) -> Any:
+    """Decode and resize one image exactly as a run's training data (`info`: its dataset.json).
 
-    The rules are `cnnpipe.transform.prepare_image`'s (shared with `cnnpipe inspect`):
-    an 8-bit image for a 16-bit model is promoted exactly (x257); a 16-bit image for an
-    8-bit model is refused, since nothing in cnnpipe drops 16-bit values to 8 bits.
+    Returns a `cnnpipe.transform.InputImage` (raw integer pixels (H, W, C), planes, notes);
+    used by `cnnpipe predict` and `cnnpipe inspect`. The rules are `prepare_image`'s: an
+    8-bit image for a 16-bit model is promoted exactly (x257); a 16-bit image for an 8-bit
+    model is refused, since nothing in cnnpipe drops 16-bit values to 8 bits.
     """
     from cnnpipe.transform import prepare_image
 
-    prepared = prepare_image(path, in_channels=int(info["channels"]), bit_depth=int(info["bit_depth"]),
-                             size=tuple(info["size"]), resize=str(info.get("resize") or "crop"))
-    return prepared.pixels.astype(np.float32)
+    return prepare_image(path, in_channels=int(info["channels"]), bit_depth=int(info["bit_depth"]),
+                         size=tuple(info["size"]), resize=str(info.get("resize") or "crop"))
 
 
 def predict_images(run: Run, paths: Sequence[str | os.PathLike], top_k: int = 3,
@@ -320,7 +320,7 @@ def predict_images(run: Run, paths: Sequence[str | os.PathLike], top_k: int = 3,
         chunk = paths[start:start + batch_size]
         x = np.zeros((batch_size, *tuple(run.info["size"]), int(run.info["channels"])), np.float32)
         for i, p in enumerate(chunk):
-            x[i] = load_for_model(p, run.info)
+            x[i] = prepare_for_run(p, run.info).pixels
         pr = np.asarray(forward(graphdef, (state,), x)[0])[:len(chunk)]
         for row in pr:
             order = np.argsort(-row, kind="stable")[:k]

@@ -371,17 +371,14 @@ def inspect_run(run_dir: str | os.PathLike, images: Sequence[str | os.PathLike],
       FileNotFoundError: not a run directory, or no checkpoint in it (the message names it).
       ValueError: an unknown layer or class, or an image the model cannot take.
     """
-    from cnnpipe.evaluate import load_run
+    from cnnpipe.evaluate import load_run, prepare_for_run
 
     run = load_run(run_dir, checkpoint)
-    info = run.info
     model = run.model()
     if layers:
         for name in layers:
             fm._layer_index(model, name)
-    prepared = [fm.prepare_image(p, in_channels=int(info["channels"]), bit_depth=int(info["bit_depth"]),
-                                 size=tuple(info["size"]), resize=str(info.get("resize") or "crop"))
-                for p in images]
+    prepared = [prepare_for_run(p, run.info) for p in images]
     out_dir = Path(out) if out is not None else Path(run_dir) / "inspect"
     inspect_images(model, prepared, out_dir, classes=run.classes, layers=layers, class_name=class_name,
                    top_k=top_k, context={"run_dir": str(run_dir), "checkpoint_step": run.step})
