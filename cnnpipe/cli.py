@@ -109,12 +109,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _cpu_device_count(cfg: object) -> int:
     """Devices to expose on a CPU host: one per core, but a count that divides both batch sizes."""
-    import os
+    from cnnpipe.steps import usable_cores
 
     tc = cfg.train  # type: ignore[attr-defined]
     if tc.num_devices:
         return int(tc.num_devices)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return max(d for d in range(1, cores + 1) if tc.batch_size % d == 0 and tc.eval_batch_size % d == 0)
 
 

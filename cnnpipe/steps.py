@@ -30,9 +30,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.models import CNN
 
-__all__ = ["TrainState", "make_optimizer", "make_schedule", "make_mesh", "create_train_state",
+__all__ = ["TrainState", "make_optimizer", "make_schedule", "make_mesh", "check_divisible", "create_train_state",
            "make_train_step", "make_eval_step", "state_to_model", "forward", "shard_batch", "replicate",
-           "augment_batch", "setup_cpu_devices", "resolve_precision"]
+           "augment_batch", "setup_cpu_devices", "usable_cores", "resolve_precision"]
 
 DATA_AXIS = "data"
 
@@ -59,14 +59,19 @@ def setup_cpu_devices(count: int | None = None, *, tune: bool = True) -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     added = []
     if "xla_force_host_platform_device_count" not in flags:
-        if not count:
-            count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        added.append(f"--xla_force_host_platform_device_count={max(1, int(count or 1))}")
+        added.append(f"--xla_force_host_platform_device_count={max(1, int(count or usable_cores()))}")
     if tune:
         added += [f for f in CPU_TUNING_FLAGS if f.split("=")[0] not in flags]
     if added:
         os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
     return bool(added)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _backend_started() -> bool:
@@ -173,7 +178,8 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     return Mesh(devices[: num_devices or len(devices)], (DATA_AXIS,))
 
 
-def _check_divisible(mesh: Mesh, n: int, what: str = "batch size") -> None:
+def check_divisible(mesh: Mesh, n: int, what: str = "batch size") -> None:
+    """Raise ValueError naming `what`, `n` and the device count unless `n` divides over the mesh."""
     if n % mesh.size:
         raise ValueError(f"{what} ({n}) must be divisible by the number of devices ({mesh.size}); "
                          f"pick a multiple of {mesh.size} or set train.num_devices")
@@ -188,7 +194,7 @@ def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
     sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     out = []
     for a in arrays:
-        _check_divisible(mesh, a.shape[0])
+        check_divisible(mesh, a.shape[0])
         out.append(jax.device_put(a, sharding))
     return tuple(out)
 
@@ -317,7 +323,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     guard = _InFlightGuard(mesh)
 
     def train_step(state: TrainState, images: Any, labels: Any):
-        _check_divisible(mesh, images.shape[0])
+        check_divisible(mesh, images.shape[0])
         return guard(jitted(state, images, labels))
 
     train_step.jitted = jitted  # type: ignore[attr-defined]
@@ -348,7 +354,7 @@ def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable[..., dict[str, jax.Arr
     guard = _InFlightGuard(mesh)
 
     def eval_step(state: TrainState, images: Any, labels: Any, mask: Any):
-        _check_divisible(mesh, images.shape[0], "eval batch size")
+        check_divisible(mesh, images.shape[0], "eval batch size")
         return guard(jitted(state, images, labels, mask))
 
     eval_step.jitted = jitted  # type: ignore[attr-defined]

@@ -79,7 +79,7 @@ def _step_of(line: str) -> float:
 
 
 class _Log:
-    """metrics.jsonl (truncated to `resume_step` on resume) plus TensorBoard scalars."""
+    """metrics.jsonl (truncated to `resume_step` on resume, emptied otherwise) plus TensorBoard scalars."""
 
     def __init__(self, run_dir: Path, resume_step: int | None) -> None:
         from tensorboardX import SummaryWriter
@@ -89,7 +89,8 @@ class _Log:
             # a killed run may have logged past its last checkpoint; those steps run again
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             write_atomic(self.path, "".join(line + "\n" for line in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
+        # a fresh run in a reused directory starts a fresh log
+        self._file = open(self.path, "w" if resume_step is None else "a", encoding="utf-8")
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -152,8 +153,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     ds = load_dataset(cfg.data, seed=cfg.seed)
     mesh = steps.make_mesh(tc.num_devices)
     for key, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)):
-        if size % mesh.size:
-            raise ValueError(f"{key} (={size}) must be divisible by the number of devices (={mesh.size})")
+        steps.check_divisible(mesh, size, key)
     spe = steps_per_epoch(len(ds.train), tc.batch_size)
     total_steps = spe * tc.epochs
     _prepare_run_dir(cfg, run_dir, ds, resume)
@@ -180,8 +180,6 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     elif resume:
         log(f"{run_dir}: no complete checkpoint yet; starting from step 0")
     logger = _Log(run_dir, meta["step"] if resume else None)
-    if not resume and logger.path.stat().st_size:
-        logger.path.write_text("")  # a fresh run in a reused directory starts a fresh log
 
     from tqdm import tqdm
 
