@@ -117,11 +117,6 @@ class Conv(nnx.Module):
         return y if self.bias is None else _add_bias(y, self.bias[...].astype(dtype))
 
 
-def _conv(in_ch: int, out_ch: int, kernel: tuple[int, int], stride: int, padding: str, *,
-          use_bias: bool = True, rngs: nnx.Rngs) -> Conv:
-    return Conv(in_ch, out_ch, kernel, stride, padding, use_bias=use_bias, rngs=rngs)
-
-
 # ---------------------------------------------------------------- layers
 
 class _Pool(nnx.Module):
@@ -153,12 +148,12 @@ class _Residual(nnx.Module):
     """conv-bn-relu-conv-bn plus a shortcut (1x1 strided conv + bn when the shape changes), relu."""
 
     def __init__(self, in_ch: int, filters: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1 = _conv(in_ch, filters, (3, 3), stride, "SAME", use_bias=False, rngs=rngs)
+        self.conv1 = Conv(in_ch, filters, (3, 3), stride, "SAME", use_bias=False, rngs=rngs)
         self.bn1 = nnx.BatchNorm(filters, momentum=0.9, rngs=rngs)
-        self.conv2 = _conv(filters, filters, (3, 3), 1, "SAME", use_bias=False, rngs=rngs)
+        self.conv2 = Conv(filters, filters, (3, 3), 1, "SAME", use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(filters, momentum=0.9, rngs=rngs)
         if stride != 1 or in_ch != filters:
-            self.proj = _conv(in_ch, filters, (1, 1), stride, "SAME", use_bias=False, rngs=rngs)
+            self.proj = Conv(in_ch, filters, (1, 1), stride, "SAME", use_bias=False, rngs=rngs)
             self.proj_bn = nnx.BatchNorm(filters, momentum=0.9, rngs=rngs)
         else:
             self.proj = self.proj_bn = None
@@ -230,7 +225,7 @@ class CNN(nnx.Module):
                 # a bias right before batch norm is cancelled by its mean subtraction; its
                 # gradient is rounding noise that Adam would blow up into full-size steps
                 before_bn = i + 1 < len(specs) and specs[i + 1]["type"] == "batch_norm"
-                mod = _conv(c, spec["filters"], k, s, spec["padding"].upper(), use_bias=not before_bn, rngs=rngs)
+                mod = Conv(c, spec["filters"], k, s, spec["padding"].upper(), use_bias=not before_bn, rngs=rngs)
                 c = spec["filters"]
             elif kind in ("max_pool", "avg_pool"):
                 s = spec["stride"] or spec["window"]
@@ -347,7 +342,7 @@ class CNN(nnx.Module):
 def _per_channel(label: str, value: Sequence[float] | None, channels: int) -> tuple[float, ...] | None:
     if value is None:
         return None
-    vals = tuple(float(v) for v in (value if isinstance(value, Sequence) else list(value)))
+    vals = tuple(float(v) for v in value)
     if len(vals) == 1:
         vals = vals * channels
     if len(vals) != channels or not all(math.isfinite(v) for v in vals):
