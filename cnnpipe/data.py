@@ -41,6 +41,9 @@ class Split:
         return len(self.labels)
 
 
+MIN_STD = 1.0  # raw pixel units: one quantisation step at the data's bit depth
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Everything training needs to know about the data, whatever its source."""
@@ -50,9 +53,16 @@ class Dataset:
     val: Split
     bit_depth: int
     mean: tuple[float, ...]  # per channel, raw pixel units, train split
-    std: tuple[float, ...]
+    std: tuple[float, ...]   # the model divides by it: floored at MIN_STD (see __post_init__)
     description: str
     resize: str = "crop"  # how images of another size are fitted (predict uses the same)
+
+    def __post_init__(self) -> None:
+        # A channel that is constant over the training set (say, the blue plane of
+        # red-only images) has std 0, and the model normalises by 1/std. Flooring at one
+        # raw pixel unit maps such a channel to (x - mean), i.e. 0 on the training data,
+        # instead of failing the run; the store's meta.json keeps the true statistics.
+        object.__setattr__(self, "std", tuple(max(float(s), MIN_STD) for s in self.std))
 
     @property
     def num_classes(self) -> int:

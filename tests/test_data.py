@@ -298,3 +298,26 @@ def test_unknown_or_incomplete_source_settings():
     with pytest.raises(ValueError, match="data.source"):
         load_dataset(SimpleNamespace(source="webdataset"))
     assert data_mod.default_cache_dir().name == "cnnpipe"
+
+
+def test_constant_channel_std_is_floored_so_the_model_builds(tmp_path):
+    from flax import nnx
+
+    from cnnpipe.models import build_model
+    from cnnpipe.preprocess import preprocess
+
+    # red-only images: G and B are 0 everywhere, so their std over the train split is 0
+    rng = np.random.default_rng(0)
+    for cls in ("dim", "bright"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(6):
+            img = np.zeros((8, 8, 3), np.uint8)
+            img[:, :, 0] = rng.integers(0, 128, (8, 8)) + (127 if cls == "bright" else 0)
+            Image.fromarray(img).save(tmp_path / "src" / cls / f"{i}.png")
+    store = preprocess(tmp_path / "src", tmp_path / "store", size=(8, 8), val_fraction=0.3, workers=1)
+    assert store.std[1] == 0.0 and store.std[2] == 0.0  # the store keeps the true statistics
+    ds = store_dataset(tmp_path / "store")
+    assert ds.std[0] == pytest.approx(store.std[0]) and ds.std[1:] == (1.0, 1.0)
+    model = build_model("simple_cnn", in_channels=3, num_classes=2, input_size=(8, 8), bit_depth=8,
+                        rngs=nnx.Rngs(0), mean=ds.mean, std=ds.std)
+    assert np.isfinite(np.asarray(model(np.asarray(ds.train.images[:2])))).all()
