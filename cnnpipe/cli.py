@@ -291,6 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `cnnpipe evaluate RUN | head`: the reader left; stop quietly, and point stdout at
+        # /dev/null so the interpreter's final flush does not raise again (Python docs recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

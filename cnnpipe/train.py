@@ -295,7 +295,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(f"done: val accuracy {summary['final_val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}), "
         f"{summary['wall_seconds']:.1f}s wall, {summary['compile_seconds']:.1f}s compiling, "
-        f"{summary['train_images_per_sec'] or 0:.0f} train images/s -> {run_dir}")
+        + (f"{summary['train_images_per_sec']:.0f} train images/s" if summary["train_images_per_sec"]
+           else "train images/s not measured (needs 2+ steps per epoch)") + f" -> {run_dir}")
     return summary
 
 

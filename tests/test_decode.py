@@ -512,3 +512,18 @@ def test_jpeg_with_trailing_bytes_after_eoi_still_decodes() -> None:
     with Image.open(io.BytesIO(data)) as ref:
         expected = np.asarray(ref.convert("RGB"))
     np.testing.assert_array_equal(read_image(data).hwc(), expected)
+
+
+def test_cli_output_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    src = tmp_path / "x.png"
+    src.write_bytes(pypng_bytes(smooth(4, 4, 3, np.uint8), bitdepth=8))
+    # like `cnnpipe decode x.png | head -0`: the reading end is closed before anything is written
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cnnpipe.cli", "decode", str(src)], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1
+    assert proc.stderr == ""  # no BrokenPipeError traceback, no "Exception ignored" at exit
