@@ -363,25 +363,21 @@ class prefetch:  # noqa: N801 - used like a generator function
     def _fill(self, it: Iterator[Any]) -> None:
         try:
             for item in it:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(item):
                     return
-            self._put_end(self._END)
+            self._put(self._END)
         except BaseException as exc:  # re-raised in the consumer thread
-            self._put_end(exc)
+            self._put(exc)
 
-    def _put_end(self, item: Any) -> None:
+    def _put(self, item: Any) -> bool:
+        """Queue `item`, waiting in short slices so a stop request is seen; False once stopped."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
 
     def __iter__(self) -> prefetch:
         return self
