@@ -44,6 +44,8 @@ def _run_decode(args: argparse.Namespace) -> int:
     for name, plane in zip(planes.channels, planes.data):
         print(f"  {name:<2} {plane.dtype}  min {int(plane.min()):>6}  max {int(plane.max()):>6}  "
               f"mean {float(plane.mean(dtype=np.float64)):10.3f}")
+    for note in planes.warnings:
+        print(f"  warning: {note}")
     if args.save:
         np.save(args.save, planes.data)
         print(f"saved {planes.data.shape} {planes.data.dtype} to {args.save}")
@@ -280,22 +282,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (CLIError, DecodeError, FileNotFoundError, ValueError) as exc:
+    except (CLIError, DecodeError, OSError, ValueError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            return _quiet_broken_pipe()
         # ValueError covers the library's own input errors (config keys, store
-        # contents); each message already names the file, key or value.
-        # CNNPIPE_DEBUG=1 shows the traceback instead, for bug reports.
+        # contents); each message already names the file, key or value. OSError
+        # (a read-only OUT, a file where a folder should be, a full disk) is
+        # worded from its path and reason. CNNPIPE_DEBUG=1 shows the traceback
+        # instead, for bug reports.
         if os.environ.get("CNNPIPE_DEBUG"):
             raise
-        print(f"cnnpipe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cnnpipe {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # `cnnpipe evaluate RUN | head`: the reader left; stop quietly, and point stdout at
-        # /dev/null so the interpreter's final flush does not raise again (Python docs recipe)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+
+
+def _quiet_broken_pipe() -> int:
+    """`cnnpipe evaluate RUN | head`: the reader left; stop quietly, and point stdout at
+    /dev/null so the interpreter's final flush does not raise again (Python docs recipe)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one line that names the path: OSErrors from the system carry it in `filename`."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or type(exc).__name__}"
+        if exc.filename2 is not None:
+            text += f" (-> {exc.filename2})"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -408,7 +408,15 @@ def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / "dataset.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; is {run_dir} a cnnpipe run directory?")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable or corrupt run file ({' '.join(str(exc).split())})") from None
+    missing = [k for k in ("classes", "size", "channels", "bit_depth", "mean", "std")
+               if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise ValueError(f"{path}: corrupt run file (key {missing[0]!r} is missing)")
+    return info
 
 
 __all__ = [

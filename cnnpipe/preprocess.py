@@ -1,4 +1,4 @@
-"""Image folder -> dataset store: scan, stable split, parallel decode + resize, report.
+"""Image folder -> dataset store: probe, stable split, parallel prepare, stream to the store, report.
 
 Two passes over the files:
 
@@ -6,50 +6,49 @@ Two passes over the files:
    bytes of each file, recognise it by magic bytes, note its bit depth from
    the header. This fixes the store's dtype (uint16 as soon as one file is
    16-bit) and the classes before anything is written.
-2. *convert*, in worker processes: read each file once, hash its bytes (for
-   the duplicate report), decode (JPEGs that shrink >= 2x at reduced DCT
-   scale), promote 8-bit to
-   16-bit exactly (x257) when needed, resize (antialiased when shrinking;
-   16-bit in float32, no trip through 8 bits) and stream the rows to the
-   store's .npy files, so memory does not grow with the number of images.
+2. *prepare*, in worker processes: read each file once, hash its bytes (for
+   the duplicate report) and run the one image path,
+   `cnnpipe.transform.prepare_bytes` (decode -> match planes -> promote ->
+   resize), the very chain `cnnpipe predict` uses; rows stream to the store's
+   .npy files, so memory does not grow with the number of images.
 
-The split of a file is a pure function of (seed, class, path relative to the
-class folder): the same files give the same split on any machine, and adding
-files never moves old ones. The store is built beside OUT and renamed into
-place when complete (`cnnpipe.store.StoreWriter`).
+One bad file never stops a run: whatever goes wrong reading, decoding or
+transforming it (any exception) skips it with its reason in `report.json`.
+Only a problem with the output (OUT unwritable, disk full) stops the run,
+and then nothing is left behind (`cnnpipe.store.StoreWriter`).
 
-Worker processes import only this module, `cnnpipe.store` and `cnnpipe.decode`
-(numpy, Pillow, imagecodecs), never jax.
+The folder scan is `cnnpipe.folders`, the pool `cnnpipe.workers`, the report
+`cnnpipe.dataset_report`. Worker processes import this module and the image
+path (numpy, Pillow, imagecodecs), never jax.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
-import multiprocessing
 import os
-import signal
-import stat
-import struct
 import sys
 import time
-import types
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cnnpipe.decode import DEFAULT_MAX_PIXELS, DecodeError, check_format, read_image, sniff_format
+from cnnpipe.dataset_report import build_report, format_summary, reason_counts
+from cnnpipe.decode import DecodeError, check_format
+from cnnpipe.folders import Candidate, FolderScan, assign_split, scan_folder, skip
+from cnnpipe.formats import reason_of
 from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, load_store
-from cnnpipe.transform import RESIZE_MODES, promote_to_16bit, resize_image
+from cnnpipe.transform import RESIZE_MODES, ImageSpec, NeedsSixteenBit, prepare_bytes, resize_image
+from cnnpipe.workers import Progress, chunks, make_pool, ordered_map
 
-__all__ = ["PreprocessError", "preprocess", "format_summary", "parse_size", "assign_split", "resize_image"]
+__all__ = ["PreprocessError", "Settings", "preprocess", "format_summary", "parse_size", "assign_split",
+           "resize_image"]
 
 log = logging.getLogger(__name__)
 
@@ -86,147 +85,33 @@ def parse_size(size: int | str | Sequence[int]) -> tuple[int, int]:
     return hw  # type: ignore[return-value]
 
 
-def assign_split(seed: int, class_name: str, relpath: str, val_fraction: float, test_fraction: float) -> str:
-    """The split of one file: a hash of (seed, class, relative path) mapped into [0, 1).
+@dataclass(frozen=True)
+class Settings:
+    """How a folder becomes a store (see `preprocess` for each field); validated by `check`."""
 
-    Uses blake2b rather than Python's `hash()` (salted per process) so it is the
-    same on every machine and run; each file's split depends on nothing else.
-    """
-    digest = hashlib.blake2b(f"{seed}\x00{class_name}\x00{relpath}".encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "big") / 2.0**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
+    size: tuple[int, int]
+    resize: str = "crop"
+    channels: str = "rgb"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    seed: int = 0
+    workers: int = 1
+    overwrite: bool = False
+    progress: bool = False
 
+    def check(self) -> None:
+        """PreprocessError naming the first bad setting."""
+        _check_settings(self.val_fraction, self.test_fraction, self.resize, self.channels)
 
-# ---------------------------------------------------------------- scan
+    def spec(self, dtype: str) -> ImageSpec:
+        """The image spec every stored row matches."""
+        return ImageSpec(self.size, self.resize, self.channels, 16 if dtype == "uint16" else 8)
 
-@dataclass(slots=True)  # one per file: keep the per-file bookkeeping small
-class _Candidate:
-    path: str  # absolute path as walked (symlinks kept)
-    rel: str  # relative to SRC, posix
-    class_rel: str  # relative to the class folder, posix (the split hash key)
-    class_name: str
-    split: str | None  # the folder's own split in the split layout
-    digest: str = ""
-    bit_depth: int = 8
+    def split_config(self) -> dict[str, Any]:
+        return {"seed": self.seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
 
 
-@dataclass
-class _Scan:
-    layout: str  # "classes" or "splits"
-    candidates: list[_Candidate] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    class_dirs: list[tuple[str, str, str | None]] = field(default_factory=list)  # (rel, class, split)
-
-
-def _skip(scan: _Scan, rel: str, kind: str, reason: str) -> None:
-    scan.skipped.append({"path": rel, "kind": kind, "reason": reason})
-
-
-def _skipped_dotfile(scan: _Scan, entry: os.DirEntry, rel: str) -> bool:
-    """Skip (and report) AppleDouble `._*` files and hidden entries; True when skipped."""
-    if entry.name.startswith("._"):
-        _skip(scan, rel, "appledouble", f"{entry.path}: AppleDouble metadata file (._*), not an image")
-        return True
-    if entry.name.startswith("."):
-        _skip(scan, rel, "hidden", f"{entry.path}: hidden {'folder' if entry.is_dir() else 'file'}")
-        return True
-    return False
-
-
-def _walk_files(root: Path, rel_root: str, scan: _Scan, visited: set[tuple[int, int]],
-                ancestors: tuple[tuple[int, int], ...]) -> Iterator[tuple[str, str]]:
-    """Yield (absolute path, path relative to SRC) of regular files under `root`, sorted.
-
-    Follows symbolic links; a directory already seen (a loop, or a second link
-    to the same folder) is skipped and reported instead of walked again.
-    """
-    try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except OSError as exc:
-        _skip(scan, rel_root, "unreadable", f"{root}: cannot list directory: {exc.strerror or exc}")
-        return
-    for entry in entries:
-        rel = f"{rel_root}/{entry.name}" if rel_root else entry.name
-        if _skipped_dotfile(scan, entry, rel):
-            continue
-        try:
-            st = os.stat(entry.path)  # follows symlinks
-        except OSError:
-            if entry.is_symlink():
-                _skip(scan, rel, "broken_link", f"{entry.path}: broken symbolic link")
-            else:
-                _skip(scan, rel, "unreadable", f"{entry.path}: cannot stat file")
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            key = (st.st_dev, st.st_ino)
-            if key in ancestors:
-                _skip(scan, rel, "symlink_loop", f"{entry.path}: symbolic link loop (points to a parent folder)")
-                continue
-            if key in visited:
-                _skip(scan, rel, "symlink_repeat", f"{entry.path}: folder already scanned through another link")
-                continue
-            visited.add(key)
-            yield from _walk_files(Path(entry.path), rel, scan, visited, ancestors + (key,))
-        elif stat.S_ISREG(st.st_mode):
-            yield entry.path, rel
-        else:
-            _skip(scan, rel, "not_regular", f"{entry.path}: not a regular file")
-
-
-def _subdirs(root: Path) -> list[str]:
-    out = []
-    for e in sorted(os.scandir(root), key=lambda e: e.name):
-        if not e.name.startswith(".") and e.is_dir():  # is_dir follows symlinks
-            out.append(e.name)
-    return out
-
-
-def scan_folder(src: Path) -> _Scan:
-    """Find candidate files in SRC/<class>/** or SRC/<split>/<class>/**; nothing is read yet."""
-    top = _subdirs(src)
-    is_split_layout = bool(top) and set(top) <= set(SPLIT_NAMES)
-    scan = _Scan(layout="splits" if is_split_layout else "classes")
-    root_st = os.stat(src)
-    visited = {(root_st.st_dev, root_st.st_ino)}
-    roots: list[tuple[Path, str, str | None]]  # (folder holding class folders, rel, split)
-    if is_split_layout:
-        roots = [(src / s, s, s) for s in SPLIT_NAMES if s in top]
-        for entry in sorted(os.scandir(src), key=lambda e: e.name):
-            if not entry.is_dir():
-                kind = "appledouble" if entry.name.startswith("._") else (
-                    "hidden" if entry.name.startswith(".") else "outside_class")
-                _skip(scan, entry.name, kind, f"{entry.path}: not inside a split/class folder")
-    else:
-        roots = [(src, "", None)]
-    for base, base_rel, split in roots:
-        base_st = os.stat(base)
-        visited.add((base_st.st_dev, base_st.st_ino))
-        ancestors = ((root_st.st_dev, root_st.st_ino), (base_st.st_dev, base_st.st_ino))
-        for entry in sorted(os.scandir(base), key=lambda e: e.name):
-            rel = f"{base_rel}/{entry.name}" if base_rel else entry.name
-            if _skipped_dotfile(scan, entry, rel):
-                continue
-            if not entry.is_dir():
-                _skip(scan, rel, "outside_class", f"{entry.path}: not inside a class folder")
-                continue
-            st = os.stat(entry.path)
-            key = (st.st_dev, st.st_ino)
-            if key in ancestors:
-                _skip(scan, rel, "symlink_loop", f"{entry.path}: symbolic link loop (points to a parent folder)")
-                continue
-            visited.add(key)
-            scan.class_dirs.append((rel, entry.name, split))
-            for path, frel in _walk_files(Path(entry.path), rel, scan, visited, ancestors + (key,)):
-                class_rel = frel[len(rel) + 1:]
-                scan.candidates.append(_Candidate(path, frel, class_rel, entry.name, split))
-    return scan
-
-
-# ---------------------------------------------------------------- workers
+# ---------------------------------------------------------------- pass 1, here
 
 def _probe_one(path: str) -> tuple[str | None, int]:
     """(error or None, bit depth from the header) of one file, reading only its first bytes."""
@@ -257,216 +142,43 @@ def _header_bit_depth(fmt: str, head: bytes, path: str) -> int:
     return 8
 
 
-@dataclass(frozen=True)
-class _ConvertSettings:
-    size: tuple[int, int]
-    resize: str
-    channels: str
-    dtype: str  # "uint8" or "uint16"
+# ---------------------------------------------------------------- pass 2, in the workers
 
+def _convert_one(path: str, want_stats: bool, spec: ImageSpec) -> tuple:
+    """Read, hash and prepare one file; never raises.
 
-class _NeedsUint16(Exception):
-    """A file decoded as 16-bit although its header suggested 8: the store must be uint16."""
-
-
-def _read_jpeg_reduced(data: bytes, path: str, cfg: _ConvertSettings) -> np.ndarray | None:
-    """Decode an 8-bit JPEG at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
-
-    libjpeg scales in the DCT domain (an area average: it antialiases) and
-    skips most of the work, so shrinking photos costs a fraction of a full
-    decode. Returns (h, w, C) uint8 with EXIF orientation applied, or None
-    whenever the plain decode should be used instead (no 2x reduction
-    possible, CMYK, gray from colour, oversized, truncated or damaged files:
-    `read_image` then decides and words any error).
-    """
-    from PIL import Image, ImageOps
-
-    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return None
-    try:
-        im = Image.open(io.BytesIO(data), formats=["JPEG"])
-    except Exception:
-        return None
-    with im:
-        if im.mode not in ("L", "RGB") or (cfg.channels == "gray" and im.mode != "L"):
-            return None
-        if im.width * im.height > DEFAULT_MAX_PIXELS:
-            return None
-        orientation = im.getexif().get(0x0112) or 1
-        w, h = im.size
-        transposed = orientation in (5, 6, 7, 8)
-        oh, ow = (w, h) if transposed else (h, w)
-        rh, rw = _needed_source_size(oh, ow, cfg.size, cfg.resize)
-        if transposed:
-            rh, rw = rw, rh
-        if min(w // rw, h // rh) < 2:
-            return None
-        try:
-            im.draft(im.mode, (rw, rh))
-            im.load()
-            if orientation != 1:
-                im = ImageOps.exif_transpose(im)
-            arr = np.asarray(im)
-        except Exception:
-            return None
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if cfg.channels == "rgb" and arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return arr
-
-
-def _needed_source_size(h: int, w: int, size: tuple[int, int], mode: str) -> tuple[int, int]:
-    """The smallest (h, w) the source may be reduced to before the final resize to `size`."""
-    th, tw = size
-    if mode == "stretch":
-        return th, tw
-    s = max(th / h, tw / w) if mode == "crop" else min(th / h, tw / w)
-    return max(1, math.ceil(h * s)), max(1, math.ceil(w * s))
-
-
-def _convert_one(path: str, want_stats: bool, cfg: _ConvertSettings) -> tuple:
-    """Read, hash, decode and resize one file.
-
-    Returns ("ok", (H, W, C) image, channel sums or None, channel sums of
-    squares or None, content hash), ("error", reason) or ("needs16", path).
+    Returns ("ok", (H, W, C) pixels, channel sums or None, channel sums of
+    squares or None, content hash, warnings), ("error", reason naming the
+    file) or ("needs16",).
     """
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         return ("error", f"{path}: cannot read file: {exc.strerror or exc}")
-    digest = hashlib.sha256(data).hexdigest()[:32]
-    img = None
-    if sniff_format(data[:32]) == "JPEG":
-        img = _read_jpeg_reduced(data, path, cfg)
-    if img is None:
-        try:
-            img = read_image(data, channels=cfg.channels, alpha="drop").hwc()
-        except DecodeError as exc:  # decoded from bytes: put the file's name on the reason
-            return ("error", str(DecodeError(path, exc.reason)))
-        except Exception as exc:  # anything else is reported, not fatal
-            return ("error", f"{path}: {type(exc).__name__}: {exc}")
-    if img.dtype == np.uint16 and cfg.dtype == "uint8":
-        return ("needs16", path)
-    if img.dtype == np.uint8 and cfg.dtype == "uint16":
-        img = promote_to_16bit(img)
-    img = np.ascontiguousarray(resize_image(img, cfg.size, cfg.resize))
-    if not want_stats:
-        return ("ok", img, None, None, digest)
-    flat = img.reshape(-1, img.shape[2]).astype(np.uint64)
-    # integer sums are exact, so the mean/std do not depend on order or chunking
-    return ("ok", img, [int(v) for v in flat.sum(0)], [int(v) for v in np.einsum("ij,ij->j", flat, flat)],
-            digest)
-
-
-def _convert_chunk(args: tuple[list[tuple[str, bool]], _ConvertSettings]) -> list[tuple]:
-    items, cfg = args
-    return [_convert_one(path, want, cfg) for path, want in items]
-
-
-def _worker_init() -> None:
-    # Ctrl-C goes to the whole process group; the parent alone handles it and
-    # terminates the pool, so workers must not die mid-result with tracebacks.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _chunks(seq: Sequence[Any], n: int) -> Iterator[list[Any]]:
-    for i in range(0, len(seq), n):
-        yield list(seq[i:i + n])
-
-
-def _ordered_map(pool: Any, fn: Callable[[Any], Any], jobs: Iterable[Any], window: int) -> Iterator[Any]:
-    """`fn` over `jobs` in order with at most `window` jobs in flight.
-
-    Unlike `Pool.imap`, results never pile up faster than the caller consumes
-    them, which keeps the parent's memory bounded.
-    """
-    it = iter(jobs)
-    if pool is None:
-        yield from map(fn, it)
-        return
-    pending: deque = deque(pool.apply_async(fn, (job,)) for job in _take(it, window))
-    while pending:
-        result = pending.popleft().get()
-        for job in _take(it, 1):
-            pending.append(pool.apply_async(fn, (job,)))
-        yield result
-
-
-def _take(it: Iterator[Any], n: int) -> list[Any]:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
-
-
-_WORKER_PRELOAD = ["cnnpipe.preprocess", "imagecodecs", "tifffile", "PIL.JpegImagePlugin", "PIL.PngImagePlugin",
-                   "PIL.TiffImagePlugin", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.WebPImagePlugin"]
-
-
-def _make_pool(workers: int) -> Any:
-    """A pool of `workers` processes that import this module but never the caller's script.
-
-    Never fork (the parent may hold jax/XLA threads). Under forkserver/spawn a
-    child normally re-runs the parent's main script to unpickle functions
-    defined there; ours live in this module, so the script is hidden while the
-    workers start: a training script that imports jax does not drag jax into
-    every decoding worker.
-    """
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        # the fork server imports the whole decoding stack once (codecs and Pillow's
-        # plugins are otherwise imported lazily, on each worker's first file); workers
-        # fork from it ready
-        ctx.set_forkserver_preload(_WORKER_PRELOAD)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        return ctx.Pool(workers, initializer=_worker_init)
-    finally:
-        if main is not None:
-            sys.modules["__main__"] = main
+        img = prepare_bytes(data, spec, path)
+    except NeedsSixteenBit:
+        return ("needs16",)
+    except (DecodeError, ValueError) as exc:  # their messages name the file
+        return ("error", str(exc) if str(exc).startswith(path) else f"{path}: {reason_of(exc)}")
+    except MemoryError:
+        return ("error", f"{path}: not enough memory to prepare this image")
+    except Exception as exc:  # a bug or a codec surprise: one file is reported, the run goes on
+        return ("error", f"{path}: {type(exc).__name__}: {reason_of(exc)}")
+    digest = hashlib.sha256(data).hexdigest()[:32]
+    if not want_stats:
+        return ("ok", img.pixels, None, None, digest, img.warnings)
+    flat = img.pixels.reshape(-1, img.pixels.shape[2]).astype(np.uint64)
+    # integer sums are exact, so the mean/std do not depend on order or chunking
+    return ("ok", img.pixels, [int(v) for v in flat.sum(0)], [int(v) for v in np.einsum("ij,ij->j", flat, flat)],
+            digest, img.warnings)
 
 
-# ---------------------------------------------------------------- progress
+def _convert_chunk(args: tuple[list[tuple[str, bool]], ImageSpec]) -> list[tuple]:
+    items, spec = args
+    return [_convert_one(path, want, spec) for path, want in items]
 
-class _Progress:
-    """A tqdm bar on an interactive terminal; otherwise a log line every 10 s and at the end."""
-
-    def __init__(self, enabled: bool, total: int, desc: str) -> None:
-        self.total, self.desc, self.done, self.skipped = total, desc, 0, 0
-        self.t0 = self.last = time.perf_counter()
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="file", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, n: int, skipped: int) -> None:
-        self.done += n
-        self.skipped += skipped
-        if self.bar is not None:
-            self.bar.update(n)
-            if skipped:
-                self.bar.set_postfix(skipped=self.skipped, refresh=False)
-        elif self.done >= self.total or time.perf_counter() - self.last >= 10.0:
-            self.last = time.perf_counter()
-            rate = self.done / max(self.last - self.t0, 1e-9)
-            log.info("%s: %d/%d files, %.0f files/s, %d skipped", self.desc, self.done, self.total, rate,
-                     self.skipped)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ---------------------------------------------------------------- main entry
 
 def _check_settings(val_fraction: float, test_fraction: float, resize: str, channels: str) -> None:
     for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -513,23 +225,23 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
       progress: show a progress bar; None = only on an interactive terminal.
 
     Returns:
-      The written `Store`.
+      The written `Store`. Files that could not be used are in its report, each with a reason.
 
     Raises:
       PreprocessError (a ValueError): SRC missing, no images, fewer than two
-      classes, a class without a single decodable image, bad settings.
+        classes, a class without a single usable image, bad settings.
+      OSError: the output cannot be written (the error names the path); nothing is left behind.
     """
     t0 = time.perf_counter()
-    src_p, out_p = Path(src), Path(out)
-    hw = parse_size(size)
-    _check_settings(val_fraction, test_fraction, resize, channels)
-    _check_paths(src_p, out_p)
-    check_output(out_p.absolute(), overwrite)
     if workers is not None and int(workers) < 0:
         raise PreprocessError(f"workers: expected a positive number (or 0 for every core), got {workers!r}")
-    n_workers = int(workers) if workers else (os.cpu_count() or 1)
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-
+    settings = Settings(parse_size(size), resize, channels, val_fraction, test_fraction, seed,
+                        int(workers) if workers else (os.cpu_count() or 1), overwrite,
+                        sys.stderr.isatty() if progress is None else bool(progress))
+    settings.check()
+    src_p, out_p = Path(src), Path(out)
+    _check_paths(src_p, out_p)
+    check_output(out_p.absolute(), overwrite)
     scan = scan_folder(src_p)
     if not scan.candidates:
         raise PreprocessError(f"SRC: no image files found in {src_p} (expected SRC/<class>/<image> or "
@@ -537,49 +249,21 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
     # The pool starts (imports numpy/Pillow/imagecodecs in the workers) while
     # this process reads the headers: pass 1 is a few bytes per file.
     starter = pool_future = None
-    if n_workers > 1 and len(scan.candidates) > n_workers:
+    if settings.workers > 1 and len(scan.candidates) > settings.workers:
         starter = ThreadPoolExecutor(1, thread_name_prefix="cnnpipe-pool-start")
-        pool_future = starter.submit(_make_pool, n_workers)
+        pool_future = starter.submit(make_pool, settings.workers)
     try:
-        # ---- pass 1: what is there
-        bar = _Progress(show, len(scan.candidates), "scanning")
-        ok: list[_Candidate] = []
-        for chunk in _chunks(scan.candidates, _PROBE_CHUNK):
-            bad = 0
-            for cand in chunk:
-                err, cand.bit_depth = _probe_one(cand.path)
-                if err is None:
-                    ok.append(cand)
-                else:
-                    bad += 1
-                    kind = "empty" if err.endswith("empty file (0 bytes)") else "not_image"
-                    _skip(scan, cand.rel, kind, err)
-            bar.update(len(chunk), bad)
-        bar.close()
-        classes = sorted({c.class_name for c in ok})
-        if not classes:
-            raise PreprocessError(f"SRC: no images in {src_p}: {len(scan.candidates)} files, none a "
-                                  f"recognised image ({_reason_counts(scan.skipped)})")
-        if len(classes) < 2:
-            raise PreprocessError(f"SRC: only one class ({classes[0]!r}) in {src_p}; a classifier needs at "
-                                  "least two class folders")
-        for cand in ok:
-            if cand.split is None:
-                cand.split = assign_split(seed, cand.class_name, cand.class_rel, val_fraction, test_fraction)
-        dtype = "uint16" if any(c.bit_depth == 16 for c in ok) else "uint8"
-
-        # ---- pass 2: decode, resize, write
+        build = _Build(scan, settings, src_p, out_p, t0)
+        build.probe()
         while True:
             try:
-                pool = pool_future.result() if pool_future is not None else None
-                return _convert_and_write(scan, ok, classes, dtype, hw, resize, channels, src_p, out_p,
-                                          overwrite, pool, n_workers, show, t0,
-                                          dict(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction))
+                build.pool = pool_future.result() if pool_future is not None else None
+                return build.write()
             except _NeedsUint16 as exc:
-                if dtype == "uint16":
+                if build.dtype == "uint16":
                     raise
                 log.info("%s decoded as 16-bit; restarting with a uint16 store", exc)
-                dtype = "uint16"
+                build.dtype = "uint16"
     finally:
         if starter is not None:
             try:
@@ -592,84 +276,154 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
             starter.shutdown()
 
 
-def _reason_counts(skipped: Sequence[dict[str, str]]) -> str:
-    counts = Counter(s["kind"] for s in skipped)
-    return ", ".join(f"{k}: {v}" for k, v in counts.most_common()) or "none"
+class _NeedsUint16(Exception):
+    """A file decoded as 16-bit although its header suggested 8: the store must be uint16."""
 
 
-def _split_order(scan: _Scan) -> list[str]:
+@dataclass
+class _Build:
+    """One preprocess run: the scan, the usable files and what has been stored so far."""
+
+    scan: FolderScan
+    settings: Settings
+    src: Path
+    out: Path
+    t0: float
+    pool: Any = None
+    ok: list[Candidate] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    dtype: str = "uint8"
+
+    def probe(self) -> None:
+        """Pass 1: keep files whose first bytes are an image; fix classes, splits and dtype."""
+        scan, s = self.scan, self.settings
+        bar = Progress(s.progress, len(scan.candidates), "scanning")
+        for chunk in chunks(scan.candidates, _PROBE_CHUNK):
+            bad = 0
+            for cand in chunk:
+                err, cand.bit_depth = _probe_one(cand.path)
+                if err is None:
+                    self.ok.append(cand)
+                else:
+                    bad += 1
+                    skip(scan, cand.rel, "empty" if err.endswith("empty file (0 bytes)") else "not_image", err)
+            bar.update(len(chunk), bad)
+        bar.close()
+        self.classes = sorted({c.class_name for c in self.ok})
+        if not self.classes:
+            raise PreprocessError(f"SRC: no images in {self.src}: {len(scan.candidates)} files, none a "
+                                  f"recognised image ({reason_counts(scan.skipped)})")
+        if len(self.classes) < 2:
+            raise PreprocessError(f"SRC: only one class ({self.classes[0]!r}) in {self.src}; a classifier "
+                                  "needs at least two class folders")
+        for cand in self.ok:
+            if cand.split is None:
+                cand.split = assign_split(s.seed, cand.class_name, cand.class_rel, s.val_fraction, s.test_fraction)
+        self.dtype = "uint16" if any(c.bit_depth == 16 for c in self.ok) else "uint8"
+
+    def _splits(self) -> list[str]:
+        splits = _split_order(self.scan)
+        if self.scan.layout == "classes":
+            cfg = self.settings.split_config()
+            splits = [s for s in splits if s == "train" or cfg[f"{s}_fraction"] > 0]
+        return splits
+
+    def write(self) -> Store:
+        """Pass 2: prepare every usable file in the workers and stream the rows into a new store."""
+        class_index = {c: i for i, c in enumerate(self.classes)}
+        splits = self._splits()
+        order = {s: i for i, s in enumerate(splits)}
+        todo = sorted(self.ok, key=lambda c: (order[c.split], class_index[c.class_name], c.class_rel))
+        capacity = Counter(c.split for c in todo)
+        spec = self.settings.spec(self.dtype)
+        stats_split = "train" if capacity.get("train") else None  # None: every split (no train images)
+        jobs = ((chunk, spec) for chunk in chunks([(c.path, stats_split in (None, c.split)) for c in todo],
+                                                  _CONVERT_CHUNK))
+        acc = _Accumulator(spec.num_planes, splits)
+        bar = Progress(self.settings.progress, len(todo), "decoding")
+        with StoreWriter(self.out, overwrite=self.settings.overwrite) as writer:
+            for s in splits:
+                writer.create_split(s, capacity.get(s, 0), spec.size, spec.num_planes, self.dtype)
+            results = (r for chunk in ordered_map(self.pool, _convert_chunk, jobs, 4 * self.settings.workers)
+                       for r in chunk)
+            for cand, res in zip(todo, results):
+                stored = self._store_one(writer, cand, res, spec, class_index[cand.class_name], acc)
+                bar.update(1, 0 if stored else 1)
+            bar.close()
+            writer.commit(*self._finish(acc, splits, stats_split))
+        return load_store(self.out)
+
+    def _store_one(self, writer: StoreWriter, cand: Candidate, res: tuple, spec: ImageSpec, label: int,
+                   acc: _Accumulator) -> bool:
+        """Append one worker result to the store (True), or record why it was skipped (False)."""
+        if res[0] == "needs16":
+            raise _NeedsUint16(cand.rel)
+        if res[0] == "error":
+            acc.failed.append((cand, res[1]))
+            return False
+        _, img, s1, s2, digest, warnings = res
+        want = (*spec.size, spec.num_planes)
+        if img.shape != want or img.dtype != np.dtype(self.dtype):  # checked before it can reach the store
+            acc.failed.append((cand, f"{cand.path}: prepared pixels are {img.shape} {img.dtype}, expected "
+                                     f"{want} {self.dtype}"))
+            return False
+        cand.digest = digest
+        writer.append(cand.split, img, label, cand.rel)
+        acc.add(cand, img, s1, s2, warnings)
+        return True
+
+    def _finish(self, acc: _Accumulator, splits: list[str], stats_split: str | None) -> tuple[dict, dict]:
+        """meta.json and report.json for what was stored; PreprocessError if a class got no image."""
+        for cand, reason in acc.failed:
+            skip(self.scan, cand.rel, "decode_error", reason)
+        stored = Counter()
+        for s in splits:
+            stored.update(acc.per_class[s])
+        missing = [c for c in self.classes if not stored[c]]
+        if missing:
+            examples = "; ".join(r for c, r in acc.failed if c.class_name in missing[:3])[:600]
+            raise PreprocessError(f"no image could be decoded for class(es) {', '.join(missing)} "
+                                  f"(every class needs at least one): {examples}")
+        n_ch = acc.planes
+        mean, std = _mean_std(acc.sums, acc.sumsq, acc.n_pix, n_ch)
+        counts = {s: {"total": sum(acc.per_class[s].values()),
+                      "per_class": {c: acc.per_class[s][c] for c in self.classes}} for s in splits}
+        report = build_report(self.scan, self.ok, counts, self.src, time.perf_counter() - self.t0, acc.warnings)
+        s = self.settings
+        meta = build_meta(classes=self.classes, dtype=self.dtype, size=s.size,
+                          channel_names=["R", "G", "B"] if n_ch == 3 else ["L"], splits=splits, counts=counts,
+                          mean=mean, std=std, stats_split=stats_split or "all", layout=self.scan.layout,
+                          resize=s.resize, source=str(self.src.absolute()), num_images=sum(stored.values()),
+                          **s.split_config())
+        return meta, report
+
+
+class _Accumulator:
+    """Per-class counts, exact integer channel sums, failures and warnings of the rows stored so far."""
+
+    def __init__(self, planes: int, splits: list[str]) -> None:
+        self.planes = planes
+        self.sums, self.sumsq, self.n_pix = [0] * planes, [0] * planes, 0
+        self.per_class: dict[str, Counter] = {s: Counter() for s in splits}
+        self.failed: list[tuple[Candidate, str]] = []
+        self.warnings: list[dict[str, Any]] = []
+
+    def add(self, cand: Candidate, img: np.ndarray, s1: list[int] | None, s2: list[int] | None,
+            warnings: Sequence[str]) -> None:
+        self.per_class[cand.split][cand.class_name] += 1
+        if warnings:
+            self.warnings.append({"path": cand.rel, "warnings": list(warnings)})
+        if s1 is not None:
+            self.sums = [a + b for a, b in zip(self.sums, s1)]
+            self.sumsq = [a + b for a, b in zip(self.sumsq, s2)]
+            self.n_pix += img.shape[0] * img.shape[1]
+
+
+def _split_order(scan: FolderScan) -> list[str]:
     if scan.layout == "splits":
         present = {d[2] for d in scan.class_dirs}
         return [s for s in SPLIT_NAMES if s in present]
     return list(SPLIT_NAMES)
-
-
-def _convert_and_write(scan: _Scan, ok: list[_Candidate], classes: list[str], dtype: str, hw: tuple[int, int],
-                       resize: str, channels: str, src: Path, out: Path, overwrite: bool, pool: Any,
-                       n_workers: int, show: bool, t0: float, split_cfg: dict[str, Any]) -> Store:
-    class_index = {c: i for i, c in enumerate(classes)}
-    splits = _split_order(scan)
-    if scan.layout == "classes":
-        splits = [s for s in splits if s == "train" or split_cfg[f"{s}_fraction"] > 0]
-    order = {s: i for i, s in enumerate(splits)}
-    todo = sorted(ok, key=lambda c: (order[c.split], class_index[c.class_name], c.class_rel))
-    capacity = Counter(c.split for c in todo)
-    n_ch = 3 if channels == "rgb" else 1
-    cfg = _ConvertSettings(hw, resize, channels, dtype)
-    stats_split = "train" if capacity.get("train") else None  # None: every split (no train images)
-    jobs = ((chunk, cfg) for chunk in _chunks([(c.path, stats_split in (None, c.split)) for c in todo],
-                                              _CONVERT_CHUNK))
-    sums, sumsq, n_pix = [0] * n_ch, [0] * n_ch, 0
-    per_class = {s: Counter() for s in splits}
-    decode_failed: list[tuple[_Candidate, str]] = []
-    bar = _Progress(show, len(todo), "decoding")
-    with StoreWriter(out, overwrite=overwrite) as writer:
-        for s in splits:
-            writer.create_split(s, capacity.get(s, 0), hw, n_ch, dtype)
-        i = 0
-        for chunk in _ordered_map(pool, _convert_chunk, jobs, 4 * n_workers):
-            bad = 0
-            for res in chunk:
-                cand = todo[i]
-                i += 1
-                if res[0] == "needs16":
-                    raise _NeedsUint16(cand.rel)
-                if res[0] == "error":
-                    decode_failed.append((cand, res[1]))
-                    bad += 1
-                    continue
-                _, img, s1, s2, cand.digest = res
-                writer.append(cand.split, img, class_index[cand.class_name], cand.rel)
-                per_class[cand.split][cand.class_name] += 1
-                if s1 is not None:
-                    sums = [a + b for a, b in zip(sums, s1)]
-                    sumsq = [a + b for a, b in zip(sumsq, s2)]
-                    n_pix += img.shape[0] * img.shape[1]
-            bar.update(len(chunk), bad)
-        bar.close()
-
-        for cand, reason in decode_failed:
-            _skip(scan, cand.rel, "decode_error", reason)
-        stored = Counter()
-        for s in splits:
-            stored.update(per_class[s])
-        missing = [c for c in classes if not stored[c]]
-        if missing:
-            examples = "; ".join(r for c, r in decode_failed if c.class_name in missing[:3])[:600]
-            raise PreprocessError(f"no image could be decoded for class(es) {', '.join(missing)} "
-                                  f"(every class needs at least one): {examples}")
-        mean, std = _mean_std(sums, sumsq, n_pix, n_ch)
-        counts = {s: {"total": sum(per_class[s].values()),
-                      "per_class": {c: per_class[s][c] for c in classes}} for s in splits}
-        elapsed = time.perf_counter() - t0
-        report = _build_report(scan, ok, classes, counts, src, elapsed)
-        channel_names = ["R", "G", "B"] if n_ch == 3 else ["L"]
-        meta = build_meta(classes=classes, dtype=dtype, size=hw, channel_names=channel_names, splits=splits,
-                          counts=counts, mean=mean, std=std,
-                          stats_split=stats_split or "all", layout=scan.layout, resize=resize,
-                          source=str(src.absolute()), num_images=sum(stored.values()), **split_cfg)
-        writer.commit(meta, report)
-    return load_store(out)
 
 
 def _mean_std(sums: list[int], sumsq: list[int], n: int, n_ch: int) -> tuple[list[float], list[float]]:
@@ -679,68 +433,3 @@ def _mean_std(sums: list[int], sumsq: list[int], n: int, n_ch: int) -> tuple[lis
     # n * sumsq - sum^2 is exact in Python integers: no cancellation error
     std = [math.sqrt(max(n * q - s * s, 0)) / n for s, q in zip(sums, sumsq)]
     return mean, std
-
-
-def _build_report(scan: _Scan, ok: list[_Candidate], classes: list[str], counts: dict[str, Any], src: Path,
-                  elapsed: float) -> dict[str, Any]:
-    by_hash: dict[str, list[_Candidate]] = {}
-    for c in ok:
-        if c.digest:  # stored images only
-            by_hash.setdefault(c.digest, []).append(c)
-    duplicates = []
-    for digest, group in by_hash.items():
-        if len(group) < 2:
-            continue
-        duplicates.append({
-            "hash": f"sha256-128:{digest}",
-            "files": [{"path": c.rel, "class": c.class_name, "split": c.split} for c in group],
-            "cross_split": len({c.split for c in group}) > 1,
-            "cross_class": len({c.class_name for c in group}) > 1,
-        })
-    duplicates.sort(key=lambda d: d["files"][0]["path"])
-    # a class folder with no image in it is reported, not a class
-    with_images = {(c.class_name, c.split if scan.layout == "splits" else None) for c in ok}
-    empty = [rel for rel, name, split in scan.class_dirs if (name, split) not in with_images]
-    skipped = sorted(scan.skipped, key=lambda s: s["path"])
-    return {
-        "source": str(src.absolute()),
-        "layout": scan.layout,
-        "counts": {
-            "files_found": len(scan.candidates),
-            "images_stored": sum(v["total"] for v in counts.values()),
-            "skipped": len(skipped),
-            "skipped_by_kind": dict(Counter(s["kind"] for s in skipped).most_common()),
-            "duplicate_groups": len(duplicates),
-            "duplicate_files": sum(len(d["files"]) for d in duplicates),
-            "cross_split_duplicate_groups": sum(d["cross_split"] for d in duplicates),
-            "empty_class_folders": len(empty),
-        },
-        "skipped": skipped,
-        "empty_class_folders": empty,
-        "duplicates": duplicates,
-        "cross_split_duplicates": [d for d in duplicates if d["cross_split"]],
-        "elapsed_s": round(elapsed, 3),
-    }
-
-
-def format_summary(store: Store) -> str:
-    """A short human summary of a store: images per split and class, skipped files, duplicates, time."""
-    meta, report = store.meta, store.report
-    h, w = store.size
-    lines = [f"{store.path}: {meta['num_images']} images, {len(store.classes)} classes, "
-             f"{h}x{w}x{store.channels} {meta['dtype']} ({report['layout']} layout)"]
-    width = max(len("class"), *(len(c) for c in store.classes))
-    lines.append(f"  {'class':<{width}}  " + "  ".join(f"{s:>7}" for s in store.splits))
-    for c in store.classes:
-        lines.append(f"  {c:<{width}}  " + "  ".join(f"{meta['counts'][s]['per_class'][c]:>7}"
-                                                     for s in store.splits))
-    lines.append(f"  {'total':<{width}}  " + "  ".join(f"{meta['counts'][s]['total']:>7}" for s in store.splits))
-    rc = report["counts"]
-    kinds = ", ".join(f"{k} {v}" for k, v in rc["skipped_by_kind"].items())
-    lines.append(f"skipped {rc['skipped']} files" + (f" ({kinds})" if kinds else "")
-                 + (f"; empty class folders: {', '.join(report['empty_class_folders'])}"
-                    if report["empty_class_folders"] else ""))
-    lines.append(f"duplicates: {rc['duplicate_groups']} groups, {rc['duplicate_files']} files, "
-                 f"{rc['cross_split_duplicate_groups']} crossing splits")
-    lines.append(f"done in {report['elapsed_s']:.1f} s; details in {store.path / 'report.json'}")
-    return "\n".join(lines)

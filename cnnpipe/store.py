@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,10 @@ class _RowStream:
                              f"{self.row_shape} {self.dtype}")
         if self.n >= self.capacity:
             raise ValueError(f"{self.path}: more than the {self.capacity} rows allocated")
-        self.f.write(np.ascontiguousarray(row).data)
+        try:
+            self.f.write(np.ascontiguousarray(row).data)
+        except OSError as exc:  # disk full, I/O error: name the file (a bare write error names none)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         self.n += 1
 
     def close(self) -> None:
@@ -220,7 +224,8 @@ class StoreWriter:
         self.overwrite = overwrite
         check_output(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        remove_stale_temporaries(self.out)
+        self.tmp = self.out.parent / _temp_name(self.out, "tmp")
         self.tmp.mkdir()
         self._images: dict[str, _RowStream] = {}
         self._labels: dict[str, _RowStream] = {}
@@ -265,7 +270,7 @@ class StoreWriter:
         check_output(self.out, self.overwrite)  # OUT may have appeared while we worked
         old = None
         if self.out.exists() or self.out.is_symlink():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            old = self.out.parent / _temp_name(self.out, "old")
             os.rename(self.out, old)
         os.rename(self.tmp, self.out)
         self.committed = True
@@ -282,6 +287,53 @@ class StoreWriter:
             stream.f.close()
         if not self.committed and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def _temp_name(out: Path, kind: str) -> str:
+    """`.OUT.tmp-HOST-PID-RANDOM`: the host and process say whether a leftover is still being written."""
+    return f".{out.name}.{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep its folder
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete temporary folders a killed writer left beside `out`; returns what was removed.
+
+    Only folders named by `StoreWriter` for this OUT, made on this host, whose
+    process no longer runs: a writer still at work (here or on another host
+    sharing the folder) is never touched.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return removed
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-{_host()}-"
+        for entry in entries:
+            if not entry.name.startswith(prefix) or entry.is_symlink():
+                continue
+            pid = entry.name[len(prefix):].split("-")[0]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not (out.exists() or out.is_symlink()):
+                os.rename(entry.path, out)  # killed mid-commit: the previous store is put back, not lost
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -399,18 +399,21 @@ def test_jpeg_shrinks_at_reduced_dct_scale_like_a_full_decode(tmp_path):
     # stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)
     rotated = _jpeg(tmp_path / "b" / "side.jpg", np.ascontiguousarray(np.rot90(smooth, 1)), orientation=6)
     gray = _jpeg(tmp_path / "b" / "gray.jpg", smooth[:, :, 0])
-    cfg = pp._ConvertSettings((16, 16), "crop", "rgb", "uint8")
+    from cnnpipe.transform import ImageSpec, _jpeg_reduce
+
+    spec = ImageSpec((16, 16), "crop")
     for path in (upright, rotated, gray):
-        fast = pp._read_jpeg_reduced(path.read_bytes(), str(path), cfg)
-        assert fast is not None and fast.dtype == np.uint8 and fast.shape[2] == 3
-        assert min(fast.shape[:2]) >= 16 and min(fast.shape[:2]) < 32  # 1/4 scale, still >= target
+        data = path.read_bytes()
+        assert _jpeg_reduce(data, spec) == 4  # 64x96 covers 16x16 at 1/4 (16x24), not at 1/8
+        fast = read_image(data, reduce=4).hwc()
+        assert fast.dtype == np.uint8 and fast.shape == (16, 24, 3)  # orientation applied after the scaled decode
         got = pp.resize_image(fast, (16, 16), "crop").astype(np.int64)
         full = read_image(path).hwc()
         ref = pp.resize_image(np.ascontiguousarray(full), (16, 16), "crop").astype(np.int64)
         assert np.abs(got - ref).mean() < 3 and np.abs(got - ref).max() <= 16
-    # no 2x reduction possible, or gray wanted from colour: the plain decoder is used
-    assert pp._read_jpeg_reduced(upright.read_bytes(), "", pp._ConvertSettings((40, 40), "crop", "rgb", "uint8")) is None
-    assert pp._read_jpeg_reduced(upright.read_bytes(), "", pp._ConvertSettings((8, 8), "crop", "gray", "uint8")) is None
+    # no 2x reduction possible: the full-size decoder is used
+    assert _jpeg_reduce(upright.read_bytes(), ImageSpec((40, 40), "crop")) == 1
+    assert _jpeg_reduce(upright.read_bytes(), ImageSpec((8, 8), "pad")) == 8  # pad needs 8x12 only
     # truncated: left to the decoder, whose message lands in the report
     cut = tmp_path / "b" / "cut.jpg"
     cut.write_bytes(upright.read_bytes()[:-100])
@@ -431,8 +434,8 @@ def test_workers_do_not_rerun_the_callers_script(tmp_path):
         "import os, sys\n"
         "open(os.path.join(sys.argv[1], f'ran-{os.getpid()}'), 'w').close()  # top level: runs on import\n"
         "if __name__ == '__main__':\n"
-        "    from cnnpipe import preprocess as pp\n"
-        "    pool = pp._make_pool(2)\n"
+        "    from cnnpipe.workers import make_pool\n"
+        "    pool = make_pool(2)\n"
         "    assert pool.map(eval, [\"'jax' in __import__('sys').modules\"] * 4) == [False] * 4\n"
         "    pool.terminate(); pool.join()\n")
     marks = tmp_path / "marks"
