@@ -8,6 +8,7 @@ Each sub-command registers itself through one `_add_<name>` function listed in
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -76,14 +77,12 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    import logging
-
     from cnnpipe.preprocess import format_summary, preprocess
 
     logger = logging.getLogger("cnnpipe.preprocess")
     if not sys.stderr.isatty() and not logger.handlers:
         # no progress bar off a terminal: a log line every 10 s instead
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -93,6 +92,18 @@ def _run_preprocess(args: argparse.Namespace) -> int:
                        channels=args.channels, overwrite=args.overwrite)
     print(format_summary(store))
     return 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log to whatever `sys.stderr` is when a record is written (it may be replaced after setup)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

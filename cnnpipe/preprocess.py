@@ -24,6 +24,7 @@ path (numpy, Pillow, imagecodecs), never jax.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
@@ -201,6 +202,14 @@ def _check_paths(src: Path, out: Path) -> None:
     rs, ro = src.resolve(), out.resolve()
     if ro == rs or rs in ro.parents or ro in rs.parents:
         raise PreprocessError(f"OUT ({out}) must not be SRC ({src}), inside it, or contain it")
+    # fail before any work if OUT cannot be made: its nearest existing ancestor must be a writable folder
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder, so OUT cannot be created under it", str(ancestor))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "Permission denied (cannot create OUT here)", str(ancestor))
 
 
 def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | Sequence[int],

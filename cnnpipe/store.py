@@ -175,6 +175,11 @@ def _npy_shrink(path: Path, n: int) -> None:
         f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
 
 
+def _named(exc: OSError, path: Path) -> OSError:
+    """The same error naming the file: a failed write (disk full, I/O error) names none by itself."""
+    return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
+
+
 class _RowStream:
     """Append-only writer of an .npy array's rows with plain file writes.
 
@@ -189,7 +194,10 @@ class _RowStream:
         self.f = open(path, "wb")
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
                   "shape": (capacity, *row_shape)}
-        np.lib.format.write_array_header_1_0(self.f, header)
+        try:
+            np.lib.format.write_array_header_1_0(self.f, header)
+        except OSError as exc:
+            raise _named(exc, path) from None
 
     def write(self, row: np.ndarray) -> None:
         if row.shape != self.row_shape or row.dtype != self.dtype:
@@ -199,8 +207,8 @@ class _RowStream:
             raise ValueError(f"{self.path}: more than the {self.capacity} rows allocated")
         try:
             self.f.write(np.ascontiguousarray(row).data)
-        except OSError as exc:  # disk full, I/O error: name the file (a bare write error names none)
-            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+        except OSError as exc:
+            raise _named(exc, self.path) from None
         self.n += 1
 
     def close(self) -> None:
