@@ -32,6 +32,7 @@ __all__ = [
     "check_format",
     "convert_planes",
     "jpeg_size",
+    "read_file",
     "read_image",
     "sniff_format",
 ]
@@ -225,14 +226,19 @@ def read_image(
         data = bytes(src)
     else:
         source = os.fspath(src)
-        try:
-            with open(source, "rb") as f:
-                data = f.read()
-        except IsADirectoryError:
-            raise DecodeError(source, "is a directory, not an image file") from None
-        except OSError as exc:
-            raise DecodeError(source, f"cannot read file: {exc.strerror or exc}") from None
+        data = read_file(source)
     return _decode(data, source, channels, alpha, background, exif_orientation, max_pixels, reduce)
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """A file's bytes; DecodeError naming it if it is a directory or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except IsADirectoryError:
+        raise DecodeError(os.fspath(path), "is a directory, not an image file") from None
+    except OSError as exc:
+        raise DecodeError(os.fspath(path), f"cannot read file: {exc.strerror or exc}") from None
 
 
 def _decode(data: bytes, source: str | None, channels: ChannelPolicy, alpha: AlphaPolicy,

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from cnnpipe.dataset_report import build_report, format_summary, reason_counts
-from cnnpipe.decode import DecodeError, check_format
+from cnnpipe.decode import DecodeError, check_format, read_file
 from cnnpipe.folders import Candidate, FolderScan, assign_split, scan_folder, skip
 from cnnpipe.formats import reason_of
 from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, load_store
@@ -153,11 +153,7 @@ def _convert_one(path: str, want_stats: bool, spec: ImageSpec) -> tuple:
     file) or ("needs16",).
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        return ("error", f"{path}: cannot read file: {exc.strerror or exc}")
-    try:
+        data = read_file(path)
         img = prepare_bytes(data, spec, path)
     except NeedsSixteenBit:
         return ("needs16",)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnpipe.decode import DecodeError, convert_planes, jpeg_size, read_image
+from cnnpipe.decode import convert_planes, jpeg_size, read_file, read_image
 
 __all__ = ["RESIZE_MODES", "CHANNEL_MODES", "ImageSpec", "InputImage", "NeedsSixteenBit", "prepare_bytes",
            "prepare_image", "promote_to_16bit", "resize_image", "spec_for_model"]
@@ -264,11 +264,4 @@ def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, 
       ValueError: the image cannot be matched to the model; the message says what it expects.
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except IsADirectoryError:
-        raise DecodeError(path, "is a directory, not an image file") from None
-    except OSError as exc:
-        raise DecodeError(path, f"cannot read file: {exc.strerror or exc}") from None
-    return prepare_bytes(data, spec_for_model(in_channels, bit_depth, size, resize), path)
+    return prepare_bytes(read_file(path), spec_for_model(in_channels, bit_depth, size, resize), path)
