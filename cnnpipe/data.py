@@ -229,9 +229,11 @@ def folder_cache_key(folder: str | os.PathLike, settings: dict[str, Any]) -> tup
     files it would read: symlinked class folders are followed, and broken links,
     hidden files and loops are left out as preprocess leaves them out.
     """
-    from cnnpipe.preprocess import scan_folder
+    from cnnpipe.folders import scan_folder
+    from cnnpipe.transform import IMAGE_PATH_VERSION
 
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    # the image path's version is part of the key: pixels from an older chain are never reused
+    h = hashlib.sha256(json.dumps({**settings, "image_path": IMAGE_PATH_VERSION}, sort_keys=True).encode())
     candidates = scan_folder(Path(folder)).candidates
     for cand in candidates:
         try:

@@ -45,7 +45,7 @@ from cnnpipe.decode import DecodeError, check_format, read_file
 from cnnpipe.folders import Candidate, FolderScan, assign_split, scan_folder, skip
 from cnnpipe.formats import reason_of
 from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, load_store
-from cnnpipe.transform import RESIZE_MODES, ImageSpec, NeedsSixteenBit, prepare_bytes, resize_image
+from cnnpipe.transform import IMAGE_PATH_VERSION, RESIZE_MODES, ImageSpec, NeedsSixteenBit, prepare_bytes, resize_image
 from cnnpipe.workers import Progress, chunks, make_pool, ordered_map
 
 __all__ = ["PreprocessError", "Settings", "preprocess", "format_summary", "parse_size", "assign_split",
@@ -399,6 +399,7 @@ class _Build:
                           channel_names=["R", "G", "B"] if n_ch == 3 else ["L"], splits=splits, counts=counts,
                           mean=mean, std=std, stats_split=stats_split or "all", layout=self.scan.layout,
                           resize=s.resize, source=str(self.src.absolute()), num_images=sum(stored.values()),
+                          image_path_version=IMAGE_PATH_VERSION,
                           **s.split_config())
         return meta, report
 

@@ -22,11 +22,14 @@ import numpy as np
 
 from cnnpipe.decode import convert_planes, jpeg_size, read_file, read_image
 
-__all__ = ["RESIZE_MODES", "CHANNEL_MODES", "ImageSpec", "InputImage", "NeedsSixteenBit", "prepare_bytes",
+__all__ = ["RESIZE_MODES", "CHANNEL_MODES", "IMAGE_PATH_VERSION", "ImageSpec", "InputImage", "NeedsSixteenBit", "prepare_bytes",
            "prepare_image", "promote_to_16bit", "resize_image", "spec_for_model"]
 
 RESIZE_MODES = ("crop", "pad", "stretch")
 CHANNEL_MODES = ("rgb", "gray", "native")
+# Bumped whenever the chain can give other pixels for the same file and spec: stores and
+# folder caches record it, so a cache built by an older chain is rebuilt, never reused.
+IMAGE_PATH_VERSION = 2
 
 # Shrinking by >= 2x this gap first box-reduces by an integer factor, then applies
 # bicubic over the rest (Pillow's reducing_gap): antialiased like one bicubic pass, ~1.7x faster.

@@ -100,3 +100,16 @@ def test_predict_and_evaluate_agree_image_for_image(messy, tmp_path):
     result, _ = evaluate_run(run)
     assert result["count"] == len(files)
     assert result["accuracy"] == pytest.approx(np.mean(np.array(predicted) == labels))
+
+
+def test_folder_cache_key_changes_with_the_image_path_version(tmp_path, monkeypatch):
+    """A folder cache built by an older image chain is rebuilt, never reused."""
+    import cnnpipe.transform as transform
+    from cnnpipe.data import folder_cache_key
+
+    folder = make_messy_folder(tmp_path / "src", per_class=2, classes=2)
+    settings = {"size": [8, 8], "resize": "crop"}
+    key, n = folder_cache_key(folder.root, settings)
+    assert n == len(folder.valid) + len(folder.bad)
+    monkeypatch.setattr(transform, "IMAGE_PATH_VERSION", transform.IMAGE_PATH_VERSION + 1)
+    assert folder_cache_key(folder.root, settings)[0] != key
