@@ -102,7 +102,16 @@ class Settings:
 
     def check(self) -> None:
         """PreprocessError naming the first bad setting."""
-        _check_settings(self.val_fraction, self.test_fraction, self.resize, self.channels)
+        for name, v in (("val_fraction", self.val_fraction), ("test_fraction", self.test_fraction)):
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise PreprocessError(f"{name}: expected a number in [0, 1), got {v!r}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise PreprocessError(f"val_fraction + test_fraction must be below 1 (no train images left), "
+                                  f"got {self.val_fraction} + {self.test_fraction}")
+        if self.resize not in RESIZE_MODES:
+            raise PreprocessError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.channels not in ("rgb", "gray"):
+            raise PreprocessError(f"channels: expected 'rgb' or 'gray', got {self.channels!r}")
 
     def spec(self, dtype: str) -> ImageSpec:
         """The image spec every stored row matches."""
@@ -175,19 +184,6 @@ def _convert_one(path: str, want_stats: bool, spec: ImageSpec) -> tuple:
 def _convert_chunk(args: tuple[list[tuple[str, bool]], ImageSpec]) -> list[tuple]:
     items, spec = args
     return [_convert_one(path, want, spec) for path, want in items]
-
-
-def _check_settings(val_fraction: float, test_fraction: float, resize: str, channels: str) -> None:
-    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
-            raise PreprocessError(f"{name}: expected a number in [0, 1), got {v!r}")
-    if val_fraction + test_fraction >= 1.0:
-        raise PreprocessError(f"val_fraction + test_fraction must be below 1 (no train images left), "
-                              f"got {val_fraction} + {test_fraction}")
-    if resize not in RESIZE_MODES:
-        raise PreprocessError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {resize!r}")
-    if channels not in ("rgb", "gray"):
-        raise PreprocessError(f"channels: expected 'rgb' or 'gray', got {channels!r}")
 
 
 def _check_paths(src: Path, out: Path) -> None:
