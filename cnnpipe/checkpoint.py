@@ -1,11 +1,23 @@
-"""Orbax checkpoints of a run: train state + data position, last K kept plus the best.
+"""Orbax checkpoints of a run, as named items; the last K kept plus the best.
 
-A checkpoint is the train state's leaves (flattened, so any pytree the train
-step uses round-trips; typed PRNG keys are stored as their key data) and a
-JSON `meta` item with the data position (epoch, step in epoch) and the run's
-bookkeeping. Orbax writes each step into a temporary directory and renames it
-when complete, so a process killed mid-save leaves the previous checkpoint as
-the latest complete one. Saves are synchronous: nothing is in flight at exit.
+A checkpoint holds four items:
+
+    params        the trainable parameters, one entry per layer variable ("layers.0.kernel")
+    model_state   the model's other variables (batch-norm statistics); may be empty
+    opt_state     the optimizer state, one entry per leaf ("inner_state.0.0.mu.layers.0.kernel")
+    position      JSON: epoch, step in epoch, step, best accuracy so far, the run's rng key
+
+so evaluate, predict and inspect restore a model from `params` and `model_state`
+alone (`restore_model`), without building an optimizer; `--resume` restores all four
+(`restore`). Checkpoints of the earlier format (one flat "state" item of every
+train-state leaf, plus "meta") still load both ways.
+
+Orbax writes each step into a temporary directory and renames it when complete, so
+a process killed mid-save leaves the previous checkpoint as the latest complete one.
+With `asynchronous=True` (training), `save` returns once the arrays are copied off the
+device and the files are written in a background thread while training goes on;
+`close` (always called, also on errors) waits for the last one, so a finished
+checkpoint is never lost at exit.
 """
 
 from __future__ import annotations
@@ -20,7 +32,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-__all__ = ["Checkpoints", "NoCheckpointError"]
+__all__ = ["Checkpoints", "NoCheckpointError", "flat_names"]
+
+_ARRAY_ITEMS = ("params", "model_state", "opt_state")
+_LEGACY_ITEMS = ("state", "meta")
 
 
 class _QuietExpected(logging.Filter):
@@ -44,9 +59,20 @@ def _is_key(x: Any) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _flatten(state: Any) -> dict[str, Any]:
-    leaves = jax.tree.leaves(state)
-    return {f"{i:05d}": jax.random.key_data(x) if _is_key(x) else x for i, x in enumerate(leaves)}
+def flat_names(tree: Any) -> list[str]:
+    """A name per leaf of `tree`, from its path: ``layers.0.kernel`` (flax's ``.value`` dropped)."""
+    names = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        names.append(name[: -len(".value")] if name.endswith(".value") else name)
+    if len(set(names)) != len(names):  # a pytree whose paths collide: number the leaves instead
+        names = [f"{i:05d}" for i in range(len(names))]
+    return names
+
+
+def _flatten(tree: Any) -> dict[str, Any]:
+    leaves = jax.tree.leaves(tree)
+    return {n: jax.random.key_data(x) if _is_key(x) else x for n, x in zip(flat_names(tree), leaves)}
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
@@ -59,6 +85,22 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
+def _unflatten_like(like: Any, values: list[Any], where: Path) -> Any:
+    """`values` (one per leaf of `like`, in order) as a pytree shaped like `like`."""
+    leaves, treedef = jax.tree.flatten(like)
+    if len(values) != len(leaves):
+        raise ValueError(f"{where}: checkpoint has {len(values)} arrays, this model needs {len(leaves)}")
+    out = []
+    for i, (x, value) in enumerate(zip(leaves, values)):
+        if _is_key(x):
+            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(x))
+        elif tuple(np.shape(value)) != tuple(np.shape(x)):
+            raise ValueError(f"{where}: array {i} has shape {tuple(np.shape(value))}, "
+                             f"this model needs {tuple(np.shape(x))}")
+        out.append(value)
+    return jax.tree.unflatten(treedef, out)
+
+
 class Checkpoints:
     """The `checkpoints/` folder of a run (an Orbax `CheckpointManager`).
 
@@ -66,7 +108,8 @@ class Checkpoints:
     best validation accuracy (checkpoints saved with a `val_accuracy`).
     """
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, *, read_only: bool = False) -> None:
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, *, read_only: bool = False,
+                 asynchronous: bool = False) -> None:
         self.directory = Path(directory).absolute()
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
@@ -74,21 +117,21 @@ class Checkpoints:
                            keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=False, preservation_policy=policy,
+            enable_async_checkpointing=asynchronous, preservation_policy=policy,
             # best_fn makes Orbax write the metrics; `policy` alone decides what is kept
             best_fn=lambda m: m["val_accuracy"], best_mode="max",
             cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
         if read_only and not self.directory.is_dir():
             raise NoCheckpointError(f"{self.directory}: no complete checkpoint "
                                     "(no checkpoints folder: the run has not saved one yet)")
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "meta"))
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (None if there is none)."""
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
@@ -100,49 +143,94 @@ class Checkpoints:
                 best = (acc, step)
         return None if best is None else best[1]
 
-    def save(self, step: int, state: Any, meta: dict[str, Any], *,
+    def save(self, step: int, state: Any, position: dict[str, Any], *,
              val_accuracy: float | None = None) -> None:
-        """Save `state` and `meta` as checkpoint `step` (atomically, synchronously)."""
-        metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_flatten(state)), meta=ocp.args.JsonSave(dict(meta))),
-            metrics=metrics, force=True)
-        self._manager.wait_until_finished()
+        """Save a `TrainState` and the run `position` as checkpoint `step`.
 
-    def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
-        """(state, meta, step) of checkpoint `step` (default: latest), placed like `like`.
-
-        Raises:
-          NoCheckpointError: there is no complete checkpoint.
-          ValueError: the checkpoint does not match `like` (another model or optimizer).
+        Synchronous unless the manager is asynchronous; then the call returns once the
+        arrays are copied, and the previous save (if still writing) is waited for first.
         """
+        metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
+        rng = np.asarray(jax.random.key_data(state.rng) if _is_key(state.rng) else state.rng)
+        position = {**position, "rng": rng.tolist(), "rng_dtype": str(rng.dtype)}
+        items = {name: ocp.args.StandardSave(_flatten(getattr(state, name))) for name in _ARRAY_ITEMS
+                 if jax.tree.leaves(getattr(state, name))}  # Orbax refuses an empty tree
+        self._manager.save(step, args=ocp.args.Composite(position=ocp.args.JsonSave(position), **items),
+                           metrics=metrics, force=True)
+
+    def _step(self, step: int | None) -> int:
         if step is None:
             step = self.latest_step()
         if step is None or step not in self._manager.all_steps():
             what = "no complete checkpoint" if step is None else f"no checkpoint for step {step}"
             raise NoCheckpointError(f"{self.directory}: {what}")
-        leaves, treedef = jax.tree.flatten(like)
-        target = {f"{i:05d}": _abstract(x) for i, x in enumerate(leaves)}
+        return int(step)
+
+    def _is_legacy(self, step: int) -> bool:
+        return (self.directory / str(step) / "state").is_dir()
+
+    def _restore(self, step: int, **args: Any) -> dict[str, Any]:
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            return dict(self._manager.restore(step, args=ocp.args.Composite(**args)))
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{self.directory / str(step)}: checkpoint does not match this model/optimizer "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+    def _restore_items(self, step: int, likes: dict[str, Any]) -> dict[str, Any]:
+        """The named array items `likes` (name -> pytree like the saved one), shaped like them."""
+        args = {name: ocp.args.StandardRestore({n: _abstract(x) for n, x in _flatten(like).items()})
+                for name, like in likes.items() if jax.tree.leaves(like)}
+        restored = self._restore(step, **args) if args else {}
+        where = self.directory / str(step)
+        return {name: _unflatten_like(like, [restored[name][n] for n in flat_names(like)] if name in restored
+                                      else [], where)
+                for name, like in likes.items()}
+
+    def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
+        """(train state, position, step) of checkpoint `step` (default: latest), placed like `like`.
+
+        Raises:
+          NoCheckpointError: there is no complete checkpoint.
+          ValueError: the checkpoint does not match `like` (another model or optimizer).
+        """
+        step = self._step(step)
+        if self._is_legacy(step):
+            return self._restore_legacy(like, step)
+        items = self._restore_items(step, {name: getattr(like, name) for name in _ARRAY_ITEMS})
+        position = dict(self._restore(step, position=ocp.args.JsonRestore())["position"])
+        rng = np.asarray(position.pop("rng"), position.pop("rng_dtype"))
+        state = type(like)(**items, step=jax.numpy.asarray(position["step"], like.step.dtype),
+                           rng=rng if not _is_key(like.rng) else jax.random.wrap_key_data(rng))
+        return state, position, step
+
+    def restore_model(self, params: Any, model_state: Any, step: int | None = None) -> tuple[Any, Any, int]:
+        """(params, model_state, step): only what inference needs, no optimizer; shaped like the arguments."""
+        step = self._step(step)
+        if self._is_legacy(step):
+            flat = self._restore(step, state=ocp.args.StandardRestore())["state"]
+            values = [flat[k] for k in sorted(flat)]  # train-state leaf order: params, model_state, ...
+            n = len(jax.tree.leaves(params))
+            where = self.directory / str(step)
+            p = _unflatten_like(params, values[:n], where)
+            return p, _unflatten_like(model_state, values[n:n + len(jax.tree.leaves(model_state))], where), step
+        items = self._restore_items(step, {"params": params, "model_state": model_state})
+        return items["params"], items["model_state"], step
+
+    def _restore_legacy(self, like: Any, step: int) -> tuple[Any, dict[str, Any], int]:
+        """A checkpoint of the earlier format: every train-state leaf in one "state" item."""
+        leaves = jax.tree.leaves(like)
+        target = {f"{i:05d}": _abstract(x) for i, x in enumerate(leaves)}
+        restored = self._restore(step, state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         flat = restored["state"]
-        out = []
-        for i, x in enumerate(leaves):
-            value = flat[f"{i:05d}"]
-            if _is_key(x):
-                value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(x))
-            elif tuple(value.shape) != tuple(np.shape(x)):
-                raise ValueError(f"{self.directory / str(step)}: leaf {i} has shape {value.shape}, "
-                                 f"this model needs {np.shape(x)}")
-            out.append(value)
-        return jax.tree.unflatten(treedef, out), dict(restored["meta"]), int(step)
+        state = _unflatten_like(like, [flat[k] for k in sorted(flat)], self.directory / str(step))
+        return state, dict(restored["meta"]), step
+
+    def wait(self) -> None:
+        """Block until every save in flight is written."""
+        self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending work (deletions) and release the manager."""
+        """Finish pending work (saves in flight, deletions) and release the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
 

@@ -175,7 +175,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from cnnpipe.evaluate import data_overrides, evaluate_run, format_confusion, load_run
+    from cnnpipe.evaluate import data_overrides, evaluate_run
+    from cnnpipe.metrics import format_confusion
+    from cnnpipe.runs import load_run
 
     bad = [o for o in args.overrides if not o.startswith("data.")]
     if bad:
@@ -220,7 +222,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     import csv
     import io
 
-    from cnnpipe.evaluate import load_run, predict_images, write_atomic
+    from cnnpipe.files import write_atomic
+    from cnnpipe.runs import load_run, predict_images
 
     _check_top_k_and_images(args)
     run = load_run(args.run_dir, args.checkpoint)

@@ -15,12 +15,12 @@ plain `jax.grad` -- no hooks.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from cnnpipe.evaluate import feature_grid  # re-exported: the notebooks' API
 from cnnpipe.transform import InputImage, prepare_image  # re-exported: the notebooks' API
 
 __all__ = ["InputImage", "prepare_image", "capture_activations", "predict_proba", "grad_cam",
@@ -122,6 +122,29 @@ def _classes(class_index: int | Sequence[int], n: int, num_classes: int) -> Any:
 
 
 # ---------------------------------------------------------------- analyses
+
+def feature_grid(fmap: np.ndarray, cols: int | None = None, pad: int = 1,
+                 fill: float = float("nan")) -> tuple[np.ndarray, int, int]:
+    """Tile (H, W, C) channels into one 2-D image, each tile min-max scaled to [0, 1].
+
+    Returns (grid, rows, cols); tile k sits at row k // cols, column k % cols, and
+    separators/empty tiles hold `fill` (NaN shows as background; use 0 for TensorBoard).
+    A constant channel becomes all zeros.
+    """
+    fmap = np.asarray(fmap, np.float32)
+    if fmap.ndim != 3:
+        raise ValueError(f"feature map: got shape {fmap.shape}; expected (H, W, C)")
+    h, w, c = fmap.shape
+    cols = cols or int(math.ceil(math.sqrt(c)))
+    rows = int(math.ceil(c / cols))
+    lo, hi = fmap.min(axis=(0, 1)), fmap.max(axis=(0, 1))
+    scaled = (fmap - lo) / np.where(hi > lo, hi - lo, 1.0)
+    grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), fill, np.float32)
+    for k in range(c):
+        r, q = divmod(k, cols)
+        grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = scaled[..., k]
+    return grid, rows, cols
+
 
 def capture_activations(model: Any, images: Any, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Named layer outputs for a batch of raw images: {name: (N, H, W, C)} (dense layers (N, units)).

@@ -15,14 +15,10 @@ as text, never printed raw.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import io
 import logging
-import os
 import struct
-import tempfile
-import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +26,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from cnnpipe.fdcapture import stderr_lines
 
 __all__ = ["DecodeError", "Decoded", "codec_messages", "decode_png", "decode_tiff", "decode_pillow",
            "jpeg_header", "exif_orientation_value", "MAX_SAMPLES_PER_PIXEL"]
@@ -88,8 +86,6 @@ def check_pixels(source: str | None, width: int, height: int, max_pixels: int | 
 
 # ---------------------------------------------------------------- codec messages
 
-_capture_lock = threading.Lock()
-_sink: Any = None  # an unlinked temporary file (nothing left on disk), made once per process
 _MAX_MESSAGES = 5
 # imagecodecs logs libpng/libtiff warnings ("PNG warning: tEXt: CRC error"); tifffile logs its own
 _CODEC_LOGGERS = ("imagecodecs", "tifffile")
@@ -114,56 +110,30 @@ def codec_messages() -> Iterator[list[str]]:
     descriptor 2 is process-wide, so blocks are serialised by a lock; cnnpipe
     decodes in worker processes, not threads, so this costs no parallelism.
     """
-    global _sink
     raw: list[str] = []
     out: list[str] = []
     handler = _ListHandler(raw)
     loggers = [logging.getLogger(name) for name in _CODEC_LOGGERS]
-    with _capture_lock, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if _sink is None:
-            _sink = tempfile.TemporaryFile()
-            atexit.register(_sink.close)
-        saved = _redirect(2, _sink.fileno())
-        propagate = [lg.propagate for lg in loggers]
-        for lg in loggers:
-            lg.addHandler(handler)
-            lg.propagate = False
-        try:
-            yield out
-        finally:
-            for lg, prop in zip(loggers, propagate):
-                lg.removeHandler(handler)
-                lg.propagate = prop
-            if saved is not None:
-                os.dup2(saved, 2)
-                os.close(saved)
-                raw.extend(_drain(_sink))
-            raw.extend(str(w.message) for w in caught)
-            for line in raw:
-                line = " ".join(line.split())[:200]
-                if line and line not in out and len(out) < _MAX_MESSAGES:
-                    out.append(line)
-
-
-def _redirect(fd: int, target: int) -> int | None:
+    printed: list[str] = []
+    caught: list[Any] = []
     try:
-        saved = os.dup(fd)
-    except OSError:  # no stderr at all (a daemon): nothing to protect
-        return None
-    os.dup2(target, fd)
-    return saved
-
-
-def _drain(sink: Any) -> list[str]:
-    size = os.fstat(sink.fileno()).st_size
-    if not size:
-        return []
-    sink.seek(0)
-    text = sink.read(min(size, 64 * 1024)).decode("utf-8", "replace")
-    sink.seek(0)
-    sink.truncate(0)
-    return text.splitlines()
+        with stderr_lines() as printed, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            propagate = [lg.propagate for lg in loggers]
+            for lg in loggers:
+                lg.addHandler(handler)
+                lg.propagate = False
+            try:
+                yield out
+            finally:
+                for lg, prop in zip(loggers, propagate):
+                    lg.removeHandler(handler)
+                    lg.propagate = prop
+    finally:
+        for line in [*raw, *printed, *(str(w.message) for w in caught)]:
+            line = " ".join(line.split())[:200]
+            if line and line not in out and len(out) < _MAX_MESSAGES:
+                out.append(line)
 
 
 # ---------------------------------------------------------------- EXIF

@@ -3,7 +3,7 @@
 The plotting helpers return matplotlib `Figure`s built without pyplot (on an Agg
 canvas), so they work headless and display in notebooks.
 
-`inspect_run` restores a run (`cnnpipe.evaluate.load_run`), prepares the images like
+`inspect_run` restores a run (`cnnpipe.runs.load_run`), prepares the images like
 the training data (`cnnpipe.featuremaps.prepare_image`) and calls `inspect_images`,
 which works on any model (tests and notebooks build their own). Every file is
 written to a temporary name and renamed, and `index.html` comes last, so a page
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cnnpipe import featuremaps as fm
-from cnnpipe.evaluate import atomic_path, write_atomic
+from cnnpipe.files import atomic_path, write_atomic
 
 __all__ = ["inspect_images", "inspect_run", "write_report", "plot_planes", "plot_feature_maps", "plot_kernels",
            "plot_grad_cam", "plot_attribution", "save_figure", "DPI"]
@@ -371,7 +371,7 @@ def inspect_run(run_dir: str | os.PathLike, images: Sequence[str | os.PathLike],
       FileNotFoundError: not a run directory, or no checkpoint in it (the message names it).
       ValueError: an unknown layer or class, or an image the model cannot take.
     """
-    from cnnpipe.evaluate import load_run, prepare_for_run
+    from cnnpipe.runs import load_run, prepare_for_run
 
     run = load_run(run_dir, checkpoint)
     model = run.model()

@@ -30,9 +30,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.models import CNN
 
-__all__ = ["TrainState", "make_optimizer", "make_schedule", "make_mesh", "check_divisible", "create_train_state",
+__all__ = ["TrainState", "ModelState", "split_model", "make_optimizer", "make_schedule", "make_mesh", "check_divisible", "create_train_state",
            "make_train_step", "make_eval_step", "state_to_model", "forward", "shard_batch", "replicate",
-           "augment_batch", "setup_cpu_devices", "usable_cores", "resolve_precision"]
+           "augment_batch", "batch_spec", "setup_cpu_devices", "usable_cores", "resolve_precision"]
 
 DATA_AXIS = "data"
 
@@ -134,16 +134,30 @@ class TrainState:
     rng: jax.Array
 
 
-def create_train_state(model: CNN, tx: optax.GradientTransformation, seed: int) -> tuple[Any, TrainState]:
-    """Split `model` once (in train mode) into a graphdef and a fresh `TrainState`."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelState:
+    """What inference needs of a `TrainState`: the parameters and the model's other state."""
+    params: Any
+    model_state: Any
+
+
+def split_model(model: CNN) -> tuple[Any, ModelState]:
+    """Split `model` once (in train mode: the graphdef the train step merges) into graphdef and state."""
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    state = TrainState(params=params, model_state=rest, opt_state=tx.init(params),
+    return graphdef, ModelState(params=params, model_state=rest)
+
+
+def create_train_state(model: CNN, tx: optax.GradientTransformation, seed: int) -> tuple[Any, TrainState]:
+    """Split `model` once (in train mode) into a graphdef and a fresh `TrainState`."""
+    graphdef, ms = split_model(model)
+    state = TrainState(params=ms.params, model_state=ms.model_state, opt_state=tx.init(ms.params),
                        step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
     return graphdef, state
 
 
-def state_to_model(graphdef: Any, state: TrainState) -> CNN:
+def state_to_model(graphdef: Any, state: TrainState | ModelState) -> CNN:
     """A model in eval mode with the state's parameters (for evaluate, predict, inspect)."""
     model = nnx.merge(graphdef, state.params, state.model_state)
     model.eval()
@@ -277,7 +291,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     with `shard_batch`. The state is donated. Metrics (device scalars): loss, accuracy,
     grad_norm, learning_rate, nonfinite. A non-finite loss or gradient keeps params,
     optimizer and batch-norm state unchanged (the step counter still advances) and
-    reports nonfinite=True. The returned callable exposes the jitted function as `.jitted`.
+    reports nonfinite=True. The returned callable exposes the jitted function as `.jitted`
+    and ``.compile(state, images, labels)`` to compile it ahead of the first call.
     """
     aug = augment or AugmentConfig()
     bf16 = resolve_precision(precision) == "bf16"
@@ -321,13 +336,33 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     jitted = jax.jit(step, in_shardings=(replicated, batched, batched),
                      out_shardings=(replicated, replicated), donate_argnums=0)
     guard = _InFlightGuard(mesh)
+    impl: list[Any] = [jitted]
 
     def train_step(state: TrainState, images: Any, labels: Any):
         check_divisible(mesh, images.shape[0])
-        return guard(jitted(state, images, labels))
+        return guard(impl[0](state, images, labels))
 
     train_step.jitted = jitted  # type: ignore[attr-defined]
+    train_step.compile = _ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
     return train_step
+
+
+def _ahead_of_time(jitted: Any, impl: list[Any]) -> Callable[..., None]:
+    """``compile(*args)``: compile `jitted` for these arguments (arrays or `batch_spec`s) now.
+
+    Later calls use the compiled executable, so the first step does not stop to
+    compile; train and eval steps can compile at once in threads (XLA releases the
+    GIL while compiling). Arguments of another shape then raise instead of recompiling.
+    """
+    def compile_now(*args: Any) -> None:
+        impl[0] = jitted.lower(*args).compile()
+
+    return compile_now
+
+
+def batch_spec(mesh: Mesh, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
+    """An abstract batch (no data) placed as `shard_batch` places it, for ahead-of-time compiles."""
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
 
 def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
@@ -340,7 +375,7 @@ def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable[..., dict[str, jax.Arr
     replicated = NamedSharding(mesh, PartitionSpec())
     batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
-    def step(state: TrainState, images, labels, mask):
+    def step(state: TrainState | ModelState, images, labels, mask):
         model = nnx.merge(graphdef, state.params, state.model_state)
         model.eval()
         logits = model(images)
@@ -352,10 +387,12 @@ def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable[..., dict[str, jax.Arr
 
     jitted = jax.jit(step, in_shardings=(replicated, batched, batched, batched), out_shardings=replicated)
     guard = _InFlightGuard(mesh)
+    impl: list[Any] = [jitted]
 
     def eval_step(state: TrainState, images: Any, labels: Any, mask: Any):
         check_divisible(mesh, images.shape[0], "eval batch size")
-        return guard(jitted(state, images, labels, mask))
+        return guard(impl[0](state, images, labels, mask))
 
     eval_step.jitted = jitted  # type: ignore[attr-defined]
+    eval_step.compile = _ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
     return eval_step

@@ -2,9 +2,12 @@
 
 `train_and_evaluate(cfg, workdir)` is what `cnnpipe train` and the notebooks call.
 The step functions come from `cnnpipe.steps` (one jitted train step, one eval
-step; fixed shapes, so each compiles once per run); this module feeds them
-batches, evaluates after every epoch, checkpoints (Orbax, see
-`cnnpipe.checkpoint`) and resumes exactly: data order, rng and optimizer state.
+step; fixed shapes, so each compiles once per run, ahead of the first step, both at
+once, through JAX's persistent cache: `cnnpipe.compile_cache`). This module only
+wires the parts: `cnnpipe.loop.EpochLoop` trains an epoch, `cnnpipe.runlog` holds the
+metrics sink, log and stopwatch, `cnnpipe.metrics.evaluate_split` evaluates after
+every epoch, `cnnpipe.checkpoint` saves asynchronously (Orbax) and resumes exactly:
+data order, rng and optimizer state.
 
 Run directory::
 
@@ -17,11 +20,12 @@ Run directory::
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +33,11 @@ import numpy as np
 
 from cnnpipe.config import Config, dump_config
 from cnnpipe.data import Dataset, load_dataset, prefetch, steps_per_epoch, train_batches
-from cnnpipe.evaluate import write_atomic  # re-exported: part of this module's API
+from cnnpipe.files import write_atomic
+from cnnpipe.loop import EpochLoop, Position
+from cnnpipe.runlog import MetricsLog, MetricsSink, NonFiniteLossError, Stopwatch
 
-__all__ = ["train_and_evaluate", "NonFiniteLossError", "default_run_dir", "write_atomic"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row; the message names the step range and last checkpoint."""
+__all__ = ["train_and_evaluate", "NonFiniteLossError", "default_run_dir"]
 
 
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
@@ -46,65 +48,6 @@ def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
-
-
-class _CompileClock:
-    """Seconds JAX spends tracing, lowering and compiling while the run is active."""
-
-    _EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-               "/jax/core/compile/backend_compile_duration")
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        import jax.monitoring
-
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event: str, duration: float, **_: Any) -> None:
-        if event in self._EVENTS:
-            self.seconds += duration
-
-    def stop(self) -> None:
-        import jax.monitoring
-
-        jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics line; a line cut short by a killed process counts as past every step."""
-    try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-class _Log:
-    """metrics.jsonl (truncated to `resume_step` on resume, emptied otherwise) plus TensorBoard scalars."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
-        from tensorboardX import SummaryWriter
-
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            # a killed run may have logged past its last checkpoint; those steps run again
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            write_atomic(self.path, "".join(line + "\n" for line in kept))
-        # a fresh run in a reused directory starts a fresh log
-        self._file = open(self.path, "w" if resume_step is None else "a", encoding="utf-8")
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        prefix = record.get("split", "train")
-        for key, value in record.items():
-            if key not in ("step", "epoch", "split") and isinstance(value, (int, float)) \
-                    and not isinstance(value, bool) and math.isfinite(value):
-                self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        self._file.close()
-        self.tb.close()
 
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, ds: Dataset, resume: bool) -> None:
@@ -119,8 +62,88 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, ds: Dataset, resume: bool) -> N
     write_atomic(run_dir / "dataset.json", json.dumps(ds.info(), indent=2) + "\n")
 
 
+@dataclass
+class _Parts:
+    """What a run is built from: data, mesh, model split into graphdef and train state, the steps."""
+
+    ds: Dataset
+    mesh: Any
+    graphdef: Any
+    state: Any
+    train_step: Any
+    eval_step: Any
+    num_params: int
+    steps_per_epoch: int
+
+
+def _build(cfg: Config, watch: Stopwatch) -> _Parts:
+    import jax
+    from flax import nnx
+
+    from cnnpipe import steps
+    from cnnpipe.compile_cache import quiet_cache_loads
+    from cnnpipe.models import build_model, count_params
+
+    tc = cfg.train
+    with watch.phase("data"):
+        ds = load_dataset(cfg.data, seed=cfg.seed)
+    with watch.phase("build"), quiet_cache_loads():  # initialisers are small programs, cached too
+        mesh = steps.make_mesh(tc.num_devices)
+        for key, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)):
+            steps.check_divisible(mesh, size, key)
+        spe = steps_per_epoch(len(ds.train), tc.batch_size)
+        model = build_model(cfg.model, in_channels=ds.channels, num_classes=ds.num_classes, input_size=ds.size,
+                            bit_depth=ds.bit_depth, rngs=nnx.Rngs(cfg.seed), mean=ds.mean, std=ds.std)
+        tx = steps.make_optimizer(cfg.optimizer, spe * tc.epochs)
+        graphdef, state = steps.create_train_state(model, tx, cfg.seed)
+        state = steps.replicate(mesh, state)
+        train_step = steps.make_train_step(graphdef, tx, mesh, precision=tc.precision, augment=cfg.augment)
+        eval_step = steps.make_eval_step(graphdef, mesh)
+        jax.block_until_ready(state)
+    return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(model), spe)
+
+
+def _compile_ahead(parts: _Parts, cfg: Config, pool: ThreadPoolExecutor) -> tuple[Future, Future]:
+    """Compile the train and eval steps at once, in threads, before the first batch is needed.
+
+    The abstract arguments take their shapes and dtypes from a first batch of each
+    kind, so they are exactly what the loop will pass.
+    """
+    from cnnpipe.data import eval_batches
+    from cnnpipe.steps import batch_spec
+
+    ds, mesh, tc = parts.ds, parts.mesh, cfg.train
+
+    def specs(batch: tuple[np.ndarray, ...]) -> list[Any]:
+        return [batch_spec(mesh, a.shape, a.dtype) for a in batch]
+
+    def first(it: Any) -> tuple[np.ndarray, ...] | None:
+        return next(iter(it), None)
+
+    done: Future = Future()
+    done.set_result(None)
+    train_batch = first(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0))
+    eval_batch = first(eval_batches(ds.val, tc.eval_batch_size))
+    train = pool.submit(parts.train_step.compile, parts.state, *specs(train_batch)) if train_batch else done
+    evals = pool.submit(parts.eval_step.compile, parts.state, *specs(eval_batch)) if eval_batch else done
+    return train, evals
+
+
+def _bar_safe(log: Callable[[str], None], bar: Any) -> Callable[[str], None]:
+    """`log`, clearing the progress bar for the line and redrawing it after (no line split by the bar)."""
+    def say(line: str) -> None:
+        if bar.disable:
+            log(line)
+            return
+        with bar.external_write_mode():
+            log(line)
+
+    return say
+
+
 def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *, name: str = "default",
-                       resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                       resume: bool = False, log: Callable[[str], None] = print,
+                       compile_cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train `cfg` into the run directory `workdir`; return the summary (also `summary.json`).
 
     Args:
@@ -130,173 +153,149 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
       resume: continue from the latest checkpoint in `workdir` (exactly: data order,
         rng and optimizer state); without a checkpoint the run starts from step 0.
       log: where progress lines go (default: print).
+      compile_cache: JAX's persistent compilation cache directory, "off", or None for
+        `$CNNPIPE_COMPILE_CACHE` or the user cache directory (`cnnpipe.compile_cache`).
     Raises:
       NonFiniteLossError: `train.max_nonfinite_steps` non-finite losses in a row.
       ValueError: bad data, a batch size that does not divide over the devices, or a
         `workdir` that already holds checkpoints without `resume`.
     """
-    wall_start = time.perf_counter()
-    clock = _CompileClock()
-    import jax
-    from flax import nnx
+    watch = Stopwatch()
+    with watch.phase("imports"):
+        import jax
 
-    from cnnpipe import steps
-    from cnnpipe.checkpoint import Checkpoints
-    from cnnpipe.evaluate import evaluate_split, plot_confusion, plot_curves
-    from cnnpipe.models import build_model, count_params
-
+        from cnnpipe.checkpoint import Checkpoints
+        from cnnpipe.compile_cache import enable_compile_cache, quiet_cache_loads
+    watch.listen()
     run_dir = Path(workdir) if workdir is not None else default_run_dir(name)
     if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ValueError(f"{run_dir}: already holds checkpoints; resume it with --resume {run_dir} "
                          "or choose another --workdir")
-    tc = cfg.train
-    ds = load_dataset(cfg.data, seed=cfg.seed)
-    mesh = steps.make_mesh(tc.num_devices)
-    for key, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)):
-        steps.check_divisible(mesh, size, key)
-    spe = steps_per_epoch(len(ds.train), tc.batch_size)
-    total_steps = spe * tc.epochs
-    _prepare_run_dir(cfg, run_dir, ds, resume)
+    enable_compile_cache(compile_cache)
+    parts = _build(cfg, watch)
+    _prepare_run_dir(cfg, run_dir, parts.ds, resume)
+    with watch.phase("compile"), quiet_cache_loads(), ThreadPoolExecutor(2) as pool:
+        for done in _compile_ahead(parts, cfg, pool):
+            done.result()
+    log(f"run {run_dir}: {parts.ds.description}, {len(parts.ds.train)} train / {len(parts.ds.val)} val images, "
+        f"{parts.ds.num_classes} classes")
+    log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {parts.num_params:,} parameters; "
+        f"{parts.mesh.size} device(s) ({jax.devices()[0].platform})")
+    ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, asynchronous=True)
+    try:
+        pos = _restore(parts, ckpts, resume, run_dir, log)
+        result, counts = _train(cfg, parts, ckpts, pos, run_dir, resume, watch, log)
+    finally:
+        with watch.phase("checkpoints"):
+            ckpts.close()  # waits for a save in flight: a finished checkpoint is never lost
+        watch.stop()
+    return _finish(cfg, parts, run_dir, result, counts, pos, resume, watch, log)
 
-    model = build_model(cfg.model, in_channels=ds.channels, num_classes=ds.num_classes, input_size=ds.size,
-                        bit_depth=ds.bit_depth, rngs=nnx.Rngs(cfg.seed), mean=ds.mean, std=ds.std)
-    num_params = count_params(model)
-    log(f"run {run_dir}: {ds.description}, {len(ds.train)} train / {len(ds.val)} val images, "
-        f"{ds.num_classes} classes")
-    log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {num_params:,} parameters; "
-        f"{mesh.size} device(s) ({jax.devices()[0].platform})")
-    tx = steps.make_optimizer(cfg.optimizer, total_steps)
-    graphdef, state = steps.create_train_state(model, tx, cfg.seed)
-    state = steps.replicate(mesh, state)
-    train_step = steps.make_train_step(graphdef, tx, mesh, precision=tc.precision, augment=cfg.augment)
-    eval_step = steps.make_eval_step(graphdef, mesh)
 
-    ckpts = Checkpoints(run_dir / "checkpoints", keep=tc.keep_checkpoints)
-    meta: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_accuracy": None,
-                            "best_step": None}
+def _restore(parts: _Parts, ckpts: Any, resume: bool, run_dir: Path, log: Callable[[str], None]) -> Position:
+    """The run's position; on resume, also the train state restored into `parts`."""
     if resume and ckpts.latest_step() is not None:
-        state, meta, _ = ckpts.restore(state)
-        log(f"resuming from checkpoint {meta['step']} (epoch {meta['epoch'] + 1}, step {meta['step_in_epoch']})")
-    elif resume:
-        log(f"{run_dir}: no complete checkpoint yet; starting from step 0")
-    logger = _Log(run_dir, meta["step"] if resume else None)
+        from cnnpipe.steps import replicate
 
+        state, saved, _ = ckpts.restore(parts.state)
+        parts.state = replicate(parts.mesh, state)  # every leaf placed as the compiled steps expect
+        pos = Position.from_dict(saved)
+        log(f"resuming from checkpoint {pos.step} (epoch {pos.epoch + 1}, step {pos.step_in_epoch})")
+        return pos
+    if resume:
+        log(f"{run_dir}: no complete checkpoint yet; starting from step 0")
+    return Position()
+
+
+def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path, resume: bool,
+           watch: Stopwatch, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Every remaining epoch: train, evaluate, checkpoint.
+
+    Returns the last evaluation (empty if no epoch ran) and counts: images trained, non-finite steps.
+    """
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=meta["step"], unit="step", dynamic_ncols=True, leave=False,
-               disable=not sys.stderr.isatty())
-    step = meta["step"]
-    best, best_step = meta.get("best_val_accuracy"), meta.get("best_step")
-    last_ckpt = ckpts.latest_step()
-    nonfinite_total, run_start, run_len = 0, None, 0
-    train_images, train_seconds = 0, 0.0
+    from cnnpipe import steps
+    from cnnpipe.compile_cache import quiet_cache_loads
+    from cnnpipe.metrics import evaluate_split
+
+    tc, ds, mesh = cfg.train, parts.ds, parts.mesh
+    logger = MetricsLog(run_dir, pos.step if resume else None)
+    bar = tqdm(total=parts.steps_per_epoch * tc.epochs, initial=pos.step, unit="step", dynamic_ncols=True,
+               leave=False, disable=not sys.stderr.isatty())
+    say = _bar_safe(log, bar)
+    last_ckpt = [ckpts.latest_step()]
+
+    def save(state: Any, at: Position, val_accuracy: float | None = None) -> None:
+        ckpts.save(at.step, state, at.as_dict(), val_accuracy=val_accuracy)
+        last_ckpt[0] = at.step
+
+    sink = MetricsSink(logger.write, tc.max_nonfinite_steps,
+                       lambda: str(run_dir / "checkpoints" / str(last_ckpt[0])) if last_ckpt[0] is not None else "none")
+    loop = EpochLoop(parts.train_step, sink, watch, tc.batch_size, parts.steps_per_epoch, tc.log_every_steps,
+                     tc.checkpoint_every_steps, save, None if bar.disable else bar)
     result: dict[str, Any] = {}
-
-    def handle(done_step: int, epoch: int, m: dict[str, Any], acc: dict[str, float]) -> None:
-        nonlocal nonfinite_total, run_start, run_len
-        if bool(m["nonfinite"]):
-            nonfinite_total += 1
-            run_start, run_len = (done_step if run_len == 0 else run_start), run_len + 1
-            logger.write({"step": done_step, "epoch": epoch + 1, "nonfinite": True, "loss": None,
-                          "learning_rate": float(m["learning_rate"])})
-            if run_len >= tc.max_nonfinite_steps:
-                where = run_dir / "checkpoints" / str(last_ckpt) if last_ckpt is not None else "none"
-                raise NonFiniteLossError(
-                    f"loss was non-finite for {run_len} steps in a row (steps {run_start}-{done_step}); "
-                    f"stopping. Last good checkpoint: {where}")
-            return
-        run_len = 0
-        acc["loss"] += float(m["loss"])
-        acc["accuracy"] += float(m["accuracy"])
-        acc["n"] += 1
-        acc["learning_rate"] = float(m["learning_rate"])
-
     try:
-        for epoch in range(meta["epoch"], tc.epochs):
-            start = meta["step_in_epoch"] if epoch == meta["epoch"] else 0
+        for epoch in range(pos.epoch, tc.epochs):
             batches = prefetch((steps.shard_batch(mesh, x, y) for x, y in
                                 train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=epoch,
-                                              start_step=start)), size=2)
-            acc = {"loss": 0.0, "accuracy": 0.0, "n": 0}
-            pending: tuple[int, Any] | None = None
-            t_mark, steps_since = None, 0  # throughput clock starts after the first (compiling) step
+                                              start_step=pos.step_in_epoch)), size=2)
             with batches:
-                for i in range(start, spe):
-                    images, labels = next(batches)
-                    state, metrics = train_step(state, images, labels)
-                    step += 1
-                    if pending is not None:  # read the previous step's metrics: one step in flight
-                        handle(pending[0], epoch, jax.device_get(pending[1]), acc)
-                    pending = (step, metrics)
-                    bar.update(1)
-                    if t_mark is None:
-                        jax.block_until_ready(metrics)
-                        t_mark, steps_since = time.perf_counter(), 0
-                    else:
-                        steps_since += 1
-                    if step % tc.log_every_steps == 0 or i == spe - 1:
-                        handle(pending[0], epoch, jax.device_get(pending[1]), acc)
-                        pending = None
-                        now = time.perf_counter()
-                        ips = steps_since * tc.batch_size / (now - t_mark) if steps_since else None
-                        train_seconds += now - t_mark
-                        train_images += steps_since * tc.batch_size
-                        t_mark, steps_since = now, 0
-                        if acc["n"]:
-                            record = {"step": step, "epoch": epoch + 1, "loss": acc["loss"] / acc["n"],
-                                      "accuracy": acc["accuracy"] / acc["n"], "learning_rate": acc["learning_rate"],
-                                      "images_per_sec": ips}
-                            logger.write(record)
-                            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
-                        acc = {"loss": 0.0, "accuracy": 0.0, "n": 0}
-                    if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and i < spe - 1:
-                        if pending is not None:
-                            handle(pending[0], epoch, jax.device_get(pending[1]), acc)
-                            pending = None
-                        ckpts.save(step, state, {"epoch": epoch, "step_in_epoch": i + 1, "step": step,
-                                                 "best_val_accuracy": best, "best_step": best_step})
-                        last_ckpt = step
-                        t_mark = time.perf_counter()  # saving is not training time
+                parts.state = loop.run(parts.state, batches, pos)
             t_eval = time.perf_counter()
-            result = evaluate_split(eval_step, state, ds.val, tc.eval_batch_size, mesh, ds.num_classes)
-            is_best = best is None or result["accuracy"] > best
-            if is_best:
-                best, best_step = result["accuracy"], step
-            logger.write({"step": step, "epoch": epoch + 1, "split": "val", "loss": result["loss"],
+            with watch.phase("eval"):
+                result = evaluate_split(parts.eval_step, parts.state, ds.val, tc.eval_batch_size, mesh,
+                                        ds.num_classes)
+            is_best = pos.end_epoch(result["accuracy"])
+            logger.write({"step": pos.step, "epoch": epoch + 1, "split": "val", "loss": result["loss"],
                           "accuracy": result["accuracy"]})
-            ckpts.save(step, state, {"epoch": epoch + 1, "step_in_epoch": 0, "step": step,
-                                     "best_val_accuracy": best, "best_step": best_step},
-                       val_accuracy=result["accuracy"])
-            last_ckpt = step
+            eval_seconds = time.perf_counter() - t_eval
+            with watch.phase("checkpoints"):
+                save(parts.state, pos, result["accuracy"])
             if tc.probe_feature_maps:
-                _probe_feature_maps(logger.tb, graphdef, state, ds, step)
-            log(f"epoch {epoch + 1}/{tc.epochs}: val loss {result['loss']:.4f}, val accuracy "
-                f"{result['accuracy']:.4f}{' (best)' if is_best else ''} [{time.perf_counter() - t_eval:.1f}s eval]")
+                with quiet_cache_loads():
+                    _probe_feature_maps(logger.tb, parts.graphdef, parts.state, ds, pos.step)
+            say(f"epoch {epoch + 1}/{tc.epochs}: val loss {result['loss']:.4f}, val accuracy "
+                f"{result['accuracy']:.4f}{' (best)' if is_best else ''} [{eval_seconds:.1f}s eval]")
     finally:
         bar.close()
         logger.close()
-        ckpts.close()
-        clock.stop()
+    return result, {"images": loop.images_trained, "nonfinite": sink.nonfinite_total}
 
+
+def _finish(cfg: Config, parts: _Parts, run_dir: Path, result: dict[str, Any], counts: dict[str, int],
+            pos: Position, resume: bool, watch: Stopwatch, log: Callable[[str], None]) -> dict[str, Any]:
+    """Plots and `summary.json` of a finished run; returns the summary."""
+    from cnnpipe.metrics import evaluate_split
+    from cnnpipe.plots import plot_confusion, plot_curves
+
+    tc, ds = cfg.train, parts.ds
     if not result:  # resumed a run that had already finished: evaluate its final state
-        result = evaluate_split(eval_step, state, ds.val, tc.eval_batch_size, mesh, ds.num_classes)
-    plot_curves(run_dir / "metrics.jsonl", run_dir / "plots")
-    plot_confusion(result["confusion"], ds.classes, run_dir / "plots" / "confusion_matrix.png")
+        with watch.phase("eval"):
+            result = evaluate_split(parts.eval_step, parts.state, ds.val, tc.eval_batch_size, parts.mesh,
+                                    ds.num_classes)
+    with watch.phase("plots"):
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "plots")
+        plot_confusion(result["confusion"], ds.classes, run_dir / "plots" / "confusion_matrix.png")
+    images = counts["images"]
+    step_seconds = watch.seconds.get("steps", 0.0)
+    timings = watch.report()
     summary = {
         "run_dir": str(run_dir), "final_val_accuracy": result["accuracy"], "final_val_loss": result["loss"],
-        "best_val_accuracy": best if best is not None else result["accuracy"], "best_step": best_step,
-        "per_class_accuracy": dict(zip(ds.classes, result["per_class_accuracy"])),
-        "confusion_matrix": result["confusion"].tolist(), "param_count": num_params,
-        "train_images_per_sec": train_images / train_seconds if train_seconds else None,
-        "compile_seconds": round(clock.seconds, 3), "wall_seconds": round(time.perf_counter() - wall_start, 3),
-        "steps": step, "epochs": tc.epochs, "nonfinite_steps": nonfinite_total, "devices": mesh.size,
+        "best_val_accuracy": pos.best_val_accuracy if pos.best_val_accuracy is not None else result["accuracy"],
+        "best_step": pos.best_step, "per_class_accuracy": dict(zip(ds.classes, result["per_class_accuracy"])),
+        "confusion_matrix": result["confusion"].tolist(), "param_count": parts.num_params,
+        "train_images_per_sec": images / step_seconds if images and step_seconds else None,
+        "compile_seconds": round(watch.compile_seconds, 3), "wall_seconds": timings["total"],
+        "seconds": timings, "steps": pos.step, "epochs": tc.epochs,
+        "nonfinite_steps": counts["nonfinite"], "devices": parts.mesh.size,
         "resumed": bool(resume),
     }
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(f"done: val accuracy {summary['final_val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}), "
         f"{summary['wall_seconds']:.1f}s wall, {summary['compile_seconds']:.1f}s compiling, "
         + (f"{summary['train_images_per_sec']:.0f} train images/s" if summary["train_images_per_sec"]
-           else "train images/s not measured (needs 2+ steps per epoch)") + f" -> {run_dir}")
+           else "train images/s not measured (no steps ran)") + f" -> {run_dir}")
     return summary
 
 
@@ -304,7 +303,7 @@ def _probe_feature_maps(tb: Any, graphdef: Any, state: Any, ds: Dataset, step: i
     """Feature maps of the first validation image to TensorBoard, one grid per spatial layer."""
     import jax
 
-    from cnnpipe.evaluate import feature_grid
+    from cnnpipe.featuremaps import feature_grid
     from cnnpipe.steps import forward
 
     _, feats = forward(graphdef, (state.params, state.model_state), np.asarray(ds.val.images[:1]), None)

@@ -17,7 +17,7 @@ from PIL import Image
 from cnnpipe.cli import build_parser, main
 from cnnpipe.config import default_config_path, load_config
 from cnnpipe.data import SHAPE_CLASSES, make_shapes
-from cnnpipe.evaluate import load_run
+from cnnpipe.runs import load_run
 from cnnpipe.train import train_and_evaluate
 
 # 3 epochs x 6 steps, a checkpoint after every step: long enough to be killed mid-run

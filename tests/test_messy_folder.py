@@ -76,7 +76,8 @@ def test_predict_and_evaluate_agree_image_for_image(messy, tmp_path):
     from flax import nnx
 
     from cnnpipe.config import load_config
-    from cnnpipe.evaluate import evaluate_run, load_run, predict_images
+    from cnnpipe.evaluate import evaluate_run
+    from cnnpipe.runs import load_run, predict_images
     from cnnpipe.preprocess import preprocess
     from cnnpipe.steps import forward
     from cnnpipe.train import train_and_evaluate

@@ -14,7 +14,8 @@ from cnnpipe import steps as steps_mod
 from cnnpipe import train as train_mod
 from cnnpipe.config import load_config
 from cnnpipe.data import SHAPE_CLASSES, make_shapes
-from cnnpipe.evaluate import confusion_matrix, load_run
+from cnnpipe.metrics import confusion_matrix
+from cnnpipe.runs import load_run
 from cnnpipe.train import NonFiniteLossError, train_and_evaluate
 
 # 96 train images / batch 16 = 6 steps per epoch; 40 val images = 3 eval batches, the last padded
@@ -45,11 +46,19 @@ def leaves(state):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """One uninterrupted tiny run; the step functions it built are kept to count compilations."""
-    built = {}
-    real_train, real_eval = steps_mod.make_train_step, steps_mod.make_eval_step
+    built: dict = {}
+
+    def counted(kind, real):
+        def make(*a, **k):
+            fn = real(*a, **k)
+            compile_now, calls = fn.compile, built.setdefault(f"{kind}_compiles", [])
+            fn.compile = lambda *args: (calls.append(args), compile_now(*args))[1]
+            return built.setdefault(kind, fn)
+        return make
+
     mp = pytest.MonkeyPatch()
-    mp.setattr(steps_mod, "make_train_step", lambda *a, **k: built.setdefault("train", real_train(*a, **k)))
-    mp.setattr(steps_mod, "make_eval_step", lambda *a, **k: built.setdefault("eval", real_eval(*a, **k)))
+    mp.setattr(steps_mod, "make_train_step", counted("train", steps_mod.make_train_step))
+    mp.setattr(steps_mod, "make_eval_step", counted("eval", steps_mod.make_eval_step))
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     lines: list[str] = []
     try:
@@ -129,9 +138,11 @@ def test_tensorboard_scalars_and_probe_feature_maps(finished):
 
 def test_each_step_function_compiles_once_per_run(finished):
     _, _, built, _ = finished
-    # 12 train steps over two epochs and 6 eval batches (a padded one included): one program each
-    assert built["train"].jitted._cache_size() == 1
-    assert built["eval"].jitted._cache_size() == 1
+    # 12 train steps over two epochs and 6 eval batches (a padded one included): one program
+    # each, compiled ahead of the first call; the jit path itself never compiles
+    assert len(built["train_compiles"]) == 1 and len(built["eval_compiles"]) == 1
+    assert built["train"].jitted._cache_size() == 0
+    assert built["eval"].jitted._cache_size() == 0
 
 
 def test_eval_matches_a_direct_forward_pass(finished):

@@ -1,0 +1,23 @@
+"""Test-session setup: JAX's persistent compilation cache lives in this session's temp dir.
+
+`cnnpipe train` caches compiled steps under the user's cache directory; tests must
+neither read a cache left by earlier runs nor fill the user's, so the session gets
+its own (subprocesses inherit the environment variable).
+"""
+
+import os
+import tempfile
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache_per_session():
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-jax-cache-") as path:
+        old = os.environ.get("CNNPIPE_COMPILE_CACHE")
+        os.environ["CNNPIPE_COMPILE_CACHE"] = path
+        yield path
+        if old is None:
+            os.environ.pop("CNNPIPE_COMPILE_CACHE", None)
+        else:
+            os.environ["CNNPIPE_COMPILE_CACHE"] = old
