@@ -76,7 +76,9 @@ def _flatten(tree: Any) -> dict[str, Any]:
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
-    """Where and how a restored leaf should live: like the leaf of a fresh state."""
+    """Where and how a restored leaf should live: like the leaf of a fresh (or abstract) state."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x
     if _is_key(x):
         x = jax.random.key_data(x)
     if isinstance(x, jax.Array):
@@ -86,15 +88,19 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
 
 
 def _unflatten_like(like: Any, values: list[Any], where: Path) -> Any:
-    """`values` (one per leaf of `like`, in order) as a pytree shaped like `like`."""
+    """`values` (one per leaf of `like`, in order) as a pytree shaped like `like`.
+
+    `like` may hold arrays or `jax.ShapeDtypeStruct`s (a model made with `nnx.eval_shape`).
+    PRNG keys are rewrapped with jax's default implementation, the only one cnnpipe uses.
+    """
     leaves, treedef = jax.tree.flatten(like)
     if len(values) != len(leaves):
         raise ValueError(f"{where}: checkpoint has {len(values)} arrays, this model needs {len(leaves)}")
     out = []
     for i, (x, value) in enumerate(zip(leaves, values)):
         if _is_key(x):
-            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(x))
-        elif tuple(np.shape(value)) != tuple(np.shape(x)):
+            value = jax.random.wrap_key_data(value)
+        elif tuple(np.shape(value)) != tuple(x.shape if hasattr(x, "shape") else np.shape(x)):
             raise ValueError(f"{where}: array {i} has shape {tuple(np.shape(value))}, "
                              f"this model needs {tuple(np.shape(x))}")
         out.append(value)

@@ -120,15 +120,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
+# Splitting a batch over CPU devices pays off from about 64 images per device: the
+# reference CNN at batch 128 trains 1.35x faster on 2 devices than on 1
+# (benchmarks/bench_train.py), while `simple_cnn` at batch 64 trains 1.15-1.2x faster on
+# one device (6.5 vs 7.9 ms a step, benchmarks/bench_e2e.py's digits): below that the
+# cross-device reduction and per-device dispatch cost more than the second core gives.
+MIN_IMAGES_PER_CPU_DEVICE = 64
+
+
 def _cpu_device_count(cfg: object) -> int:
-    """Devices to expose on a CPU host: one per core, but a count that divides both batch sizes."""
+    """Devices to expose on a CPU host: up to one per core, each with at least 64 images of a
+    train batch, and a count that divides both batch sizes."""
     from cnnpipe.steps import usable_cores
 
     tc = cfg.train  # type: ignore[attr-defined]
     if tc.num_devices:
         return int(tc.num_devices)
     cores = usable_cores()
-    return max(d for d in range(1, cores + 1) if tc.batch_size % d == 0 and tc.eval_batch_size % d == 0)
+    return max(d for d in range(1, cores + 1) if tc.batch_size % d == 0 and tc.eval_batch_size % d == 0
+               and (d == 1 or tc.batch_size // d >= MIN_IMAGES_PER_CPU_DEVICE))
 
 
 def _run_train(args: argparse.Namespace) -> int:

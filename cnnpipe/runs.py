@@ -68,9 +68,11 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> Run:
         raise FileNotFoundError(f"{run_dir}: not a cnnpipe run directory (config.yaml is missing)")
     cfg = load_config(run_dir / "config.yaml")
     info = read_dataset_info(run_dir)
-    model = build_model(cfg.model, in_channels=int(info["channels"]), num_classes=len(info["classes"]),
-                        input_size=tuple(info["size"]), bit_depth=int(info["bit_depth"]),
-                        rngs=nnx.Rngs(cfg.seed), mean=info["mean"], std=info["std"])
+    # shapes only: every value comes from the checkpoint, so nothing is initialised or compiled
+    model = nnx.eval_shape(lambda: build_model(
+        cfg.model, in_channels=int(info["channels"]), num_classes=len(info["classes"]),
+        input_size=tuple(info["size"]), bit_depth=int(info["bit_depth"]), rngs=nnx.Rngs(cfg.seed),
+        mean=info["mean"], std=info["std"]))
     graphdef, state = steps.split_model(model)  # parameters and model state only: no optimizer
     ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
     try:

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.models import CNN
 
-__all__ = ["TrainState", "ModelState", "split_model", "make_optimizer", "make_schedule", "make_mesh", "check_divisible", "create_train_state",
+__all__ = ["TrainState", "ModelState", "split_model", "abstract_train_state", "make_optimizer", "make_schedule", "make_mesh", "check_divisible", "create_train_state",
            "make_train_step", "make_eval_step", "state_to_model", "forward", "shard_batch", "replicate",
            "augment_batch", "batch_spec", "setup_cpu_devices", "usable_cores", "resolve_precision"]
 
@@ -155,6 +155,19 @@ def create_train_state(model: CNN, tx: optax.GradientTransformation, seed: int) 
     state = TrainState(params=ms.params, model_state=ms.model_state, opt_state=tx.init(ms.params),
                        step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
     return graphdef, state
+
+
+def abstract_train_state(model: CNN, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, TrainState]:
+    """(graphdef, a `TrainState` of `jax.ShapeDtypeStruct`s placed as `replicate` places the real one).
+
+    `model` may be abstract (`nnx.eval_shape`): enough to compile the steps before any
+    parameter exists.
+    """
+    graphdef, ms = split_model(model)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = TrainState(params=ms.params, model_state=ms.model_state, opt_state=jax.eval_shape(tx.init, ms.params),
+                       step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
 
 
 def state_to_model(graphdef: Any, state: TrainState | ModelState) -> CNN:
@@ -343,6 +356,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
         return guard(impl[0](state, images, labels))
 
     train_step.jitted = jitted  # type: ignore[attr-defined]
+    train_step.mesh = mesh  # type: ignore[attr-defined]
     train_step.compile = _ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
     return train_step
 

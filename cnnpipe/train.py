@@ -77,7 +77,12 @@ class _Parts:
 
 
 def _build(cfg: Config, watch: Stopwatch) -> _Parts:
-    import jax
+    """Data, mesh, model and steps; the steps compile (and the model initialises) at once, in threads.
+
+    The steps are compiled for the train state's shapes and placement alone (an
+    abstract state from `nnx.eval_shape`), so compiling them does not wait for the
+    initialiser, itself one jitted program instead of one per layer initialiser.
+    """
     from flax import nnx
 
     from cnnpipe import steps
@@ -87,46 +92,60 @@ def _build(cfg: Config, watch: Stopwatch) -> _Parts:
     tc = cfg.train
     with watch.phase("data"):
         ds = load_dataset(cfg.data, seed=cfg.seed)
-    with watch.phase("build"), quiet_cache_loads():  # initialisers are small programs, cached too
+    with watch.phase("build"):
         mesh = steps.make_mesh(tc.num_devices)
         for key, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)):
             steps.check_divisible(mesh, size, key)
         spe = steps_per_epoch(len(ds.train), tc.batch_size)
-        model = build_model(cfg.model, in_channels=ds.channels, num_classes=ds.num_classes, input_size=ds.size,
-                            bit_depth=ds.bit_depth, rngs=nnx.Rngs(cfg.seed), mean=ds.mean, std=ds.std)
+
+        def make() -> Any:
+            return build_model(cfg.model, in_channels=ds.channels, num_classes=ds.num_classes, input_size=ds.size,
+                               bit_depth=ds.bit_depth, rngs=nnx.Rngs(cfg.seed), mean=ds.mean, std=ds.std)
+
         tx = steps.make_optimizer(cfg.optimizer, spe * tc.epochs)
-        graphdef, state = steps.create_train_state(model, tx, cfg.seed)
-        state = steps.replicate(mesh, state)
+        abstract = nnx.eval_shape(make)
+        graphdef, abstract_state = steps.abstract_train_state(abstract, tx, mesh)
         train_step = steps.make_train_step(graphdef, tx, mesh, precision=tc.precision, augment=cfg.augment)
         eval_step = steps.make_eval_step(graphdef, mesh)
-        jax.block_until_ready(state)
-    return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(model), spe)
+
+    def initialise() -> Any:
+        _, state = steps.create_train_state(nnx.jit(make)(), tx, cfg.seed)
+        return jax_ready(steps.replicate(mesh, state))
+
+    with watch.phase("compile"), quiet_cache_loads(), ThreadPoolExecutor(3) as pool:
+        state = pool.submit(initialise)
+        for done in _compile_ahead(train_step, eval_step, abstract_state, ds, cfg, pool):
+            done.result()
+        state = state.result()
+    return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe)
 
 
-def _compile_ahead(parts: _Parts, cfg: Config, pool: ThreadPoolExecutor) -> tuple[Future, Future]:
-    """Compile the train and eval steps at once, in threads, before the first batch is needed.
+def jax_ready(tree: Any) -> Any:
+    """`tree` once every array in it is computed."""
+    import jax
 
-    The abstract arguments take their shapes and dtypes from a first batch of each
-    kind, so they are exactly what the loop will pass.
+    return jax.block_until_ready(tree)
+
+
+def _compile_ahead(train_step: Any, eval_step: Any, state: Any, ds: Dataset, cfg: Config,
+                   pool: ThreadPoolExecutor) -> list[Future]:
+    """Submit the train and eval steps' compiles for `state` (abstract) and batches like the loop's.
+
+    The abstract batches take their shapes and dtypes from a first batch of each kind,
+    so they are exactly what the loop will pass.
     """
     from cnnpipe.data import eval_batches
     from cnnpipe.steps import batch_spec
 
-    ds, mesh, tc = parts.ds, parts.mesh, cfg.train
-
-    def specs(batch: tuple[np.ndarray, ...]) -> list[Any]:
-        return [batch_spec(mesh, a.shape, a.dtype) for a in batch]
-
-    def first(it: Any) -> tuple[np.ndarray, ...] | None:
-        return next(iter(it), None)
-
-    done: Future = Future()
-    done.set_result(None)
-    train_batch = first(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0))
-    eval_batch = first(eval_batches(ds.val, tc.eval_batch_size))
-    train = pool.submit(parts.train_step.compile, parts.state, *specs(train_batch)) if train_batch else done
-    evals = pool.submit(parts.eval_step.compile, parts.state, *specs(eval_batch)) if eval_batch else done
-    return train, evals
+    tc = cfg.train
+    mesh = train_step.mesh
+    train_batch = next(iter(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0)), None)
+    eval_batch = next(iter(eval_batches(ds.val, tc.eval_batch_size)), None)
+    jobs = []
+    for step, batch in ((train_step, train_batch), (eval_step, eval_batch)):
+        if batch is not None:
+            jobs.append(pool.submit(step.compile, state, *[batch_spec(mesh, a.shape, a.dtype) for a in batch]))
+    return jobs
 
 
 def _bar_safe(log: Callable[[str], None], bar: Any) -> Callable[[str], None]:
@@ -165,7 +184,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         import jax
 
         from cnnpipe.checkpoint import Checkpoints
-        from cnnpipe.compile_cache import enable_compile_cache, quiet_cache_loads
+        from cnnpipe.compile_cache import enable_compile_cache
     watch.listen()
     run_dir = Path(workdir) if workdir is not None else default_run_dir(name)
     if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
@@ -174,9 +193,6 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     enable_compile_cache(compile_cache)
     parts = _build(cfg, watch)
     _prepare_run_dir(cfg, run_dir, parts.ds, resume)
-    with watch.phase("compile"), quiet_cache_loads(), ThreadPoolExecutor(2) as pool:
-        for done in _compile_ahead(parts, cfg, pool):
-            done.result()
     log(f"run {run_dir}: {parts.ds.description}, {len(parts.ds.train)} train / {len(parts.ds.val)} val images, "
         f"{parts.ds.num_classes} classes")
     log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {parts.num_params:,} parameters; "
