@@ -117,6 +117,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", metavar="DIR", help="run directory (default: runs/<config>-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its latest checkpoint, with its own config.yaml")
+    p.add_argument("--compile-cache", metavar="DIR|off",
+                   help="JAX's persistent compilation cache (default: $CNNPIPE_COMPILE_CACHE, else "
+                        "$XDG_CACHE_HOME/cnnpipe/jax); 'off' disables it")
     p.set_defaults(func=_run_train)
 
 
@@ -164,7 +167,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from cnnpipe.train import NonFiniteLossError, train_and_evaluate
 
     try:
-        train_and_evaluate(cfg, run_dir, name=name, resume=bool(args.resume))
+        train_and_evaluate(cfg, run_dir, name=name, resume=bool(args.resume), compile_cache=args.compile_cache)
     except NonFiniteLossError as exc:
         print(f"cnnpipe train: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,122 @@
+"""The training loop's small parts: metrics sink, stopwatch, position, epoch loop, bar-safe lines."""
+
+import io
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from cnnpipe.loop import EpochLoop, Position
+from cnnpipe.runlog import MetricsSink, NonFiniteLossError, Stopwatch
+from cnnpipe.train import _bar_safe
+
+
+def metrics(loss, acc=0.5, lr=1e-3):
+    return {"loss": np.float32(loss), "accuracy": np.float32(acc), "learning_rate": np.float32(lr),
+            "nonfinite": np.bool_(not math.isfinite(loss))}
+
+
+class Tracked(dict):
+    """Metrics that record the first time the host reads a value from them."""
+
+    def __init__(self, reads, step, **kw):
+        super().__init__(metrics(**kw))
+        self.reads, self.step = reads, step
+
+    def __getitem__(self, key):
+        if self.step not in self.reads:
+            self.reads.append(self.step)
+        return super().__getitem__(key)
+
+
+def sink(max_nonfinite=3):
+    out = []
+    return MetricsSink(out.append, max_nonfinite, lambda: "ckpt/4"), out
+
+
+def test_sink_reads_each_step_one_step_late_and_averages_the_window():
+    s, out = sink()
+    reads = []
+    s.push(1, 0, Tracked(reads, 1, loss=1.0, acc=0.0))
+    assert reads == []                       # step 1 stays in flight
+    s.push(2, 0, Tracked(reads, 2, loss=3.0, acc=1.0))
+    assert reads == [1]                      # pushing step 2 reads step 1, not step 2
+    record = s.flush(2, 0, images_per_sec=10.0)
+    assert reads == [1, 2]
+    assert record == out[0] == {"step": 2, "epoch": 1, "loss": 2.0, "accuracy": 0.5,
+                                "learning_rate": pytest.approx(1e-3), "images_per_sec": 10.0}
+    assert s.flush(3, 0, None) is None and len(out) == 1   # an empty window writes nothing
+
+
+def test_nonfinite_steps_are_logged_alone_and_stop_the_run_when_consecutive():
+    s, out = sink(max_nonfinite=2)
+    s.push(1, 0, metrics(float("nan")))
+    s.push(2, 0, metrics(1.0))               # a finite step resets the count
+    s.push(3, 0, metrics(float("inf")))
+    s.flush(3, 0, None)
+    assert [r.get("nonfinite") for r in out] == [True, True, None]   # at once; the average at flush
+    assert out[2]["loss"] == 1.0             # the average leaves non-finite steps out
+    s.push(4, 0, metrics(float("nan")))
+    with pytest.raises(NonFiniteLossError, match=r"2 steps in a row \(steps 3-4\).*Last good checkpoint: ckpt/4"):
+        s.settle()
+    assert s.nonfinite_total == 3
+
+
+def test_stopwatch_adds_phases_and_reports_the_rest_as_other():
+    w = Stopwatch()
+    with w.phase("eval"):
+        pass
+    w.add("eval", 1.0)
+    w.add("steps", 2.0)
+    w.start -= 5.0                           # as if 5 s had passed
+    report = w.report()
+    assert report["eval"] == pytest.approx(1.0, abs=0.01) and report["steps"] == 2.0
+    assert report["total"] == pytest.approx(5.0, abs=0.05)
+    assert report["other"] == pytest.approx(2.0, abs=0.05)
+
+
+def test_position_round_trips_and_keeps_the_best_epoch():
+    p = Position(step=10)
+    assert p.end_epoch(0.5) and (p.epoch, p.step_in_epoch, p.best_step) == (1, 0, 10)
+    p.step = 20
+    assert not p.end_epoch(0.4) and p.best_val_accuracy == 0.5 and p.best_step == 10
+    assert Position.from_dict({**p.as_dict(), "rng": [0, 1]}) == p
+
+
+def fake_step(state, images, labels):
+    return state + 1, metrics(float(state))
+
+
+def test_epoch_loop_logs_every_k_steps_checkpoints_mid_epoch_and_resumes_mid_epoch():
+    s, out = sink()
+    saves = []
+    loop = EpochLoop(fake_step, s, Stopwatch(), batch_size=8, steps_per_epoch=10, log_every=4,
+                     checkpoint_every=3, save=lambda st, pos: saves.append((pos.step, pos.step_in_epoch, st)))
+    batches = iter([(None, None)] * 10)
+    pos = Position()
+    state = loop.run(0, batches, pos)
+    assert state == 10 and (pos.step, pos.step_in_epoch) == (10, 10)
+    assert [r["step"] for r in out] == [4, 8, 10]                 # every 4 steps and the epoch's last
+    assert [r["loss"] for r in out] == [1.5, 5.5, 8.5]            # window averages of losses 0..9
+    assert saves == [(3, 3, 3), (6, 6, 6), (9, 9, 9)]             # the epoch's end is the caller's
+    assert loop.images_trained == 80
+    resumed = Position(epoch=1, step_in_epoch=6, step=16)
+    loop.run(16, iter([(None, None)] * 4), resumed)
+    assert (resumed.step, resumed.step_in_epoch) == (20, 10) and loop.images_trained == 80 + 32
+
+
+def test_epoch_lines_clear_the_progress_bar_instead_of_splitting_it(monkeypatch):
+    from tqdm import tqdm
+
+    term = io.StringIO()                     # a terminal: stdout and stderr on one screen
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    bar = tqdm(total=10, file=sys.stderr, disable=False, mininterval=0, leave=False)
+    bar.update(3)
+    bar.set_postfix(acc="0.981")
+    _bar_safe(print, bar)("epoch 3/10: val loss 0.1")
+    bar.close()
+    pieces = [p.strip() for p in term.getvalue().replace("\r", "\n").split("\n")]
+    assert "epoch 3/10: val loss 0.1" in pieces
+    assert "]epoch" not in term.getvalue()
