@@ -75,8 +75,9 @@ def cnnpipe_run(args_: list[str], cache: Path, work: Path, tag: str) -> dict:
     run_dir = work / f"run-{tag}"
     wall, _ = timed([sys.executable, "-m", "cnnpipe.cli", "train", *args_, "--workdir", str(run_dir)], env, work)
     summary = json.loads((run_dir / "summary.json").read_text())
-    seconds = dict(summary["seconds"])
-    seconds["startup"] = wall - seconds["total"]
+    seconds = dict(summary.get("seconds", {}))   # absent in runs of older versions (a "before" checkout)
+    seconds["startup"] = wall - seconds.get("total", summary["wall_seconds"])
+    seconds.setdefault("compile", summary["compile_seconds"])
     return {"wall": wall, "accuracy": summary["final_val_accuracy"], "seconds": seconds,
             "compile_seconds": summary["compile_seconds"]}
 

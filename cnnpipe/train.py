@@ -110,7 +110,7 @@ def _build(cfg: Config, watch: Stopwatch) -> _Parts:
 
     def initialise() -> Any:
         _, state = steps.create_train_state(nnx.jit(make)(), tx, cfg.seed)
-        return jax_ready(steps.replicate(mesh, state))
+        return _ready(steps.replicate(mesh, state))
 
     with watch.phase("compile"), quiet_cache_loads(), ThreadPoolExecutor(3) as pool:
         state = pool.submit(initialise)
@@ -120,7 +120,7 @@ def _build(cfg: Config, watch: Stopwatch) -> _Parts:
     return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe)
 
 
-def jax_ready(tree: Any) -> Any:
+def _ready(tree: Any) -> Any:
     """`tree` once every array in it is computed."""
     import jax
 
