@@ -41,7 +41,8 @@ _LEGACY_ITEMS = ("state", "meta")
 class _QuietExpected(logging.Filter):
     # expected by design: mid-epoch checkpoints have no validation accuracy, and
     # evaluate/predict open the checkpoints read-only
-    _EXPECTED = ("did not provide metrics", "read_only=True", "directory is read only")
+    _EXPECTED = ("did not provide metrics", "read_only=True", "directory is read only",
+                 "Metadata file does not exist")  # the earlier format's items have none
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -76,15 +77,26 @@ def _flatten(tree: Any) -> dict[str, Any]:
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
-    """Where and how a restored leaf should live: like the leaf of a fresh (or abstract) state."""
+    """Where and how a restored leaf should live: like the leaf of a fresh (or abstract) state.
+
+    A leaf without a placement (an abstract model's, a numpy array) goes to this
+    process's first device: Orbax refuses to guess one when the checkpoint was written
+    by another device count (a run trained on 2 CPU devices, predicted on 1).
+    """
     if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x
+        if _is_key(x):
+            x = jax.eval_shape(jax.random.key_data, x)
+        return x if x.sharding is not None else _on_first_device(x.shape, x.dtype)
     if _is_key(x):
         x = jax.random.key_data(x)
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     x = np.asarray(x)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return _on_first_device(x.shape, x.dtype)
+
+
+def _on_first_device(shape: Any, dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
 
 
 def _unflatten_like(like: Any, values: list[Any], where: Path) -> Any:
@@ -213,7 +225,10 @@ class Checkpoints:
         """(params, model_state, step): only what inference needs, no optimizer; shaped like the arguments."""
         step = self._step(step)
         if self._is_legacy(step):
-            flat = self._restore(step, state=ocp.args.StandardRestore())["state"]
+            saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+            saved = getattr(saved, "item_metadata", saved)
+            target = {k: _on_first_device(m.shape, m.dtype) for k, m in saved.items()}
+            flat = self._restore(step, state=ocp.args.StandardRestore(target))["state"]
             values = [flat[k] for k in sorted(flat)]  # train-state leaf order: params, model_state, ...
             n = len(jax.tree.leaves(params))
             where = self.directory / str(step)

@@ -85,3 +85,25 @@ def test_a_checkpoint_of_another_model_is_refused_with_its_path(tmp_path):
         ck.restore_model(like.params, like.model_state)
     with pytest.raises(NoCheckpointError, match="no checkpoints folder"):
         Checkpoints(tmp_path / "none", read_only=True)
+
+
+def test_a_run_trained_on_two_devices_is_evaluated_in_a_one_device_process(tmp_path):
+    """`cnnpipe train` on 2 CPU devices; this test process has 1: the model must still load."""
+    import json
+    import subprocess
+    import sys
+
+    from cnnpipe.evaluate import evaluate_run
+    from cnnpipe.runs import load_run
+
+    settings = ["data.size=[16,16]", "data.num_train=64", "data.num_val=32", "train.batch_size=16",
+                "train.eval_batch_size=16", "train.epochs=1", "train.num_devices=2",
+                "model=[{type: conv, filters: 4}, {type: batch_norm}, {type: relu}, {type: flatten}]"]
+    cmd = [sys.executable, "-m", "cnnpipe.cli", "train", "--workdir", str(tmp_path / "run"),
+           *[a for s in settings for a in ("--set", s)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["devices"] == 2 and len(jax.local_devices()) == 1
+    result, _ = evaluate_run(load_run(tmp_path / "run"))
+    assert result["accuracy"] == summary["final_val_accuracy"]
