@@ -154,8 +154,10 @@ class Stopwatch:
     """Seconds per phase of a run, and the seconds JAX spends tracing, lowering and compiling.
 
     `with watch.phase("eval"): ...` adds the block's wall time to "eval"; phases may
-    repeat. `compile_seconds` counts JAX's own compile events (persistent-cache hits
-    included) while the stopwatch is listening.
+    repeat. `compile_seconds` is the wall time during which JAX was tracing, lowering or
+    compiling (persistent-cache hits included) while the stopwatch listened: the union
+    of its events' spans, so compiles running at once in threads, or a trace nested in
+    another, count once and the figure never exceeds the run's wall time.
     """
 
     _EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -164,7 +166,7 @@ class Stopwatch:
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.seconds: dict[str, float] = {}
-        self.compile_seconds = 0.0
+        self._spans: list[tuple[float, float]] = []
         self._listening = False
 
     def listen(self) -> None:
@@ -175,8 +177,19 @@ class Stopwatch:
         self._listening = True
 
     def _listen(self, event: str, duration: float, **_: Any) -> None:
-        if event in self._EVENTS:
-            self.compile_seconds += duration
+        if event in self._EVENTS:  # reported when the event ends
+            end = time.perf_counter()
+            self._spans.append((end - duration, end))
+
+    @property
+    def compile_seconds(self) -> float:
+        """Wall seconds covered by at least one JAX compile event."""
+        total, reach = 0.0, -math.inf
+        for start, end in sorted(self._spans):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

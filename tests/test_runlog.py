@@ -76,6 +76,15 @@ def test_stopwatch_adds_phases_and_reports_the_rest_as_other():
     assert report["other"] == pytest.approx(2.0, abs=0.05)
 
 
+def test_compile_seconds_count_overlapping_events_once():
+    w = Stopwatch()
+    event = Stopwatch._EVENTS[-1]
+    w._listen(event, 1.0)                    # two compiles that ran at the same time, in threads
+    w._listen(event, 1.0)
+    w._listen("/jax/some/other/event", 5.0)  # not a compile event
+    assert w.compile_seconds == pytest.approx(1.0, abs=0.01)
+
+
 def test_position_round_trips_and_keeps_the_best_epoch():
     p = Position(step=10)
     assert p.end_epoch(0.5) and (p.epoch, p.step_in_epoch, p.best_step) == (1, 0, 10)
