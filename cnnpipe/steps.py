@@ -356,7 +356,6 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
         return guard(impl[0](state, images, labels))
 
     train_step.jitted = jitted  # type: ignore[attr-defined]
-    train_step.mesh = mesh  # type: ignore[attr-defined]
     train_step.compile = _ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
     return train_step
 

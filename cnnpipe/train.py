@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from cnnpipe.config import Config, dump_config
 from cnnpipe.data import Dataset, load_dataset, prefetch, steps_per_epoch, train_batches
@@ -83,6 +82,7 @@ def _build(cfg: Config, watch: Stopwatch) -> _Parts:
     abstract state from `nnx.eval_shape`), so compiling them does not wait for the
     initialiser, itself one jitted program instead of one per layer initialiser.
     """
+    import jax
     from flax import nnx
 
     from cnnpipe import steps
@@ -110,24 +110,17 @@ def _build(cfg: Config, watch: Stopwatch) -> _Parts:
 
     def initialise() -> Any:
         _, state = steps.create_train_state(nnx.jit(make)(), tx, cfg.seed)
-        return _ready(steps.replicate(mesh, state))
+        return jax.block_until_ready(steps.replicate(mesh, state))
 
     with watch.phase("compile"), quiet_cache_loads(), ThreadPoolExecutor(3) as pool:
         state = pool.submit(initialise)
-        for done in _compile_ahead(train_step, eval_step, abstract_state, ds, cfg, pool):
+        for done in _compile_ahead(train_step, eval_step, abstract_state, mesh, ds, cfg, pool):
             done.result()
         state = state.result()
     return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe)
 
 
-def _ready(tree: Any) -> Any:
-    """`tree` once every array in it is computed."""
-    import jax
-
-    return jax.block_until_ready(tree)
-
-
-def _compile_ahead(train_step: Any, eval_step: Any, state: Any, ds: Dataset, cfg: Config,
+def _compile_ahead(train_step: Any, eval_step: Any, state: Any, mesh: Any, ds: Dataset, cfg: Config,
                    pool: ThreadPoolExecutor) -> list[Future]:
     """Submit the train and eval steps' compiles for `state` (abstract) and batches like the loop's.
 
@@ -138,7 +131,6 @@ def _compile_ahead(train_step: Any, eval_step: Any, state: Any, ds: Dataset, cfg
     from cnnpipe.steps import batch_spec
 
     tc = cfg.train
-    mesh = train_step.mesh
     train_batch = next(iter(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0)), None)
     eval_batch = next(iter(eval_batches(ds.val, tc.eval_batch_size)), None)
     jobs = []
@@ -317,11 +309,8 @@ def _finish(cfg: Config, parts: _Parts, run_dir: Path, result: dict[str, Any], c
 
 def _probe_feature_maps(tb: Any, graphdef: Any, state: Any, ds: Dataset, step: int) -> None:
     """Feature maps of the first validation image to TensorBoard, one grid per spatial layer."""
-    import jax
+    from cnnpipe.featuremaps import probe_grids
+    from cnnpipe.steps import state_to_model
 
-    from cnnpipe.featuremaps import feature_grid
-    from cnnpipe.steps import forward
-
-    _, feats = forward(graphdef, (state.params, state.model_state), np.asarray(ds.val.images[:1]), None)
-    for name, fmap in jax.device_get(feats).items():
-        tb.add_image(f"feature_maps/{name}", feature_grid(fmap[0], fill=0.0)[0][None], step)
+    for name, grid in probe_grids(state_to_model(graphdef, state), ds.val.images[0]).items():
+        tb.add_image(f"feature_maps/{name}", grid, step)
