@@ -194,15 +194,17 @@ class Checkpoints:
             raise ValueError(f"{self.directory / str(step)}: checkpoint does not match this model/optimizer "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
-    def _restore_items(self, step: int, likes: dict[str, Any]) -> dict[str, Any]:
-        """The named array items `likes` (name -> pytree like the saved one), shaped like them."""
+    def _restore_items(self, step: int, likes: dict[str, Any], **more: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the named array items `likes` (name -> pytree like the saved one) shaped like them, every
+        restored item as Orbax gives it): one restore for those and the `more` items (name -> args)."""
         args = {name: ocp.args.StandardRestore({n: _abstract(x) for n, x in _flatten(like).items()})
                 for name, like in likes.items() if jax.tree.leaves(like)}
-        restored = self._restore(step, **args) if args else {}
+        restored = self._restore(step, **args, **more) if args or more else {}
         where = self.directory / str(step)
-        return {name: _unflatten_like(like, [restored[name][n] for n in flat_names(like)] if name in restored
-                                      else [], where)
-                for name, like in likes.items()}
+        items = {name: _unflatten_like(like, [restored[name][n] for n in flat_names(like)] if name in args
+                                       else [], where)
+                 for name, like in likes.items()}
+        return items, restored
 
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
         """(train state, position, step) of checkpoint `step` (default: latest), placed like `like`.
@@ -214,8 +216,9 @@ class Checkpoints:
         step = self._step(step)
         if self._is_legacy(step):
             return self._restore_legacy(like, step)
-        items = self._restore_items(step, {name: getattr(like, name) for name in _ARRAY_ITEMS})
-        position = dict(self._restore(step, position=ocp.args.JsonRestore())["position"])
+        items, restored = self._restore_items(step, {name: getattr(like, name) for name in _ARRAY_ITEMS},
+                                              position=ocp.args.JsonRestore())
+        position = dict(restored["position"])
         rng = np.asarray(position.pop("rng"), position.pop("rng_dtype"))
         state = type(like)(**items, step=jax.numpy.asarray(position["step"], like.step.dtype),
                            rng=rng if not _is_key(like.rng) else jax.random.wrap_key_data(rng))
@@ -225,7 +228,8 @@ class Checkpoints:
         """(params, model_state, step): only what inference needs, no optimizer; shaped like the arguments."""
         step = self._step(step)
         if self._is_legacy(step):
-            saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+            with ocp.StandardCheckpointer() as reader:
+                saved = reader.metadata(self.directory / str(step) / "state")
             saved = getattr(saved, "item_metadata", saved)
             target = {k: _on_first_device(m.shape, m.dtype) for k, m in saved.items()}
             flat = self._restore(step, state=ocp.args.StandardRestore(target))["state"]
@@ -234,7 +238,7 @@ class Checkpoints:
             where = self.directory / str(step)
             p = _unflatten_like(params, values[:n], where)
             return p, _unflatten_like(model_state, values[n:n + len(jax.tree.leaves(model_state))], where), step
-        items = self._restore_items(step, {"params": params, "model_state": model_state})
+        items, _ = self._restore_items(step, {"params": params, "model_state": model_state})
         return items["params"], items["model_state"], step
 
     def _restore_legacy(self, like: Any, step: int) -> tuple[Any, dict[str, Any], int]:
@@ -245,10 +249,6 @@ class Checkpoints:
         flat = restored["state"]
         state = _unflatten_like(like, [flat[k] for k in sorted(flat)], self.directory / str(step))
         return state, dict(restored["meta"]), step
-
-    def wait(self) -> None:
-        """Block until every save in flight is written."""
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Finish pending work (saves in flight, deletions) and release the manager."""
