@@ -28,6 +28,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from cnnpipe.data import default_cache_dir
 from cnnpipe.fdcapture import stderr_lines
 
 __all__ = ["compile_cache_dir", "enable_compile_cache", "quiet_cache_loads", "ENV_VAR"]
@@ -55,8 +56,7 @@ def compile_cache_dir(setting: str | os.PathLike | None = None) -> Path | None:
         return None
     if value:
         return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cnnpipe" / "jax"
+    return default_cache_dir() / "jax"   # beside the folder cache
 
 
 def enable_compile_cache(setting: str | os.PathLike | None = None) -> Path | None:
