@@ -165,7 +165,7 @@ class TrainConfig(_Schema):
     epochs: PosInt = 10
     batch_size: PosInt = 64
     eval_batch_size: PosInt = 256
-    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: bf16 compute, fp32 params (CPU: fp32)
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: bf16 compute, fp32 params and optimizer state
     checkpoint_every_steps: NonNegInt = 0   # 0 = only at epoch end
     keep_checkpoints: PosInt = 3
     max_nonfinite_steps: PosInt = 5     # that many non-finite losses in a row stop the run
