@@ -146,14 +146,15 @@ class DataConfig(_Schema):
     name: str | None = None             # tfds dataset name, e.g. mnist, cifar10 (tfds)
     split_train: str = "train"          # tfds split names
     split_val: str = "test"
-    size: tuple[PosInt, PosInt] = (32, 32)   # H, W for folder preprocessing and shapes
-    resize: Literal["crop", "pad", "stretch"] = "crop"   # folder
-    channels: Literal["rgb", "gray"] = "rgb"             # folder
+    # H, W of every image; null: 32x32 for shapes and folders, a tfds dataset's own fixed size
+    size: tuple[PosInt, PosInt] | None = None
+    resize: Literal["crop", "pad", "stretch"] = "crop"   # folder, tfds
+    channels: Literal["rgb", "gray"] | None = None       # folder, tfds; null: rgb (tfds: the dataset's own)
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1   # folder
     bit_depth: Literal[8, 16] = 8       # shapes only
     num_train: PosInt = 4000            # shapes only
     num_val: PosInt = 400               # shapes only
-    cache_dir: str | None = None        # folder cache (default ~/.cache/cnnpipe)
+    cache_dir: str | None = None        # folder and tfds caches (default ~/.cache/cnnpipe)
 
 
 class AugmentConfig(_Schema):

@@ -4,7 +4,7 @@ Sources (`data.source`): `shapes` (built-in synthetic images, no files needed),
 `store` (the output of `cnnpipe preprocess`, memory-mapped), `folder` (a raw
 image folder, preprocessed once into a cache keyed by its contents and the
 settings) and `tfds` (a TensorFlow Datasets name read with `tfds.data_source`,
-no TensorFlow). Pixels stay integers (uint8/uint16) on the host; the model
+no TensorFlow, streamed once into a store cache: `cnnpipe.tfds_source`). Pixels stay integers (uint8/uint16) on the host; the model
 normalises them on the device.
 
 Batch order is a pure function of (seed, epoch), so a resumed run continues
@@ -41,6 +41,7 @@ class Split:
         return len(self.labels)
 
 
+DEFAULT_SIZE = (32, 32)  # (H, W) of shapes and folder images when data.size is not set
 MIN_STD = 1.0  # raw pixel units: one quantisation step at the data's bit depth
 
 
@@ -93,8 +94,9 @@ def load_dataset(data: Any, seed: int = 0) -> Dataset:
     `seed` is the run seed; it only affects the synthetic `shapes` data.
     """
     source = data.source
+    size = tuple(getattr(data, "size", None) or DEFAULT_SIZE)
     if source == "shapes":
-        h, w = data.size
+        h, w = size
         return shapes_dataset(data.num_train, data.num_val, size=(h, w),
                               bit_depth=data.bit_depth, seed=seed)
     if source == "store":
@@ -104,13 +106,17 @@ def load_dataset(data: Any, seed: int = 0) -> Dataset:
     if source == "folder":
         if not data.path:
             raise ValueError("data.path: required when data.source is 'folder' (a folder of class sub-folders)")
-        return folder_dataset(data.path, size=tuple(data.size), resize=data.resize,
-                              channels=data.channels, val_fraction=data.val_fraction,
+        return folder_dataset(data.path, size=size, resize=data.resize,
+                              channels=data.channels or "rgb", val_fraction=data.val_fraction,
                               cache_dir=data.cache_dir)
     if source == "tfds":
         if not data.name:
             raise ValueError("data.name: required when data.source is 'tfds' (e.g. mnist, cifar10)")
-        return tfds_dataset(data.name, split_train=data.split_train, split_val=data.split_val)
+        from cnnpipe.tfds_source import tfds_dataset
+
+        return tfds_dataset(data.name, split_train=data.split_train, split_val=data.split_val,
+                            size=tuple(data.size) if data.size else None, resize=data.resize,
+                            channels=data.channels, cache_dir=data.cache_dir)
     raise ValueError(f"data.source: unknown source {source!r}; expected one of shapes, store, folder, tfds")
 
 
@@ -270,44 +276,6 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
     return dataclasses.replace(store_dataset(out), description=f"folder {root} (cache {out})", resize=resize)
 
 
-def tfds_dataset(name: str, *, split_train: str = "train", split_val: str = "test") -> Dataset:
-    """A TensorFlow Datasets image classification dataset via `tfds.data_source` (no TensorFlow).
-
-    Records are dicts with 'image' (H, W, C) uint8 and 'label'; the splits are
-    read into memory once.
-    """
-    import tensorflow_datasets as tfds
-
-    def read(split: str) -> Split:
-        try:
-            src = tfds.data_source(name, split=split)
-        except Exception as exc:  # tfds raises many types; name the dataset and split
-            raise ValueError(f"data.name: cannot open tfds dataset {name!r} split {split!r}: {exc}") from exc
-        n = len(src)
-        if n == 0:
-            raise ValueError(f"tfds dataset {name!r} split {split!r} is empty")
-        first = np.asarray(src[0]["image"])
-        if first.ndim == 2:
-            first = first[..., None]
-        images = np.empty((n, *first.shape), first.dtype)
-        labels = np.empty(n, np.int32)
-        for i in range(n):
-            rec = src[i]
-            img = np.asarray(rec["image"])
-            images[i] = img.reshape(first.shape) if img.ndim == 2 else img
-            labels[i] = int(rec["label"])
-        return Split(images, labels)
-
-    train, val = read(split_train), read(split_val)
-    try:
-        classes = list(tfds.builder(name).info.features["label"].names)
-    except Exception:  # no label names in the metadata: number the classes
-        classes = [str(i) for i in range(int(max(train.labels.max(), val.labels.max())) + 1)]
-    bit_depth = 16 if train.images.dtype == np.uint16 else 8
-    mean, std = _mean_std(train.images)
-    return Dataset(classes, train, val, bit_depth, mean, std, f"tfds {name} ({split_train}/{split_val})")
-
-
 # ---------------------------------------------------------------- batching
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -423,7 +391,7 @@ def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = [
     "SHAPE_CLASSES", "Split", "Dataset", "load_dataset", "make_shapes", "shapes_dataset",
-    "store_dataset", "folder_dataset", "tfds_dataset", "folder_cache_key", "default_cache_dir",
+    "store_dataset", "folder_dataset", "folder_cache_key", "DEFAULT_SIZE", "default_cache_dir",
     "steps_per_epoch", "epoch_permutation", "train_batches", "eval_batches", "prefetch",
     "read_dataset_info",
 ]

@@ -49,6 +49,17 @@ def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
     return path
 
 
+def resolve_data(cfg: Config, ds: Dataset) -> Config:
+    """`cfg` with `data.size` and `data.channels` set to the data's own (what config.yaml records).
+
+    A run's saved config then says what it trained on, so `evaluate --data` on another
+    folder prepares images at the run's size and planes, whatever the defaults were.
+    """
+    data = cfg.data.model_copy(update={"size": tuple(ds.size), "channels": "gray" if ds.channels == 1 else
+                                       "rgb" if ds.channels == 3 else cfg.data.channels})
+    return cfg.model_copy(update={"data": data})
+
+
 def _prepare_run_dir(cfg: Config, run_dir: Path, ds: Dataset, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "plots").mkdir(exist_ok=True)
@@ -184,6 +195,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
                          "or choose another --workdir")
     enable_compile_cache(compile_cache)
     parts = _build(cfg, watch)
+    cfg = resolve_data(cfg, parts.ds)
     _prepare_run_dir(cfg, run_dir, parts.ds, resume)
     log(f"run {run_dir}: {parts.ds.description}, {len(parts.ds.train)} train / {len(parts.ds.val)} val images, "
         f"{parts.ds.num_classes} classes")

@@ -1,8 +1,9 @@
 """The one image path: file bytes -> model-ready pixels, for training data and serving alike.
 
 `prepare_bytes` is the single chain decode -> match planes -> promote bit
-depth -> resize. `cnnpipe preprocess` (and the folder/tfds caches built with
-it) runs it in its workers to fill the store; `cnnpipe predict` and
+depth -> resize. `cnnpipe preprocess` (and the folder cache built with it)
+runs it in its workers to fill the store; the tfds cache (`cnnpipe.tfds_source`),
+whose records arrive decoded, enters at `prepare_planes`, the chain after decode; `cnnpipe predict` and
 `cnnpipe inspect` run it through `prepare_image`. The pixels a store holds for
 a file are therefore bit for bit what predict feeds the model for that file.
 
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnpipe.decode import convert_planes, jpeg_size, read_file, read_image
+from cnnpipe.decode import Planes, convert_planes, jpeg_size, read_file, read_image
 
 __all__ = ["RESIZE_MODES", "CHANNEL_MODES", "IMAGE_PATH_VERSION", "ImageSpec", "InputImage", "NeedsSixteenBit", "prepare_bytes",
-           "prepare_image", "promote_to_16bit", "resize_image", "spec_for_model"]
+           "prepare_planes", "prepare_image", "promote_to_16bit", "resize_image", "spec_for_model"]
 
 RESIZE_MODES = ("crop", "pad", "stretch")
 CHANNEL_MODES = ("rgb", "gray", "native")
@@ -230,6 +231,19 @@ def prepare_bytes(data: bytes, spec: ImageSpec, source: str) -> InputImage:
       ValueError: the image's planes cannot be matched to the spec.
     """
     native = read_image(data, channels="native", alpha="keep", reduce=_jpeg_reduce(data, spec), source=source)
+    return prepare_planes(native, spec, source)
+
+
+def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
+    """Make decoded planes (every plane, alpha kept) match `spec`: `prepare_bytes` after its decode.
+
+    Sources that hand over pixels instead of files (a tfds dataset) enter the
+    chain here, so their rows are prepared by the same code as preprocess's and predict's.
+
+    Raises:
+      NeedsSixteenBit: a 16-bit image for an 8-bit spec.
+      ValueError: the image's planes cannot be matched to the spec.
+    """
     channels, alpha, notes = _match_planes(native.channels, spec, source, native.bit_depth)
     if native.bit_depth == 16 and spec.bit_depth == 8:
         raise NeedsSixteenBit(f"{source}: 16-bit image; {spec.describe()} (cnnpipe never drops 16-bit "

@@ -27,7 +27,6 @@ from cnnpipe.data import (
     shapes_dataset,
     steps_per_epoch,
     store_dataset,
-    tfds_dataset,
     train_batches,
 )
 
@@ -280,17 +279,6 @@ def test_folder_cache_key_covers_the_files_preprocess_reads(tmp_path):
     assert folder_cache_key(linked, {}) == (key, count)
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(real / "circle" / "new.png")
     assert folder_cache_key(linked, {})[0] != key
-
-def test_tfds_source_under_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-        ds = tfds_dataset("mnist", split_train="train", split_val="test")
-    assert ds.classes == [str(i) for i in range(10)]
-    assert ds.train.images.shape == (12, 28, 28, 1) and ds.train.images.dtype == np.uint8
-    assert ds.channels == 1 and ds.bit_depth == 8 and len(ds.val) == 12
-    assert ds.train.labels.dtype == np.int32 and ds.train.labels.max() < 10
-    np.testing.assert_allclose(ds.mean, [ds.train.images.astype(np.float64).mean()], rtol=1e-12)
-
 
 def test_unknown_or_incomplete_source_settings():
     with pytest.raises(ValueError, match="data.name"):

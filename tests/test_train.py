@@ -77,7 +77,8 @@ def test_run_directory_has_everything(finished):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(p.name.startswith("events.out.tfevents") and p.stat().st_size
                for p in (run_dir / "tensorboard").iterdir())
-    assert load_config(run_dir / "config.yaml") == tiny_cfg()  # the resolved config round-trips
+    # the saved config round-trips, resolved: the data's own size and planes filled in
+    assert load_config(run_dir / "config.yaml") == tiny_cfg("data.channels=rgb")
     info = json.loads((run_dir / "dataset.json").read_text())
     assert info["classes"] == list(SHAPE_CLASSES) and info["size"] == [16, 16] and info["channels"] == 3
     assert info["bit_depth"] == 8 and len(info["mean"]) == 3
@@ -217,11 +218,11 @@ def test_nonfinite_loss_is_skipped_logged_and_stops_after_n(tmp_path, monkeypatc
 
 def test_tfds_source_smoke(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    cfg = tiny_cfg("data.source=tfds", "data.name=mnist", "train.epochs=1")
+    cfg = tiny_cfg("data.source=tfds", "data.name=mnist", "train.epochs=1", f"data.cache_dir={tmp_path / 'cache'}")
     with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
         summary = train_and_evaluate(cfg, tmp_path / "mnist", log=quiet)
     info = json.loads((tmp_path / "mnist" / "dataset.json").read_text())
-    assert info["size"] == [28, 28] and info["channels"] == 1 and len(info["classes"]) == 10
+    assert info["size"] == [16, 16] and info["channels"] == 1 and len(info["classes"]) == 10  # data.size=16x16
     assert summary["steps"] == 2 and 0 <= summary["final_val_accuracy"] <= 1
     assert sum(map(sum, summary["confusion_matrix"])) == 40
 
