@@ -60,7 +60,7 @@ def main() -> int:
     nproc = _nproc()
     devices = args.devices or nproc
     # must happen before jax starts its backend: the flag is read once
-    from cnnpipe.steps import setup_cpu_devices
+    from cnnpipe.mesh import setup_cpu_devices
     setup_cpu_devices(devices, tune=not args.no_tune)   # what `cnnpipe train` does on CPU
 
     import jax

@@ -120,6 +120,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile-cache", metavar="DIR|off",
                    help="JAX's persistent compilation cache (default: $CNNPIPE_COMPILE_CACHE, else "
                         "$XDG_CACHE_HOME/cnnpipe/jax); 'off' disables it")
+    g = p.add_argument_group("multi-process runs (jax.distributed; see README 'Scaling out')")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address, the same for every process (env CNNPIPE_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (env CNNPIPE_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1 (env CNNPIPE_PROCESS_ID)")
+    g.add_argument("--distributed", choices=("auto", "off"),
+                   help="auto: let jax detect the cluster (SLURM, TPU pod, Open MPI); off: ignore CNNPIPE_* variables")
     p.set_defaults(func=_run_train)
 
 
@@ -131,14 +138,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 MIN_IMAGES_PER_CPU_DEVICE = 64
 
 
-def _cpu_device_count(cfg: object) -> int:
+def _cpu_device_count(cfg: object, multi_process: bool = False) -> int:
     """Devices to expose on a CPU host: up to one per core, each with at least 64 images of a
-    train batch, and a count that divides both batch sizes."""
-    from cnnpipe.steps import usable_cores
+    train batch, and a count that divides both batch sizes; one per process in a multi-process run
+    (processes on one host then share its cores)."""
+    from cnnpipe.mesh import usable_cores
 
     tc = cfg.train  # type: ignore[attr-defined]
     if tc.num_devices:
         return int(tc.num_devices)
+    if multi_process:
+        return 1
     cores = usable_cores()
     return max(d for d in range(1, cores + 1) if tc.batch_size % d == 0 and tc.eval_batch_size % d == 0
                and (d == 1 or tc.batch_size // d >= MIN_IMAGES_PER_CPU_DEVICE))
@@ -160,18 +170,62 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         name, run_dir = (Path(args.config).stem if args.config else "default"), args.workdir
-    # one XLA device per core (data parallel) must be chosen before jax starts its backend
-    from cnnpipe.steps import setup_cpu_devices
+    from cnnpipe import distributed
 
-    setup_cpu_devices(_cpu_device_count(cfg))
+    cluster = distributed.cluster_from(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    # one XLA device per core (data parallel) must be chosen before jax starts its backend
+    from cnnpipe.mesh import setup_cpu_devices
+
+    setup_cpu_devices(_cpu_device_count(cfg, multi_process=cluster is not None))
+    if cluster is None:
+        return _train(cfg, run_dir, name, args)
+    distributed.initialize(cluster)
+    watch = distributed.PeerWatch(distributed.coordinator_host(cluster))  # a dead peer stops this process
+    try:
+        status = _train(cfg, run_dir, name, args)
+    except BaseException as exc:  # noqa: BLE001 - every way out must skip jax's shutdown barrier
+        status = _multi_process_exit(exc, args)
+    watch.close()
+    # jax's exit handler would wait at a shutdown barrier for processes that may be gone
+    # (then abort with a trace); the run's files are complete, so leave now
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _train(cfg: object, run_dir: object, name: str, args: argparse.Namespace) -> int:
     from cnnpipe.train import NonFiniteLossError, train_and_evaluate
 
     try:
-        train_and_evaluate(cfg, run_dir, name=name, resume=bool(args.resume), compile_cache=args.compile_cache)
+        train_and_evaluate(cfg, run_dir, name=name, resume=bool(args.resume),  # type: ignore[arg-type]
+                           compile_cache=args.compile_cache)
     except NonFiniteLossError as exc:
         print(f"cnnpipe train: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _multi_process_exit(exc: BaseException, args: argparse.Namespace) -> int:
+    """One line for an error in a multi-process run, and its exit status (peer lost: 1)."""
+    import jax
+
+    from cnnpipe import distributed
+
+    who = f"process {jax.process_index()} of {jax.process_count()}"
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"cnnpipe train: {who}: interrupted", file=sys.stderr)
+        return 130
+    if distributed.is_peer_failure(exc):
+        print(f"cnnpipe train: error: {who}: another process of this run stopped; stopping too "
+              f"({_one_line(exc)[:300]})", file=sys.stderr)
+        return 1
+    if isinstance(exc, (CLIError, OSError, ValueError)) and not os.environ.get("CNNPIPE_DEBUG"):
+        print(f"cnnpipe train: error: {who}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    import traceback
+
+    traceback.print_exception(exc)
+    return 1
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:

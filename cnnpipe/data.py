@@ -292,30 +292,40 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch), 0xDA7A]).permutation(n)
 
 
-def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int,
-                  start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Shuffled (images, labels) batches of exactly `batch_size`, from `start_step` of `epoch`."""
+def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int, start_step: int = 0,
+                  rows: slice = slice(None)) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled (images, labels) batches of exactly `batch_size`, from `start_step` of `epoch`.
+
+    `rows` selects this process's part of every global batch (`mesh.process_rows`):
+    only those images are read, and the parts of all processes, concatenated in
+    process order, are the single-process batch.
+    """
     perm = epoch_permutation(seed, epoch, len(split))
     for step in range(start_step, steps_per_epoch(len(split), batch_size)):
-        idx = perm[step * batch_size:(step + 1) * batch_size]
+        idx = perm[step * batch_size:(step + 1) * batch_size][rows]
         # sorted reads are sequential on a memmap; the batch itself keeps `perm` order
         order = np.argsort(idx, kind="stable")
-        images = np.empty((batch_size, *split.images.shape[1:]), split.images.dtype)
+        images = np.empty((len(idx), *split.images.shape[1:]), split.images.dtype)
         images[order] = split.images[idx[order]]
         yield images, split.labels[idx]
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(images, labels, mask) batches in order, all of `batch_size`; the last one zero-padded, mask False."""
+def eval_batches(split: Split, batch_size: int, *,
+                 rows: slice = slice(None)) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(images, labels, mask) batches in order, all of `batch_size`; the last one zero-padded, mask False.
+
+    `rows` selects this process's part of every global batch, as for `train_batches`.
+    """
     n = len(split)
+    lo, hi, _ = rows.indices(batch_size)
     for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        images = np.zeros((batch_size, *split.images.shape[1:]), split.images.dtype)
-        labels = np.zeros(batch_size, np.int32)
-        mask = np.zeros(batch_size, bool)
-        images[:stop - start] = split.images[start:stop]
-        labels[:stop - start] = split.labels[start:stop]
-        mask[:stop - start] = True
+        first, stop = min(start + lo, n), min(start + hi, n)
+        images = np.zeros((hi - lo, *split.images.shape[1:]), split.images.dtype)
+        labels = np.zeros(hi - lo, np.int32)
+        mask = np.zeros(hi - lo, bool)
+        images[:stop - first] = split.images[first:stop]
+        labels[:stop - first] = split.labels[first:stop]
+        mask[:stop - first] = True
         yield images, labels, mask
 
 

@@ -38,20 +38,21 @@ def evaluate_split(eval_step: Any, state: Any, split: Split, batch_size: int, me
     """
     import jax
 
-    from cnnpipe.steps import shard_batch
+    from cnnpipe.mesh import process_rows, shard_batch
 
     loss_sum, correct, count = 0.0, 0.0, 0.0
     preds, pending = [], []
-    with prefetch((shard_batch(mesh, x, y, m) + (m,) for x, y, m in eval_batches(split, batch_size)),
+    rows = process_rows(mesh, batch_size)   # this process's rows of every batch (all of them in one process)
+    with prefetch((shard_batch(mesh, x, y, m) for x, y, m in eval_batches(split, batch_size, rows=rows)),
                   size=2) as batches:
-        for images, labels, mask, host_mask in batches:
-            pending.append((eval_step(state, images, labels, mask), host_mask))
-    for out, host_mask in pending:
-        out = jax.device_get(out)
+        for images, labels, mask in batches:
+            pending.append(eval_step(state, images, labels, mask))
+    for i, out in enumerate(pending):
+        out = jax.device_get(out)   # replicated: every process has the whole batch's results
         loss_sum += float(out["loss_sum"])
         correct += float(out["correct"])
         count += float(out["count"])
-        preds.append(np.asarray(out["predictions"])[host_mask])
+        preds.append(np.asarray(out["predictions"])[:len(split) - i * batch_size])  # padding is at the end
     predictions = np.concatenate(preds) if preds else np.zeros(0, np.int32)
     cm = confusion_matrix(split.labels, predictions, num_classes)
     return {"loss": loss_sum / max(count, 1.0), "accuracy": correct / max(count, 1.0), "count": int(count),

@@ -55,11 +55,26 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
-class MetricsLog:
-    """metrics.jsonl (truncated to `resume_step` on resume, emptied otherwise) plus TensorBoard scalars."""
+class _NoWriter:
+    """TensorBoard's writer interface, writing nothing (processes other than the primary)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+class MetricsLog:
+    """metrics.jsonl (truncated to `resume_step` on resume, emptied otherwise) plus TensorBoard scalars.
+
+    With `enabled=False` (every process of a multi-process run but the primary) it
+    writes nothing and `tb` is a writer that drops everything.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool = True) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self._file: Any = None
+        if not enabled:
+            self.tb: Any = _NoWriter()
+            return
         if resume_step is not None and self.path.exists():
             # a killed run may have logged past its last checkpoint; those steps run again
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
@@ -70,6 +85,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (it must have "step"); numeric fields also go to TensorBoard."""
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         prefix = record.get("split", "train")
@@ -80,7 +97,8 @@ class MetricsLog:
 
     def close(self) -> None:
         """Close the file and flush TensorBoard."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         self.tb.close()
 
 

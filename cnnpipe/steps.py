@@ -1,4 +1,4 @@
-"""Optimizer, train state, the one jitted train step, the eval step, and the device mesh.
+"""Optimizer, train state, the one jitted train step and the eval step.
 
 The train step follows the flax performance guide and big_vision: the model is split
 once into a static graphdef and array state; the step is a pure function of
@@ -6,17 +6,13 @@ once into a static graphdef and array state; the step is a pure function of
 inside, so the whole run compiles it once. The batch is sharded over the mesh axis
 "data" and the state is replicated (data parallel over every local device).
 
-CPU hosts: XLA:CPU gives a process one device that spreads each op over the cores;
-one device per core, data parallel, trains the reference CNN ~1.35x faster on 2 cores,
-and XLA's own conv kernels beat YNNPACK's here. `setup_cpu_devices()`, called before jax
-initialises its backend, sets both up (see benchmarks/bench_train.py for the figures).
+Devices, the mesh and placement live in `cnnpipe.mesh` (re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,58 +23,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnnpipe.config import AugmentConfig, OptimizerConfig
+from cnnpipe.mesh import (DATA_AXIS, batch_spec, check_divisible, make_mesh, process_rows, replicate,
+                          setup_cpu_devices, shard_batch, usable_cores)
 from cnnpipe.models import CNN
 
 __all__ = ["TrainState", "ModelState", "split_model", "abstract_train_state", "make_optimizer", "make_schedule", "make_mesh", "check_divisible", "create_train_state",
            "make_train_step", "make_eval_step", "state_to_model", "forward", "shard_batch", "replicate",
-           "augment_batch", "batch_spec", "setup_cpu_devices", "usable_cores", "resolve_precision"]
+           "augment_batch", "batch_spec", "setup_cpu_devices", "usable_cores", "resolve_precision", "process_rows"]
 
-DATA_AXIS = "data"
-
-
-# ---------------------------------------------------------------- CPU devices
-
-# XLA:CPU hands convolutions and dots to YNNPACK by default; for these CNNs its conv
-# weight gradients ran several times slower than XLA's own (Eigen) kernels: the reference
-# CNN of benchmarks/bench_train.py trained 1.75x faster on one device without it.
-CPU_TUNING_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
-
-
-def setup_cpu_devices(count: int | None = None, *, tune: bool = True) -> bool:
-    """One XLA CPU device per core (data parallel over cores) and faster CPU kernels.
-
-    Call before jax starts its backend (the flags are read once, at backend start).
-    Appends ``--xla_force_host_platform_device_count=<count>`` (default: the cores this
-    process may use) and, with `tune`, `CPU_TUNING_FLAGS` to ``XLA_FLAGS``, skipping any
-    flag already set there. Both only affect the CPU platform, so they are harmless on
-    GPU/TPU hosts. Returns whether anything was added; False once jax's backend started.
-    """
-    if _backend_started():
-        return False
-    flags = os.environ.get("XLA_FLAGS", "")
-    added = []
-    if "xla_force_host_platform_device_count" not in flags:
-        added.append(f"--xla_force_host_platform_device_count={max(1, int(count or usable_cores()))}")
-    if tune:
-        added += [f for f in CPU_TUNING_FLAGS if f.split("=")[0] not in flags]
-    if added:
-        os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
-    return bool(added)
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def _backend_started() -> bool:
-    try:
-        from jax._src import xla_bridge
-        return bool(getattr(xla_bridge, "_backends", {}))
-    except ImportError:  # private module moved: assume started, so we never half-apply the flag
-        return True
 
 
 # ---------------------------------------------------------------- optimizer
@@ -191,43 +143,6 @@ def forward(graphdef: Any, states: tuple[Any, ...], images: Any, names: Sequence
     model.eval()
     logits, feats = model.features(images, None if names is None else list(names))
     return jax.nn.softmax(logits, axis=-1), feats
-
-
-# ---------------------------------------------------------------- devices
-
-def make_mesh(num_devices: int = 0) -> Mesh:
-    """1-D mesh with axis "data" over the first `num_devices` local devices (0 = all)."""
-    devices = jax.local_devices()
-    if num_devices < 0 or num_devices > len(devices):
-        raise ValueError(f"train.num_devices: got {num_devices}; this host has {len(devices)} "
-                         f"{devices[0].platform} device(s) (0 = all)")
-    return Mesh(devices[: num_devices or len(devices)], (DATA_AXIS,))
-
-
-def check_divisible(mesh: Mesh, n: int, what: str = "batch size") -> None:
-    """Raise ValueError naming `what`, `n` and the device count unless `n` divides over the mesh."""
-    if n % mesh.size:
-        raise ValueError(f"{what} ({n}) must be divisible by the number of devices ({mesh.size}); "
-                         f"pick a multiple of {mesh.size} or set train.num_devices")
-
-
-def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
-    """Place arrays with their leading (batch) axis split over the mesh axis "data".
-
-    Always returns a tuple. Raises ValueError naming both numbers when the batch size
-    does not divide over the devices.
-    """
-    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    out = []
-    for a in arrays:
-        check_divisible(mesh, a.shape[0])
-        out.append(jax.device_put(a, sharding))
-    return tuple(out)
-
-
-def replicate(mesh: Mesh, tree: Any) -> Any:
-    """Place a pytree (e.g. a `TrainState`) fully replicated on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 # ---------------------------------------------------------------- augmentation
@@ -368,11 +283,6 @@ def _ahead_of_time(jitted: Any, impl: list[Any]) -> Callable[..., None]:
         impl[0] = jitted.lower(*args).compile()
 
     return compile_now
-
-
-def batch_spec(mesh: Mesh, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
-    """An abstract batch (no data) placed as `shard_batch` places it, for ahead-of-time compiles."""
-    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
 
 def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:

@@ -60,16 +60,18 @@ def resolve_data(cfg: Config, ds: Dataset) -> Config:
     return cfg.model_copy(update={"data": data})
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path, ds: Dataset, resume: bool) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "plots").mkdir(exist_ok=True)
+def _prepare_run_dir(cfg: Config, run_dir: Path, ds: Dataset, resume: bool, write: bool) -> None:
+    """Check a resumed run's config (every process); with `write` (the primary) create the run dir files."""
     config_text = dump_config(cfg)
     if resume and (run_dir / "config.yaml").exists():
         if (run_dir / "config.yaml").read_text() != config_text:
             raise ValueError(f"{run_dir / 'config.yaml'}: differs from the config given to resume this run")
-    else:
+    elif write:
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", config_text)
-    write_atomic(run_dir / "dataset.json", json.dumps(ds.info(), indent=2) + "\n")
+    if write:
+        (run_dir / "plots").mkdir(exist_ok=True)
+        write_atomic(run_dir / "dataset.json", json.dumps(ds.info(), indent=2) + "\n")
 
 
 @dataclass
@@ -96,13 +98,14 @@ def _build(cfg: Config, watch: Stopwatch) -> _Parts:
     import jax
     from flax import nnx
 
-    from cnnpipe import steps
+    from cnnpipe import distributed, steps
     from cnnpipe.compile_cache import quiet_cache_loads
     from cnnpipe.models import build_model, count_params
 
     tc = cfg.train
     with watch.phase("data"):
-        ds = load_dataset(cfg.data, seed=cfg.seed)
+        # folder and tfds caches are built by the primary; the others then read them
+        ds = distributed.primary_first(lambda: load_dataset(cfg.data, seed=cfg.seed), "data")
     with watch.phase("build"):
         mesh = steps.make_mesh(tc.num_devices)
         for key, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)):
@@ -139,9 +142,9 @@ def _compile_ahead(train_step: Any, eval_step: Any, state: Any, mesh: Any, ds: D
     so they are exactly what the loop will pass.
     """
     from cnnpipe.data import eval_batches
-    from cnnpipe.steps import batch_spec
+    from cnnpipe.mesh import batch_spec
 
-    tc = cfg.train
+    tc = cfg.train  # the first global batch of each kind (rows of every process): the compiled shapes
     train_batch = next(iter(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0)), None)
     eval_batch = next(iter(eval_batches(ds.val, tc.eval_batch_size)), None)
     jobs = []
@@ -186,21 +189,28 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     with watch.phase("imports"):
         import jax
 
+        from cnnpipe import distributed
         from cnnpipe.checkpoint import Checkpoints
         from cnnpipe.compile_cache import enable_compile_cache
     watch.listen()
-    run_dir = Path(workdir) if workdir is not None else default_run_dir(name)
+    primary = distributed.is_primary()
+    if not primary:  # one process speaks for the run
+        log = _silent
+    # every process uses the primary's run directory (the default one is named after the time)
+    run_dir = Path(distributed.agree(str(workdir if workdir is not None else default_run_dir(name))))
     if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ValueError(f"{run_dir}: already holds checkpoints; resume it with --resume {run_dir} "
                          "or choose another --workdir")
+    distributed.barrier("checked")  # no process creates checkpoints/ before every process has looked
     enable_compile_cache(compile_cache)
     parts = _build(cfg, watch)
     cfg = resolve_data(cfg, parts.ds)
-    _prepare_run_dir(cfg, run_dir, parts.ds, resume)
+    _prepare_run_dir(cfg, run_dir, parts.ds, resume, write=primary)
+    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     log(f"run {run_dir}: {parts.ds.description}, {len(parts.ds.train)} train / {len(parts.ds.val)} val images, "
         f"{parts.ds.num_classes} classes")
     log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {parts.num_params:,} parameters; "
-        f"{parts.mesh.size} device(s) ({jax.devices()[0].platform})")
+        f"{parts.mesh.size} device(s) ({jax.devices()[0].platform}){processes}")
     ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, asynchronous=True)
     try:
         pos = _restore(parts, ckpts, resume, run_dir, log)
@@ -209,7 +219,11 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         with watch.phase("checkpoints"):
             ckpts.close()  # waits for a save in flight: a finished checkpoint is never lost
         watch.stop()
-    return _finish(cfg, parts, run_dir, result, counts, pos, resume, watch, log)
+    return _finish(cfg, parts, run_dir, result, counts, pos, resume, watch, log, write=primary)
+
+
+def _silent(_line: str) -> None:
+    """The log of processes other than the primary."""
 
 
 def _restore(parts: _Parts, ckpts: Any, resume: bool, run_dir: Path, log: Callable[[str], None]) -> Position:
@@ -235,14 +249,16 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
     """
     from tqdm import tqdm
 
-    from cnnpipe import steps
+    from cnnpipe import distributed, steps
     from cnnpipe.compile_cache import quiet_cache_loads
     from cnnpipe.metrics import evaluate_split
 
     tc, ds, mesh = cfg.train, parts.ds, parts.mesh
-    logger = MetricsLog(run_dir, pos.step if resume else None)
+    primary = distributed.is_primary()
+    rows = steps.process_rows(mesh, tc.batch_size)  # this process reads only its rows of each batch
+    logger = MetricsLog(run_dir, pos.step if resume else None, enabled=primary)
     bar = tqdm(total=parts.steps_per_epoch * tc.epochs, initial=pos.step, unit="step", dynamic_ncols=True,
-               leave=False, disable=not sys.stderr.isatty())
+               leave=False, disable=not (primary and sys.stderr.isatty()))
     say = _bar_safe(log, bar)
     last_ckpt = [ckpts.latest_step()]
 
@@ -259,7 +275,7 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
         for epoch in range(pos.epoch, tc.epochs):
             batches = prefetch((steps.shard_batch(mesh, x, y) for x, y in
                                 train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=epoch,
-                                              start_step=pos.step_in_epoch)), size=2)
+                                              start_step=pos.step_in_epoch, rows=rows)), size=2)
             with batches:
                 parts.state = loop.run(parts.state, batches, pos)
             t_eval = time.perf_counter()
@@ -284,8 +300,11 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
 
 
 def _finish(cfg: Config, parts: _Parts, run_dir: Path, result: dict[str, Any], counts: dict[str, int],
-            pos: Position, resume: bool, watch: Stopwatch, log: Callable[[str], None]) -> dict[str, Any]:
-    """Plots and `summary.json` of a finished run; returns the summary."""
+            pos: Position, resume: bool, watch: Stopwatch, log: Callable[[str], None],
+            write: bool = True) -> dict[str, Any]:
+    """Plots and `summary.json` of a finished run (written by the primary alone); returns the summary."""
+    import jax
+
     from cnnpipe.metrics import evaluate_split
     from cnnpipe.plots import plot_confusion, plot_curves
 
@@ -294,9 +313,10 @@ def _finish(cfg: Config, parts: _Parts, run_dir: Path, result: dict[str, Any], c
         with watch.phase("eval"):
             result = evaluate_split(parts.eval_step, parts.state, ds.val, tc.eval_batch_size, parts.mesh,
                                     ds.num_classes)
-    with watch.phase("plots"):
-        plot_curves(run_dir / "metrics.jsonl", run_dir / "plots")
-        plot_confusion(result["confusion"], ds.classes, run_dir / "plots" / "confusion_matrix.png")
+    if write:
+        with watch.phase("plots"):
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "plots")
+            plot_confusion(result["confusion"], ds.classes, run_dir / "plots" / "confusion_matrix.png")
     images = counts["images"]
     step_seconds = watch.seconds.get("steps", 0.0)
     timings = watch.report()
@@ -309,9 +329,10 @@ def _finish(cfg: Config, parts: _Parts, run_dir: Path, result: dict[str, Any], c
         "compile_seconds": round(watch.compile_seconds, 3), "wall_seconds": timings["total"],
         "seconds": timings, "steps": pos.step, "epochs": tc.epochs,
         "nonfinite_steps": counts["nonfinite"], "devices": parts.mesh.size,
-        "resumed": bool(resume),
+        "processes": jax.process_count(), "resumed": bool(resume),
     }
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if write:
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(f"done: val accuracy {summary['final_val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}), "
         f"{summary['wall_seconds']:.1f}s wall, {summary['compile_seconds']:.1f}s compiling, "
         + (f"{summary['train_images_per_sec']:.0f} train images/s" if summary["train_images_per_sec"]
