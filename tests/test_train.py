@@ -190,8 +190,9 @@ def test_nonfinite_loss_is_skipped_logged_and_stops_after_n(tmp_path, monkeypatc
     poison = {3, 7, 8, 9}  # global step numbers (1-based) whose batch is all NaN
     real = train_mod.train_batches
 
-    def poisoned(split, batch_size, *, seed, epoch, start_step=0):
-        for i, (x, y) in enumerate(real(split, batch_size, seed=seed, epoch=epoch, start_step=start_step)):
+    def poisoned(split, batch_size, *, seed, epoch, start_step=0, rows=slice(None)):
+        for i, (x, y) in enumerate(real(split, batch_size, seed=seed, epoch=epoch, start_step=start_step,
+                                        rows=rows)):
             x = x.astype(np.float32)  # the model takes floats holding raw values too
             if epoch * 6 + start_step + i + 1 in poison:
                 x[:] = np.nan
