@@ -124,6 +124,9 @@ def initialize(cluster: Cluster) -> None:
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as exc:
+        if cluster.auto and "coordinator_address" in str(exc):
+            raise ValueError("--distributed auto: jax found no cluster to join (SLURM, TPU pod, Open MPI); "
+                             "give --coordinator HOST:PORT --num-processes N --process-id I instead") from None
         raise ValueError(f"cannot join the distributed run ({cluster.describe()}): "
                          f"{' '.join(str(exc).split())[:400]}") from None
 

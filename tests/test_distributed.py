@@ -177,3 +177,8 @@ def test_bad_cluster_flags_exit_2_with_one_line(tmp_path):
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 2
     assert out.stderr.strip() == "cnnpipe train: error: --process-id: expected 0 to 1, got 5"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))}
+    out = subprocess.run(_cmd("--distributed", "auto"), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=TIMEOUT, env=env)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
+        "cnnpipe train: error: --distributed auto: jax found no cluster to join")
