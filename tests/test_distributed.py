@@ -182,3 +182,25 @@ def test_bad_cluster_flags_exit_2_with_one_line(tmp_path):
                          timeout=TIMEOUT, env=env)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
         "cnnpipe train: error: --distributed auto: jax found no cluster to join")
+
+
+def test_a_folder_cache_is_built_once_by_process_zero(tmp_path):
+    from PIL import Image
+
+    from cnnpipe.data import SHAPE_CLASSES
+
+    images, labels = make_shapes(120, size=(20, 20), seed=1)
+    for k in range(3):
+        (tmp_path / "images" / SHAPE_CLASSES[k]).mkdir(parents=True)
+        for i, img in enumerate(images[labels == k][:16]):
+            Image.fromarray(img).save(tmp_path / "images" / SHAPE_CLASSES[k] / f"{i:02d}.png")
+    settings = ["data.source=folder", f"data.path={tmp_path / 'images'}", f"data.cache_dir={tmp_path / 'cache'}",
+                "data.size=[16,16]", "train.batch_size=8", "train.eval_batch_size=8", "train.epochs=1",
+                "model=[{type: conv, filters: 4}, {type: relu}, {type: flatten}]"]
+    (out0, _), _ = _finish(_start_pair([*_settings(settings), "--workdir", str(tmp_path / "run")], tmp_path))
+    caches = list((tmp_path / "cache" / "folders").iterdir())
+    assert len(caches) == 1 and caches[0].name.startswith("images-")  # no second cache, no temporaries
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    info = json.loads((tmp_path / "run" / "dataset.json").read_text())
+    assert info["num_train"] + info["num_val"] == 48 and info["size"] == [16, 16]
+    assert summary["processes"] == 2 and summary["steps"] == info["num_train"] // 8 and "done: val accuracy" in out0
