@@ -32,6 +32,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from cnnpipe.compile_cache import quiet_cache_loads
+
 __all__ = ["Checkpoints", "NoCheckpointError", "flat_names"]
 
 _ARRAY_ITEMS = ("params", "model_state", "opt_state")
@@ -173,8 +175,11 @@ class Checkpoints:
         position = {**position, "rng": rng.tolist(), "rng_dtype": str(rng.dtype)}
         items = {name: ocp.args.StandardSave(_flatten(getattr(state, name))) for name in _ARRAY_ITEMS
                  if jax.tree.leaves(getattr(state, name))}  # Orbax refuses an empty tree
-        self._manager.save(step, args=ocp.args.Composite(position=ocp.args.JsonSave(position), **items),
-                           metrics=metrics, force=True)
+        # in a multi-process run Orbax slices replicated arrays with small jitted programs,
+        # which the compile cache may load (and XLA then prints its false SIGILL alarm)
+        with quiet_cache_loads():
+            self._manager.save(step, args=ocp.args.Composite(position=ocp.args.JsonSave(position), **items),
+                               metrics=metrics, force=True)
 
     def _step(self, step: int | None) -> int:
         if step is None:
