@@ -23,7 +23,6 @@ Run:  .venv/bin/python benchmarks/bench_preprocess.py [--quick] [--rounds R] [--
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -208,7 +207,7 @@ def main() -> None:
         mems = [memory(n, work, args.workers) for n in (mem_n, 10 * mem_n)]
     growth = mems[1]["parent_kib"] / mems[0]["parent_kib"]
     wgrowth = mems[1]["worker_kib"] / mems[0]["worker_kib"]
-    print(f"all-core ratios: " + ", ".join(f"{r['case']} {r['ratio']:.2f}x" for r in rows) + " (target >= 1.8x); "
+    print("all-core ratios: " + ", ".join(f"{r['case']} {r['ratio']:.2f}x" for r in rows) + " (target >= 1.8x); "
           f"peak RSS {10 * mem_n} vs {mem_n} images: parent x{growth:.2f}, largest worker x{wgrowth:.2f} "
           f"(store on disk x{mems[1]['store_mib'] / mems[0]['store_mib']:.1f}); load average now "
           f"{os.getloadavg()[0]:.1f}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -222,6 +221,9 @@ class PeerWatch:
         import jax
 
         self.me, self.count = jax.process_index(), jax.process_count()
+        # the terminal's stderr, kept now: when a peer dies, fd 2 may be redirected to a capture
+        # (`quiet_cache_loads` around a checkpoint save) that os._exit would never pass on
+        self._stderr = os.dup(2)
         self.on_lost = on_lost or self._exit
         self.closing = threading.Event()
         self.conns: list[socket.socket] = []
@@ -255,14 +257,14 @@ class PeerWatch:
             self.on_lost(f"process {self.me} of {self.count}: process {peer} stopped (killed or crashed); "
                          "stopping this one too")
 
-    @staticmethod
-    def _exit(message: str) -> None:
-        print(f"cnnpipe train: error: {message}", file=sys.stderr, flush=True)
+    def _exit(self, message: str) -> None:
+        os.write(self._stderr, f"cnnpipe train: error: {message}\n".encode())
         os._exit(1)  # the main thread may be blocked in a collective or a barrier
 
     def close(self) -> None:
         """Say goodbye to the other processes and stop watching them."""
         self.closing.set()
+        os.close(self._stderr)
         for conn in self.conns:
             try:
                 conn.sendall(_BYE)

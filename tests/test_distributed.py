@@ -125,7 +125,10 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes_exactly(runs, tmp_
     procs[1].communicate()
     assert procs[0].returncode == 1 and waited < 10
     last = err.strip().splitlines()[-1]
-    assert last == "cnnpipe train: error: process 0 of 2: process 1 stopped (killed or crashed); stopping this one too"
+    # the peer watch usually speaks first; a collective failing at the same moment says it in its own words
+    assert last in ("cnnpipe train: error: process 0 of 2: process 1 stopped (killed or crashed); stopping this "
+                    "one too") or last.startswith("cnnpipe train: error: process 0 of 2: another process of "
+                                                  "this run stopped; stopping too"), last
     assert "Traceback" not in err
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] < 80  # stopped mid-run
