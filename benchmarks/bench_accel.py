@@ -3,12 +3,13 @@
 Compute: the reference CNN (benchmarks/bench_train.py) and `resnet_small` at 32x32x3,
 fp32 and bf16, at growing batch sizes until one does not fit (or the list ends), built
 and stepped exactly as `cnnpipe train` does (one jitted step, batch over every local
-device). FLOPs per step are XLA's own count of the compiled step
-(`cost_analysis()["flops"]`, per device, times the devices: 4.31 GFLOP for the
-reference CNN at batch 128, against 4.7 counted by hand in bench_train.py); MFU is the achieved rate over the peak of the device kind:
+device). FLOPs per step are counted from the step's jaxpr (2 x multiply-adds of every
+convolution and dot, forward and backward; the same count on every backend, where
+XLA's cost analysis misses cuDNN's convolutions on GPU); MFU is the achieved rate over the peak of the device kind:
 
-  * GPU/TPU: the vendor's dense peak per chip (PEAKS below; bf16 tensor-core rate for
-    bf16, the non-tensor-core fp32 rate for fp32);
+  * GPU/TPU: the vendor's dense peak per chip (PEAKS below): the bf16 tensor-core rate
+    for bf16; for fp32 the TF32 tensor-core rate, since XLA's default precision runs fp32
+    convolutions and matmuls as TF32 on NVIDIA GPUs since Ampere;
   * CPU: no vendor figure applies (clock and vector units vary), so the peak is
     measured: XLA's own large matmul (4096^2, per precision) on all cores of this host.
 
@@ -37,9 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# dense peak TFLOP/s per chip (vendor data sheets): (fp32, bf16)
+# dense peak TFLOP/s per chip (vendor data sheets, SXM parts): (fp32 as TF32, bf16)
 PEAKS = {
-    "H100": (67.0, 989.0), "H200": (67.0, 989.0), "A100": (19.5, 312.0), "L4": (30.3, 121.0),
+    "H100": (494.7, 989.4), "H200": (494.7, 989.4), "A100": (156.0, 312.0), "L4": (60.0, 121.0),
     "TPU v4": (None, 275.0), "TPU v5 lite": (None, 197.0), "TPU v5e": (None, 197.0), "TPU v5p": (None, 459.0),
 }
 REFERENCE = [
@@ -87,6 +88,39 @@ def device_peak(precision: str) -> tuple[float | None, str]:
     return None, f"unknown device kind {dev.device_kind!r}"
 
 
+def matmul_flops(jaxpr) -> float:
+    """2 x multiply-adds of every convolution and dot in `jaxpr` (sub-jaxprs included): the same
+    count on every backend (XLA's cost analysis misses cuDNN's convolutions, or returns None)."""
+    import numpy as np
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            k = np.prod([eqn.invars[0].aval.shape[d] for d in lhs_contract])
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * k
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial) axes
+            window = np.prod([rhs[d] for d in spec[1:]])  # in features per group x kernel window
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * window
+        for sub in jax_core_subjaxprs(eqn):
+            total += matmul_flops(sub)
+    return total
+
+
+def jax_core_subjaxprs(eqn):
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    for value in eqn.params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, Jaxpr):
+                yield v
+
+
 def time_step(layers, precision: str, batch: int, steps: int, blocks: int) -> dict:
     """Step time, images/s and XLA's FLOPs of one train step of `layers` at 32x32x3."""
     import jax
@@ -106,10 +140,7 @@ def time_step(layers, precision: str, batch: int, steps: int, blocks: int) -> di
     rng = np.random.default_rng(0)
     x, y = shard_batch(mesh, rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8),
                        rng.integers(0, 10, batch).astype(np.int32))
-    compiled = step.jitted.lower(state, x, y).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) * mesh.size  # XLA counts one device's share of the SPMD program
+    flops = matmul_flops(jax.make_jaxpr(step.jitted)(state, x, y).jaxpr)
     state, m = step(state, x, y)
     jax.block_until_ready(m["loss"])
     holder = [state]
@@ -240,7 +271,8 @@ def overlap_section(args, root: Path) -> None:
     holder = [replicate(mesh, state)]
     step = make_train_step(graphdef, tx, mesh)
     resident = shard_batch(mesh, *next(train_batches(split, batch, seed=0, epoch=0)))
-    steps = 30
+    # an epoch's worth on an accelerator (0.6 ms a step on an H200: a short run would time the start)
+    steps = min(n // batch, 20 if jax.default_backend() == "cpu" else 190)
 
     def from_resident() -> float:
         s, t = holder[0], time.perf_counter()
@@ -250,10 +282,10 @@ def overlap_section(args, root: Path) -> None:
         holder[0] = s
         return steps * batch / (time.perf_counter() - t)
 
-    def from_pipeline() -> float:
+    def from_pipeline(size: int = 2) -> float:
         s, t = holder[0], time.perf_counter()
         gen = (shard_batch(mesh, x, y) for x, y in train_batches(split, batch, seed=0, epoch=1))
-        with prefetch(gen, size=2) as batches:
+        with prefetch(gen, size=size) as batches:
             for _ in range(steps):
                 s, m = step(s, *next(batches))
         jax.block_until_ready(m["loss"])
@@ -261,9 +293,11 @@ def overlap_section(args, root: Path) -> None:
         return steps * batch / (time.perf_counter() - t)
 
     from_resident()
-    a, b = _median_rate(from_resident, args.blocks), _median_rate(from_pipeline, args.blocks)
-    print(f"  reference CNN, batch {batch}: {a:,.0f} img/s from a resident batch, {b:,.0f} img/s fed by the "
-          f"pipeline ({b / a:.2f}x)")
+    from_pipeline()
+    a = _median_rate(from_resident, args.blocks)
+    rates = {size: _median_rate(lambda: from_pipeline(size), args.blocks) for size in (2, 8)}
+    print(f"  reference CNN, batch {batch}: {a:,.0f} img/s from a resident batch; fed by the pipeline "
+          + ", ".join(f"{r:,.0f} img/s with prefetch {k} ({r / a:.2f}x)" for k, r in rates.items()))
 
 
 # ---------------------------------------------------------------- processes
