@@ -70,7 +70,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="decoding processes (default: 0 = every core)")
-    p.add_argument("--channels", choices=["rgb", "gray"], default="rgb",
+    p.add_argument("--channels", choices=["rgb", "gray", "native"], default="rgb",
                    help="rgb: three planes (default); gray: one luma plane")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT once the new one is complete")
     p.set_defaults(func=_run_preprocess)

@@ -149,7 +149,8 @@ class DataConfig(_Schema):
     # H, W of every image; null: 32x32 for shapes and folders, a tfds dataset's own fixed size
     size: tuple[PosInt, PosInt] | None = None
     resize: Literal["crop", "pad", "stretch"] = "crop"   # folder, tfds
-    channels: Literal["rgb", "gray"] | None = None       # folder, tfds; null: rgb (tfds: the dataset's own)
+    # folder, tfds; null: rgb (tfds: the dataset's own); native: each file's own planes (any count)
+    channels: Literal["rgb", "gray", "native"] | None = None
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1   # folder
     bit_depth: Literal[8, 16] = 8       # shapes only
     num_train: PosInt = 4000            # shapes only

@@ -57,6 +57,7 @@ class Dataset:
     std: tuple[float, ...]   # the model divides by it: floored at MIN_STD (see __post_init__)
     description: str
     resize: str = "crop"  # how images of another size are fitted (predict uses the same)
+    plane_names: tuple[str, ...] | None = None  # e.g. ("R", "G", "B"), ("S0", ..., "S4"); None: unnamed
 
     def __post_init__(self) -> None:
         # A channel that is constant over the training set (say, the blue plane of
@@ -83,7 +84,8 @@ class Dataset:
                 "bit_depth": self.bit_depth, "dtype": str(np.dtype(self.train.images.dtype)),
                 "mean": list(self.mean), "std": list(self.std),
                 "num_train": len(self.train), "num_val": len(self.val),
-                "resize": self.resize, "description": self.description}
+                "resize": self.resize, "description": self.description,
+                "planes": list(self.plane_names) if self.plane_names else None}
 
 
 # ---------------------------------------------------------------- sources
@@ -201,7 +203,7 @@ def shapes_dataset(num_train: int, num_val: int, *, size: tuple[int, int] = (32,
     xva, yva = make_shapes(num_val, size=size, bit_depth=bit_depth, seed=seed, split="val")
     mean, std = _mean_std(xtr)
     return Dataset(list(SHAPE_CLASSES), Split(xtr, ytr), Split(xva, yva), bit_depth, mean, std,
-                   f"shapes ({bit_depth}-bit, {size[0]}x{size[1]}, seed {seed})")
+                   f"shapes ({bit_depth}-bit, {size[0]}x{size[1]}, seed {seed})", plane_names=("R", "G", "B"))
 
 
 def store_dataset(path: str | os.PathLike) -> Dataset:
@@ -218,8 +220,10 @@ def store_dataset(path: str | os.PathLike) -> Dataset:
                          "preprocess it with a validation fraction > 0")
     train = Split(store.images("train"), store.labels("train"))
     val = Split(store.images(val_name), store.labels(val_name))
+    names = store.meta.get("channel_names")
     return Dataset(store.classes, train, val, store.bit_depth, tuple(store.mean), tuple(store.std),
-                   f"store {store.path}", str(store.meta.get("resize", "crop")))
+                   f"store {store.path}", str(store.meta.get("resize", "crop")),
+                   tuple(str(n) for n in names) if isinstance(names, list) and len(names) == store.channels else None)
 
 
 def default_cache_dir() -> Path:

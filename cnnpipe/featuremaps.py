@@ -29,7 +29,8 @@ __all__ = ["InputImage", "prepare_image", "capture_activations", "predict_proba"
 
 TILE_NORMALISATION = ("per-tile min-max: each channel scaled to its own [min, max] "
                       "(viridis: dark purple = that channel's min, yellow = its max)")
-ATTRIBUTION_METHOD = ("|gradient x input| in raw pixel units (baseline: a black plane), summed over "
+ATTRIBUTION_METHOD = ("|gradient x (input - baseline)|, the baseline being each plane at its training mean "
+                      "(what the model normalises to 0; black for a model without statistics), summed over "
                       "each plane's pixels, as a share of the total over all planes")
 
 
@@ -105,7 +106,12 @@ def _jitted(kind: str) -> Any:
         def score(x):
             return jnp.take_along_axis(model(x), cls[:, None], axis=1).sum()
 
-        return jax.grad(score)(x) * x                            # (N, H, W, C), raw units
+        # baseline: each plane at its training mean (0 after the model's normalisation), or
+        # black for a model without statistics. A black baseline credited any plane with a
+        # large offset (a noise plane around 32768) for "being bright", not for informing the
+        # decision; see ATTRIBUTION_METHOD
+        base = jnp.zeros(x.shape[-1]) if model.mean is None else jnp.asarray(model.mean, jnp.float32)
+        return jax.grad(score)(x) * (x - base)                   # (N, H, W, C), raw units
 
     fn = {"cam": cam, "gxi": gxi}[kind]
     static = {"cam": (0, 4), "gxi": (0,)}[kind]
@@ -208,10 +214,11 @@ def plane_attribution(model: Any, images: Any, class_index: int | Sequence[int]
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Per-plane shares of the decision for `class_index`: (shares (N, C) summing to 1, signed sums (N, C)).
 
-    Gradient x input of the class logit with respect to the raw pixels (so the
-    baseline is a black plane); shares use |gradient x input| summed over each
-    plane's pixels, the signed sums keep the direction. All-zero gradients give
-    equal shares.
+    Gradient of the class logit with respect to the raw pixels, times the input's
+    distance from a baseline: each plane at its training mean (the model's own zero
+    after normalisation), or black for a model without statistics. Shares use the
+    absolute products summed over each plane's pixels; the signed sums keep the
+    direction. All-zero gradients give equal shares.
     """
     x = _check_images(model, images)
     graphdef, state = _split(model)

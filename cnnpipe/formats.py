@@ -257,6 +257,9 @@ def decode_tiff(data: bytes, source: str | None, max_pixels: int | None) -> Deco
     # ExtraSamples 1/2 = associated/unassociated alpha; anything else is just a plane.
     has_alpha = bool(extras) and extras[0] in (1, 2)
     extra_names = tuple("A" if i == 0 and has_alpha else f"S{color + i}" for i in range(n_extra))
+    if color == 1 and n_extra >= 2 and not has_alpha:
+        # a multi-channel gray stack (microscopy, spectral bands): no plane is "the" luma
+        names, extra_names = ("S0",), tuple(f"S{i}" for i in range(1, arr.shape[2]))
     return Decoded(arr, names + extra_names, orientation, associated_alpha=has_alpha and extras[0] == 1)
 
 

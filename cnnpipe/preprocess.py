@@ -44,6 +44,7 @@ from cnnpipe.dataset_report import build_report, format_summary, reason_counts
 from cnnpipe.decode import DecodeError, check_format, read_file
 from cnnpipe.folders import Candidate, FolderScan, assign_split, scan_folder, skip
 from cnnpipe.formats import reason_of
+from cnnpipe.native_planes import PlaneCount, choose_plane_count, probe_plane_names
 from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, load_store
 from cnnpipe.transform import IMAGE_PATH_VERSION, RESIZE_MODES, ImageSpec, NeedsSixteenBit, prepare_bytes, resize_image
 from cnnpipe.workers import Progress, chunks, make_pool, ordered_map
@@ -110,12 +111,12 @@ class Settings:
                                   f"got {self.val_fraction} + {self.test_fraction}")
         if self.resize not in RESIZE_MODES:
             raise PreprocessError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
-        if self.channels not in ("rgb", "gray"):
-            raise PreprocessError(f"channels: expected 'rgb' or 'gray', got {self.channels!r}")
+        if self.channels not in ("rgb", "gray", "native"):
+            raise PreprocessError(f"channels: expected 'rgb', 'gray' or 'native', got {self.channels!r}")
 
-    def spec(self, dtype: str) -> ImageSpec:
-        """The image spec every stored row matches."""
-        return ImageSpec(self.size, self.resize, self.channels, 16 if dtype == "uint16" else 8)
+    def spec(self, dtype: str, planes: int | None = None) -> ImageSpec:
+        """The image spec every stored row matches (`planes`: the count of a native store)."""
+        return ImageSpec(self.size, self.resize, self.channels, 16 if dtype == "uint16" else 8, planes)
 
     def split_config(self) -> dict[str, Any]:
         return {"seed": self.seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
@@ -221,7 +222,9 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
         a hash of (seed, class, relative path).
       seed: split seed.
       workers: decoding processes; None or 0 = every core, 1 = in this process.
-      channels: "rgb" (3 planes) or "gray" (1 luma plane).
+      channels: "rgb" (3 planes), "gray" (1 luma plane) or "native" (each file's own planes,
+        e.g. five fluorescence channels; the count most files have, the others skipped and
+        reported with both counts; the plane names are recorded in meta.json).
       overwrite: replace an existing store at `out` (only once the new one is complete).
       progress: show a progress bar; None = only on an interactive terminal.
 
@@ -256,9 +259,11 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
     try:
         build = _Build(scan, settings, src_p, out_p, t0)
         build.probe()
+        build.pool = pool_future.result() if pool_future is not None else None
+        if settings.channels == "native":
+            build.probe_planes()
         while True:
             try:
-                build.pool = pool_future.result() if pool_future is not None else None
                 return build.write()
             except _NeedsUint16 as exc:
                 if build.dtype == "uint16":
@@ -294,6 +299,7 @@ class _Build:
     ok: list[Candidate] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
     dtype: str = "uint8"
+    planes: PlaneCount | None = None  # a native store's plane count and names
 
     def probe(self) -> None:
         """Pass 1: keep files whose first bytes are an image; fix classes, splits and dtype."""
@@ -322,6 +328,23 @@ class _Build:
                 cand.split = assign_split(s.seed, cand.class_name, cand.class_rel, s.val_fraction, s.test_fraction)
         self.dtype = "uint16" if any(c.bit_depth == 16 for c in self.ok) else "uint8"
 
+    def probe_planes(self) -> None:
+        """`--channels native`: the plane count most files have; skip (and report) the others."""
+        found = probe_plane_names([c.path for c in self.ok], self.pool)
+        readable = [(c, n) for c, n in zip(self.ok, found) if not isinstance(n, str)]
+        for cand, reason in ((c, n) for c, n in zip(self.ok, found) if isinstance(n, str)):
+            skip(self.scan, cand.rel, "decode_error", reason)
+        if not readable:
+            raise PreprocessError(f"SRC: no image in {self.src} could be decoded "
+                                  f"({reason_counts(self.scan.skipped)})")
+        self.planes = choose_plane_count([n for _, n in readable])
+        self.ok = []
+        for cand, names in readable:
+            if len(names) == self.planes.count:
+                self.ok.append(cand)
+            else:
+                skip(self.scan, cand.rel, "plane_count", self.planes.mismatch(cand.path, names))
+
     def _splits(self) -> list[str]:
         splits = _split_order(self.scan)
         if self.scan.layout == "classes":
@@ -336,7 +359,7 @@ class _Build:
         order = {s: i for i, s in enumerate(splits)}
         todo = sorted(self.ok, key=lambda c: (order[c.split], class_index[c.class_name], c.class_rel))
         capacity = Counter(c.split for c in todo)
-        spec = self.settings.spec(self.dtype)
+        spec = self.settings.spec(self.dtype, self.planes.count if self.planes else None)
         stats_split = "train" if capacity.get("train") else None  # None: every split (no train images)
         jobs = ((chunk, spec) for chunk in chunks([(c.path, stats_split in (None, c.split)) for c in todo],
                                                   _CONVERT_CHUNK))
@@ -392,7 +415,8 @@ class _Build:
         report = build_report(self.scan, self.ok, counts, self.src, time.perf_counter() - self.t0, acc.warnings)
         s = self.settings
         meta = build_meta(classes=self.classes, dtype=self.dtype, size=s.size,
-                          channel_names=["R", "G", "B"] if n_ch == 3 else ["L"], splits=splits, counts=counts,
+                          channel_names=list(self.planes.names) if self.planes else ["R", "G", "B"] if n_ch == 3
+                          else ["L"], splits=splits, counts=counts,
                           mean=mean, std=std, stats_split=stats_split or "all", layout=self.scan.layout,
                           resize=s.resize, source=str(self.src.absolute()), num_images=sum(stored.values()),
                           image_path_version=IMAGE_PATH_VERSION,

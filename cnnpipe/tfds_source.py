@@ -27,10 +27,15 @@ from cnnpipe.data import Dataset, default_cache_dir, store_dataset
 from cnnpipe.decode import Planes
 from cnnpipe.transform import IMAGE_PATH_VERSION, ImageSpec, prepare_planes
 
-__all__ = ["tfds_dataset", "tfds_cache_dir", "PLANE_NAMES"]
+__all__ = ["tfds_dataset", "tfds_cache_dir", "PLANE_NAMES", "plane_names"]
 
 # plane names of an (H, W, C) record by C: how `transform` knows gray from colour and alpha
 PLANE_NAMES = {1: ("L",), 2: ("L", "A"), 3: ("R", "G", "B"), 4: ("R", "G", "B", "A")}
+
+
+def plane_names(count: int) -> tuple[str, ...]:
+    """Names of a record's planes: gray/colour/alpha up to 4, else "S0".."S<count-1>" (spectral bands)."""
+    return PLANE_NAMES.get(count) or tuple(f"S{i}" for i in range(count))
 _SPLITS = ("train", "val")
 
 
@@ -92,8 +97,9 @@ def _spec(src: _Source, size: tuple[int, int] | None, resize: str, channels: str
                              "set data.size, e.g. --set data.size=[64,64]")
         size = (int(shape[0]), int(shape[1]))
     if channels is None:
-        channels = "gray" if shape[-1] in (1, 2) else "rgb"
-    return ImageSpec((int(size[0]), int(size[1])), resize, channels, 16 if dtype == np.uint16 else 8)
+        channels = "gray" if shape[-1] in (1, 2) else "rgb" if shape[-1] in (3, 4) else "native"
+    planes = int(shape[-1]) if channels == "native" else None
+    return ImageSpec((int(size[0]), int(size[1])), resize, channels, 16 if dtype == np.uint16 else 8, planes)
 
 
 def tfds_cache_dir(src: _Source, spec: ImageSpec, cache_dir: str | os.PathLike | None) -> Path:
@@ -141,9 +147,9 @@ def _planes(image: Any, source: str) -> Planes:
     img = np.asarray(image)
     if img.ndim == 2:
         img = img[..., None]
-    if img.ndim != 3 or img.shape[-1] not in PLANE_NAMES:
-        raise ValueError(f"{source}: image of shape {img.shape}; expected (H, W, 1-4)")
-    return Planes(img.transpose(2, 0, 1), 16 if img.dtype == np.uint16 else 8, PLANE_NAMES[img.shape[-1]], source)
+    if img.ndim != 3 or img.shape[-1] < 1:
+        raise ValueError(f"{source}: image of shape {img.shape}; expected (H, W, planes)")
+    return Planes(img.transpose(2, 0, 1), 16 if img.dtype == np.uint16 else 8, plane_names(img.shape[-1]), source)
 
 
 def _mean_std(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +205,7 @@ def _write(src: _Source, spec: ImageSpec, out: Path) -> None:
             raise ValueError(f"tfds dataset {src.name!r}: no image could be prepared for {empty[0]} "
                              f"({len(skipped)} skipped, first: {skipped[0]['reason'] if skipped else '-'})")
         mean, std = _mean_std(hist)
-        names = PLANE_NAMES[3] if spec.channels == "rgb" else ("L",)
+        names = {"rgb": PLANE_NAMES[3], "gray": ("L",)}.get(spec.channels) or plane_names(spec.num_planes)
         meta = build_meta(classes=classes, dtype=dtype, size=spec.size, channel_names=names,
                           splits=list(counts), counts=counts, mean=mean.tolist(), std=std.tolist(),
                           resize=spec.resize, source=f"tfds:{src.info.full_name}")

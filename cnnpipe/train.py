@@ -55,8 +55,9 @@ def resolve_data(cfg: Config, ds: Dataset) -> Config:
     A run's saved config then says what it trained on, so `evaluate --data` on another
     folder prepares images at the run's size and planes, whatever the defaults were.
     """
-    data = cfg.data.model_copy(update={"size": tuple(ds.size), "channels": "gray" if ds.channels == 1 else
-                                       "rgb" if ds.channels == 3 else cfg.data.channels})
+    names = ds.plane_names or {1: ("L",), 3: ("R", "G", "B")}.get(ds.channels)
+    channels = {("L",): "gray", ("R", "G", "B"): "rgb"}.get(names or (), "native")  # e.g. S0..S4
+    data = cfg.data.model_copy(update={"size": tuple(ds.size), "channels": channels})
     return cfg.model_copy(update={"data": data})
 
 
