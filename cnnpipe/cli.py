@@ -317,7 +317,10 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                                    "top-k predictions; every picture is also a PNG and DIR/summary.json holds "
                                    "the numbers.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `cnnpipe train` run directory")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (decoded and resized like the training data)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (decoded and resized like the training data)")
+    p.add_argument("--worst", type=int, metavar="N",
+                   help="instead of IMAGEs: the N validation images with the highest loss, with the most-confused "
+                        "class pairs (default output RUN_DIR/worst)")
     p.add_argument("--layers", nargs="+", metavar="NAME", help="layers to show (default: every conv and pool layer)")
     p.add_argument("--class", dest="class_name", metavar="NAME",
                    help="explain this class with Grad-CAM and attribution (default: the predicted class)")
@@ -329,6 +332,17 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 def _run_inspect(args: argparse.Namespace) -> int:
     _check_top_k_and_images(args)
+    if (args.worst is None) == (not args.images):
+        raise CLIError("give IMAGE files or --worst N (not both)")
+    if args.worst is not None:
+        from cnnpipe.mistakes import inspect_worst
+
+        if args.class_name:
+            raise CLIError("--class explains a chosen class; --worst explains each image's predicted class")
+        page = inspect_worst(args.run_dir, args.worst, out=args.out, layers=args.layers, top_k=args.top_k,
+                             checkpoint=args.checkpoint)
+        print(f"wrote {page} (the {args.worst} highest-loss validation images)")
+        return 0
     from cnnpipe.report import inspect_run
 
     page = inspect_run(args.run_dir, args.images, layers=args.layers, class_name=args.class_name,

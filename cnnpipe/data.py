@@ -32,10 +32,12 @@ _SPLIT_SEEDS = {"train": 0, "val": 1}
 
 @dataclass(frozen=True)
 class Split:
-    """One split: images (N, H, W, C) uint8/uint16 (array or memmap) and int32 labels (N,)."""
+    """One split: images (N, H, W, C) uint8/uint16 (array or memmap), int32 labels (N,) and,
+    for a store, each row's source file (relative to the folder it was made from)."""
 
     images: Any
     labels: np.ndarray
+    sources: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -219,7 +221,7 @@ def store_dataset(path: str | os.PathLike) -> Dataset:
         raise ValueError(f"{store.path}: store has no validation split (splits: {', '.join(store.splits)}); "
                          "preprocess it with a validation fraction > 0")
     train = Split(store.images("train"), store.labels("train"))
-    val = Split(store.images(val_name), store.labels(val_name))
+    val = Split(store.images(val_name), store.labels(val_name), tuple(store.sources(val_name)) or None)
     names = store.meta.get("channel_names")
     return Dataset(store.classes, train, val, store.bit_depth, tuple(store.mean), tuple(store.std),
                    f"store {store.path}", str(store.meta.get("resize", "crop")),

@@ -14,7 +14,7 @@ from cnnpipe.data import Dataset
 from cnnpipe.metrics import evaluate_split
 from cnnpipe.runs import Run
 
-__all__ = ["data_overrides", "evaluate_run"]
+__all__ = ["data_overrides", "evaluate_run", "check_compatible"]
 
 
 def data_overrides(spec: str) -> list[str]:
@@ -31,7 +31,8 @@ def data_overrides(spec: str) -> list[str]:
     raise FileNotFoundError(f"--data: {spec} is not a store, an image folder, 'shapes' or 'tfds:NAME'")
 
 
-def _check_compatible(run: Run, ds: Dataset) -> None:
+def check_compatible(run: Run, ds: Dataset) -> None:
+    """ValueError naming what differs when `ds` is not data the run's model can take."""
     info = run.info
     for what, have, want in (("classes", ds.classes, info["classes"]), ("image size", list(ds.size), info["size"]),
                              ("channels", ds.channels, info["channels"]), ("bit depth", ds.bit_depth,
@@ -50,7 +51,7 @@ def evaluate_run(run: Run, overrides: Sequence[str] = ()) -> tuple[dict[str, Any
     if overrides:
         cfg = config_from_dict(cfg.model_dump(mode="json"), overrides, source="--data/--set")
     ds = load_dataset(cfg.data, seed=cfg.seed)
-    _check_compatible(run, ds)
+    check_compatible(run, ds)
     mesh = steps.make_mesh(0)
     batch = -(-cfg.train.eval_batch_size // mesh.size) * mesh.size
     state = steps.replicate(mesh, run.state)

@@ -167,6 +167,11 @@ def _display_rgb(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
     return np.repeat(x.mean(axis=-1, keepdims=True), 3, axis=-1)
 
 
+def plot_heat(heat: np.ndarray, title: str) -> Any:
+    """The Grad-CAM map (0..1) alone, with its colour bar."""
+    return _image_with_bar(np.asarray(heat), title, cmap="jet", vmin=0, vmax=1)[0]
+
+
 def plot_grad_cam(pixels: np.ndarray, heat: np.ndarray, bit_depth: int, title: str) -> Any:
     """The image (full-scale display) with the Grad-CAM map (0..1) over it."""
     fig, ax, _ = _image_with_bar(np.asarray(heat), title, cmap="jet", alpha=0.45, vmin=0, vmax=1, zorder=2)
@@ -268,6 +273,8 @@ def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | o
         pictures["grad_cam"] = {"layer": cam_layer, **pics.save(
             plot_grad_cam(im.pixels, heat[i], im.bit_depth, f"Grad-CAM: {tgt} ({cam_layer})"),
             f"{stem}-gradcam.png")}
+        pictures["grad_cam_heat"] = pics.save(plot_heat(heat[i], f"Grad-CAM map alone: {tgt}"),
+                                              f"{stem}-gradcam-map.png")
         pictures["attribution"] = pics.save(plot_attribution(shares[i], im.planes, f"planes -> {tgt}"),
                                             f"{stem}-attribution.png")
         pictures["feature_maps"] = [
@@ -304,7 +311,7 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _image_section(n: int, entry: dict[str, Any], defs: dict[str, str]) -> list[str]:
     pics, tgt = entry["pictures"], entry["explained_class"]
-    parts = [f"<h2>{n}. {html.escape(entry['source'])}</h2>"]
+    parts = [f"<h2 id=img-{n}>{n}. {html.escape(entry['source'])}</h2>"]
     if entry["notes"]:
         parts.append('<p class="note">' + "; ".join(html.escape(x) for x in entry["notes"]) + ".</p>")
     parts.append("<h3>Top predictions</h3>" + _table(
@@ -314,8 +321,9 @@ def _image_section(n: int, entry: dict[str, Any], defs: dict[str, str]) -> list[
     shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in entry["attribution"]["shares"].items())
     parts.append(f"<h3>Where and which plane: class {html.escape(tgt)} ({entry['explained_because']})</h3>"
                  "<div class=row>"
-                 + _img(pics["grad_cam"], f"Grad-CAM for {tgt} at layer {pics['grad_cam']['layer']}; "
-                                          "1 = the strongest evidence in this image")
+                 + _img(pics["grad_cam"], f"Grad-CAM for {tgt} at layer {pics['grad_cam']['layer']}, over the "
+                                          "image; 1 = the strongest evidence in this image")
+                 + _img(pics["grad_cam_heat"], "the same map alone")
                  + _img(pics["attribution"], f"per-plane attribution: {shares}. {defs['attribution']}")
                  + "</div>")
     parts.append("<h3>Feature maps</h3>"
@@ -331,6 +339,23 @@ def _image_section(n: int, entry: dict[str, Any], defs: dict[str, str]) -> list[
           f"{100 * s['never_active_fraction']:.0f}% ({len(s['never_active_channels'])}/{s['channels']})")
          for name, s in entry["layers"].items()]))
     return parts
+
+
+def _worst_section(worst: dict[str, Any]) -> list[str]:
+    """The `--worst` page's head: what is shown, and the most-confused pairs linking to their examples."""
+    rows = []
+    for pair in worst["confused_pairs"]:
+        links = " ".join(f'<a href="#img-{k}">#{k}</a>' for k in pair["on_page"])
+        others = pair["sources"][:5]
+        rest = html.escape(", ".join(others)) + (" ..." if pair["count"] > len(others) else "")
+        rows.append(f"<tr><td>{html.escape(pair['true'])}</td><td>{html.escape(pair['predicted'])}</td>"
+                    f"<td>{pair['count']}</td><td>{links or '-'}</td><td>{rest}</td></tr>")
+    table = ("<table><tr><th>true class</th><th>predicted</th><th>images</th><th>on this page</th>"
+             "<th>examples</th></tr>" + "".join(rows) + "</table>") if rows else "<p>No validation image is wrong.</p>"
+    return [f"<h2>The {worst['n']} highest-loss of {worst['validation_images']} validation images</h2>",
+            f'<p class="note">{html.escape(worst["data"])}; each image below shows its true and predicted '
+            "class, the top probabilities, Grad-CAM over the image for the predicted class and per-plane "
+            "attribution.</p>", "<h3>Most-confused class pairs</h3>", table]
 
 
 def write_report(out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
@@ -351,6 +376,8 @@ def write_report(out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
                         "filter (filter k at row k // 8, column k % 8), one shared colour scale (red > 0 > blue)"),
              f'<p class="note">Never active: {html.escape(defs["never_active"])}. '
              f'Grad-CAM: {html.escape(defs["grad_cam"])}. Numbers: <a href="summary.json">summary.json</a>.</p>']
+    if "worst" in summary:
+        parts.extend(_worst_section(summary["worst"]))
     for n, entry in enumerate(summary["images"], 1):
         parts.extend(_image_section(n, entry, defs))
     parts.append("</body></html>\n")

@@ -152,3 +152,45 @@ def test_plane_names_and_the_majority_rule(tmp_path):
     assert choose_plane_count([five, three]).count == 5  # a tie: the earliest file's count
     with pytest.raises(ValueError, match="no readable image"):
         choose_plane_count([])
+
+
+def test_worst_page_finds_mislabelled_images_and_counts_the_confusions(tmp_path, capsys):
+    from cnnpipe.data import SHAPE_CLASSES, make_shapes
+    from cnnpipe.evaluate import evaluate_run
+    from cnnpipe.runs import load_run
+
+    classes = SHAPE_CLASSES[:3]
+    for split, n, seed in (("train", 240, 1), ("val", 60, 2)):
+        images, labels = make_shapes(n * 2, size=(20, 20), seed=seed)
+        keep = labels < 3
+        for i, (img, k) in enumerate(zip(images[keep][:n], labels[keep][:n])):
+            d = tmp_path / "src" / split / classes[k]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i:03d}.png")
+    # three validation images filed under a wrong class: the model will be confidently "wrong"
+    wrong = []
+    for k, name in enumerate(classes):
+        src = sorted((tmp_path / "src" / "val" / name).iterdir())[0]
+        dst = tmp_path / "src" / "val" / classes[(k + 1) % 3] / f"mislabelled-{src.name}"
+        src.rename(dst)
+        wrong.append(f"val/{classes[(k + 1) % 3]}/{dst.name}")
+    assert main(["preprocess", str(tmp_path / "src"), str(tmp_path / "store"), "--size", "20", "--workers", "1"]) == 0
+    cfg = load_config(None, ["data.source=store", f"data.path={tmp_path / 'store'}", "train.epochs=20",
+                             "train.batch_size=16", "train.eval_batch_size=20", "train.num_devices=1"])
+    summary = train_and_evaluate(cfg, tmp_path / "run", log=lambda _: None)
+    assert summary["final_val_accuracy"] >= 0.8  # 3 of 59 labels are wrong on purpose
+    assert main(["inspect", str(tmp_path / "run"), "--worst", "8"]) == 0
+    page = json.loads((tmp_path / "run" / "worst" / "summary.json").read_text())
+    sources = [e["source"] for e in page["images"]]
+    assert len(sources) == 8 and set(wrong) <= set(sources)
+    assert page["worst"]["losses"] == sorted(page["worst"]["losses"], reverse=True)
+    # the table's counts are the confusion matrix's off-diagonal cells, for the same checkpoint
+    cm = evaluate_run(load_run(tmp_path / "run"))[0]["confusion"]
+    counts = {(p["true"], p["predicted"]): p["count"] for p in page["worst"]["confused_pairs"]}
+    assert counts == {(classes[t], classes[p]): int(cm[t, p]) for t in range(3) for p in range(3)
+                      if t != p and cm[t, p]}
+    html_page = (tmp_path / "run" / "worst" / "index.html").read_text()
+    assert "Most-confused class pairs" in html_page and 'href="#img-1"' in html_page
+    assert all((tmp_path / "run" / "worst" / e["pictures"]["grad_cam_heat"]["file"]).is_file() for e in page["images"])
+    assert main(["inspect", str(tmp_path / "run")]) == 2
+    assert "give IMAGE files or --worst N" in capsys.readouterr().err
