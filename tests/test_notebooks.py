@@ -35,6 +35,7 @@ def test_notebooks_run_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("CNNPIPE_NB_OVERRIDES", json.dumps(SMALL))
     monkeypatch.setenv("CNNPIPE_NB_RUN_DIR", "runs/quickstart")
+    monkeypatch.setenv("CNNPIPE_NB_PLANE_EPOCHS", "2")
     work = tmp_path / "work"
     work.mkdir()
     for name in ORDER:
