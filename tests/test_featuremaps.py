@@ -243,7 +243,8 @@ def test_inspect_images_writes_pages_pngs_and_summary(tmp_path):
     # every picture exists, opens and has the recorded (figsize x DPI) size
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == sorted(on_disk["files"])
-    assert len(pngs) == 1 + 2 * (3 + 2 + 2)  # kernels + per image: 3 planes, 2 layers, Grad-CAM, attribution
+    # kernels + per image: 3 planes, 2 layers, Grad-CAM over the image and alone, attribution
+    assert len(pngs) == 1 + 2 * (3 + 2 + 3)
     for name, size in on_disk["files"].items():
         with Image.open(out / name) as im:
             im.load()
@@ -294,7 +295,7 @@ def test_cli_inspect_end_to_end(tiny_run, tmp_path, capsys):
     assert "index.html" in stdout
     page = (out / "index.html").read_text()
     srcs = re.findall(r'<img src="([^"]+)"', page)
-    assert len(srcs) == 1 + 2 * (3 + 4 + 2)   # conv1, pool1, conv2, pool2
+    assert len(srcs) == 1 + 2 * (3 + 4 + 3)   # conv1, pool1, conv2, pool2
     for src in srcs:
         assert not Path(src).is_absolute()
         with Image.open(out / src) as im:
