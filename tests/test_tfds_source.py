@@ -163,3 +163,13 @@ def test_variable_size_dataset_trains_through_the_cli(tmp_path, capsys):
     assert summary["steps"] == 2 * (32 // 8) and sum(map(sum, summary["confusion_matrix"])) == 32
     # the saved config is resolved: evaluate/predict of this run need nothing from the data's defaults
     assert "channels: rgb" in (run_dir / "config.yaml").read_text()
+
+
+def test_native_channels_keep_the_records_planes_and_names(tmp_path):
+    with mock(5):
+        ds = tfds_dataset("deep16", size=(8, 8), channels="native", cache_dir=tmp_path)
+        gray = tfds_dataset("gray_varying", size=(8, 8), channels="native", cache_dir=tmp_path)
+    assert ds.channels == 3 and ds.plane_names == ("R", "G", "B") and ds.bit_depth == 16
+    assert gray.channels == 1 and gray.plane_names == ("L",)
+    from cnnpipe.tfds_source import plane_names
+    assert plane_names(5) == ("S0", "S1", "S2", "S3", "S4") and plane_names(2) == ("L", "A")
