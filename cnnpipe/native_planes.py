@@ -17,7 +17,7 @@ from typing import Any
 
 from cnnpipe.workers import chunks, ordered_map
 
-__all__ = ["PlaneCount", "probe_plane_names", "choose_plane_count"]
+__all__ = ["PlaneCount", "probe_plane_names", "choose_plane_count", "sort_by_plane_count"]
 
 _CHUNK = 8
 
@@ -70,3 +70,19 @@ def choose_plane_count(found: Sequence[tuple[str, ...]]) -> PlaneCount:
     count = max(counts, key=lambda k: (counts[k], -first[k]))
     names = Counter(n for n in found if len(n) == count).most_common(1)[0][0]
     return PlaneCount(count, names, counts[count], len(found))
+
+
+def sort_by_plane_count(cands: Sequence[Any], found: Sequence[tuple[str, ...] | str]
+                        ) -> tuple[list[Any], list[tuple[Any, str, str]], PlaneCount | None]:
+    """(files to store, (file, skip kind, reason) of the others, the chosen count or None if none is readable).
+
+    `cands` have a `.path`; `found` is `probe_plane_names` of them: names, or an error string.
+    """
+    readable = [(c, n) for c, n in zip(cands, found) if not isinstance(n, str)]
+    dropped = [(c, "decode_error", n) for c, n in zip(cands, found) if isinstance(n, str)]
+    if not readable:
+        return [], dropped, None
+    choice = choose_plane_count([n for _, n in readable])
+    keep = [c for c, n in readable if len(n) == choice.count]
+    dropped += [(c, "plane_count", choice.mismatch(c.path, n)) for c, n in readable if len(n) != choice.count]
+    return keep, dropped, choice

@@ -44,7 +44,7 @@ from cnnpipe.dataset_report import build_report, format_summary, reason_counts
 from cnnpipe.decode import DecodeError, check_format, read_file
 from cnnpipe.folders import Candidate, FolderScan, assign_split, scan_folder, skip
 from cnnpipe.formats import reason_of
-from cnnpipe.native_planes import PlaneCount, choose_plane_count, probe_plane_names
+from cnnpipe.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
 from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, load_store
 from cnnpipe.transform import IMAGE_PATH_VERSION, RESIZE_MODES, ImageSpec, NeedsSixteenBit, prepare_bytes, resize_image
 from cnnpipe.workers import Progress, chunks, make_pool, ordered_map
@@ -331,19 +331,13 @@ class _Build:
     def probe_planes(self) -> None:
         """`--channels native`: the plane count most files have; skip (and report) the others."""
         found = probe_plane_names([c.path for c in self.ok], self.pool)
-        readable = [(c, n) for c, n in zip(self.ok, found) if not isinstance(n, str)]
-        for cand, reason in ((c, n) for c, n in zip(self.ok, found) if isinstance(n, str)):
-            skip(self.scan, cand.rel, "decode_error", reason)
-        if not readable:
+        keep, dropped, self.planes = sort_by_plane_count(self.ok, found)
+        for cand, kind, reason in dropped:
+            skip(self.scan, cand.rel, kind, reason)
+        if self.planes is None:
             raise PreprocessError(f"SRC: no image in {self.src} could be decoded "
                                   f"({reason_counts(self.scan.skipped)})")
-        self.planes = choose_plane_count([n for _, n in readable])
-        self.ok = []
-        for cand, names in readable:
-            if len(names) == self.planes.count:
-                self.ok.append(cand)
-            else:
-                skip(self.scan, cand.rel, "plane_count", self.planes.mismatch(cand.path, names))
+        self.ok = keep
 
     def _splits(self) -> list[str]:
         splits = _split_order(self.scan)
