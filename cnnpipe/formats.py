@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import struct
 import warnings
 from collections.abc import Iterator
@@ -228,6 +229,12 @@ def decode_tiff(data: bytes, source: str | None, max_pixels: int | None) -> Deco
         extras = tuple(int(e) for e in page.extrasamples)
         planar_separate = int(page.planarconfig) == 2
         orientation = page.tags.valueof(274)
+        stack = _channel_stack(tif, source, max_pixels) if len(tif.pages) > 1 and spp == 1 else None
+    if stack is not None:
+        arr, names = stack
+        if photometric == _MINISWHITE:
+            arr = np.iinfo(arr.dtype).max - arr
+        return Decoded(arr, names, orientation)
     if fmt != 1 or bits not in (1, 2, 4, 8, 16):
         kind = {1: "unsigned", 2: "signed", 3: "float"}.get(fmt, f"format {fmt}")
         raise DecodeError(source, f"unsupported TIFF samples: {bits}-bit {kind} "
@@ -261,6 +268,30 @@ def decode_tiff(data: bytes, source: str | None, max_pixels: int | None) -> Deco
         # a multi-channel gray stack (microscopy, spectral bands): no plane is "the" luma
         names, extra_names = ("S0",), tuple(f"S{i}" for i in range(1, arr.shape[2]))
     return Decoded(arr, names + extra_names, orientation, associated_alpha=has_alpha and extras[0] == 1)
+
+
+def _channel_stack(tif: Any, source: str | None, max_pixels: int | None
+                   ) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """A multi-page TIFF whose pages are channels (ImageJ or OME axes "CYX"): (H, W, C) and plane names.
+
+    Names come from the file (OME-XML channel names, ImageJ labels) when there is one per
+    channel, else "S0".."Sn". Other multi-page files (z-stacks, time series, pages without
+    axes) keep their first page, as before.
+    """
+    series = tif.series[0]
+    if series.axes != "CYX" or series.dtype not in (np.uint8, np.uint16):
+        return None
+    c, h, w = (int(n) for n in series.shape)
+    check_pixels(source, w, h, max_pixels, samples=c)
+    names: list[str] = []
+    if tif.is_ome:
+        names = re.findall(r'<Channel\b[^>]*\bName="([^"]*)"', tif.ome_metadata or "")
+    elif tif.is_imagej:
+        names = [str(x) for x in (tif.imagej_metadata or {}).get("Labels") or []]
+    names = [n.strip() for n in names]
+    if len(names) != c or len(set(names)) != c or not all(names) or "A" in names:
+        names = [f"S{i}" for i in range(c)]
+    return np.ascontiguousarray(series.asarray().transpose(1, 2, 0)), tuple(names)
 
 
 # ---------------------------------------------------------------- JPEG and Pillow

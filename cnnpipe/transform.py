@@ -30,7 +30,7 @@ RESIZE_MODES = ("crop", "pad", "stretch")
 CHANNEL_MODES = ("rgb", "gray", "native")
 # Bumped whenever the chain can give other pixels for the same file and spec: stores and
 # folder caches record it, so a cache built by an older chain is rebuilt, never reused.
-IMAGE_PATH_VERSION = 2
+IMAGE_PATH_VERSION = 3  # 3: multi-page channel stacks (ImageJ/OME "CYX") read as N planes
 
 # Shrinking by >= 2x this gap first box-reduces by an integer factor, then applies
 # bicubic over the rest (Pillow's reducing_gap): antialiased like one bicubic pass, ~1.7x faster.

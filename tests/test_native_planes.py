@@ -194,3 +194,28 @@ def test_worst_page_finds_mislabelled_images_and_counts_the_confusions(tmp_path,
     assert all((tmp_path / "run" / "worst" / e["pictures"]["grad_cam_heat"]["file"]).is_file() for e in page["images"])
     assert main(["inspect", str(tmp_path / "run")]) == 2
     assert "give IMAGE files or --worst N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome", "unnamed", "zstack"])
+def test_multi_page_channel_stacks_are_read_as_planes(tmp_path, kind):
+    """ImageJ and OME hyperstacks store each channel as a page ("CYX"): all pages are the planes,
+    named as the file names them; a z-stack ("ZYX") keeps its first page, as before."""
+    data = (np.arange(4 * 6 * 7).reshape(4, 6, 7) * 300).astype(np.uint16)
+    labels = ["DAPI", "GFP", "RFP", "Cy5"]
+    path = tmp_path / f"{kind}.tif"
+    if kind == "imagej":
+        tifffile.imwrite(path, data, imagej=True, metadata={"axes": "CYX", "Labels": labels})
+    elif kind == "ome":
+        tifffile.imwrite(path, data, ome=True, metadata={"axes": "CYX", "Channel": {"Name": labels}})
+    elif kind == "unnamed":
+        tifffile.imwrite(path, data, imagej=True, metadata={"axes": "CYX"})
+    else:
+        tifffile.imwrite(path, data, imagej=True, metadata={"axes": "ZYX"})
+    planes = read_image(path, channels="native")
+    if kind == "zstack":
+        assert planes.channels == ("L",)
+        np.testing.assert_array_equal(planes.data[0], data[0])
+        return
+    want = tuple(labels) if kind in ("imagej", "ome") else ("S0", "S1", "S2", "S3")
+    assert planes.channels == want and planes.bit_depth == 16
+    np.testing.assert_array_equal(planes.data, data)  # every value, every channel
