@@ -219,3 +219,18 @@ def test_multi_page_channel_stacks_are_read_as_planes(tmp_path, kind):
     want = tuple(labels) if kind in ("imagej", "ome") else ("S0", "S1", "S2", "S3")
     assert planes.channels == want and planes.bit_depth == 16
     np.testing.assert_array_equal(planes.data, data)  # every value, every channel
+
+
+def test_a_folder_source_with_native_channels_trains_on_every_plane(tmp_path):
+    from cnnpipe.data import folder_dataset
+
+    rng = np.random.default_rng(2)
+    for k, name in enumerate(CLASSES):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(4):
+            tifffile.imwrite(tmp_path / "src" / name / f"{i}.tif", five_plane_image(rng, k, 16),
+                             photometric="minisblack", planarconfig="contig")
+    ds = folder_dataset(tmp_path / "src", size=(12, 12), channels="native", val_fraction=0.25,
+                        cache_dir=tmp_path / "cache")
+    assert ds.channels == 5 and ds.plane_names == ("S0", "S1", "S2", "S3", "S4") and ds.bit_depth == 16
+    assert ds.size == (12, 12) and len(ds.train) + len(ds.val) == 12
