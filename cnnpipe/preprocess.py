@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import math
 import os
 import sys
 import time
@@ -45,7 +44,7 @@ from cnnpipe.decode import DecodeError, check_format, read_file
 from cnnpipe.folders import Candidate, FolderScan, assign_split, scan_folder, skip
 from cnnpipe.formats import reason_of
 from cnnpipe.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
-from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, load_store
+from cnnpipe.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, exact_mean_std, load_store
 from cnnpipe.transform import IMAGE_PATH_VERSION, RESIZE_MODES, ImageSpec, NeedsSixteenBit, prepare_bytes, resize_image
 from cnnpipe.workers import Progress, chunks, make_pool, ordered_map
 
@@ -403,7 +402,7 @@ class _Build:
             raise PreprocessError(f"no image could be decoded for class(es) {', '.join(missing)} "
                                   f"(every class needs at least one): {examples}")
         n_ch = acc.planes
-        mean, std = _mean_std(acc.sums, acc.sumsq, acc.n_pix, n_ch)
+        mean, std = exact_mean_std(acc.sums, acc.sumsq, acc.n_pix)
         counts = {s: {"total": sum(acc.per_class[s].values()),
                       "per_class": {c: acc.per_class[s][c] for c in self.classes}} for s in splits}
         report = build_report(self.scan, self.ok, counts, self.src, time.perf_counter() - self.t0, acc.warnings)
@@ -446,10 +445,3 @@ def _split_order(scan: FolderScan) -> list[str]:
     return list(SPLIT_NAMES)
 
 
-def _mean_std(sums: list[int], sumsq: list[int], n: int, n_ch: int) -> tuple[list[float], list[float]]:
-    if n == 0:
-        return [0.0] * n_ch, [1.0] * n_ch
-    mean = [s / n for s in sums]
-    # n * sumsq - sum^2 is exact in Python integers: no cancellation error
-    std = [math.sqrt(max(n * q - s * s, 0)) / n for s, q in zip(sums, sumsq)]
-    return mean, std

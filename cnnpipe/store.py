@@ -15,6 +15,7 @@ directory beside OUT and renames it into place only once everything is written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -370,6 +371,19 @@ def _read_json(path: Path, what: str) -> Any:
 
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def exact_mean_std(sums: Sequence[int], sumsq: Sequence[int], n: int) -> tuple[list[float], list[float]]:
+    """Per-plane mean and std from integer sums of values and of squares over `n` pixels.
+
+    n * sumsq - sum^2 is exact in Python integers: no cancellation error, even for
+    16-bit values over billions of pixels. With no pixels: mean 0, std 1.
+    """
+    if n == 0:
+        return [0.0] * len(sums), [1.0] * len(sums)
+    mean = [s / n for s in sums]
+    std = [math.sqrt(max(n * q - s * s, 0)) / n for s, q in zip(sums, sumsq)]
+    return mean, std
 
 
 def build_meta(*, classes: Sequence[str], dtype: str, size: tuple[int, int], channel_names: Sequence[str],

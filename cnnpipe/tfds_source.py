@@ -25,6 +25,7 @@ import numpy as np
 
 from cnnpipe.data import Dataset, default_cache_dir, store_dataset
 from cnnpipe.decode import Planes
+from cnnpipe.store import exact_mean_std
 from cnnpipe.transform import IMAGE_PATH_VERSION, ImageSpec, prepare_planes
 
 __all__ = ["tfds_dataset", "tfds_cache_dir", "PLANE_NAMES", "plane_names"]
@@ -152,13 +153,17 @@ def _planes(image: Any, source: str) -> Planes:
     return Planes(img.transpose(2, 0, 1), 16 if img.dtype == np.uint16 else 8, plane_names(img.shape[-1]), source)
 
 
-def _mean_std(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-plane mean and std from (planes, levels) value histograms."""
-    levels = np.arange(hist.shape[1], dtype=np.float64)
-    n = hist.sum(1).astype(np.float64)
-    mean = hist @ levels / n
-    var = hist @ np.square(levels) / n - mean ** 2
-    return mean, np.sqrt(np.maximum(var, 0.0))
+def _mean_std(hist: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-plane mean and std from (planes, levels) value histograms, exactly (`store.exact_mean_std`).
+
+    The sums are Python integers: 16-bit squares over billions of pixels overflow int64.
+    """
+    sums, sumsq = [], []
+    for row in hist:
+        levels = np.flatnonzero(row)
+        sums.append(sum(int(v) * int(c) for v, c in zip(levels, row[levels])))
+        sumsq.append(sum(int(v) * int(v) * int(c) for v, c in zip(levels, row[levels])))
+    return exact_mean_std(sums, sumsq, int(hist[0].sum()))
 
 
 def _write(src: _Source, spec: ImageSpec, out: Path) -> None:
@@ -207,6 +212,6 @@ def _write(src: _Source, spec: ImageSpec, out: Path) -> None:
         mean, std = _mean_std(hist)
         names = {"rgb": PLANE_NAMES[3], "gray": ("L",)}.get(spec.channels) or plane_names(spec.num_planes)
         meta = build_meta(classes=classes, dtype=dtype, size=spec.size, channel_names=names,
-                          splits=list(counts), counts=counts, mean=mean.tolist(), std=std.tolist(),
+                          splits=list(counts), counts=counts, mean=mean, std=std,
                           resize=spec.resize, source=f"tfds:{src.info.full_name}")
         writer.commit(meta, {"skipped": skipped, "counts": {k: v["total"] for k, v in counts.items()}})
