@@ -127,14 +127,13 @@ def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
     divide over the devices.
     """
     sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    share = len(mesh.local_devices) / mesh.size
     out = []
     for a in arrays:
         if jax.process_count() == 1:
             check_divisible(mesh, a.shape[0])
             out.append(jax.device_put(a, sharding))
         else:
-            rows = round(a.shape[0] / share)
+            rows = a.shape[0] * mesh.size // len(mesh.local_devices)  # the global batch
             check_divisible(mesh, rows)
             out.append(jax.make_array_from_process_local_data(sharding, np.asarray(a), (rows, *a.shape[1:])))
     return tuple(out)
