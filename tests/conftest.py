@@ -21,3 +21,16 @@ def _compile_cache_per_session():
             os.environ.pop("CNNPIPE_COMPILE_CACHE", None)
         else:
             os.environ["CNNPIPE_COMPILE_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def _xla_flags_stay_the_sessions():
+    """A test that runs `cnnpipe train` in this process sets XLA_FLAGS (the CLI's CPU device
+    count) before jax starts; the flags stay read by this process's backend, but must not leak
+    into the subprocesses of later tests (a 2-device run would find 1 device)."""
+    old = os.environ.get("XLA_FLAGS")
+    yield
+    if old is None:
+        os.environ.pop("XLA_FLAGS", None)
+    else:
+        os.environ["XLA_FLAGS"] = old
