@@ -128,8 +128,15 @@ def time_step(layers, precision: str, batch: int, steps: int, blocks: int) -> di
     from flax import nnx
 
     from cnnpipe.config import OptimizerConfig
-    from cnnpipe.models import build_model
-    from cnnpipe.steps import create_train_state, make_mesh, make_optimizer, make_train_step, replicate, shard_batch
+    from cnnpipe.models.cnn import build_model
+    from cnnpipe.training.steps import (
+        create_train_state,
+        make_mesh,
+        make_optimizer,
+        make_train_step,
+        replicate,
+        shard_batch,
+    )
 
     mesh = make_mesh(0)
     model = build_model(layers, in_channels=3, num_classes=10, input_size=(32, 32), bit_depth=8, rngs=nnx.Rngs(0))
@@ -162,7 +169,7 @@ def time_step(layers, precision: str, batch: int, steps: int, blocks: int) -> di
 def compute_section(args) -> None:
     import jax
 
-    from cnnpipe.models import preset_layers
+    from cnnpipe.models.cnn import preset_layers
 
     dev = jax.devices()[0]
     print(f"backend {dev.platform}, {len(jax.local_devices())} x {dev.device_kind}")
@@ -208,8 +215,9 @@ def pipeline_rates(path: Path, batch: int, seconds: float) -> dict[str, float]:
     import jax
     import numpy as np
 
-    from cnnpipe.data import Split, prefetch, train_batches
-    from cnnpipe.mesh import make_mesh, process_rows, shard_batch
+    from cnnpipe.datasets.batches import prefetch, train_batches
+    from cnnpipe.datasets.dataset import Split
+    from cnnpipe.training.mesh import make_mesh, process_rows, shard_batch
 
     images = np.load(path, mmap_mode="r")
     split = Split(images, np.zeros(len(images), np.int32))
@@ -257,9 +265,17 @@ def overlap_section(args, root: Path) -> None:
     from flax import nnx
 
     from cnnpipe.config import OptimizerConfig
-    from cnnpipe.data import Split, prefetch, train_batches
-    from cnnpipe.models import build_model
-    from cnnpipe.steps import create_train_state, make_mesh, make_optimizer, make_train_step, replicate, shard_batch
+    from cnnpipe.datasets.batches import prefetch, train_batches
+    from cnnpipe.datasets.dataset import Split
+    from cnnpipe.models.cnn import build_model
+    from cnnpipe.training.steps import (
+        create_train_state,
+        make_mesh,
+        make_optimizer,
+        make_train_step,
+        replicate,
+        shard_batch,
+    )
 
     shape, n, batch = SHAPES["32x32x3"]
     images = np.load(make_store(root, shape, n), mmap_mode="r")
@@ -304,7 +320,7 @@ def overlap_section(args, root: Path) -> None:
 
 def worker(args) -> None:
     """One process of a --processes N pipeline run (started by `main`)."""
-    from cnnpipe import distributed
+    from cnnpipe.training import distributed
 
     distributed.initialize(distributed.Cluster(args.coordinator, args.processes, args.process_id))
     results = pipeline_section(args, Path(args.root))
@@ -351,7 +367,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from cnnpipe.mesh import setup_cpu_devices
+    from cnnpipe.training.mesh import setup_cpu_devices
 
     setup_cpu_devices()  # what `cnnpipe train` does on CPU (harmless elsewhere)
     import jax

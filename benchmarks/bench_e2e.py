@@ -49,7 +49,7 @@ def write_pngs(root: Path, source: str) -> int:
         images = np.kron(images, np.ones((1, 4, 4), np.uint8))
         labels, names = d.target, [str(c) for c in d.target_names]
     else:
-        from cnnpipe.data import make_shapes
+        from cnnpipe.datasets.shapes import make_shapes
 
         x, labels = make_shapes(2000, size=(32, 32), bit_depth=8, seed=0, split="train")
         images = x.mean(axis=-1).astype(np.uint8)

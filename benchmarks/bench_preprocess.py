@@ -37,7 +37,7 @@ import imagecodecs
 import numpy as np
 from PIL import Image
 
-from cnnpipe.preprocess import preprocess
+from cnnpipe.datasets.preprocess import preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from messy_folder import KINDS, make_messy_folder  # noqa: E402  (the tests' generator of users' data)
@@ -127,7 +127,7 @@ def throughput(name: str, src: Path, work: Path, rounds: int, workers: int, vali
 _MEM_CHILD = """
 import json, resource, sys, threading, time
 import psutil
-from cnnpipe.preprocess import preprocess
+from cnnpipe.datasets.preprocess import preprocess
 peak = {}
 done = threading.Event()
 def sample():  # worker processes descend from the fork server, so poll them by pid

@@ -3,7 +3,7 @@
 Each measurement is a fresh process (peak RSS is per process), reading a mocked
 tfds dataset (`tfds.testing.mock_data`, no download) of 224x224x3 uint8 images:
 
-  cnnpipe   `cnnpipe.tfds_source.tfds_dataset`: records streamed through the image path
+  cnnpipe   `cnnpipe.datasets.tfds.tfds_dataset`: records streamed through the image path
             into a store cache (here at 224x224, no resize), then memory-mapped.
   in-RAM    the earlier approach: every record of each split copied into one array.
 
@@ -56,7 +56,7 @@ def child(mode: str, n: int, cache: str) -> None:
     t0 = time.perf_counter()
     with tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE):
         if mode == "cnnpipe":
-            from cnnpipe.tfds_source import tfds_dataset
+            from cnnpipe.datasets.tfds import tfds_dataset
 
             ds = tfds_dataset("big224", split_train="train", split_val="test", cache_dir=cache)
             assert len(ds.train) == n

@@ -43,6 +43,45 @@ def _nproc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _torch_runner(nproc: int, x_np, y_np, steps: int):
+    """(a timed block of `steps` PyTorch train steps of the same CNN, a version line), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        print("PyTorch not installed (`.venv/bin/pip install torch==2.13.0`); timing cnnpipe only")
+        return None
+    import numpy as np
+
+    torch.set_num_threads(nproc)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(C, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(64 * (H // 4) * (W // 4), 128), torch.nn.ReLU(),
+        torch.nn.Linear(128, CLASSES))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    xt = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2)))   # NCHW uint8
+    yt = torch.from_numpy(y_np.astype(np.int64))
+    lossf = torch.nn.CrossEntropyLoss()
+
+    def torch_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = lossf(net(xt.float() / 255.0), yt)   # same on-the-fly scaling as cnnpipe
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        torch_step()
+
+    def torch_block() -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            torch_step()
+        return time.perf_counter() - t
+
+    return torch_block, f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=0,
@@ -60,7 +99,7 @@ def main() -> int:
     nproc = _nproc()
     devices = args.devices or nproc
     # must happen before jax starts its backend: the flag is read once
-    from cnnpipe.mesh import setup_cpu_devices
+    from cnnpipe.training.mesh import setup_cpu_devices
     setup_cpu_devices(devices, tune=not args.no_tune)   # what `cnnpipe train` does on CPU
 
     import jax
@@ -69,8 +108,15 @@ def main() -> int:
     from flax import nnx
 
     from cnnpipe.config import OptimizerConfig
-    from cnnpipe.models import build_model, count_params
-    from cnnpipe.steps import create_train_state, make_mesh, make_optimizer, make_train_step, replicate, shard_batch
+    from cnnpipe.models.cnn import build_model, count_params
+    from cnnpipe.training.steps import (
+        create_train_state,
+        make_mesh,
+        make_optimizer,
+        make_train_step,
+        replicate,
+        shard_batch,
+    )
 
     rng = np.random.default_rng(0)
     x_np = rng.integers(0, 256, (BATCH, H, W, C), dtype=np.uint8)
@@ -105,69 +151,48 @@ def main() -> int:
     runners = {"cnnpipe": jax_block}
     torch_info = ""
     if not args.no_torch:
-        try:
-            import torch
-        except ImportError:
-            print("PyTorch not installed (`.venv/bin/pip install torch==2.13.0`); timing cnnpipe only")
-        else:
-            torch.set_num_threads(nproc)
-            torch.manual_seed(0)
-            net = torch.nn.Sequential(
-                torch.nn.Conv2d(C, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                torch.nn.Flatten(), torch.nn.Linear(64 * (H // 4) * (W // 4), 128), torch.nn.ReLU(),
-                torch.nn.Linear(128, CLASSES))
-            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-            xt = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2)))   # NCHW uint8
-            yt = torch.from_numpy(y_np.astype(np.int64))
-            lossf = torch.nn.CrossEntropyLoss()
-
-            def torch_step() -> None:
-                opt.zero_grad(set_to_none=True)
-                loss = lossf(net(xt.float() / 255.0), yt)   # same on-the-fly scaling as cnnpipe
-                loss.backward()
-                opt.step()
-
-            for _ in range(3):
-                torch_step()
-
-            def torch_block() -> float:
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    torch_step()
-                return time.perf_counter() - t
-
-            runners["pytorch"] = torch_block
-            torch_info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        peer = _torch_runner(nproc, x_np, y_np, args.steps)
+        if peer is not None:
+            runners["pytorch"], torch_info = peer
 
     load_before = os.getloadavg()[0]
-    for run in runners.values():   # warm-up block each
-        run()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(args.blocks):
-        for name, run in runners.items():
-            times[name].append(run())
-
-    flops = forward_flops_per_image() * 3
-    ips = {k: BATCH * args.steps / statistics.median(v) for k, v in times.items()}
-    print(f"reference CNN: {n_params:,} params, batch {BATCH}, {flops / 1e6:.1f} MFLOP/image (fwd+bwd)")
+    times = _alternating_blocks(runners, args.blocks)
+    print(f"reference CNN: {n_params:,} params, batch {BATCH}, "
+          f"{forward_flops_per_image() * 3 / 1e6:.1f} MFLOP/image (fwd+bwd)")
     print(f"jax {jax.__version__}, {len(mesh.devices.flat)} XLA {jax.default_backend()} device(s) on "
           f"{nproc} cores; {torch_info or 'no torch'}; compile {compile_s:.2f} s")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average before/after: "
           f"{load_before:.2f}/{os.getloadavg()[0]:.2f} (a shared machine skews both sides)")
-    print(f"{args.blocks} alternating blocks of {args.steps} steps, medians:")
-    for name, v in ips.items():
-        spread = [BATCH * args.steps / t for t in times[name]]
-        print(f"  {name:<8} {v:9.0f} images/s  {v * flops / 1e9:6.1f} GFLOP/s  "
-              f"(blocks {min(spread):.0f}..{max(spread):.0f})")
-    if "pytorch" in ips:
-        print(f"  ratio cnnpipe / pytorch: {ips['cnnpipe'] / ips['pytorch']:.2f}x")
+    _print_medians(times, args.steps)
 
     if args.breakdown:
         _breakdown(jax, jnp, nnx, graphdef, holder["state"], mesh, xs, ys, step, args.steps, args.blocks)
     if args.hlo:
         _hlo_summary(step, holder["state"], xs, ys)
     return 0
+
+
+def _alternating_blocks(runners: dict, blocks: int) -> dict[str, list[float]]:
+    """A warm-up block each, then `blocks` rounds of one timed block per runner, in turn."""
+    for run in runners.values():
+        run()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(blocks):
+        for name, run in runners.items():
+            times[name].append(run())
+    return times
+
+
+def _print_medians(times: dict[str, list[float]], steps: int) -> None:
+    flops = forward_flops_per_image() * 3
+    ips = {k: BATCH * steps / statistics.median(v) for k, v in times.items()}
+    print(f"{len(next(iter(times.values())))} alternating blocks of {steps} steps, medians:")
+    for name, v in ips.items():
+        spread = [BATCH * steps / t for t in times[name]]
+        print(f"  {name:<8} {v:9.0f} images/s  {v * flops / 1e9:6.1f} GFLOP/s  "
+              f"(blocks {min(spread):.0f}..{max(spread):.0f})")
+    if "pytorch" in ips:
+        print(f"  ratio cnnpipe / pytorch: {ips['cnnpipe'] / ips['pytorch']:.2f}x")
 
 
 def _breakdown(jax, jnp, nnx, graphdef, state, mesh, xs, ys, step, steps, blocks) -> None:

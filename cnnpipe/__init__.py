@@ -10,18 +10,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from cnnpipe.decode import DecodeError, Planes, read_image
+from cnnpipe.images.decode import DecodeError, Planes, read_image
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily, see module docstring).
-# `preprocess` is not here: it would collide with the `cnnpipe.preprocess` submodule
-# (call `cnnpipe.preprocess.preprocess`).
+# `preprocess` is not here: it would collide with the `cnnpipe.datasets.preprocess` submodule
+# (call `cnnpipe.datasets.preprocess.preprocess`).
 _LAZY = {
-    "load_store": "cnnpipe.store",
+    "load_store": "cnnpipe.datasets.store",
     "load_config": "cnnpipe.config",
-    "build_model": "cnnpipe.models",
-    "train_and_evaluate": "cnnpipe.train",
+    "build_model": "cnnpipe.models.cnn",
+    "train_and_evaluate": "cnnpipe.training.train",
 }
 
 

@@ -36,7 +36,7 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
 def _run_decode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from cnnpipe.decode import DEFAULT_MAX_PIXELS, read_image
+    from cnnpipe.images.decode import DEFAULT_MAX_PIXELS, read_image
 
     planes = read_image(args.path, channels=args.channels, alpha=args.alpha,
                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
@@ -77,9 +77,10 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from cnnpipe.preprocess import format_summary, preprocess
+    from cnnpipe.datasets.preprocess import preprocess
+    from cnnpipe.datasets.report import format_summary
 
-    logger = logging.getLogger("cnnpipe.preprocess")
+    logger = logging.getLogger("cnnpipe.datasets.preprocess")
     if not sys.stderr.isatty() and not logger.handlers:
         # no progress bar off a terminal: a log line every 10 s instead
         handler = _StderrHandler()
@@ -142,7 +143,7 @@ def _cpu_device_count(cfg: object, multi_process: bool = False) -> int:
     """Devices to expose on a CPU host: up to one per core, each with at least 64 images of a
     train batch, and a count that divides both batch sizes; one per process in a multi-process run
     (processes on one host then share its cores)."""
-    from cnnpipe.mesh import usable_cores
+    from cnnpipe.training.mesh import usable_cores
 
     tc = cfg.train  # type: ignore[attr-defined]
     if tc.num_devices:
@@ -170,11 +171,11 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         name, run_dir = (Path(args.config).stem if args.config else "default"), args.workdir
-    from cnnpipe import distributed
+    from cnnpipe.training import distributed
 
     cluster = distributed.cluster_from(args.coordinator, args.num_processes, args.process_id, args.distributed)
     # one XLA device per core (data parallel) must be chosen before jax starts its backend
-    from cnnpipe.mesh import setup_cpu_devices
+    from cnnpipe.training.mesh import setup_cpu_devices
 
     setup_cpu_devices(_cpu_device_count(cfg, multi_process=cluster is not None))
     if cluster is None:
@@ -194,7 +195,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _train(cfg: object, run_dir: object, name: str, args: argparse.Namespace) -> int:
-    from cnnpipe.train import NonFiniteLossError, train_and_evaluate
+    from cnnpipe.training.train import NonFiniteLossError, train_and_evaluate
 
     try:
         train_and_evaluate(cfg, run_dir, name=name, resume=bool(args.resume),  # type: ignore[arg-type]
@@ -209,7 +210,7 @@ def _multi_process_exit(exc: BaseException, args: argparse.Namespace) -> int:
     """One line for an error in a multi-process run, and its exit status (peer lost: 1)."""
     import jax
 
-    from cnnpipe import distributed
+    from cnnpipe.training import distributed
 
     who = f"process {jax.process_index()} of {jax.process_count()}"
     if isinstance(exc, KeyboardInterrupt):
@@ -242,9 +243,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from cnnpipe.evaluate import data_overrides, evaluate_run
-    from cnnpipe.metrics import format_confusion
-    from cnnpipe.runs import load_run
+    from cnnpipe.runs.evaluate import data_overrides, evaluate_run
+    from cnnpipe.runs.load import load_run
+    from cnnpipe.training.metrics import format_confusion
 
     bad = [o for o in args.overrides if not o.startswith("data.")]
     if bad:
@@ -290,7 +291,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     import io
 
     from cnnpipe.files import write_atomic
-    from cnnpipe.runs import load_run, predict_images
+    from cnnpipe.runs.load import load_run, predict_images
 
     _check_top_k_and_images(args)
     run = load_run(args.run_dir, args.checkpoint)
@@ -335,7 +336,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if (args.worst is None) == (not args.images):
         raise CLIError("give IMAGE files or --worst N (not both)")
     if args.worst is not None:
-        from cnnpipe.mistakes import inspect_worst
+        from cnnpipe.inspect.mistakes import inspect_worst
 
         if args.class_name:
             raise CLIError("--class explains a chosen class; --worst explains each image's predicted class")
@@ -343,7 +344,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
                              checkpoint=args.checkpoint)
         print(f"wrote {page} (the {args.worst} highest-loss validation images)")
         return 0
-    from cnnpipe.report import inspect_run
+    from cnnpipe.inspect.report import inspect_run
 
     page = inspect_run(args.run_dir, args.images, layers=args.layers, class_name=args.class_name,
                        out=args.out, top_k=args.top_k, checkpoint=args.checkpoint)
@@ -373,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    from cnnpipe.decode import DecodeError
+    from cnnpipe.images.decode import DecodeError
 
     try:
         return int(args.func(args) or 0)

@@ -1,4 +1,4 @@
-"""Files that readers never see half-written: write to a temporary sibling, then rename."""
+"""Files every stage writes: atomic writes (a temporary sibling, then a rename) and the cache root."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_atomic"]
+__all__ = ["atomic_path", "write_atomic", "default_cache_dir"]
 
 
 @contextlib.contextmanager
@@ -35,3 +35,9 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` through `atomic_path` (never half-written)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/cnnpipe, or $XDG_CACHE_HOME/cnnpipe: the folder/tfds store caches and the compile cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cnnpipe"

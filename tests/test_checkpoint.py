@@ -6,10 +6,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from cnnpipe import steps
-from cnnpipe.checkpoint import Checkpoints, NoCheckpointError
 from cnnpipe.config import OptimizerConfig
-from cnnpipe.models import build_model
+from cnnpipe.models.cnn import build_model
+from cnnpipe.training import steps
+from cnnpipe.training.checkpoint import Checkpoints, NoCheckpointError
 
 LAYERS = [{"type": "conv", "filters": 4}, {"type": "batch_norm"}, {"type": "relu"}, {"type": "max_pool"},
           {"type": "flatten"}]
@@ -93,8 +93,8 @@ def test_a_run_trained_on_two_devices_is_evaluated_in_a_one_device_process(tmp_p
     import subprocess
     import sys
 
-    from cnnpipe.evaluate import evaluate_run
-    from cnnpipe.runs import load_run
+    from cnnpipe.runs.evaluate import evaluate_run
+    from cnnpipe.runs.load import load_run
 
     settings = ["data.size=[16,16]", "data.num_train=64", "data.num_val=32", "train.batch_size=16",
                 "train.eval_batch_size=16", "train.epochs=1", "train.num_devices=2",

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from cnnpipe.cli import main
-from cnnpipe.store import StoreWriter, _host, load_store
+from cnnpipe.datasets.store import StoreWriter, _host, load_store
 
 
 def _folder(root: Path, n: int = 3) -> Path:
@@ -81,7 +81,7 @@ def test_unreadable_source_folder(tmp_path, capsys, monkeypatch):
 
 def test_disk_full_stops_the_run_naming_the_file_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     src = _folder(tmp_path / "src")
-    import cnnpipe.store as store_mod
+    import cnnpipe.datasets.store as store_mod
 
     real_open = open
 
@@ -141,7 +141,7 @@ def test_corrupt_store_meta(tmp_path, capsys):
 
 
 def test_any_exception_on_one_file_skips_it_and_the_run_goes_on(tmp_path, monkeypatch):
-    import cnnpipe.preprocess as pp
+    import cnnpipe.datasets.preprocess as pp
 
     src = _folder(tmp_path / "src")
     real = pp.prepare_bytes

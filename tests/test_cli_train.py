@@ -16,9 +16,9 @@ from PIL import Image
 
 from cnnpipe.cli import build_parser, main
 from cnnpipe.config import default_config_path, load_config
-from cnnpipe.data import SHAPE_CLASSES, make_shapes
-from cnnpipe.runs import load_run
-from cnnpipe.train import train_and_evaluate
+from cnnpipe.datasets.shapes import SHAPE_CLASSES, make_shapes
+from cnnpipe.runs.load import load_run
+from cnnpipe.training.train import train_and_evaluate
 
 # 3 epochs x 6 steps, a checkpoint after every step: long enough to be killed mid-run
 SETTINGS = ["data.size=[16,16]", "data.num_train=96", "data.num_val=40", "train.batch_size=16",
@@ -142,7 +142,7 @@ def test_predict_refuses_16bit_image_for_8bit_run(run, tmp_path, capsys):
 
 
 def test_predict_resizes_like_the_training_data(run, tmp_path, capsys):
-    from cnnpipe.transform import resize_image
+    from cnnpipe.images.transform import resize_image
 
     run_dir, _ = run
     img, _ = make_shapes(1, size=(40, 30), seed=2)

@@ -5,10 +5,10 @@ import jax.monitoring
 import numpy as np
 import pytest
 
-from cnnpipe.compile_cache import ENV_VAR, _pass_on, compile_cache_dir, enable_compile_cache
 from cnnpipe.config import load_config
-from cnnpipe.runs import load_run
-from cnnpipe.train import train_and_evaluate
+from cnnpipe.runs.load import load_run
+from cnnpipe.training.compile_cache import ENV_VAR, _pass_on, compile_cache_dir, enable_compile_cache
+from cnnpipe.training.train import train_and_evaluate
 
 TINY = ["data.size=[16,16]", "data.num_train=64", "data.num_val=16", "train.batch_size=16",
         "train.eval_batch_size=16", "train.epochs=1", "model=[{type: conv, filters: 4}, {type: relu}, {type: flatten}]"]

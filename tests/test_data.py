@@ -11,24 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnpipe import data as data_mod
-from cnnpipe.data import (
-    SHAPE_CLASSES,
-    Split,
-    _mean_std,
-    _shape_masks,
-    epoch_permutation,
-    eval_batches,
-    folder_cache_key,
-    folder_dataset,
-    load_dataset,
-    make_shapes,
-    prefetch,
-    shapes_dataset,
-    steps_per_epoch,
-    store_dataset,
-    train_batches,
-)
+from cnnpipe.datasets.batches import epoch_permutation, eval_batches, prefetch, steps_per_epoch, train_batches
+from cnnpipe.datasets.dataset import Split, store_dataset
+from cnnpipe.datasets.shapes import SHAPE_CLASSES, _mean_std, _shape_masks, make_shapes, shapes_dataset
+from cnnpipe.datasets.sources import folder_cache_key, folder_dataset, load_dataset
+from cnnpipe.files import default_cache_dir
 
 
 def write_shapes_folder(root, per_class: int = 6, classes=(0, 1, 2), size=(20, 20), seed=0):
@@ -212,7 +199,7 @@ def test_prefetch_keeps_order_propagates_errors_and_closes():
 # ---------------------------------------------------------------- sources
 
 def test_store_source_is_memory_mapped(tmp_path):
-    from cnnpipe.preprocess import preprocess
+    from cnnpipe.datasets.preprocess import preprocess
 
     src = write_shapes_folder(tmp_path / "src", per_class=10)
     preprocess(src, tmp_path / "store", size=(16, 16), val_fraction=0.3, workers=1)
@@ -228,7 +215,7 @@ def test_store_source_is_memory_mapped(tmp_path):
 
 
 def test_store_without_validation_split_is_an_error(tmp_path):
-    from cnnpipe.preprocess import preprocess
+    from cnnpipe.datasets.preprocess import preprocess
 
     src = write_shapes_folder(tmp_path / "src", per_class=3)
     preprocess(src, tmp_path / "store", size=(16, 16), val_fraction=0.0, workers=1)
@@ -237,7 +224,7 @@ def test_store_without_validation_split_is_an_error(tmp_path):
 
 
 def test_folder_source_caches_by_contents_and_settings(tmp_path, monkeypatch):
-    import cnnpipe.preprocess as pp
+    import cnnpipe.datasets.preprocess as pp
 
     src = write_shapes_folder(tmp_path / "src", per_class=8)
     calls = []
@@ -285,14 +272,14 @@ def test_unknown_or_incomplete_source_settings():
         load_dataset(SimpleNamespace(source="tfds", name=None))
     with pytest.raises(ValueError, match="data.source"):
         load_dataset(SimpleNamespace(source="webdataset"))
-    assert data_mod.default_cache_dir().name == "cnnpipe"
+    assert default_cache_dir().name == "cnnpipe"
 
 
 def test_constant_channel_std_is_floored_so_the_model_builds(tmp_path):
     from flax import nnx
 
-    from cnnpipe.models import build_model
-    from cnnpipe.preprocess import preprocess
+    from cnnpipe.datasets.preprocess import preprocess
+    from cnnpipe.models.cnn import build_model
 
     # red-only images: G and B are 0 everywhere, so their std over the train split is 0
     rng = np.random.default_rng(0)

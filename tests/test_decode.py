@@ -21,7 +21,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from cnnpipe import DecodeError, Planes, read_image
 from cnnpipe.cli import main
-from cnnpipe.decode import DEFAULT_MAX_PIXELS, convert_planes, sniff_format
+from cnnpipe.images.decode import DEFAULT_MAX_PIXELS, convert_planes, sniff_format
 
 PNGSUITE = Path(os.environ.get("CNNPIPE_PNGSUITE", Path(__file__).resolve().parents[2] / "shared/conformance/pngsuite"))
 

@@ -17,7 +17,7 @@ import tifffile
 from PIL import Image, ImageOps
 
 from cnnpipe import DecodeError, read_image
-from cnnpipe.decode import DEFAULT_MAX_PIXELS
+from cnnpipe.images.decode import DEFAULT_MAX_PIXELS
 
 RNG = np.random.default_rng(7)
 

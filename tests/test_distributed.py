@@ -23,10 +23,11 @@ import jax
 import numpy as np
 import pytest
 
-from cnnpipe.data import eval_batches, make_shapes, train_batches
-from cnnpipe.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, Cluster, cluster_from
-from cnnpipe.evaluate import evaluate_run
-from cnnpipe.runs import load_run
+from cnnpipe.datasets.batches import eval_batches, train_batches
+from cnnpipe.datasets.shapes import make_shapes
+from cnnpipe.runs.evaluate import evaluate_run
+from cnnpipe.runs.load import load_run
+from cnnpipe.training.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, Cluster, cluster_from
 
 # 10 epochs x 8 steps of a tiny CNN, a checkpoint every 4 steps: long enough to be killed mid-run
 # (a multi-process Orbax save takes ~0.28 s here: Orbax polls every 0.25 s for a directory)
@@ -190,7 +191,7 @@ def test_bad_cluster_flags_exit_2_with_one_line(tmp_path):
 def test_a_folder_cache_is_built_once_by_process_zero(tmp_path):
     from PIL import Image
 
-    from cnnpipe.data import SHAPE_CLASSES
+    from cnnpipe.datasets.shapes import SHAPE_CLASSES
 
     images, labels = make_shapes(120, size=(20, 20), seed=1)
     for k in range(3):

@@ -12,10 +12,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from cnnpipe import featuremaps as fm
-from cnnpipe import report
-from cnnpipe.models import build_model
-from cnnpipe.transform import resize_image
+from cnnpipe.images.transform import resize_image
+from cnnpipe.inspect import featuremaps as fm
+from cnnpipe.inspect import report
+from cnnpipe.models.cnn import build_model
+from cnnpipe.training.plots import feature_grid, probe_grids
 
 EXAMPLE16 = Path(__file__).resolve().parent.parent / "cnnpipe" / "examples" / "gradient16.png"
 
@@ -114,7 +115,7 @@ def test_activation_stats_match_a_hand_computation():
 def test_feature_grid_has_one_min_max_tile_per_channel():
     fmap = np.random.default_rng(3).normal(size=(5, 4, 10)).astype(np.float32)
     fmap[..., 7] = 3.0  # constant channel -> zeros
-    grid, rows, cols = fm.feature_grid(fmap)
+    grid, rows, cols = feature_grid(fmap)
     assert (rows, cols) == (3, 4)
     assert grid.shape == (3 * 6 - 1, 4 * 5 - 1)
     tiles = [grid[r * 6:r * 6 + 5, q * 5:q * 5 + 4] for r in range(rows) for q in range(cols)]
@@ -129,11 +130,11 @@ def test_feature_grid_has_one_min_max_tile_per_channel():
 def test_probe_grids_for_tensorboard():
     model = _model("simple_cnn", num_classes=4)
     img = np.random.default_rng(6).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    grids = fm.probe_grids(model, img)
+    grids = probe_grids(model, img)
     assert list(grids) == ["conv1", "pool1", "conv2", "pool2"]
     acts = fm.capture_activations(model, img[None])
     for name, grid in grids.items():
-        np.testing.assert_array_equal(grid[0], fm.feature_grid(acts[name][0], fill=0.0)[0])
+        np.testing.assert_array_equal(grid[0], feature_grid(acts[name][0], fill=0.0)[0])
     assert grids["conv1"].shape == (1, 4 * 17 - 1, 4 * 17 - 1) and grids["pool2"].shape == (1, 6 * 5 - 1, 6 * 5 - 1)
     assert all(0.0 <= g.min() and g.max() <= 1.0 for g in grids.values())
 
@@ -265,7 +266,7 @@ def test_inspect_images_writes_pages_pngs_and_summary(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from cnnpipe.config import load_config
-    from cnnpipe.train import train_and_evaluate
+    from cnnpipe.training.train import train_and_evaluate
 
     run = tmp_path_factory.mktemp("run")
     layers = ('[{type: conv, filters: 4, kernel: 3}, {type: relu}, {type: max_pool}, '

@@ -8,8 +8,8 @@ import pytest
 from messy_folder import make_messy_folder
 
 from cnnpipe.cli import main
-from cnnpipe.store import load_store
-from cnnpipe.transform import prepare_image
+from cnnpipe.datasets.store import load_store
+from cnnpipe.images.transform import prepare_image
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_default_settings_store_every_valid_file_and_report_every_bad_one(messy,
 
 
 def test_gray_and_pad_rows_equal_the_predict_path_too(messy, tmp_path):
-    from cnnpipe.preprocess import preprocess
+    from cnnpipe.datasets.preprocess import preprocess
 
     store = preprocess(messy.root, tmp_path / "gray", size=(31, 45), resize="pad", channels="gray", workers=2,
                        progress=False)
@@ -62,7 +62,7 @@ def test_8bit_store_with_stretch(tmp_path):
     eight = [r for r in folder.valid if not any(k in r for k in ("png16", "tiff16", "gray16"))]
     for rel in set(folder.valid) - set(eight):
         (folder.root / rel).unlink()
-    from cnnpipe.preprocess import preprocess
+    from cnnpipe.datasets.preprocess import preprocess
 
     store = preprocess(folder.root, tmp_path / "s", size=(17, 23), resize="stretch", workers=1, progress=False)
     assert store.dtype == np.uint8
@@ -76,11 +76,11 @@ def test_predict_and_evaluate_agree_image_for_image(messy, tmp_path):
     from flax import nnx
 
     from cnnpipe.config import load_config
-    from cnnpipe.evaluate import evaluate_run
-    from cnnpipe.runs import load_run, predict_images
-    from cnnpipe.preprocess import preprocess
-    from cnnpipe.steps import forward
-    from cnnpipe.train import train_and_evaluate
+    from cnnpipe.datasets.preprocess import preprocess
+    from cnnpipe.runs.evaluate import evaluate_run
+    from cnnpipe.runs.load import load_run, predict_images
+    from cnnpipe.training.steps import forward
+    from cnnpipe.training.train import train_and_evaluate
 
     store = preprocess(messy.root, tmp_path / "store", size=24, val_fraction=0.3, workers=2, progress=False)
     cfg = load_config(None, ["data.source=store", f"data.path={store.path}", "train.epochs=2",
@@ -105,8 +105,8 @@ def test_predict_and_evaluate_agree_image_for_image(messy, tmp_path):
 
 def test_folder_cache_key_changes_with_the_image_path_version(tmp_path, monkeypatch):
     """A folder cache built by an older image chain is rebuilt, never reused."""
-    import cnnpipe.transform as transform
-    from cnnpipe.data import folder_cache_key
+    import cnnpipe.images.transform as transform
+    from cnnpipe.datasets.sources import folder_cache_key
 
     folder = make_messy_folder(tmp_path / "src", per_class=2, classes=2)
     settings = {"size": [8, 8], "resize": "crop"}

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from cnnpipe.models import (
+from cnnpipe.models.cnn import (
     CNN,
     PRESETS,
     Conv,
@@ -61,7 +61,7 @@ def test_max_pool_window_3_and_overlapping_fallback():
 
 
 def max_pool_nhwc(x, window, stride=None):
-    from cnnpipe.models import max_pool
+    from cnnpipe.models.cnn import max_pool
     return max_pool(x, window, stride)
 
 

@@ -19,10 +19,10 @@ from PIL import Image
 
 from cnnpipe.cli import main
 from cnnpipe.config import load_config
-from cnnpipe.decode import read_image
-from cnnpipe.native_planes import choose_plane_count
-from cnnpipe.store import load_store
-from cnnpipe.train import train_and_evaluate
+from cnnpipe.datasets.native_planes import choose_plane_count
+from cnnpipe.datasets.store import load_store
+from cnnpipe.images.decode import read_image
+from cnnpipe.training.train import train_and_evaluate
 
 CLASSES = ("bar_h", "bar_v", "square")
 INFORMATIVE = 2
@@ -82,9 +82,9 @@ def test_attribution_goes_to_the_one_informative_plane(trained):
     Gradient x input never gives the distractor planes exactly 0: the first layer's weights on
     them shrink during training but do not vanish, so "most of the share" is read as the largest
     share by a clear margin. Measured: S2 first for every image, 0.33-0.35 against <= 0.18."""
-    from cnnpipe import featuremaps as fm
-    from cnnpipe.data import store_dataset
-    from cnnpipe.runs import load_run
+    from cnnpipe.datasets.dataset import store_dataset
+    from cnnpipe.inspect import featuremaps as fm
+    from cnnpipe.runs.load import load_run
 
     root, summary = trained
     assert summary["final_val_accuracy"] >= 0.8
@@ -155,9 +155,9 @@ def test_plane_names_and_the_majority_rule(tmp_path):
 
 
 def test_worst_page_finds_mislabelled_images_and_counts_the_confusions(tmp_path, capsys):
-    from cnnpipe.data import SHAPE_CLASSES, make_shapes
-    from cnnpipe.evaluate import evaluate_run
-    from cnnpipe.runs import load_run
+    from cnnpipe.datasets.shapes import SHAPE_CLASSES, make_shapes
+    from cnnpipe.runs.evaluate import evaluate_run
+    from cnnpipe.runs.load import load_run
 
     classes = SHAPE_CLASSES[:3]
     for split, n, seed in (("train", 240, 1), ("val", 60, 2)):
@@ -222,7 +222,7 @@ def test_multi_page_channel_stacks_are_read_as_planes(tmp_path, kind):
 
 
 def test_a_folder_source_with_native_channels_trains_on_every_plane(tmp_path):
-    from cnnpipe.data import folder_dataset
+    from cnnpipe.datasets.sources import folder_dataset
 
     rng = np.random.default_rng(2)
     for k, name in enumerate(CLASSES):

@@ -14,10 +14,12 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cnnpipe import preprocess as pp
 from cnnpipe.cli import main
-from cnnpipe.decode import DecodeError, read_image
-from cnnpipe.store import StoreWriter, load_store
+from cnnpipe.datasets import preprocess as pp
+from cnnpipe.datasets.folders import assign_split
+from cnnpipe.datasets.store import StoreWriter, load_store
+from cnnpipe.images.decode import DecodeError, read_image
+from cnnpipe.images.transform import resize_image
 
 RNG = np.random.default_rng(0)
 
@@ -257,7 +259,7 @@ def test_split_is_stable_and_deterministic(tmp_path):
 
 def test_split_fractions_are_respected():
     names = [f"img_{i}.png" for i in range(4000)]
-    splits = [pp.assign_split(7, "cls", n, 0.1, 0.2) for n in names]
+    splits = [assign_split(7, "cls", n, 0.1, 0.2) for n in names]
     assert abs(splits.count("val") / 4000 - 0.1) < 0.02
     assert abs(splits.count("test") / 4000 - 0.2) < 0.02
 
@@ -267,8 +269,8 @@ def test_duplicates_across_splits_and_classes(tmp_path):
     img = png8(src / "a" / "x.png", rgb8(6, 8))
     png8(src / "b" / "y.png", rgb8(6, 8))
     # find names whose hash puts the copy in the other split
-    split_x = pp.assign_split(0, "a", "x.png", 0.5, 0.0)
-    name = next(f"copy{i}.png" for i in range(100) if pp.assign_split(0, "b", f"copy{i}.png", 0.5, 0.0) != split_x)
+    split_x = assign_split(0, "a", "x.png", 0.5, 0.0)
+    name = next(f"copy{i}.png" for i in range(100) if assign_split(0, "b", f"copy{i}.png", 0.5, 0.0) != split_x)
     shutil.copy(img, src / "b" / name)
     store = run(src, tmp_path / "out", val_fraction=0.5)
     (dup,) = store.report["duplicates"]
@@ -399,7 +401,7 @@ def test_jpeg_shrinks_at_reduced_dct_scale_like_a_full_decode(tmp_path):
     # stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)
     rotated = _jpeg(tmp_path / "b" / "side.jpg", np.ascontiguousarray(np.rot90(smooth, 1)), orientation=6)
     gray = _jpeg(tmp_path / "b" / "gray.jpg", smooth[:, :, 0])
-    from cnnpipe.transform import ImageSpec, _jpeg_reduce
+    from cnnpipe.images.transform import ImageSpec, _jpeg_reduce
 
     spec = ImageSpec((16, 16), "crop")
     for path in (upright, rotated, gray):
@@ -407,9 +409,9 @@ def test_jpeg_shrinks_at_reduced_dct_scale_like_a_full_decode(tmp_path):
         assert _jpeg_reduce(data, spec) == 4  # 64x96 covers 16x16 at 1/4 (16x24), not at 1/8
         fast = read_image(data, reduce=4).hwc()
         assert fast.dtype == np.uint8 and fast.shape == (16, 24, 3)  # orientation applied after the scaled decode
-        got = pp.resize_image(fast, (16, 16), "crop").astype(np.int64)
+        got = resize_image(fast, (16, 16), "crop").astype(np.int64)
         full = read_image(path).hwc()
-        ref = pp.resize_image(np.ascontiguousarray(full), (16, 16), "crop").astype(np.int64)
+        ref = resize_image(np.ascontiguousarray(full), (16, 16), "crop").astype(np.int64)
         assert np.abs(got - ref).mean() < 3 and np.abs(got - ref).max() <= 16
     # no 2x reduction possible: the full-size decoder is used
     assert _jpeg_reduce(upright.read_bytes(), ImageSpec((40, 40), "crop")) == 1
@@ -434,7 +436,7 @@ def test_workers_do_not_rerun_the_callers_script(tmp_path):
         "import os, sys\n"
         "open(os.path.join(sys.argv[1], f'ran-{os.getpid()}'), 'w').close()  # top level: runs on import\n"
         "if __name__ == '__main__':\n"
-        "    from cnnpipe.workers import make_pool\n"
+        "    from cnnpipe.datasets.workers import make_pool\n"
         "    pool = make_pool(2)\n"
         "    assert pool.map(eval, [\"'jax' in __import__('sys').modules\"] * 4) == [False] * 4\n"
         "    pool.terminate(); pool.join()\n")

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from cnnpipe.loop import EpochLoop, Position
-from cnnpipe.runlog import MetricsSink, NonFiniteLossError, Stopwatch
-from cnnpipe.train import _bar_safe
+from cnnpipe.training.loop import EpochLoop, Position
+from cnnpipe.training.runlog import MetricsSink, NonFiniteLossError, Stopwatch
+from cnnpipe.training.train import _bar_safe
 
 
 def metrics(loss, acc=0.5, lr=1e-3):

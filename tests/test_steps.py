@@ -1,4 +1,4 @@
-"""The jitted train/eval steps, optimizers, augmentation and device sharding (cnnpipe.steps)."""
+"""The jitted train/eval steps, optimizers, augmentation and device sharding (cnnpipe.training.steps)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from flax import nnx
 
 from cnnpipe.config import AugmentConfig, OptimizerConfig
-from cnnpipe.models import build_model
-from cnnpipe.steps import (
+from cnnpipe.models.cnn import build_model
+from cnnpipe.training.steps import (
     augment_batch,
     create_train_state,
     make_eval_step,
@@ -279,8 +279,8 @@ TWO_DEVICES = textwrap.dedent("""
     import numpy as np, jax
     from flax import nnx
     from cnnpipe.config import OptimizerConfig
-    from cnnpipe.models import build_model
-    from cnnpipe.steps import *
+    from cnnpipe.models.cnn import build_model
+    from cnnpipe.training.steps import *
     assert jax.device_count() == 2, jax.devices()
     layers = %r
     rng = np.random.default_rng(0)
@@ -340,7 +340,7 @@ def test_two_simulated_devices_match_one():
 
 
 def test_setup_cpu_devices_before_jax_starts():
-    code = ("import os; from cnnpipe.steps import setup_cpu_devices; added = setup_cpu_devices(3); "
+    code = ("import os; from cnnpipe.training.steps import setup_cpu_devices; added = setup_cpu_devices(3); "
             "import jax; print(added, jax.device_count(), repr(os.environ['XLA_FLAGS']))")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"

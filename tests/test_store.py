@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from cnnpipe.store import StoreWriter, _npy_shrink, build_meta, check_output, load_store
+from cnnpipe.datasets.store import StoreWriter, _npy_shrink, build_meta, check_output, load_store
 
 
 def _meta(n_train: int, n_val: int, dtype: str = "uint8") -> dict:

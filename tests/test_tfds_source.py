@@ -1,4 +1,4 @@
-"""tfds datasets streamed into a store cache through the one image path (cnnpipe.tfds_source).
+"""tfds datasets streamed into a store cache through the one image path (cnnpipe.datasets.tfds).
 
 Everything runs under `tfds.testing.mock_data`: no download, deterministic records.
 `tf_flowers` (mocked) has RGB images of varying sizes; `gray_varying` and `deep16`,
@@ -17,9 +17,9 @@ from PIL import Image
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from cnnpipe.cli import main  # noqa: E402
-from cnnpipe.store import load_store  # noqa: E402
-from cnnpipe.tfds_source import PLANE_NAMES, tfds_dataset  # noqa: E402
-from cnnpipe.transform import ImageSpec, prepare_bytes  # noqa: E402
+from cnnpipe.datasets.store import load_store  # noqa: E402
+from cnnpipe.datasets.tfds import PLANE_NAMES, tfds_dataset  # noqa: E402
+from cnnpipe.images.transform import ImageSpec, prepare_bytes  # noqa: E402
 
 
 class GrayVarying(tfds.core.GeneratorBasedBuilder):
@@ -102,7 +102,7 @@ def test_fixed_size_dataset_keeps_its_size_and_planes(tmp_path):
 
 
 def test_cache_is_written_once_and_keyed_by_settings(tmp_path, monkeypatch):
-    import cnnpipe.tfds_source as mod
+    import cnnpipe.datasets.tfds as mod
 
     with mock(6):
         first = tfds_dataset("gray_varying", size=(8, 8), cache_dir=tmp_path)
@@ -121,7 +121,7 @@ def test_cache_is_written_once_and_keyed_by_settings(tmp_path, monkeypatch):
 
 
 def test_bad_record_is_skipped_and_reported(tmp_path, monkeypatch):
-    import cnnpipe.tfds_source as mod
+    import cnnpipe.datasets.tfds as mod
 
     real = mod._planes
 
@@ -171,5 +171,5 @@ def test_native_channels_keep_the_records_planes_and_names(tmp_path):
         gray = tfds_dataset("gray_varying", size=(8, 8), channels="native", cache_dir=tmp_path)
     assert ds.channels == 3 and ds.plane_names == ("R", "G", "B") and ds.bit_depth == 16
     assert gray.channels == 1 and gray.plane_names == ("L",)
-    from cnnpipe.tfds_source import plane_names
+    from cnnpipe.datasets.tfds import plane_names
     assert plane_names(5) == ("S0", "S1", "S2", "S3", "S4") and plane_names(2) == ("L", "A")

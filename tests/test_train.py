@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnpipe import steps as steps_mod
-from cnnpipe import train as train_mod
 from cnnpipe.config import load_config
-from cnnpipe.data import SHAPE_CLASSES, make_shapes
-from cnnpipe.metrics import confusion_matrix
-from cnnpipe.runs import load_run
-from cnnpipe.train import NonFiniteLossError, train_and_evaluate
+from cnnpipe.datasets.shapes import SHAPE_CLASSES, make_shapes
+from cnnpipe.runs.load import load_run
+from cnnpipe.training import steps as steps_mod
+from cnnpipe.training import train as train_mod
+from cnnpipe.training.metrics import confusion_matrix
+from cnnpipe.training.train import NonFiniteLossError, train_and_evaluate
 
 # 96 train images / batch 16 = 6 steps per epoch; 40 val images = 3 eval batches, the last padded
 TINY = ["data.size=[16,16]", "data.num_train=96", "data.num_val=40", "train.batch_size=16",

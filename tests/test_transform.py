@@ -10,8 +10,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnpipe.transform import (RESIZE_MODES, ImageSpec, NeedsSixteenBit, _needed_source_size, prepare_bytes,
-                               resize_image)
+from cnnpipe.images.transform import (
+    RESIZE_MODES,
+    ImageSpec,
+    NeedsSixteenBit,
+    _needed_source_size,
+    prepare_bytes,
+    resize_image,
+)
 
 sizes = st.integers(1, 600)
 targets = st.integers(1, 256)

@@ -1,0 +1,118 @@
+"""`Dataset`: what training needs to know about its data, whatever the source.
+
+A `Dataset` holds two `Split`s (images (N, H, W, C) uint8/uint16, arrays or
+memmaps, and int32 labels), the class names, bit depth, per-plane mean/std in
+raw pixel units and plane names. `store_dataset` builds one from a
+`cnnpipe preprocess` store; `Dataset.info()` is what a run saves as
+`dataset.json`, read back by `read_dataset_info`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: images (N, H, W, C) uint8/uint16 (array or memmap), int32 labels (N,) and,
+    for a store, each row's source file (relative to the folder it was made from)."""
+
+    images: Any
+    labels: np.ndarray
+    sources: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+DEFAULT_SIZE = (32, 32)  # (H, W) of shapes and folder images when data.size is not set
+MIN_STD = 1.0  # raw pixel units: one quantisation step at the data's bit depth
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Everything training needs to know about the data, whatever its source."""
+
+    classes: list[str]
+    train: Split
+    val: Split
+    bit_depth: int
+    mean: tuple[float, ...]  # per channel, raw pixel units, train split
+    std: tuple[float, ...]   # the model divides by it: floored at MIN_STD (see __post_init__)
+    description: str
+    resize: str = "crop"  # how images of another size are fitted (predict uses the same)
+    plane_names: tuple[str, ...] | None = None  # e.g. ("R", "G", "B"), ("S0", ..., "S4"); None: unnamed
+
+    def __post_init__(self) -> None:
+        # A channel that is constant over the training set (say, the blue plane of
+        # red-only images) has std 0, and the model normalises by 1/std. Flooring at one
+        # raw pixel unit maps such a channel to (x - mean), i.e. 0 on the training data,
+        # instead of failing the run; the store's meta.json keeps the true statistics.
+        object.__setattr__(self, "std", tuple(max(float(s), MIN_STD) for s in self.std))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.train.images.shape[1:3])  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[3])
+
+    def info(self) -> dict[str, Any]:
+        """What inference needs without the data (saved as `dataset.json` in a run)."""
+        return {"classes": list(self.classes), "size": list(self.size), "channels": self.channels,
+                "bit_depth": self.bit_depth, "dtype": str(np.dtype(self.train.images.dtype)),
+                "mean": list(self.mean), "std": list(self.std),
+                "num_train": len(self.train), "num_val": len(self.val),
+                "resize": self.resize, "description": self.description,
+                "planes": list(self.plane_names) if self.plane_names else None}
+
+
+
+def store_dataset(path: str | os.PathLike) -> Dataset:
+    """A `cnnpipe preprocess` store: train split + its "val" (or else "test") split, memory-mapped."""
+    from cnnpipe.datasets.store import load_store
+
+    store = load_store(path)
+    # counts come from meta.json; Store.labels checks each loaded array against them
+    val_name = next((s for s in ("val", "test") if s in store.splits and store.count(s)), None)
+    if "train" not in store.splits or not store.count("train"):
+        raise ValueError(f"{store.path}: store has no train images (splits: {', '.join(store.splits)})")
+    if val_name is None:
+        raise ValueError(f"{store.path}: store has no validation split (splits: {', '.join(store.splits)}); "
+                         "preprocess it with a validation fraction > 0")
+    train = Split(store.images("train"), store.labels("train"))
+    val = Split(store.images(val_name), store.labels(val_name), tuple(store.sources(val_name)) or None)
+    names = store.meta.get("channel_names")
+    return Dataset(store.classes, train, val, store.bit_depth, tuple(store.mean), tuple(store.std),
+                   f"store {store.path}", str(store.meta.get("resize", "crop")),
+                   tuple(str(n) for n in names) if isinstance(names, list) and len(names) == store.channels else None)
+
+
+def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `dataset.json` a run saved (classes, size, channels, bit depth, mean/std)."""
+    path = Path(run_dir) / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {run_dir} a cnnpipe run directory?")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable or corrupt run file ({' '.join(str(exc).split())})") from None
+    missing = [k for k in ("classes", "size", "channels", "bit_depth", "mean", "std")
+               if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise ValueError(f"{path}: corrupt run file (key {missing[0]!r} is missing)")
+    return info
+
+
+__all__ = ["Split", "Dataset", "DEFAULT_SIZE", "MIN_STD", "store_dataset", "read_dataset_info"]

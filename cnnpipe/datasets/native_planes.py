@@ -1,0 +1,88 @@
+"""`--channels native`: which planes a folder's files carry, and which plane count a store takes.
+
+A native store keeps each file's own planes (five fluorescence channels "S0".."S4",
+RGBA, ...), so every row must have the same count. The count is the one most files
+have; files with another count are skipped and reported with both counts, never
+converted. The planes are read by decoding each file once in the preprocess pool:
+the decoder is the only code that knows a format's planes (palette expansion,
+extra samples, orientation), so no second header parser can disagree with it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cnnpipe.datasets.workers import chunks, ordered_map
+
+__all__ = ["PlaneCount", "probe_plane_names", "choose_plane_count", "sort_by_plane_count"]
+
+_CHUNK = 8
+
+
+def _names_one(path: str) -> tuple[str, ...] | str:
+    """A file's native plane names, or the reason it cannot be read (naming the file)."""
+    from cnnpipe.images.decode import DecodeError, read_image
+    from cnnpipe.images.formats import reason_of
+
+    try:
+        return tuple(read_image(path, channels="native", alpha="keep").channels)
+    except DecodeError as exc:
+        return str(exc)
+    except Exception as exc:  # one file never stops the run: it is reported with its reason
+        return f"{path}: {type(exc).__name__}: {reason_of(exc)}"
+
+
+def _names_chunk(paths: list[str]) -> list[tuple[str, ...] | str]:
+    return [_names_one(p) for p in paths]
+
+
+def probe_plane_names(paths: Sequence[str], pool: Any = None) -> list[tuple[str, ...] | str]:
+    """Each file's plane names (or an error string), in order; decoded in `pool` if given."""
+    return [r for chunk in ordered_map(pool, _names_chunk, chunks(list(paths), _CHUNK), 16) for r in chunk]
+
+
+@dataclass(frozen=True)
+class PlaneCount:
+    """The plane count a native store takes, the names it records and how many files have them."""
+
+    count: int
+    names: tuple[str, ...]
+    files: int
+    total: int
+
+    def mismatch(self, path: str, names: tuple[str, ...]) -> str:
+        """Why a file with other planes is skipped: the expected and the found counts."""
+        return (f"{path}: {len(names)} plane(s) {'/'.join(names)}; the store takes {self.count} plane(s) "
+                f"{'/'.join(self.names)} ({self.files} of {self.total} files have {self.count})")
+
+
+def choose_plane_count(found: Sequence[tuple[str, ...]]) -> PlaneCount:
+    """The count most files have (ties: the count of the earliest such file) and its most common names."""
+    if not found:
+        raise ValueError("no readable image to take the plane count from")
+    counts = Counter(len(n) for n in found)
+    first = {}
+    for i, n in enumerate(found):
+        first.setdefault(len(n), i)
+    count = max(counts, key=lambda k: (counts[k], -first[k]))
+    names = Counter(n for n in found if len(n) == count).most_common(1)[0][0]
+    return PlaneCount(count, names, counts[count], len(found))
+
+
+def sort_by_plane_count(cands: Sequence[Any], found: Sequence[tuple[str, ...] | str]
+                        ) -> tuple[list[Any], list[tuple[Any, str, str]], PlaneCount | None]:
+    """(files to store, (file, skip kind, reason) of the others, the chosen count or None if none is readable).
+
+    `cands` have a `.path`; `found` is `probe_plane_names` of them: names, or an error string.
+    """
+    readable = [(c, n) for c, n in zip(cands, found) if not isinstance(n, str)]
+    dropped = [(c, "decode_error", n) for c, n in zip(cands, found) if isinstance(n, str)]
+    if not readable:
+        return [], dropped, None
+    choice = choose_plane_count([n for _, n in readable])
+    keep = [c for c, n in readable if len(n) == choice.count]
+    dropped += [(c, "plane_count", choice.mismatch(c.path, n)) for c, n in readable if len(n) != choice.count]
+    return keep, dropped, choice

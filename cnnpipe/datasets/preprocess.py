@@ -1,0 +1,448 @@
+"""Image folder -> dataset store: probe, stable split, parallel prepare, stream to the store, report.
+
+Two passes over the files:
+
+1. *probe*, in this process while the worker pool starts: read the first
+   bytes of each file, recognise it by magic bytes, note its bit depth from
+   the header. This fixes the store's dtype (uint16 as soon as one file is
+   16-bit) and the classes before anything is written.
+2. *prepare*, in worker processes: read each file once, hash its bytes (for
+   the duplicate report) and run the one image path,
+   `cnnpipe.images.transform.prepare_bytes` (decode -> match planes -> promote ->
+   resize), the very chain `cnnpipe predict` uses; rows stream to the store's
+   .npy files, so memory does not grow with the number of images.
+
+One bad file never stops a run: whatever goes wrong reading, decoding or
+transforming it (any exception) skips it with its reason in `report.json`.
+Only a problem with the output (OUT unwritable, disk full) stops the run,
+and then nothing is left behind (`cnnpipe.datasets.store.StoreWriter`).
+
+The folder scan is `cnnpipe.datasets.folders`, the pool `cnnpipe.datasets.workers`, the report
+`cnnpipe.datasets.report`. Worker processes import this module and the image
+path (numpy, Pillow, imagecodecs), never jax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnpipe.datasets.folders import Candidate, FolderScan, assign_split, scan_folder, skip, split_order
+from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
+from cnnpipe.datasets.report import build_report, reason_counts
+from cnnpipe.datasets.store import Store, StoreWriter, build_meta, check_output, exact_mean_std, load_store
+from cnnpipe.datasets.workers import Progress, chunks, make_pool, ordered_map
+from cnnpipe.images.decode import DecodeError, check_format, read_file
+from cnnpipe.images.formats import reason_of
+from cnnpipe.images.transform import IMAGE_PATH_VERSION, RESIZE_MODES, ImageSpec, NeedsSixteenBit, prepare_bytes
+
+__all__ = ["PreprocessError", "Settings", "preprocess", "parse_size"]
+
+log = logging.getLogger(__name__)
+
+_PROBE_CHUNK = 64
+_HEAD_BYTES = 64  # enough for sniffing and the PNG IHDR
+_CONVERT_CHUNK = 8
+
+
+class PreprocessError(ValueError):
+    """Bad input to `preprocess` (missing folder, no images, one class, bad setting)."""
+
+
+# ---------------------------------------------------------------- settings
+
+def parse_size(size: int | str | Sequence[int]) -> tuple[int, int]:
+    """`32`, `"32"`, `"32x48"` or `(32, 48)` -> (H, W), both positive."""
+    try:
+        if isinstance(size, str):
+            parts = size.lower().replace(" ", "").split("x")
+            if len(parts) not in (1, 2):
+                raise ValueError
+            hw = tuple(int(p) for p in parts)
+        elif isinstance(size, (int, np.integer)):
+            hw = (int(size),)
+        else:
+            hw = tuple(int(s) for s in size)
+        if len(hw) == 1:
+            hw = hw * 2
+        if len(hw) != 2 or min(hw) <= 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise PreprocessError(f"size: expected H or HxW with positive integers (e.g. 64 or 64x48), "
+                              f"got {size!r}") from None
+    return hw  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a folder becomes a store (see `preprocess` for each field); validated by `check`."""
+
+    size: tuple[int, int]
+    resize: str = "crop"
+    channels: str = "rgb"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    seed: int = 0
+    workers: int = 1
+    overwrite: bool = False
+    progress: bool = False
+
+    def check(self) -> None:
+        """PreprocessError naming the first bad setting."""
+        for name, v in (("val_fraction", self.val_fraction), ("test_fraction", self.test_fraction)):
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise PreprocessError(f"{name}: expected a number in [0, 1), got {v!r}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise PreprocessError(f"val_fraction + test_fraction must be below 1 (no train images left), "
+                                  f"got {self.val_fraction} + {self.test_fraction}")
+        if self.resize not in RESIZE_MODES:
+            raise PreprocessError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.channels not in ("rgb", "gray", "native"):
+            raise PreprocessError(f"channels: expected 'rgb', 'gray' or 'native', got {self.channels!r}")
+
+    def spec(self, dtype: str, planes: int | None = None) -> ImageSpec:
+        """The image spec every stored row matches (`planes`: the count of a native store)."""
+        return ImageSpec(self.size, self.resize, self.channels, 16 if dtype == "uint16" else 8, planes)
+
+    def split_config(self) -> dict[str, Any]:
+        return {"seed": self.seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+
+
+# ---------------------------------------------------------------- pass 1, here
+
+def _probe_one(path: str) -> tuple[str | None, int]:
+    """(error or None, bit depth from the header) of one file, reading only its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError as exc:
+        return f"{path}: cannot read file: {exc.strerror or exc}", 8
+    try:
+        fmt = check_format(head, path)  # the decoder's own wording (it names known unsupported formats)
+    except DecodeError as exc:
+        return str(exc), 8
+    return None, _header_bit_depth(fmt, head, path)
+
+
+def _header_bit_depth(fmt: str, head: bytes, path: str) -> int:
+    """16 if the header says more than 8 bits per sample, else 8 (a guess the decoder may correct)."""
+    if fmt == "PNG":
+        return 16 if len(head) > 24 and head[24] == 16 else 8
+    if fmt == "TIFF":
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:  # reads the first directory only
+                return 16 if int(tif.pages.first.bitspersample) > 8 else 8
+        except Exception:
+            return 8
+    return 8
+
+
+# ---------------------------------------------------------------- pass 2, in the workers
+
+def _convert_one(path: str, want_stats: bool, spec: ImageSpec) -> tuple:
+    """Read, hash and prepare one file; never raises.
+
+    Returns ("ok", (H, W, C) pixels, channel sums or None, channel sums of
+    squares or None, content hash, warnings), ("error", reason naming the
+    file) or ("needs16",).
+    """
+    try:
+        data = read_file(path)
+        img = prepare_bytes(data, spec, path)
+    except NeedsSixteenBit:
+        return ("needs16",)
+    except (DecodeError, ValueError) as exc:  # their messages name the file
+        return ("error", str(exc) if str(exc).startswith(path) else f"{path}: {reason_of(exc)}")
+    except MemoryError:
+        return ("error", f"{path}: not enough memory to prepare this image")
+    except Exception as exc:  # a bug or a codec surprise: one file is reported, the run goes on
+        return ("error", f"{path}: {type(exc).__name__}: {reason_of(exc)}")
+    digest = hashlib.sha256(data).hexdigest()[:32]
+    if not want_stats:
+        return ("ok", img.pixels, None, None, digest, img.warnings)
+    flat = img.pixels.reshape(-1, img.pixels.shape[2]).astype(np.uint64)
+    # integer sums are exact, so the mean/std do not depend on order or chunking
+    return ("ok", img.pixels, [int(v) for v in flat.sum(0)], [int(v) for v in np.einsum("ij,ij->j", flat, flat)],
+            digest, img.warnings)
+
+
+def _convert_chunk(args: tuple[list[tuple[str, bool]], ImageSpec]) -> list[tuple]:
+    items, spec = args
+    return [_convert_one(path, want, spec) for path, want in items]
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    if not src.exists():
+        raise PreprocessError(f"SRC: folder not found: {src}")
+    if not src.is_dir():
+        raise PreprocessError(f"SRC: not a folder: {src}")
+    rs, ro = src.resolve(), out.resolve()
+    if ro == rs or rs in ro.parents or ro in rs.parents:
+        raise PreprocessError(f"OUT ({out}) must not be SRC ({src}), inside it, or contain it")
+    # fail before any work if OUT cannot be made: its nearest existing ancestor must be a writable folder
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder, so OUT cannot be created under it", str(ancestor))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "Permission denied (cannot create OUT here)", str(ancestor))
+
+
+def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | Sequence[int],
+               resize: str = "crop", val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0,
+               workers: int | None = None, channels: str = "rgb", overwrite: bool = False,
+               progress: bool | None = None) -> Store:
+    """Decode an image folder once into a dataset store at `out` and return it.
+
+    Args:
+      src: SRC/<class>/**/<image>, or SRC/<split>/<class>/**/<image> with split
+        folders train/val/test (then the folder's own split is kept and the
+        fractions are ignored).
+      out: the store directory; must not exist unless `overwrite`.
+      size: target H or (H, W) / "HxW".
+      resize: "crop" (cover, centre crop), "pad" (fit, zero padding) or "stretch".
+      val_fraction, test_fraction: share of each class assigned to val/test by
+        a hash of (seed, class, relative path).
+      seed: split seed.
+      workers: decoding processes; None or 0 = every core, 1 = in this process.
+      channels: "rgb" (3 planes), "gray" (1 luma plane) or "native" (each file's own planes,
+        e.g. five fluorescence channels; the count most files have, the others skipped and
+        reported with both counts; the plane names are recorded in meta.json).
+      overwrite: replace an existing store at `out` (only once the new one is complete).
+      progress: show a progress bar; None = only on an interactive terminal.
+
+    Returns:
+      The written `Store`. Files that could not be used are in its report, each with a reason.
+
+    Raises:
+      PreprocessError (a ValueError): SRC missing, no images, fewer than two
+        classes, a class without a single usable image, bad settings.
+      OSError: the output cannot be written (the error names the path); nothing is left behind.
+    """
+    t0 = time.perf_counter()
+    if workers is not None and int(workers) < 0:
+        raise PreprocessError(f"workers: expected a positive number (or 0 for every core), got {workers!r}")
+    settings = Settings(parse_size(size), resize, channels, val_fraction, test_fraction, seed,
+                        int(workers) if workers else (os.cpu_count() or 1), overwrite,
+                        sys.stderr.isatty() if progress is None else bool(progress))
+    settings.check()
+    src_p, out_p = Path(src), Path(out)
+    _check_paths(src_p, out_p)
+    check_output(out_p.absolute(), overwrite)
+    scan = scan_folder(src_p)
+    if not scan.candidates:
+        raise PreprocessError(f"SRC: no image files found in {src_p} (expected SRC/<class>/<image> or "
+                              f"SRC/<train|val|test>/<class>/<image>; {len(scan.skipped)} entries skipped)")
+    with _pool_started_early(settings.workers, len(scan.candidates)) as pool:
+        build = _Build(scan, settings, src_p, out_p, t0)
+        build.probe()
+        build.pool = pool()
+        if settings.channels == "native":
+            build.probe_planes()
+        while True:
+            try:
+                return build.write()
+            except _NeedsUint16 as exc:
+                if build.dtype == "uint16":
+                    raise
+                log.info("%s decoded as 16-bit; restarting with a uint16 store", exc)
+                build.dtype = "uint16"
+
+
+@contextlib.contextmanager
+def _pool_started_early(workers: int, num_files: int) -> Iterator[Callable[[], Any]]:
+    """Start the worker pool in a thread; yields a function that waits for it (None: no pool).
+
+    The pool starts (imports numpy/Pillow/imagecodecs in the workers) while this
+    process reads the headers: pass 1 is a few bytes per file. On exit the pool is
+    waited for and terminated, so no worker outlives the run.
+    """
+    if workers <= 1 or num_files <= workers:
+        yield lambda: None
+        return
+    starter = ThreadPoolExecutor(1, thread_name_prefix="cnnpipe-pool-start")
+    future = starter.submit(make_pool, workers)
+    try:
+        yield future.result
+    finally:
+        try:
+            pool = future.result()
+        except Exception:
+            pool = None
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        starter.shutdown()
+
+
+class _NeedsUint16(Exception):
+    """A file decoded as 16-bit although its header suggested 8: the store must be uint16."""
+
+
+@dataclass
+class _Build:
+    """One preprocess run: the scan, the usable files and what has been stored so far."""
+
+    scan: FolderScan
+    settings: Settings
+    src: Path
+    out: Path
+    t0: float
+    pool: Any = None
+    ok: list[Candidate] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    dtype: str = "uint8"
+    planes: PlaneCount | None = None  # a native store's plane count and names
+
+    def probe(self) -> None:
+        """Pass 1: keep files whose first bytes are an image; fix classes, splits and dtype."""
+        scan, s = self.scan, self.settings
+        bar = Progress(s.progress, len(scan.candidates), "scanning")
+        for chunk in chunks(scan.candidates, _PROBE_CHUNK):
+            bad = 0
+            for cand in chunk:
+                err, cand.bit_depth = _probe_one(cand.path)
+                if err is None:
+                    self.ok.append(cand)
+                else:
+                    bad += 1
+                    skip(scan, cand.rel, "empty" if err.endswith("empty file (0 bytes)") else "not_image", err)
+            bar.update(len(chunk), bad)
+        bar.close()
+        self.classes = sorted({c.class_name for c in self.ok})
+        if not self.classes:
+            raise PreprocessError(f"SRC: no images in {self.src}: {len(scan.candidates)} files, none a "
+                                  f"recognised image ({reason_counts(scan.skipped)})")
+        if len(self.classes) < 2:
+            raise PreprocessError(f"SRC: only one class ({self.classes[0]!r}) in {self.src}; a classifier "
+                                  "needs at least two class folders")
+        for cand in self.ok:
+            if cand.split is None:
+                cand.split = assign_split(s.seed, cand.class_name, cand.class_rel, s.val_fraction, s.test_fraction)
+        self.dtype = "uint16" if any(c.bit_depth == 16 for c in self.ok) else "uint8"
+
+    def probe_planes(self) -> None:
+        """`--channels native`: the plane count most files have; skip (and report) the others."""
+        found = probe_plane_names([c.path for c in self.ok], self.pool)
+        keep, dropped, self.planes = sort_by_plane_count(self.ok, found)
+        for cand, kind, reason in dropped:
+            skip(self.scan, cand.rel, kind, reason)
+        if self.planes is None:
+            raise PreprocessError(f"SRC: no image in {self.src} could be decoded "
+                                  f"({reason_counts(self.scan.skipped)})")
+        self.ok = keep
+
+    def _splits(self) -> list[str]:
+        splits = split_order(self.scan)
+        if self.scan.layout == "classes":
+            cfg = self.settings.split_config()
+            splits = [s for s in splits if s == "train" or cfg[f"{s}_fraction"] > 0]
+        return splits
+
+    def write(self) -> Store:
+        """Pass 2: prepare every usable file in the workers and stream the rows into a new store."""
+        class_index = {c: i for i, c in enumerate(self.classes)}
+        splits = self._splits()
+        order = {s: i for i, s in enumerate(splits)}
+        todo = sorted(self.ok, key=lambda c: (order[c.split], class_index[c.class_name], c.class_rel))
+        capacity = Counter(c.split for c in todo)
+        spec = self.settings.spec(self.dtype, self.planes.count if self.planes else None)
+        stats_split = "train" if capacity.get("train") else None  # None: every split (no train images)
+        jobs = ((chunk, spec) for chunk in chunks([(c.path, stats_split in (None, c.split)) for c in todo],
+                                                  _CONVERT_CHUNK))
+        acc = _Accumulator(spec.num_planes, splits)
+        bar = Progress(self.settings.progress, len(todo), "decoding")
+        with StoreWriter(self.out, overwrite=self.settings.overwrite) as writer:
+            for s in splits:
+                writer.create_split(s, capacity.get(s, 0), spec.size, spec.num_planes, self.dtype)
+            results = (r for chunk in ordered_map(self.pool, _convert_chunk, jobs, 4 * self.settings.workers)
+                       for r in chunk)
+            for cand, res in zip(todo, results):
+                stored = self._store_one(writer, cand, res, spec, class_index[cand.class_name], acc)
+                bar.update(1, 0 if stored else 1)
+            bar.close()
+            writer.commit(*self._finish(acc, splits, stats_split))
+        return load_store(self.out)
+
+    def _store_one(self, writer: StoreWriter, cand: Candidate, res: tuple, spec: ImageSpec, label: int,
+                   acc: _Accumulator) -> bool:
+        """Append one worker result to the store (True), or record why it was skipped (False)."""
+        if res[0] == "needs16":
+            raise _NeedsUint16(cand.rel)
+        if res[0] == "error":
+            acc.failed.append((cand, res[1]))
+            return False
+        _, img, s1, s2, digest, warnings = res
+        want = (*spec.size, spec.num_planes)
+        if img.shape != want or img.dtype != np.dtype(self.dtype):  # checked before it can reach the store
+            acc.failed.append((cand, f"{cand.path}: prepared pixels are {img.shape} {img.dtype}, expected "
+                                     f"{want} {self.dtype}"))
+            return False
+        cand.digest = digest
+        writer.append(cand.split, img, label, cand.rel)
+        acc.add(cand, img, s1, s2, warnings)
+        return True
+
+    def _finish(self, acc: _Accumulator, splits: list[str], stats_split: str | None) -> tuple[dict, dict]:
+        """meta.json and report.json for what was stored; PreprocessError if a class got no image."""
+        for cand, reason in acc.failed:
+            skip(self.scan, cand.rel, "decode_error", reason)
+        stored = Counter()
+        for s in splits:
+            stored.update(acc.per_class[s])
+        missing = [c for c in self.classes if not stored[c]]
+        if missing:
+            examples = "; ".join(r for c, r in acc.failed if c.class_name in missing[:3])[:600]
+            raise PreprocessError(f"no image could be decoded for class(es) {', '.join(missing)} "
+                                  f"(every class needs at least one): {examples}")
+        n_ch = acc.planes
+        mean, std = exact_mean_std(acc.sums, acc.sumsq, acc.n_pix)
+        counts = {s: {"total": sum(acc.per_class[s].values()),
+                      "per_class": {c: acc.per_class[s][c] for c in self.classes}} for s in splits}
+        report = build_report(self.scan, self.ok, counts, self.src, time.perf_counter() - self.t0, acc.warnings)
+        s = self.settings
+        meta = build_meta(classes=self.classes, dtype=self.dtype, size=s.size,
+                          channel_names=list(self.planes.names) if self.planes else ["R", "G", "B"] if n_ch == 3
+                          else ["L"], splits=splits, counts=counts,
+                          mean=mean, std=std, stats_split=stats_split or "all", layout=self.scan.layout,
+                          resize=s.resize, source=str(self.src.absolute()), num_images=sum(stored.values()),
+                          image_path_version=IMAGE_PATH_VERSION,
+                          **s.split_config())
+        return meta, report
+
+
+class _Accumulator:
+    """Per-class counts, exact integer channel sums, failures and warnings of the rows stored so far."""
+
+    def __init__(self, planes: int, splits: list[str]) -> None:
+        self.planes = planes
+        self.sums, self.sumsq, self.n_pix = [0] * planes, [0] * planes, 0
+        self.per_class: dict[str, Counter] = {s: Counter() for s in splits}
+        self.failed: list[tuple[Candidate, str]] = []
+        self.warnings: list[dict[str, Any]] = []
+
+    def add(self, cand: Candidate, img: np.ndarray, s1: list[int] | None, s2: list[int] | None,
+            warnings: Sequence[str]) -> None:
+        self.per_class[cand.split][cand.class_name] += 1
+        if warnings:
+            self.warnings.append({"path": cand.rel, "warnings": list(warnings)})
+        if s1 is not None:
+            self.sums = [a + b for a, b in zip(self.sums, s1)]
+            self.sumsq = [a + b for a, b in zip(self.sumsq, s2)]
+            self.n_pix += img.shape[0] * img.shape[1]

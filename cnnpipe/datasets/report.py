@@ -1,0 +1,94 @@
+"""The preprocess report: what was stored, every file skipped and why, warnings, duplicates.
+
+`build_report` makes the `report.json` mapping a store carries; `format_summary`
+the short text `cnnpipe preprocess` prints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cnnpipe.datasets.folders import Candidate, FolderScan
+from cnnpipe.datasets.store import Store
+
+__all__ = ["build_report", "format_summary", "reason_counts"]
+
+
+def reason_counts(skipped: Sequence[dict[str, str]]) -> str:
+    """E.g. "not_image: 3, empty: 1" (most common first), or "none"."""
+    counts = Counter(s["kind"] for s in skipped)
+    return ", ".join(f"{k}: {v}" for k, v in counts.most_common()) or "none"
+
+
+def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], src: Path, elapsed: float,
+                 warnings: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The report.json mapping: counts, every skipped entry with its reason, files stored with
+    warnings (metadata or codec problems that cost no pixels), duplicate groups, empty class folders."""
+    by_hash: dict[str, list[Candidate]] = {}
+    for c in ok:
+        if c.digest:  # stored images only
+            by_hash.setdefault(c.digest, []).append(c)
+    duplicates = []
+    for digest, group in by_hash.items():
+        if len(group) < 2:
+            continue
+        duplicates.append({
+            "hash": f"sha256-128:{digest}",
+            "files": [{"path": c.rel, "class": c.class_name, "split": c.split} for c in group],
+            "cross_split": len({c.split for c in group}) > 1,
+            "cross_class": len({c.class_name for c in group}) > 1,
+        })
+    duplicates.sort(key=lambda d: d["files"][0]["path"])
+    # a class folder with no image in it is reported, not a class
+    with_images = {(c.class_name, c.split if scan.layout == "splits" else None) for c in ok}
+    empty = [rel for rel, name, split in scan.class_dirs if (name, split) not in with_images]
+    skipped = sorted(scan.skipped, key=lambda s: s["path"])
+    return {
+        "source": str(src.absolute()),
+        "layout": scan.layout,
+        "counts": {
+            "files_found": len(scan.candidates),
+            "images_stored": sum(v["total"] for v in counts.values()),
+            "skipped": len(skipped),
+            "skipped_by_kind": dict(Counter(s["kind"] for s in skipped).most_common()),
+            "duplicate_groups": len(duplicates),
+            "duplicate_files": sum(len(d["files"]) for d in duplicates),
+            "cross_split_duplicate_groups": sum(d["cross_split"] for d in duplicates),
+            "empty_class_folders": len(empty),
+            "files_with_warnings": len(warnings),
+        },
+        "skipped": skipped,
+        "warnings": sorted(warnings, key=lambda w: w["path"]),
+        "empty_class_folders": empty,
+        "duplicates": duplicates,
+        "cross_split_duplicates": [d for d in duplicates if d["cross_split"]],
+        "elapsed_s": round(elapsed, 3),
+    }
+
+
+def format_summary(store: Store) -> str:
+    """A short human summary of a store: images per split and class, skipped files, duplicates, time."""
+    meta, report = store.meta, store.report
+    h, w = store.size
+    lines = [f"{store.path}: {meta['num_images']} images, {len(store.classes)} classes, "
+             f"{h}x{w}x{store.channels} {meta['dtype']} ({report['layout']} layout)"]
+    width = max(len("class"), *(len(c) for c in store.classes))
+    lines.append(f"  {'class':<{width}}  " + "  ".join(f"{s:>7}" for s in store.splits))
+    for c in store.classes:
+        lines.append(f"  {c:<{width}}  " + "  ".join(f"{meta['counts'][s]['per_class'][c]:>7}"
+                                                     for s in store.splits))
+    lines.append(f"  {'total':<{width}}  " + "  ".join(f"{meta['counts'][s]['total']:>7}" for s in store.splits))
+    rc = report["counts"]
+    kinds = ", ".join(f"{k} {v}" for k, v in rc["skipped_by_kind"].items())
+    lines.append(f"skipped {rc['skipped']} files" + (f" ({kinds})" if kinds else "")
+                 + (f"; empty class folders: {', '.join(report['empty_class_folders'])}"
+                    if report["empty_class_folders"] else ""))
+    if rc.get("files_with_warnings"):
+        lines.append(f"stored with warnings (pixels kept): {rc['files_with_warnings']} files")
+    lines.append(f"duplicates: {rc['duplicate_groups']} groups, {rc['duplicate_files']} files, "
+                 f"{rc['cross_split_duplicate_groups']} crossing splits")
+    lines.append(f"done in {report['elapsed_s']:.1f} s; details in {store.path / 'report.json'}")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""Training data sources (`data.source`) -> one `Dataset`.
+
+`shapes` (built-in synthetic images, no files needed), `store` (the output of
+`cnnpipe preprocess`, memory-mapped), `folder` (a raw image folder,
+preprocessed once into a cache keyed by its contents and the settings) and
+`tfds` (a TensorFlow Datasets name read with `tfds.data_source`, no TensorFlow,
+streamed once into a store cache: `cnnpipe.datasets.tfds`). Pixels stay
+integers (uint8/uint16) on the host; the model normalises them on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cnnpipe.datasets.dataset import DEFAULT_SIZE, Dataset, store_dataset
+from cnnpipe.datasets.shapes import shapes_dataset
+from cnnpipe.files import default_cache_dir
+
+
+def load_dataset(data: Any, seed: int = 0) -> Dataset:
+    """Load the dataset described by a `DataConfig` (`cfg.data`).
+
+    `seed` is the run seed; it only affects the synthetic `shapes` data.
+    """
+    source = data.source
+    size = tuple(getattr(data, "size", None) or DEFAULT_SIZE)
+    if source == "shapes":
+        h, w = size
+        return shapes_dataset(data.num_train, data.num_val, size=(h, w),
+                              bit_depth=data.bit_depth, seed=seed)
+    if source == "store":
+        if not data.path:
+            raise ValueError("data.path: required when data.source is 'store' (a `cnnpipe preprocess` output dir)")
+        return store_dataset(data.path)
+    if source == "folder":
+        if not data.path:
+            raise ValueError("data.path: required when data.source is 'folder' (a folder of class sub-folders)")
+        return folder_dataset(data.path, size=size, resize=data.resize,
+                              channels=data.channels or "rgb", val_fraction=data.val_fraction,
+                              cache_dir=data.cache_dir)
+    if source == "tfds":
+        if not data.name:
+            raise ValueError("data.name: required when data.source is 'tfds' (e.g. mnist, cifar10)")
+        from cnnpipe.datasets.tfds import tfds_dataset
+
+        return tfds_dataset(data.name, split_train=data.split_train, split_val=data.split_val,
+                            size=tuple(data.size) if data.size else None, resize=data.resize,
+                            channels=data.channels, cache_dir=data.cache_dir)
+    raise ValueError(f"data.source: unknown source {source!r}; expected one of shapes, store, folder, tfds")
+
+
+def folder_cache_key(folder: str | os.PathLike, settings: dict[str, Any]) -> tuple[str, int]:
+    """(hash of the folder's listing (relative path, size, mtime) and the settings, file count).
+
+    The listing is `cnnpipe preprocess`'s own scan, so the key covers exactly the
+    files it would read: symlinked class folders are followed, and broken links,
+    hidden files and loops are left out as preprocess leaves them out.
+    """
+    from cnnpipe.datasets.folders import scan_folder
+    from cnnpipe.images.transform import IMAGE_PATH_VERSION
+
+    # the image path's version is part of the key: pixels from an older chain are never reused
+    h = hashlib.sha256(json.dumps({**settings, "image_path": IMAGE_PATH_VERSION}, sort_keys=True).encode())
+    candidates = scan_folder(Path(folder)).candidates
+    for cand in candidates:
+        try:
+            st = os.stat(cand.path)
+        except OSError:  # gone since the scan: preprocess will report it
+            continue
+        h.update(f"{cand.rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20], len(candidates)
+
+
+def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: str = "crop",
+                   channels: str = "rgb", val_fraction: float = 0.1,
+                   cache_dir: str | os.PathLike | None = None) -> Dataset:
+    """A raw image folder, preprocessed once into `cache_dir` and reused while unchanged."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path: image folder not found: {root}")
+    settings = {"size": [int(size[0]), int(size[1])], "resize": resize, "channels": channels,
+                "val_fraction": float(val_fraction), "seed": 0, "format": 1}
+    key, num_files = folder_cache_key(root, settings)
+    out = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    out = out / "folders" / f"{root.resolve().name}-{key}"
+    if not (out / "meta.json").is_file():
+        from cnnpipe.datasets.preprocess import preprocess
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # a process pool only pays off past a few hundred files
+        try:
+            preprocess(root, out, size=tuple(settings["size"]), resize=resize, val_fraction=val_fraction,
+                       seed=0, channels=channels, overwrite=False, workers=1 if num_files < 256 else None)
+        except ValueError:
+            if not (out / "meta.json").is_file():  # not merely another process finishing first
+                raise
+    return dataclasses.replace(store_dataset(out), description=f"folder {root} (cache {out})", resize=resize)
+
+
+__all__ = ["load_dataset", "folder_cache_key", "folder_dataset"]

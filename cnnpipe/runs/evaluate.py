@@ -1,0 +1,60 @@
+"""`cnnpipe evaluate`: a run's accuracy on its own validation data or on other data.
+
+The metrics themselves are `cnnpipe.training.metrics`; the run comes from `cnnpipe.runs.load.load_run`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cnnpipe.datasets.dataset import Dataset
+from cnnpipe.training.metrics import evaluate_split
+from cnnpipe.runs.load import Run
+
+__all__ = ["data_overrides", "evaluate_run", "check_compatible"]
+
+
+def data_overrides(spec: str) -> list[str]:
+    """`--data` for evaluate -> config overrides: a store dir, an image folder, "shapes" or "tfds:NAME"."""
+    if spec == "shapes":
+        return ["data.source=shapes"]
+    if spec.startswith("tfds:"):
+        return ["data.source=tfds", f"data.name={json.dumps(spec[5:])}"]
+    path = Path(spec)
+    if (path / "meta.json").is_file():
+        return ["data.source=store", f"data.path={json.dumps(str(path))}"]
+    if path.is_dir():
+        return ["data.source=folder", f"data.path={json.dumps(str(path))}"]
+    raise FileNotFoundError(f"--data: {spec} is not a store, an image folder, 'shapes' or 'tfds:NAME'")
+
+
+def check_compatible(run: Run, ds: Dataset) -> None:
+    """ValueError naming what differs when `ds` is not data the run's model can take."""
+    info = run.info
+    for what, have, want in (("classes", ds.classes, info["classes"]), ("image size", list(ds.size), info["size"]),
+                             ("channels", ds.channels, info["channels"]), ("bit depth", ds.bit_depth,
+                                                                           info["bit_depth"])):
+        if have != want:
+            raise ValueError(f"{ds.description}: {what} {have} do not match the run's {what} {want}")
+
+
+def evaluate_run(run: Run, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Dataset]:
+    """Evaluate `run` on the validation split of its data, or of the data `overrides` select."""
+    from cnnpipe.training import steps
+    from cnnpipe.config import config_from_dict
+    from cnnpipe.datasets.sources import load_dataset
+
+    cfg = run.cfg
+    if overrides:
+        cfg = config_from_dict(cfg.model_dump(mode="json"), overrides, source="--data/--set")
+    ds = load_dataset(cfg.data, seed=cfg.seed)
+    check_compatible(run, ds)
+    mesh = steps.make_mesh(0)
+    batch = -(-cfg.train.eval_batch_size // mesh.size) * mesh.size
+    state = steps.replicate(mesh, run.state)
+    result = evaluate_split(steps.make_eval_step(run.graphdef, mesh), state, ds.val, batch, mesh,
+                            ds.num_classes)
+    return result, ds

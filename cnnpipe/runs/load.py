@@ -1,0 +1,129 @@
+"""Finished (or interrupted) runs: rebuild the model from a run directory, predict images.
+
+`load_run` needs only the run directory (`config.yaml`, `dataset.json`,
+`checkpoints/`) and restores the model's parameters and state (batch-norm
+statistics), never an optimizer: `cnnpipe evaluate`, `predict` and `inspect` start
+here. Predicted images go through the same decode and resize as the training data
+(`cnnpipe.images.transform.prepare_image`, shared with `cnnpipe inspect`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnpipe.datasets.dataset import read_dataset_info
+
+__all__ = ["Run", "load_run", "prepare_for_run", "predict_images"]
+
+
+@dataclass
+class Run:
+    """A run's model rebuilt from its directory: config, dataset info, graphdef, state, checkpoint step.
+
+    `state` is a `cnnpipe.training.steps.ModelState` (parameters and model state; no optimizer).
+    """
+
+    run_dir: Path
+    cfg: Any
+    info: dict[str, Any]
+    graphdef: Any
+    state: Any
+    step: int
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    def model(self) -> Any:
+        """The CNN (eval mode) with this checkpoint's parameters."""
+        from cnnpipe.training.steps import state_to_model
+
+        return state_to_model(self.graphdef, self.state)
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> Run:
+    """Rebuild a run's model from its directory and restore a checkpoint.
+
+    Args:
+      checkpoint: "best" (highest validation accuracy; the latest if none was
+        evaluated), "latest", or a step number.
+    Raises:
+      FileNotFoundError: not a run directory, or no complete checkpoint (the message names it).
+    """
+    from flax import nnx
+
+    from cnnpipe.training import steps
+    from cnnpipe.training.checkpoint import Checkpoints
+    from cnnpipe.config import load_config
+    from cnnpipe.models.cnn import build_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a cnnpipe run directory (config.yaml is missing)")
+    cfg = load_config(run_dir / "config.yaml")
+    info = read_dataset_info(run_dir)
+    # shapes only: every value comes from the checkpoint, so nothing is initialised or compiled
+    model = nnx.eval_shape(lambda: build_model(
+        cfg.model, in_channels=int(info["channels"]), num_classes=len(info["classes"]),
+        input_size=tuple(info["size"]), bit_depth=int(info["bit_depth"]), rngs=nnx.Rngs(cfg.seed),
+        mean=info["mean"], std=info["std"]))
+    graphdef, state = steps.split_model(model)  # parameters and model state only: no optimizer
+    ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
+    try:
+        if checkpoint == "best":
+            step = ckpts.best_step() or ckpts.latest_step()
+        elif checkpoint == "latest":
+            step = ckpts.latest_step()
+        elif str(checkpoint).isdigit():
+            step = int(checkpoint)
+        else:
+            raise ValueError(f"--checkpoint: got {checkpoint!r}; expected best, latest or a step number "
+                             f"(saved: {', '.join(map(str, ckpts.steps())) or 'none'})")
+        params, model_state, step = ckpts.restore_model(state.params, state.model_state, step)
+    finally:
+        ckpts.close()
+    return Run(run_dir, cfg, info, graphdef, steps.ModelState(params, model_state), step)
+
+
+def prepare_for_run(path: str | os.PathLike, info: Mapping[str, Any]) -> Any:
+    """Decode and resize one image exactly as a run's training data (`info`: its dataset.json).
+
+    Returns a `cnnpipe.images.transform.InputImage` (raw integer pixels (H, W, C), planes, notes);
+    used by `cnnpipe predict` and `cnnpipe inspect`. The rules are `prepare_image`'s: an
+    8-bit image for a 16-bit model is promoted exactly (x257); a 16-bit image for an 8-bit
+    model is refused, since nothing in cnnpipe drops 16-bit values to 8 bits.
+    """
+    from cnnpipe.images.transform import prepare_image
+
+    return prepare_image(path, in_channels=int(info["channels"]), bit_depth=int(info["bit_depth"]),
+                         size=tuple(info["size"]), resize=str(info.get("resize") or "crop"))
+
+
+def predict_images(run: Run, paths: Sequence[str | os.PathLike], top_k: int = 3,
+                   batch_size: int = 64) -> list[list[tuple[str, float]]]:
+    """Top-k (class, probability) for each image, most likely first."""
+    from flax import nnx
+
+    from cnnpipe.training.steps import forward
+
+    if top_k < 1:
+        raise ValueError(f"--top-k: got {top_k}; expected an integer >= 1")
+    k = min(top_k, len(run.classes))
+    graphdef, state = nnx.split(run.model())
+    out: list[list[tuple[str, float]]] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        x = np.zeros((batch_size, *tuple(run.info["size"]), int(run.info["channels"])), np.float32)
+        for i, p in enumerate(chunk):
+            x[i] = prepare_for_run(p, run.info).pixels
+        pr = np.asarray(forward(graphdef, (state,), x)[0])[:len(chunk)]
+        for row in pr:
+            order = np.argsort(-row, kind="stable")[:k]
+            out.append([(run.classes[j], float(row[j])) for j in order])
+    return out

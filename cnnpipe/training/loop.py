@@ -1,0 +1,101 @@
+"""One epoch of training, and where a run is: the parts `train_and_evaluate` wires together.
+
+`Position` is the run's place (epoch, step in epoch, step, best accuracy so far),
+saved with every checkpoint and restored on resume. `EpochLoop.run` feeds one
+epoch's batches to the train step, hands the metrics to a `MetricsSink`, logs every
+`log_every` steps with the window's images/s, and saves mid-epoch checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from cnnpipe.training.runlog import MetricsSink, Stopwatch
+
+__all__ = ["Position", "EpochLoop"]
+
+
+@dataclass
+class Position:
+    """Where a run is: `epoch` (0-based, the one being trained), `step_in_epoch`, `step` (total),
+    and the best validation accuracy so far with its step."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+    best_val_accuracy: float | None = None
+    best_step: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form stored in a checkpoint's `position` item."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Position:
+        """From a checkpoint's position (other keys, such as the rng key, are ignored)."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    def end_epoch(self, val_accuracy: float) -> bool:
+        """Move to the next epoch's start; record `val_accuracy`; return whether it is the best so far."""
+        best = self.best_val_accuracy is None or val_accuracy > self.best_val_accuracy
+        if best:
+            self.best_val_accuracy, self.best_step = val_accuracy, self.step
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        return best
+
+
+@dataclass
+class EpochLoop:
+    """Runs the train step over one epoch's batches.
+
+    train_step: ``(state, images, labels) -> (state, metrics)``; save: called as
+    ``save(state, position)`` for a mid-epoch checkpoint every `checkpoint_every`
+    steps (0 = never; the epoch-end checkpoint is the caller's); bar: a tqdm-like
+    object with `update` and `set_postfix` (or None).
+    """
+
+    train_step: Callable[..., tuple[Any, Any]]
+    sink: MetricsSink
+    watch: Stopwatch
+    batch_size: int
+    steps_per_epoch: int
+    log_every: int
+    checkpoint_every: int = 0
+    save: Callable[[Any, Position], None] | None = None
+    bar: Any = None
+    images_trained: int = 0  # over every `run`: the run's train images/s is this over the "steps" phase
+
+    def run(self, state: Any, batches: Iterator[tuple[Any, Any]], pos: Position) -> Any:
+        """Train from `pos` to the end of its epoch; advances `pos`; returns the new state."""
+        t0 = window = time.perf_counter()
+        steps_in_window, saving, first = 0, 0.0, pos.step_in_epoch
+        for i in range(pos.step_in_epoch, self.steps_per_epoch):
+            images, labels = next(batches)
+            state, metrics = self.train_step(state, images, labels)
+            pos.step, pos.step_in_epoch = pos.step + 1, i + 1
+            self.sink.push(pos.step, pos.epoch, metrics)
+            steps_in_window += 1
+            if self.bar is not None:
+                self.bar.update(1)
+            last = i == self.steps_per_epoch - 1
+            if pos.step % self.log_every == 0 or last:
+                now = time.perf_counter()
+                ips = steps_in_window * self.batch_size / (now - window)
+                record = self.sink.flush(pos.step, pos.epoch, ips)
+                if record is not None and self.bar is not None:
+                    self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+                window, steps_in_window = time.perf_counter(), 0
+            if self.checkpoint_every and pos.step % self.checkpoint_every == 0 and not last and self.save:
+                self.sink.settle()  # the stop rule sees every step before a checkpoint is called good
+                t_save = time.perf_counter()
+                self.save(state, pos)
+                saving += time.perf_counter() - t_save
+                window = time.perf_counter()  # saving is not training time
+        self.images_trained += (pos.step_in_epoch - first) * self.batch_size
+        self.watch.add("checkpoints", saving)
+        self.watch.add("steps", time.perf_counter() - t0 - saving)
+        return state

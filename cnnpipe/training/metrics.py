@@ -1,0 +1,68 @@
+"""Classification metrics of a model on a split: loss, accuracy, per-class accuracy, confusion matrix.
+
+`evaluate_split` is the per-epoch evaluation of the training loop and the body of
+`cnnpipe evaluate`; the rest are plain numpy functions of labels and predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from cnnpipe.datasets.batches import eval_batches, prefetch
+from cnnpipe.datasets.dataset import Split
+
+__all__ = ["confusion_matrix", "per_class_accuracy", "evaluate_split", "format_confusion"]
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts; row = true class, column = predicted class."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(labels, np.int64), np.asarray(predictions, np.int64)), 1)
+    return cm
+
+
+def per_class_accuracy(cm: np.ndarray) -> list[float | None]:
+    """Recall of each class (None for a class without examples)."""
+    totals = cm.sum(1)
+    return [float(cm[i, i] / t) if t else None for i, t in enumerate(totals)]
+
+
+def evaluate_split(eval_step: Any, state: Any, split: Split, batch_size: int, mesh: Any,
+                   num_classes: int) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix of `state` on `split`.
+
+    Batches all have `batch_size` rows (the last one padded and masked), so the
+    eval step compiles once.
+    """
+    import jax
+
+    from cnnpipe.training.mesh import process_rows, shard_batch
+
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    preds, pending = [], []
+    rows = process_rows(mesh, batch_size)   # this process's rows of every batch (all of them in one process)
+    with prefetch((shard_batch(mesh, x, y, m) for x, y, m in eval_batches(split, batch_size, rows=rows)),
+                  size=2) as batches:
+        for images, labels, mask in batches:
+            pending.append(eval_step(state, images, labels, mask))
+    for i, out in enumerate(pending):
+        out = jax.device_get(out)   # replicated: every process has the whole batch's results
+        loss_sum += float(out["loss_sum"])
+        correct += float(out["correct"])
+        count += float(out["count"])
+        preds.append(np.asarray(out["predictions"])[:len(split) - i * batch_size])  # padding is at the end
+    predictions = np.concatenate(preds) if preds else np.zeros(0, np.int32)
+    cm = confusion_matrix(split.labels, predictions, num_classes)
+    return {"loss": loss_sum / max(count, 1.0), "accuracy": correct / max(count, 1.0), "count": int(count),
+            "per_class_accuracy": per_class_accuracy(cm), "confusion": cm, "predictions": predictions}
+
+
+def format_confusion(cm: np.ndarray, classes: Sequence[str]) -> str:
+    """The confusion matrix as a text table (rows: true class, columns: predicted)."""
+    width = max(6, max(len(c) for c in classes) + 1, len(str(int(cm.max(initial=0)))) + 1)
+    head = "true \\ pred".ljust(width) + "".join(c[:width - 1].rjust(width) for c in classes)
+    rows = [c.ljust(width) + "".join(str(int(v)).rjust(width) for v in row) for c, row in zip(classes, cm)]
+    return "\n".join([head, *rows])

@@ -1,0 +1,115 @@
+"""A run's plots: loss and accuracy curves from metrics.jsonl, the confusion matrix, feature-map grids.
+
+matplotlib is imported inside each function (object-oriented API, Agg canvas, no
+pyplot state), so modules that only might plot do not pay for importing it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnpipe.files import atomic_path
+
+__all__ = ["plot_curves", "plot_confusion", "feature_grid", "probe_grids"]
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+
+
+def plot_curves(metrics_path: str | os.PathLike, plots_dir: str | os.PathLike) -> None:
+    """loss.png and accuracy.png (train per log line, validation per epoch) from metrics.jsonl."""
+    from matplotlib.figure import Figure
+
+    train: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
+    val: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
+    for line in Path(metrics_path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("loss") is None:  # non-finite step
+            continue
+        into = val if rec.get("split") == "val" else train
+        for key in into:
+            into[key].append(rec[key])
+    for key, label in (("loss", "loss"), ("accuracy", "accuracy")):
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        ax.plot(train["step"], train[key], label="train")
+        ax.plot(val["step"], val[key], "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        _save_figure(fig, Path(plots_dir) / f"{key}.png")
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike) -> None:
+    """The confusion matrix as an annotated heat map (rows: true class)."""
+    from matplotlib.figure import Figure
+
+    n = len(classes)
+    fig = Figure(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
+    ax = fig.add_subplot()
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        top = cm.max(initial=0)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > top / 2 else "black")
+    _save_figure(fig, Path(path))
+
+
+def feature_grid(fmap: np.ndarray, cols: int | None = None, pad: int = 1,
+                 fill: float = float("nan")) -> tuple[np.ndarray, int, int]:
+    """Tile (H, W, C) channels into one 2-D image, each tile min-max scaled to [0, 1].
+
+    Returns (grid, rows, cols); tile k sits at row k // cols, column k % cols, and
+    separators/empty tiles hold `fill` (NaN shows as background; use 0 for TensorBoard).
+    A constant channel becomes all zeros.
+    """
+    fmap = np.asarray(fmap, np.float32)
+    if fmap.ndim != 3:
+        raise ValueError(f"feature map: got shape {fmap.shape}; expected (H, W, C)")
+    h, w, c = fmap.shape
+    cols = cols or int(math.ceil(math.sqrt(c)))
+    rows = int(math.ceil(c / cols))
+    lo, hi = fmap.min(axis=(0, 1)), fmap.max(axis=(0, 1))
+    scaled = (fmap - lo) / np.where(hi > lo, hi - lo, 1.0)
+    grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), fill, np.float32)
+    for k in range(c):
+        r, q = divmod(k, cols)
+        grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = scaled[..., k]
+    return grid, rows, cols
+
+
+def probe_grids(model: Any, image: Any) -> dict[str, np.ndarray]:
+    """Feature-map grids of one raw image (H, W, C) for TensorBoard: {layer: (1, H', W') float32 in [0, 1]}.
+
+    One grid per conv, pool and residual layer (`model.feature_layer_names`), tiles as
+    `feature_grid` with black gaps; the (C, H, W) layout is what
+    `SummaryWriter.add_image` takes by default. Meant for the training loop's optional
+    per-epoch probe (`train.probe_feature_maps`).
+    """
+    from flax import nnx
+
+    from cnnpipe.training.steps import forward
+
+    names = tuple(model.feature_layer_names)
+    graphdef, state = nnx.split(model)
+    _, feats = forward(graphdef, (state,), np.asarray(image)[None], names)
+    return {name: feature_grid(np.asarray(feats[name][0]), fill=0.0)[0][None] for name in names}

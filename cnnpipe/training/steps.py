@@ -1,0 +1,327 @@
+"""Optimizer, train state, the one jitted train step and the eval step.
+
+The train step follows the flax performance guide and big_vision: the model is split
+once into a static graphdef and array state; the step is a pure function of
+(`TrainState`, images, labels) under `jax.jit(donate_argnums=0)`, with `nnx.merge`
+inside, so the whole run compiles it once. The batch is sharded over the mesh axis
+"data" and the state is replicated (data parallel over every local device).
+
+Devices, the mesh and placement live in `cnnpipe.training.mesh` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cnnpipe.config import AugmentConfig, OptimizerConfig
+from cnnpipe.models.cnn import CNN
+from cnnpipe.training.mesh import (
+    DATA_AXIS,
+    batch_spec,
+    check_divisible,
+    make_mesh,
+    process_rows,
+    replicate,
+    setup_cpu_devices,
+    shard_batch,
+    usable_cores,
+)
+
+__all__ = ["TrainState", "ModelState", "split_model", "abstract_train_state", "make_optimizer", "make_schedule", "make_mesh", "check_divisible", "create_train_state",
+           "make_train_step", "make_eval_step", "state_to_model", "forward", "shard_batch", "replicate",
+           "augment_batch", "batch_spec", "setup_cpu_devices", "usable_cores", "resolve_precision", "process_rows"]
+
+
+
+# ---------------------------------------------------------------- optimizer
+
+def make_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate per optimizer step: constant (after optional linear warmup) or warmup-cosine to 0."""
+    lr, warm = float(opt.learning_rate), int(opt.warmup_steps)
+    if opt.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(int(total_steps), warm + 1), 0.0)
+    if warm > 0:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
+    return optax.constant_schedule(lr)
+
+
+def make_optimizer(opt: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """optax transformation from the config: Adam (default), AdamW or SGD with momentum.
+
+    Global-norm clipping runs first when `grad_clip` is set. For adam and sgd a nonzero
+    `weight_decay` is classic L2 (added to the gradient); adamw decouples it. The
+    learning rate is an injected hyperparameter, so the train step can report it.
+    """
+    def build(learning_rate: Any) -> optax.GradientTransformation:
+        parts = [] if opt.grad_clip is None else [optax.clip_by_global_norm(float(opt.grad_clip))]
+        wd = float(opt.weight_decay)
+        if opt.name == "adamw":
+            parts.append(optax.adamw(learning_rate, weight_decay=wd))
+        else:
+            if wd > 0:
+                parts.append(optax.add_decayed_weights(wd))
+            parts.append(optax.adam(learning_rate) if opt.name == "adam"
+                         else optax.sgd(learning_rate, momentum=float(opt.momentum) or None))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(build)(learning_rate=make_schedule(opt, total_steps))
+
+
+# ---------------------------------------------------------------- state
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (no graphdef).
+
+    params: trainable `nnx.Param` state; model_state: the rest (batch-norm statistics);
+    opt_state: optax state; step: int32 scalar, steps taken (skipped ones included);
+    rng: raw uint32[2] key, folded with `step` for augmentation and dropout.
+    """
+    params: Any
+    model_state: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelState:
+    """What inference needs of a `TrainState`: the parameters and the model's other state."""
+    params: Any
+    model_state: Any
+
+
+def split_model(model: CNN) -> tuple[Any, ModelState]:
+    """Split `model` once (in train mode: the graphdef the train step merges) into graphdef and state."""
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, ModelState(params=params, model_state=rest)
+
+
+def create_train_state(model: CNN, tx: optax.GradientTransformation, seed: int) -> tuple[Any, TrainState]:
+    """Split `model` once (in train mode) into a graphdef and a fresh `TrainState`."""
+    graphdef, ms = split_model(model)
+    state = TrainState(params=ms.params, model_state=ms.model_state, opt_state=tx.init(ms.params),
+                       step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
+    return graphdef, state
+
+
+def abstract_train_state(model: CNN, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, TrainState]:
+    """(graphdef, a `TrainState` of `jax.ShapeDtypeStruct`s placed as `replicate` places the real one).
+
+    `model` may be abstract (`nnx.eval_shape`): enough to compile the steps before any
+    parameter exists.
+    """
+    graphdef, ms = split_model(model)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = TrainState(params=ms.params, model_state=ms.model_state, opt_state=jax.eval_shape(tx.init, ms.params),
+                       step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+
+
+def state_to_model(graphdef: Any, state: TrainState | ModelState) -> CNN:
+    """A model in eval mode with the state's parameters (for evaluate, predict, inspect)."""
+    model = nnx.merge(graphdef, state.params, state.model_state)
+    model.eval()
+    return model
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def forward(graphdef: Any, states: tuple[Any, ...], images: Any, names: Sequence[str] | None = ()
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(class probabilities (N, classes), named layer outputs) of a split model, in eval mode.
+
+    `states` are the states `nnx.split` gave beside `graphdef` (e.g. ``(state,)`` or
+    ``(state.params, state.model_state)`` of a `TrainState`); `names` (a hashable tuple,
+    or None for every spatial layer) as `CNN.features`. One jitted function for
+    predict, inspect and the training loop's probe, so each compiles once per model
+    and input shape instead of once per call.
+    """
+    model = nnx.merge(graphdef, *states)
+    model.eval()
+    logits, feats = model.features(images, None if names is None else list(names))
+    return jax.nn.softmax(logits, axis=-1), feats
+
+
+# ---------------------------------------------------------------- augmentation
+
+def augment_batch(images: jax.Array, key: jax.Array, *, flip: bool, crop_padding: int) -> jax.Array:
+    """Random horizontal flip and padded random crop of a whole NHWC batch, on device.
+
+    Each image gets its own draw; padding is zeros (black) in raw pixel units. Same key,
+    same result.
+    """
+    if not flip and not crop_padding:
+        return images
+    k_flip, k_crop = jax.random.split(key)
+    n, h, w, _ = images.shape
+    if flip:
+        mirror = jax.random.bernoulli(k_flip, 0.5, (n,))
+        images = jnp.where(mirror[:, None, None, None], images[:, :, ::-1, :], images)
+    if crop_padding:
+        p = int(crop_padding)
+        padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+        offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * p + 1)
+        images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
+            padded, offsets)
+    return images
+
+
+# ---------------------------------------------------------------- steps
+
+def resolve_precision(precision: str) -> str:
+    """Check `train.precision`: "fp32", or "bf16" (bf16 compute, fp32 params) on every backend.
+
+    bf16 runs on CPU too (slower there than fp32: XLA:CPU has few native bf16
+    kernels), so the accelerator path is exercised wherever the tests run.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision: got {precision!r}; expected fp32 or bf16")
+    return precision
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class _InFlightGuard:
+    """At most one call in flight on a multi-device CPU mesh.
+
+    XLA:CPU runs each device's part of a call on a shared thread pool (one thread per
+    core) and its all-reduce waits for every device's part. With several calls queued,
+    the pool can fill up with parts of later calls waiting on a part that has no thread
+    left: jax 0.10.1 then aborts the process after 40 s ("Termination timeout for all
+    reduce"). 300 unsynchronised train steps on 2 devices reproduced it; waiting for the
+    previous call before returning the next keeps the pipelining and never hung, at the
+    same speed.
+    """
+
+    def __init__(self, mesh: Mesh):
+        self.active = mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
+        self.last: Any = None
+
+    def __call__(self, out: Any) -> Any:
+        if self.active:
+            if self.last is not None:
+                jax.block_until_ready(self.last)
+            self.last = out[1] if isinstance(out, tuple) else out   # metrics; the state is donated later
+        return out
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh, *,
+                    precision: str = "fp32", augment: AugmentConfig | None = None
+                    ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """The one jitted train step: ``step(state, images, labels) -> (state, metrics)``.
+
+    `images` are raw pixels (N, H, W, C) and `labels` int (N,), ideally already placed
+    with `shard_batch`. The state is donated. Metrics (device scalars): loss, accuracy,
+    grad_norm, learning_rate, nonfinite. A non-finite loss or gradient keeps params,
+    optimizer and batch-norm state unchanged (the step counter still advances) and
+    reports nonfinite=True. The returned callable exposes the jitted function as `.jitted`
+    and ``.compile(state, images, labels)`` to compile it ahead of the first call.
+    """
+    aug = augment or AugmentConfig()
+    bf16 = resolve_precision(precision) == "bf16"
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    def loss_fn(params, model_state, images, labels, dropout_key):
+        if bf16:  # bf16 copies for compute; the gradient flows back to the fp32 params through the cast
+            params = _cast_floats(params, jnp.bfloat16)
+        # batch-norm running statistics stay fp32: flax reduces the batch statistics in fp32
+        model = nnx.merge(graphdef, params, model_state, copy=True)
+        logits = model(images, rngs=nnx.Rngs(dropout=dropout_key))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+        return loss, (logits, new_model_state)
+
+    def step(state: TrainState, images: jax.Array, labels: jax.Array):
+        key = jax.random.fold_in(state.rng, state.step)
+        aug_key, drop_key = jax.random.split(key)
+        images = augment_batch(images, aug_key, flip=aug.flip, crop_padding=aug.crop_padding)
+        (loss, (logits, new_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.model_state, images, labels, drop_key)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        hyper = getattr(new_opt, "hyperparams", {})
+        lr = jnp.asarray(hyper.get("learning_rate", jnp.nan), jnp.float32)
+        new_state = TrainState(params=keep(new_params, state.params),
+                               model_state=keep(new_ms, state.model_state),
+                               opt_state=keep(new_opt, state.opt_state),
+                               step=state.step + 1, rng=state.rng)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+                   "grad_norm": grad_norm, "learning_rate": lr, "nonfinite": ~finite}
+        return new_state, metrics
+
+    jitted = jax.jit(step, in_shardings=(replicated, batched, batched),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+    guard = _InFlightGuard(mesh)
+    impl: list[Any] = [jitted]
+
+    def train_step(state: TrainState, images: Any, labels: Any):
+        check_divisible(mesh, images.shape[0])
+        return guard(impl[0](state, images, labels))
+
+    train_step.jitted = jitted  # type: ignore[attr-defined]
+    train_step.compile = _ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
+    return train_step
+
+
+def _ahead_of_time(jitted: Any, impl: list[Any]) -> Callable[..., None]:
+    """``compile(*args)``: compile `jitted` for these arguments (arrays or `batch_spec`s) now.
+
+    Later calls use the compiled executable, so the first step does not stop to
+    compile; train and eval steps can compile at once in threads (XLA releases the
+    GIL while compiling). Arguments of another shape then raise instead of recompiling.
+    """
+    def compile_now(*args: Any) -> None:
+        impl[0] = jitted.lower(*args).compile()
+
+    return compile_now
+
+
+def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
+    """Jitted ``eval_step(state, images, labels, mask) -> {loss_sum, correct, count, predictions}``.
+
+    `mask` (N,) is 1 for real rows and 0 for the padding of a short last batch, so every
+    batch has the same shape and the step compiles once; sums count real rows only.
+    `predictions` (N,) are argmax classes for every row (padding included).
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    def step(state: TrainState | ModelState, images, labels, mask):
+        model = nnx.merge(graphdef, state.params, state.model_state)
+        model.eval()
+        logits = model(images)
+        m = mask.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        pred = jnp.argmax(logits, -1).astype(jnp.int32)
+        return {"loss_sum": jnp.sum(loss * m), "correct": jnp.sum((pred == labels) * m),
+                "count": jnp.sum(m), "predictions": pred}
+
+    jitted = jax.jit(step, in_shardings=(replicated, batched, batched, batched), out_shardings=replicated)
+    guard = _InFlightGuard(mesh)
+    impl: list[Any] = [jitted]
+
+    def eval_step(state: TrainState, images: Any, labels: Any, mask: Any):
+        check_divisible(mesh, images.shape[0], "eval batch size")
+        return guard(impl[0](state, images, labels, mask))
+
+    eval_step.jitted = jitted  # type: ignore[attr-defined]
+    eval_step.compile = _ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
+    return eval_step

@@ -1,0 +1,363 @@
+"""The training loop: config -> run directory (checkpoints, metrics, plots, summary).
+
+`train_and_evaluate(cfg, workdir)` is what `cnnpipe train` and the notebooks call.
+The step functions come from `cnnpipe.training.steps` (one jitted train step, one eval
+step; fixed shapes, so each compiles once per run, ahead of the first step, both at
+once, through JAX's persistent cache: `cnnpipe.training.compile_cache`). This module only
+wires the parts: `cnnpipe.training.loop.EpochLoop` trains an epoch, `cnnpipe.training.runlog` holds the
+metrics sink, log and stopwatch, `cnnpipe.training.metrics.evaluate_split` evaluates after
+every epoch, `cnnpipe.training.checkpoint` saves asynchronously (Orbax) and resumes exactly:
+data order, rng and optimizer state.
+
+Run directory::
+
+    config.yaml      the resolved config         dataset.json   what inference needs
+    metrics.jsonl    one JSON object per line    tensorboard/   event files
+    checkpoints/     Orbax steps                 plots/         loss, accuracy, confusion matrix
+    summary.json     final/best accuracy, per-class accuracy, params, speed, times
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnnpipe.config import Config, dump_config
+from cnnpipe.datasets.batches import prefetch, steps_per_epoch, train_batches
+from cnnpipe.datasets.dataset import Dataset
+from cnnpipe.datasets.sources import load_dataset
+from cnnpipe.files import write_atomic
+from cnnpipe.training.loop import EpochLoop, Position
+from cnnpipe.training.runlog import MetricsLog, MetricsSink, NonFiniteLossError, Stopwatch
+
+__all__ = ["train_and_evaluate", "NonFiniteLossError", "default_run_dir"]
+
+
+def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
+    """`runs/<name>-<YYYYmmdd-HHMMSS>` (a numeric suffix if that exists already)."""
+    base = Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def resolve_data(cfg: Config, ds: Dataset) -> Config:
+    """`cfg` with `data.size` and `data.channels` set to the data's own (what config.yaml records).
+
+    A run's saved config then says what it trained on, so `evaluate --data` on another
+    folder prepares images at the run's size and planes, whatever the defaults were.
+    """
+    names = ds.plane_names or {1: ("L",), 3: ("R", "G", "B")}.get(ds.channels)
+    channels = {("L",): "gray", ("R", "G", "B"): "rgb"}.get(names or (), "native")  # e.g. S0..S4
+    data = cfg.data.model_copy(update={"size": tuple(ds.size), "channels": channels})
+    return cfg.model_copy(update={"data": data})
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, ds: Dataset, resume: bool, write: bool) -> None:
+    """Check a resumed run's config (every process); with `write` (the primary) create the run dir files."""
+    config_text = dump_config(cfg)
+    if resume and (run_dir / "config.yaml").exists():
+        if (run_dir / "config.yaml").read_text() != config_text:
+            raise ValueError(f"{run_dir / 'config.yaml'}: differs from the config given to resume this run")
+    elif write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.yaml", config_text)
+    if write:
+        (run_dir / "plots").mkdir(exist_ok=True)
+        write_atomic(run_dir / "dataset.json", json.dumps(ds.info(), indent=2) + "\n")
+
+
+@dataclass
+class _Parts:
+    """What a run is built from: data, mesh, model split into graphdef and train state, the steps."""
+
+    ds: Dataset
+    mesh: Any
+    graphdef: Any
+    state: Any
+    train_step: Any
+    eval_step: Any
+    num_params: int
+    steps_per_epoch: int
+
+
+def _build(cfg: Config, watch: Stopwatch) -> _Parts:
+    """Data, mesh, model and steps; the steps compile (and the model initialises) at once, in threads.
+
+    The steps are compiled for the train state's shapes and placement alone (an
+    abstract state from `nnx.eval_shape`), so compiling them does not wait for the
+    initialiser, itself one jitted program instead of one per layer initialiser.
+    """
+    import jax
+    from flax import nnx
+
+    from cnnpipe.models.cnn import build_model, count_params
+    from cnnpipe.training import distributed, steps
+    from cnnpipe.training.compile_cache import quiet_cache_loads
+
+    tc = cfg.train
+    with watch.phase("data"):
+        # folder and tfds caches are built by the primary; the others then read them
+        ds = distributed.primary_first(lambda: load_dataset(cfg.data, seed=cfg.seed), "data")
+    with watch.phase("build"):
+        mesh = steps.make_mesh(tc.num_devices)
+        for key, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)):
+            steps.check_divisible(mesh, size, key)
+        spe = steps_per_epoch(len(ds.train), tc.batch_size)
+
+        def make() -> Any:
+            return build_model(cfg.model, in_channels=ds.channels, num_classes=ds.num_classes, input_size=ds.size,
+                               bit_depth=ds.bit_depth, rngs=nnx.Rngs(cfg.seed), mean=ds.mean, std=ds.std)
+
+        tx = steps.make_optimizer(cfg.optimizer, spe * tc.epochs)
+        abstract = nnx.eval_shape(make)
+        graphdef, abstract_state = steps.abstract_train_state(abstract, tx, mesh)
+        train_step = steps.make_train_step(graphdef, tx, mesh, precision=tc.precision, augment=cfg.augment)
+        eval_step = steps.make_eval_step(graphdef, mesh)
+
+    def initialise() -> Any:
+        _, state = steps.create_train_state(nnx.jit(make)(), tx, cfg.seed)
+        return jax.block_until_ready(steps.replicate(mesh, state))
+
+    with watch.phase("compile"), quiet_cache_loads(), ThreadPoolExecutor(3) as pool:
+        state = pool.submit(initialise)
+        for done in _compile_ahead(train_step, eval_step, abstract_state, mesh, ds, cfg, pool):
+            done.result()
+        state = state.result()
+    return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe)
+
+
+def _compile_ahead(train_step: Any, eval_step: Any, state: Any, mesh: Any, ds: Dataset, cfg: Config,
+                   pool: ThreadPoolExecutor) -> list[Future]:
+    """Submit the train and eval steps' compiles for `state` (abstract) and batches like the loop's.
+
+    The abstract batches take their shapes and dtypes from a first batch of each kind,
+    so they are exactly what the loop will pass.
+    """
+    from cnnpipe.datasets.batches import eval_batches
+    from cnnpipe.training.mesh import batch_spec
+
+    tc = cfg.train  # the first global batch of each kind (rows of every process): the compiled shapes
+    train_batch = next(iter(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0)), None)
+    eval_batch = next(iter(eval_batches(ds.val, tc.eval_batch_size)), None)
+    jobs = []
+    for step, batch in ((train_step, train_batch), (eval_step, eval_batch)):
+        if batch is not None:
+            jobs.append(pool.submit(step.compile, state, *[batch_spec(mesh, a.shape, a.dtype) for a in batch]))
+    return jobs
+
+
+def _bar_safe(log: Callable[[str], None], bar: Any) -> Callable[[str], None]:
+    """`log`, clearing the progress bar for the line and redrawing it after (no line split by the bar)."""
+    def say(line: str) -> None:
+        if bar.disable:
+            log(line)
+            return
+        with bar.external_write_mode():
+            log(line)
+
+    return say
+
+
+def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *, name: str = "default",
+                       resume: bool = False, log: Callable[[str], None] = print,
+                       compile_cache: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train `cfg` into the run directory `workdir`; return the summary (also `summary.json`).
+
+    Args:
+      cfg: a validated config (`cnnpipe.config.load_config`).
+      workdir: the run directory; None makes `runs/<name>-<time>`.
+      name: the config's name, for the default run directory.
+      resume: continue from the latest checkpoint in `workdir` (exactly: data order,
+        rng and optimizer state); without a checkpoint the run starts from step 0.
+      log: where progress lines go (default: print).
+      compile_cache: JAX's persistent compilation cache directory, "off", or None for
+        `$CNNPIPE_COMPILE_CACHE` or the user cache directory (`cnnpipe.training.compile_cache`).
+    Raises:
+      NonFiniteLossError: `train.max_nonfinite_steps` non-finite losses in a row.
+      ValueError: bad data, a batch size that does not divide over the devices, or a
+        `workdir` that already holds checkpoints without `resume`.
+    """
+    watch = Stopwatch()
+    with watch.phase("imports"):
+        import jax
+
+        from cnnpipe.training import distributed
+        from cnnpipe.training.checkpoint import Checkpoints
+        from cnnpipe.training.compile_cache import enable_compile_cache
+    watch.listen()
+    primary = distributed.is_primary()
+    if not primary:  # one process speaks for the run
+        log = _silent
+    # every process uses the primary's run directory (the default one is named after the time)
+    run_dir = Path(distributed.agree(str(workdir if workdir is not None else default_run_dir(name))))
+    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise ValueError(f"{run_dir}: already holds checkpoints; resume it with --resume {run_dir} "
+                         "or choose another --workdir")
+    distributed.barrier("checked")  # no process creates checkpoints/ before every process has looked
+    enable_compile_cache(compile_cache)
+    parts = _build(cfg, watch)
+    cfg = resolve_data(cfg, parts.ds)
+    _prepare_run_dir(cfg, run_dir, parts.ds, resume, write=primary)
+    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    log(f"run {run_dir}: {parts.ds.description}, {len(parts.ds.train)} train / {len(parts.ds.val)} val images, "
+        f"{parts.ds.num_classes} classes")
+    log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {parts.num_params:,} parameters; "
+        f"{parts.mesh.size} device(s) ({jax.devices()[0].platform}){processes}")
+    ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, asynchronous=True)
+    try:
+        pos = _restore(parts, ckpts, resume, run_dir, log)
+        result, counts = _train(cfg, parts, ckpts, pos, run_dir, resume, watch, log)
+    finally:
+        with watch.phase("checkpoints"):
+            ckpts.close()  # waits for a save in flight: a finished checkpoint is never lost
+        watch.stop()
+    return _finish(cfg, parts, run_dir, result, counts, pos, resume, watch, log, write=primary)
+
+
+def prefetch_depth(mesh: Any) -> int:
+    """Batches prepared ahead of the step: 2 on CPU, 8 on accelerators.
+
+    On an H200 the reference CNN at batch 256 (0.9 ms a step) trained at 0.63x its
+    resident-batch rate with 2 batches ahead and 0.86x with 8 (benchmarks/bench_accel.py):
+    the host copy jitters more than a short step can absorb. On CPU the step is the
+    bottleneck and 2 is enough (0.98x).
+    """
+    return 2 if mesh.devices.flat[0].platform == "cpu" else 8
+
+
+def _silent(_line: str) -> None:
+    """The log of processes other than the primary."""
+
+
+def _restore(parts: _Parts, ckpts: Any, resume: bool, run_dir: Path, log: Callable[[str], None]) -> Position:
+    """The run's position; on resume, also the train state restored into `parts`."""
+    if resume and ckpts.latest_step() is not None:
+        from cnnpipe.training.steps import replicate
+
+        state, saved, _ = ckpts.restore(parts.state)
+        parts.state = replicate(parts.mesh, state)  # every leaf placed as the compiled steps expect
+        pos = Position.from_dict(saved)
+        log(f"resuming from checkpoint {pos.step} (epoch {pos.epoch + 1}, step {pos.step_in_epoch})")
+        return pos
+    if resume:
+        log(f"{run_dir}: no complete checkpoint yet; starting from step 0")
+    return Position()
+
+
+def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path, resume: bool,
+           watch: Stopwatch, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Every remaining epoch: train, evaluate, checkpoint.
+
+    Returns the last evaluation (empty if no epoch ran) and counts: images trained, non-finite steps.
+    """
+    from tqdm import tqdm
+
+    from cnnpipe.training import distributed, steps
+    from cnnpipe.training.compile_cache import quiet_cache_loads
+    from cnnpipe.training.metrics import evaluate_split
+
+    tc, ds, mesh = cfg.train, parts.ds, parts.mesh
+    primary = distributed.is_primary()
+    rows = steps.process_rows(mesh, tc.batch_size)  # this process reads only its rows of each batch
+    logger = MetricsLog(run_dir, pos.step if resume else None, enabled=primary)
+    bar = tqdm(total=parts.steps_per_epoch * tc.epochs, initial=pos.step, unit="step", dynamic_ncols=True,
+               leave=False, disable=not (primary and sys.stderr.isatty()))
+    say = _bar_safe(log, bar)
+    last_ckpt = [ckpts.latest_step()]
+
+    def save(state: Any, at: Position, val_accuracy: float | None = None) -> None:
+        ckpts.save(at.step, state, at.as_dict(), val_accuracy=val_accuracy)
+        last_ckpt[0] = at.step
+
+    sink = MetricsSink(logger.write, tc.max_nonfinite_steps,
+                       lambda: str(run_dir / "checkpoints" / str(last_ckpt[0])) if last_ckpt[0] is not None else "none")
+    loop = EpochLoop(parts.train_step, sink, watch, tc.batch_size, parts.steps_per_epoch, tc.log_every_steps,
+                     tc.checkpoint_every_steps, save, None if bar.disable else bar)
+    result: dict[str, Any] = {}
+    try:
+        for epoch in range(pos.epoch, tc.epochs):
+            batches = prefetch((steps.shard_batch(mesh, x, y) for x, y in
+                                train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=epoch,
+                                              start_step=pos.step_in_epoch, rows=rows)),
+                               size=prefetch_depth(mesh))
+            with batches:
+                parts.state = loop.run(parts.state, batches, pos)
+            t_eval = time.perf_counter()
+            with watch.phase("eval"):
+                result = evaluate_split(parts.eval_step, parts.state, ds.val, tc.eval_batch_size, mesh,
+                                        ds.num_classes)
+            is_best = pos.end_epoch(result["accuracy"])
+            logger.write({"step": pos.step, "epoch": epoch + 1, "split": "val", "loss": result["loss"],
+                          "accuracy": result["accuracy"]})
+            eval_seconds = time.perf_counter() - t_eval
+            with watch.phase("checkpoints"):
+                save(parts.state, pos, result["accuracy"])
+            if tc.probe_feature_maps:
+                with quiet_cache_loads():
+                    _probe_feature_maps(logger.tb, parts.graphdef, parts.state, ds, pos.step)
+            say(f"epoch {epoch + 1}/{tc.epochs}: val loss {result['loss']:.4f}, val accuracy "
+                f"{result['accuracy']:.4f}{' (best)' if is_best else ''} [{eval_seconds:.1f}s eval]")
+    finally:
+        bar.close()
+        logger.close()
+    return result, {"images": loop.images_trained, "nonfinite": sink.nonfinite_total}
+
+
+def _finish(cfg: Config, parts: _Parts, run_dir: Path, result: dict[str, Any], counts: dict[str, int],
+            pos: Position, resume: bool, watch: Stopwatch, log: Callable[[str], None],
+            write: bool = True) -> dict[str, Any]:
+    """Plots and `summary.json` of a finished run (written by the primary alone); returns the summary."""
+    import jax
+
+    from cnnpipe.training.metrics import evaluate_split
+    from cnnpipe.training.plots import plot_confusion, plot_curves
+
+    tc, ds = cfg.train, parts.ds
+    if not result:  # resumed a run that had already finished: evaluate its final state
+        with watch.phase("eval"):
+            result = evaluate_split(parts.eval_step, parts.state, ds.val, tc.eval_batch_size, parts.mesh,
+                                    ds.num_classes)
+    if write:
+        with watch.phase("plots"):
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "plots")
+            plot_confusion(result["confusion"], ds.classes, run_dir / "plots" / "confusion_matrix.png")
+    images = counts["images"]
+    step_seconds = watch.seconds.get("steps", 0.0)
+    timings = watch.report()
+    summary = {
+        "run_dir": str(run_dir), "final_val_accuracy": result["accuracy"], "final_val_loss": result["loss"],
+        "best_val_accuracy": pos.best_val_accuracy if pos.best_val_accuracy is not None else result["accuracy"],
+        "best_step": pos.best_step, "per_class_accuracy": dict(zip(ds.classes, result["per_class_accuracy"])),
+        "confusion_matrix": result["confusion"].tolist(), "param_count": parts.num_params,
+        "train_images_per_sec": images / step_seconds if images and step_seconds else None,
+        "compile_seconds": round(watch.compile_seconds, 3), "wall_seconds": timings["total"],
+        "seconds": timings, "steps": pos.step, "epochs": tc.epochs,
+        "nonfinite_steps": counts["nonfinite"], "devices": parts.mesh.size,
+        "processes": jax.process_count(), "resumed": bool(resume),
+    }
+    if write:
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log(f"done: val accuracy {summary['final_val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}), "
+        f"{summary['wall_seconds']:.1f}s wall, {summary['compile_seconds']:.1f}s compiling, "
+        + (f"{summary['train_images_per_sec']:.0f} train images/s" if summary["train_images_per_sec"]
+           else "train images/s not measured (no steps ran)") + f" -> {run_dir}")
+    return summary
+
+
+def _probe_feature_maps(tb: Any, graphdef: Any, state: Any, ds: Dataset, step: int) -> None:
+    """Feature maps of the first validation image to TensorBoard, one grid per spatial layer."""
+    from cnnpipe.training.plots import probe_grids
+    from cnnpipe.training.steps import state_to_model
+
+    for name, grid in probe_grids(state_to_model(graphdef, state), ds.val.images[0]).items():
+        tb.add_image(f"feature_maps/{name}", grid, step)
