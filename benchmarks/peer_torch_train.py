@@ -18,7 +18,11 @@ import time
 T0 = time.perf_counter()
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
+
+try:
+    import torch  # noqa: E402
+except ImportError:
+    raise SystemExit("peer_torch_train.py needs PyTorch: .venv/bin/pip install torch==2.13.0") from None
 
 T_IMPORT = time.perf_counter() - T0
 

@@ -15,9 +15,8 @@ from cnnpipe.images.decode import DecodeError, Planes, read_image
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily, see module docstring).
-# `preprocess` is not here: it would collide with the `cnnpipe.datasets.preprocess` submodule
-# (call `cnnpipe.datasets.preprocess.preprocess`).
 _LAZY = {
+    "preprocess": "cnnpipe.datasets.preprocess",
     "load_store": "cnnpipe.datasets.store",
     "load_config": "cnnpipe.config",
     "build_model": "cnnpipe.models.cnn",

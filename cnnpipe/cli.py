@@ -22,7 +22,7 @@ class CLIError(Exception):
 
 def _add_decode(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("decode", help="show (and optionally save) the exact channel planes of one image")
-    p.add_argument("path", help="image file (PNG, TIFF, JPEG, BMP, WebP, GIF)")
+    p.add_argument("path", help="image file (PNG, TIFF, JPEG, BMP, WebP, GIF, JPEG 2000)")
     p.add_argument("--save", metavar="OUT.npy", help="write the (C, H, W) array exactly as .npy")
     p.add_argument("--channels", choices=["rgb", "native", "gray"], default="rgb",
                    help="rgb: gray expands to three equal planes (default); native: the file's own planes; gray: one luma plane")
@@ -30,6 +30,8 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
                    help="what to do with an alpha plane (default: drop)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="decompression-bomb guard: refuse images with more pixels (default: %(default)s = library default)")
+    p.add_argument("--pages", choices=["first", "planes"], default="first",
+                   help="multi-page TIFF: first: page 1, noted as a warning (default); planes: every page a plane")
     p.set_defaults(func=_run_decode)
 
 
@@ -37,10 +39,13 @@ def _run_decode(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cnnpipe.images.decode import DEFAULT_MAX_PIXELS, read_image
+    from cnnpipe.images.formats import display_path
 
-    planes = read_image(args.path, channels=args.channels, alpha=args.alpha,
+    planes = read_image(args.path, channels=args.channels, alpha=args.alpha, pages=args.pages,
                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
-    print(f"{planes.source}: {planes.width}x{planes.height}, {len(planes.channels)} planes, "
+    if args.save:  # first, so a bad OUT fails before anything is printed
+        np.save(args.save, planes.data)
+    print(f"{display_path(planes.source)}: {planes.width}x{planes.height}, {len(planes.channels)} planes, "
           f"{planes.bit_depth}-bit ({planes.data.dtype})")
     for name, plane in zip(planes.channels, planes.data):
         print(f"  {name:<2} {plane.dtype}  min {int(plane.min()):>6}  max {int(plane.max()):>6}  "
@@ -48,8 +53,7 @@ def _run_decode(args: argparse.Namespace) -> int:
     for note in planes.warnings:
         print(f"  warning: {note}")
     if args.save:
-        np.save(args.save, planes.data)
-        print(f"saved {planes.data.shape} {planes.data.dtype} to {args.save}")
+        print(f"saved {planes.data.shape} {planes.data.dtype} to {display_path(args.save)}")
     return 0
 
 
@@ -71,7 +75,9 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="decoding processes (default: 0 = every core)")
     p.add_argument("--channels", choices=["rgb", "gray", "native"], default="rgb",
-                   help="rgb: three planes (default); gray: one luma plane")
+                   help="rgb: three planes (default); gray: one luma plane; native: each file's own planes")
+    p.add_argument("--pages", choices=["first", "planes"], default="first",
+                   help="multi-page TIFF: first: page 1, noted in report.json (default); planes: every page a plane")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT once the new one is complete")
     p.set_defaults(func=_run_preprocess)
 
@@ -90,7 +96,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
         logger.propagate = False
     store = preprocess(args.src, args.out, size=args.size, resize=args.resize, val_fraction=args.val_fraction,
                        test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
-                       channels=args.channels, overwrite=args.overwrite)
+                       channels=args.channels, overwrite=args.overwrite, pages=args.pages)
     print(format_summary(store))
     return 0
 
@@ -291,6 +297,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     import io
 
     from cnnpipe.files import write_atomic
+    from cnnpipe.images.formats import display_path
     from cnnpipe.runs.load import load_run, predict_images
 
     _check_top_k_and_images(args)
@@ -298,15 +305,16 @@ def _run_predict(args: argparse.Namespace) -> int:
     preds = predict_images(run, args.images, top_k=args.top_k)
     rows = []
     for path, top in zip(args.images, preds):
-        print(f"{path}: " + ", ".join(f"{name} {p:.4f}" for name, p in top))
-        rows += [(path, rank, name, f"{p:.6f}") for rank, (name, p) in enumerate(top, 1)]
+        shown = display_path(path)  # names that are not UTF-8: escaped, reversibly
+        print(f"{shown}: " + ", ".join(f"{name} {p:.4f}" for name, p in top))
+        rows += [(shown, rank, name, f"{p:.6f}") for rank, (name, p) in enumerate(top, 1)]
     if args.out:
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["path", "rank", "class", "probability"])
         writer.writerows(rows)
         write_atomic(args.out, buf.getvalue())
-        print(f"wrote {len(rows)} rows to {args.out}")
+        print(f"wrote {len(rows)} rows to {display_path(args.out)}")
     return 0
 
 
@@ -404,10 +412,12 @@ def _quiet_broken_pipe() -> int:
 
 def _one_line(exc: BaseException) -> str:
     """An error as one line that names the path: OSErrors from the system carry it in `filename`."""
+    from cnnpipe.images.formats import display_path
+
     if isinstance(exc, OSError) and exc.filename is not None:
-        text = f"{exc.filename}: {exc.strerror or type(exc).__name__}"
+        text = f"{display_path(os.fsdecode(exc.filename))}: {exc.strerror or type(exc).__name__}"
         if exc.filename2 is not None:
-            text += f" (-> {exc.filename2})"
+            text += f" (-> {display_path(os.fsdecode(exc.filename2))})"
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.split())

@@ -151,6 +151,7 @@ class DataConfig(_Schema):
     resize: Literal["crop", "pad", "stretch"] = "crop"   # folder, tfds
     # folder, tfds; null: rgb (tfds: the dataset's own); native: each file's own planes (any count)
     channels: Literal["rgb", "gray", "native"] | None = None
+    pages: Literal["first", "planes"] = "first"   # folder: multi-page TIFF, page 1 or every page a plane
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1   # folder
     bit_depth: Literal[8, 16] = 8       # shapes only
     num_train: PosInt = 4000            # shapes only

@@ -141,10 +141,11 @@ def test_corrupt_store_meta(tmp_path, capsys):
 
 
 def test_any_exception_on_one_file_skips_it_and_the_run_goes_on(tmp_path, monkeypatch):
+    import cnnpipe.datasets.convert as convert
     import cnnpipe.datasets.preprocess as pp
 
     src = _folder(tmp_path / "src")
-    real = pp.prepare_bytes
+    real = convert.prepare_bytes
 
     def flaky(data, spec, source):
         if source.endswith("a/1.png"):
@@ -153,11 +154,13 @@ def test_any_exception_on_one_file_skips_it_and_the_run_goes_on(tmp_path, monkey
             raise MemoryError()
         return real(data, spec, source)
 
-    monkeypatch.setattr(pp, "prepare_bytes", flaky)
+    monkeypatch.setattr(convert, "prepare_bytes", flaky)
     store = pp.preprocess(src, tmp_path / "out", size=8, workers=1, progress=False, val_fraction=0)
     reasons = {s["path"]: s["reason"] for s in store.report["skipped"]}
     assert reasons == {"a/1.png": f"{src / 'a/1.png'}: RuntimeError: a codec surprise",
-                       "b/2.png": f"{src / 'b/2.png'}: not enough memory to prepare this image"}
+                       "b/2.png": f"{src / 'b/2.png'}: too large: not enough memory to prepare this image"}
+    kinds = {s["path"]: s["kind"] for s in store.report["skipped"]}
+    assert kinds == {"a/1.png": "corrupt", "b/2.png": "too_large"}
     assert len(store) == 4
 
 

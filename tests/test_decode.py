@@ -413,7 +413,7 @@ def _png_ok() -> bytes:
     ("truncated_jpeg", "truncated JPEG"),
     ("corrupt_png", "corrupt PNG"),
     ("text", "not a recognised image"),
-    ("jpeg2000", "unsupported image format JPEG 2000"),
+    ("jpeg2000", "corrupt JPEG 2000: no image header"),
     ("qoi", "unsupported image format QOI"),
     ("bomb", "over the limit of 100"),
 ])

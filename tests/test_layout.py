@@ -153,6 +153,6 @@ def test_public_api_resolves_without_importing_jax():
             "names = ['read_image', 'Planes', 'DecodeError', '__version__']\n"
             "assert all(hasattr(cnnpipe, n) for n in names)\n"
             "assert 'jax' not in sys.modules, 'import cnnpipe pulled in jax'\n"
-            "for n in ['load_config', 'load_store', 'build_model', 'train_and_evaluate']:\n"
+            "for n in ['load_config', 'load_store', 'build_model', 'train_and_evaluate', 'preprocess']:\n"
             "    assert callable(getattr(cnnpipe, n)), n\n")
     subprocess.run([sys.executable, "-c", code], check=True)

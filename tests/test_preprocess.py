@@ -101,7 +101,7 @@ def test_bad_files_are_reported_and_good_ones_stored(tmp_path):
     rep = store.report
     kinds = {s["path"]: s["kind"] for s in rep["skipped"]}
     assert kinds == {
-        "b/truncated.png": "decode_error", "a/zero.png": "empty", "a/notes.png": "not_image",
+        "b/truncated.png": "corrupt", "a/zero.png": "empty", "a/notes.png": "not_image",
         "a/._one.png": "appledouble", "a/.hidden.png": "hidden", "b/loop": "symlink_loop",
         "b/up": "symlink_loop", "b/dangling.png": "broken_link", "README.txt": "outside_class",
     }
@@ -355,7 +355,9 @@ def test_header_guess_wrong_restarts_as_uint16(tmp_path, monkeypatch):
     g16 = u16(6, 8, 3)
     png8(src / "a" / "x.png", a8)
     png16(src / "b" / "y.png", g16)
-    monkeypatch.setattr(pp, "_header_bit_depth", lambda *args: 8)
+    import cnnpipe.datasets.convert as convert
+
+    monkeypatch.setattr(convert, "_header_bit_depth", lambda *args: 8)
     store = run(src, tmp_path / "out")
     assert store.dtype == np.uint16
     rows = rows_by_source(store, "train")

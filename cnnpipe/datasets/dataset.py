@@ -48,6 +48,7 @@ class Dataset:
     description: str
     resize: str = "crop"  # how images of another size are fitted (predict uses the same)
     plane_names: tuple[str, ...] | None = None  # e.g. ("R", "G", "B"), ("S0", ..., "S4"); None: unnamed
+    pages: str = "first"  # multi-page TIFF: "first" or "planes" (predict reads files the same way)
 
     def __post_init__(self) -> None:
         # A channel that is constant over the training set (say, the blue plane of
@@ -75,7 +76,7 @@ class Dataset:
                 "mean": list(self.mean), "std": list(self.std),
                 "num_train": len(self.train), "num_val": len(self.val),
                 "resize": self.resize, "description": self.description,
-                "planes": list(self.plane_names) if self.plane_names else None}
+                "planes": list(self.plane_names) if self.plane_names else None, "pages": self.pages}
 
 
 
@@ -96,22 +97,49 @@ def store_dataset(path: str | os.PathLike) -> Dataset:
     names = store.meta.get("channel_names")
     return Dataset(store.classes, train, val, store.bit_depth, tuple(store.mean), tuple(store.std),
                    f"store {store.path}", str(store.meta.get("resize", "crop")),
-                   tuple(str(n) for n in names) if isinstance(names, list) and len(names) == store.channels else None)
+                   tuple(str(n) for n in names) if isinstance(names, list) and len(names) == store.channels else None,
+                   str(store.meta.get("pages", "first")))
 
 
 def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The `dataset.json` a run saved (classes, size, channels, bit depth, mean/std)."""
+    """The `dataset.json` a run saved (classes, size, channels, bit depth, mean/std).
+
+    Raises ValueError naming the file when it cannot be read, is not JSON, or a key is missing
+    or of the wrong type.
+    """
     path = Path(run_dir) / "dataset.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; is {run_dir} a cnnpipe run directory?")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable or corrupt run file ({' '.join(str(exc).split())})") from None
-    missing = [k for k in ("classes", "size", "channels", "bit_depth", "mean", "std")
-               if not isinstance(info, dict) or k not in info]
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+        raise ValueError(f"{path}: unreadable or corrupt run file ({why})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: corrupt run file (a JSON object expected, got {type(info).__name__})")
+    missing = [k for k in ("classes", "size", "channels", "bit_depth", "mean", "std") if k not in info]
     if missing:
         raise ValueError(f"{path}: corrupt run file (key {missing[0]!r} is missing)")
+
+    # checked here so a damaged file is named, not met later as a bare TypeError inside the model
+    def count(v: Any) -> bool:
+        return type(v) is int and v > 0
+
+    def numbers(v: Any) -> bool:
+        return (isinstance(v, list) and len(v) == info["channels"]
+                and all(type(x) in (int, float) for x in v))
+
+    checks = (
+        ("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v), "class names"),
+        ("size", lambda v: isinstance(v, list) and len(v) == 2 and all(map(count, v)), "[height, width]"),
+        ("channels", count, "a positive integer"),
+        ("bit_depth", lambda v: type(v) is int and v in (8, 16), "8 or 16"),
+        ("mean", numbers, "one number per channel"),
+        ("std", numbers, "one number per channel"),
+    )
+    for key, ok, expected in checks:
+        if not ok(info[key]):
+            raise ValueError(f"{path}: corrupt run file ({key!r} is {repr(info[key])[:60]}; expected {expected})")
     return info
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnpipe.datasets.store import SPLIT_NAMES
+from cnnpipe.images.formats import display_path
 
 __all__ = ["Candidate", "FolderScan", "assign_split", "scan_folder", "skip", "split_order"]
 
@@ -27,8 +28,11 @@ def assign_split(seed: int, class_name: str, relpath: str, val_fraction: float, 
 
     Uses blake2b rather than Python's `hash()` (salted per process) so it is the
     same on every machine and run; each file's split depends on nothing else.
+    Names are hashed as the bytes the file system holds (`os.fsencode`), so a name
+    that is not valid UTF-8 hashes like any other (valid UTF-8 names hash as before).
     """
-    digest = hashlib.blake2b(f"{seed}\x00{class_name}\x00{relpath}".encode(), digest_size=8).digest()
+    key = b"\x00".join((str(seed).encode(), os.fsencode(class_name), os.fsencode(relpath)))
+    digest = hashlib.blake2b(key, digest_size=8).digest()
     u = int.from_bytes(digest, "big") / 2.0**64
     if u < test_fraction:
         return "test"
@@ -57,16 +61,17 @@ class FolderScan:
 
 
 def skip(scan: FolderScan, rel: str, kind: str, reason: str) -> None:
-    scan.skipped.append({"path": rel, "kind": kind, "reason": reason})
+    """Record an entry that is not stored; `rel` is kept in `display_path` form for the report."""
+    scan.skipped.append({"path": display_path(rel), "kind": kind, "reason": reason})
 
 
 def _skipped_dotfile(scan: FolderScan, entry: os.DirEntry, rel: str) -> bool:
     """Skip (and report) AppleDouble `._*` files and hidden entries; True when skipped."""
     if entry.name.startswith("._"):
-        skip(scan, rel, "appledouble", f"{entry.path}: AppleDouble metadata file (._*), not an image")
+        skip(scan, rel, "appledouble", f"{display_path(entry.path)}: AppleDouble metadata file (._*), not an image")
         return True
     if entry.name.startswith("."):
-        skip(scan, rel, "hidden", f"{entry.path}: hidden {'folder' if entry.is_dir() else 'file'}")
+        skip(scan, rel, "hidden", f"{display_path(entry.path)}: hidden {'folder' if entry.is_dir() else 'file'}")
         return True
     return False
 
@@ -81,7 +86,8 @@ def _walk_files(root: Path, rel_root: str, scan: FolderScan, visited: set[tuple[
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
-        skip(scan, rel_root, "unreadable", f"{root}: cannot list directory: {exc.strerror or exc}")
+        skip(scan, rel_root, "unreadable", f"{display_path(root)}: cannot list directory: "
+                                           f"{exc.strerror or type(exc).__name__}")
         return
     for entry in entries:
         rel = f"{rel_root}/{entry.name}" if rel_root else entry.name
@@ -91,24 +97,24 @@ def _walk_files(root: Path, rel_root: str, scan: FolderScan, visited: set[tuple[
             st = os.stat(entry.path)  # follows symlinks
         except OSError:
             if entry.is_symlink():
-                skip(scan, rel, "broken_link", f"{entry.path}: broken symbolic link")
+                skip(scan, rel, "broken_link", f"{display_path(entry.path)}: broken symbolic link")
             else:
-                skip(scan, rel, "unreadable", f"{entry.path}: cannot stat file")
+                skip(scan, rel, "unreadable", f"{display_path(entry.path)}: cannot stat file")
             continue
         if stat.S_ISDIR(st.st_mode):
             key = (st.st_dev, st.st_ino)
             if key in ancestors:
-                skip(scan, rel, "symlink_loop", f"{entry.path}: symbolic link loop (points to a parent folder)")
+                skip(scan, rel, "symlink_loop", f"{display_path(entry.path)}: symbolic link loop (points to a parent folder)")
                 continue
             if key in visited:
-                skip(scan, rel, "symlink_repeat", f"{entry.path}: folder already scanned through another link")
+                skip(scan, rel, "symlink_repeat", f"{display_path(entry.path)}: folder already scanned through another link")
                 continue
             visited.add(key)
             yield from _walk_files(Path(entry.path), rel, scan, visited, ancestors + (key,))
         elif stat.S_ISREG(st.st_mode):
             yield entry.path, rel
         else:
-            skip(scan, rel, "not_regular", f"{entry.path}: not a regular file")
+            skip(scan, rel, "not_regular", f"{display_path(entry.path)}: not a regular file")
 
 
 def _subdirs(root: Path) -> list[str]:
@@ -133,7 +139,7 @@ def scan_folder(src: Path) -> FolderScan:
             if not entry.is_dir():
                 kind = "appledouble" if entry.name.startswith("._") else (
                     "hidden" if entry.name.startswith(".") else "outside_class")
-                skip(scan, entry.name, kind, f"{entry.path}: not inside a split/class folder")
+                skip(scan, entry.name, kind, f"{display_path(entry.path)}: not inside a split/class folder")
     else:
         roots = [(src, "", None)]
     for base, base_rel, split in roots:
@@ -145,12 +151,12 @@ def scan_folder(src: Path) -> FolderScan:
             if _skipped_dotfile(scan, entry, rel):
                 continue
             if not entry.is_dir():
-                skip(scan, rel, "outside_class", f"{entry.path}: not inside a class folder")
+                skip(scan, rel, "outside_class", f"{display_path(entry.path)}: not inside a class folder")
                 continue
             st = os.stat(entry.path)
             key = (st.st_dev, st.st_ino)
             if key in ancestors:
-                skip(scan, rel, "symlink_loop", f"{entry.path}: symbolic link loop (points to a parent folder)")
+                skip(scan, rel, "symlink_loop", f"{display_path(entry.path)}: symbolic link loop (points to a parent folder)")
                 continue
             visited.add(key)
             scan.class_dirs.append((rel, entry.name, split))

@@ -15,33 +15,37 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cnnpipe.datasets.workers import chunks, ordered_map
+from cnnpipe.datasets.convert import Failure, worker_died
+from cnnpipe.datasets.workers import chunks, die_here_if_asked, ordered_map
 
 __all__ = ["PlaneCount", "probe_plane_names", "choose_plane_count", "sort_by_plane_count"]
 
 _CHUNK = 8
 
 
-def _names_one(path: str) -> tuple[str, ...] | str:
-    """A file's native plane names, or the reason it cannot be read (naming the file)."""
+def _names_one(path: str, pages: str) -> tuple[str, ...] | Failure:
+    """A file's native plane names, or why it cannot be read (naming the file)."""
     from cnnpipe.images.decode import DecodeError, read_image
-    from cnnpipe.images.formats import reason_of
+    from cnnpipe.images.formats import display_path, reason_of
 
+    die_here_if_asked(path)
     try:
-        return tuple(read_image(path, channels="native", alpha="keep").channels)
+        return tuple(read_image(path, channels="native", alpha="keep", pages=pages).channels)
     except DecodeError as exc:
-        return str(exc)
+        return Failure(str(exc), exc.kind)
     except Exception as exc:  # one file never stops the run: it is reported with its reason
-        return f"{path}: {type(exc).__name__}: {reason_of(exc)}"
+        return Failure(f"{display_path(path)}: {type(exc).__name__}: {reason_of(exc)}", "corrupt")
 
 
-def _names_chunk(paths: list[str]) -> list[tuple[str, ...] | str]:
-    return [_names_one(p) for p in paths]
+def _names_items(items: list[tuple[str, str]]) -> list[tuple[str, ...] | Failure]:
+    return [_names_one(path, pages) for path, pages in items]
 
 
-def probe_plane_names(paths: Sequence[str], pool: Any = None) -> list[tuple[str, ...] | str]:
-    """Each file's plane names (or an error string), in order; decoded in `pool` if given."""
-    return [r for chunk in ordered_map(pool, _names_chunk, chunks(list(paths), _CHUNK), 16) for r in chunk]
+def probe_plane_names(paths: Sequence[str], pool: Any = None, pages: str = "first"
+                      ) -> list[tuple[str, ...] | Failure]:
+    """Each file's plane names (or a `Failure`), in order; decoded in `pool` if given."""
+    jobs = chunks([(p, pages) for p in paths], _CHUNK)
+    return [r for chunk in ordered_map(pool, _names_items, jobs, 16, on_death=worker_died) for r in chunk]
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,9 @@ class PlaneCount:
 
     def mismatch(self, path: str, names: tuple[str, ...]) -> str:
         """Why a file with other planes is skipped: the expected and the found counts."""
-        return (f"{path}: {len(names)} plane(s) {'/'.join(names)}; the store takes {self.count} plane(s) "
+        from cnnpipe.images.formats import display_path
+
+        return (f"{display_path(path)}: {len(names)} plane(s) {'/'.join(names)}; the store takes {self.count} plane(s) "
                 f"{'/'.join(self.names)} ({self.files} of {self.total} files have {self.count})")
 
 
@@ -72,14 +78,14 @@ def choose_plane_count(found: Sequence[tuple[str, ...]]) -> PlaneCount:
     return PlaneCount(count, names, counts[count], len(found))
 
 
-def sort_by_plane_count(cands: Sequence[Any], found: Sequence[tuple[str, ...] | str]
+def sort_by_plane_count(cands: Sequence[Any], found: Sequence[tuple[str, ...] | Failure]
                         ) -> tuple[list[Any], list[tuple[Any, str, str]], PlaneCount | None]:
     """(files to store, (file, skip kind, reason) of the others, the chosen count or None if none is readable).
 
-    `cands` have a `.path`; `found` is `probe_plane_names` of them: names, or an error string.
+    `cands` have a `.path`; `found` is `probe_plane_names` of them: names, or a `Failure`.
     """
-    readable = [(c, n) for c, n in zip(cands, found) if not isinstance(n, str)]
-    dropped = [(c, "decode_error", n) for c, n in zip(cands, found) if isinstance(n, str)]
+    readable = [(c, n) for c, n in zip(cands, found) if not isinstance(n, Failure)]
+    dropped = [(c, n.kind, n.message) for c, n in zip(cands, found) if isinstance(n, Failure)]
     if not readable:
         return [], dropped, None
     choice = choose_plane_count([n for _, n in readable])

@@ -6,14 +6,17 @@ Two passes over the files:
    bytes of each file, recognise it by magic bytes, note its bit depth from
    the header. This fixes the store's dtype (uint16 as soon as one file is
    16-bit) and the classes before anything is written.
-2. *prepare*, in worker processes: read each file once, hash its bytes (for
-   the duplicate report) and run the one image path,
+2. *prepare*, in worker processes (`cnnpipe.datasets.convert`): read each file
+   once, hash its bytes (for the duplicate report) and run the one image path,
    `cnnpipe.images.transform.prepare_bytes` (decode -> match planes -> promote ->
    resize), the very chain `cnnpipe predict` uses; rows stream to the store's
    .npy files, so memory does not grow with the number of images.
 
 One bad file never stops a run: whatever goes wrong reading, decoding or
-transforming it (any exception) skips it with its reason in `report.json`.
+transforming it (any exception, or a worker process dying on it twice) skips it
+with its kind and reason in `report.json`. The store's dtype is that of the
+images actually stored: a header that promised 16 bits on a file later skipped
+never makes an 8-bit store uint16.
 Only a problem with the output (OUT unwritable, disk full) stops the run,
 and then nothing is left behind (`cnnpipe.datasets.store.StoreWriter`).
 
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import sys
@@ -40,21 +42,21 @@ from typing import Any
 
 import numpy as np
 
+from cnnpipe.datasets.convert import Failure, NeedsUint16, Prepared, convert_items, probe_file, worker_died
 from cnnpipe.datasets.folders import Candidate, FolderScan, assign_split, scan_folder, skip, split_order
 from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
 from cnnpipe.datasets.report import build_report, reason_counts
 from cnnpipe.datasets.store import Store, StoreWriter, build_meta, check_output, exact_mean_std, load_store
 from cnnpipe.datasets.workers import Progress, chunks, make_pool, ordered_map
-from cnnpipe.images.decode import DecodeError, check_format, read_file
-from cnnpipe.images.formats import reason_of
-from cnnpipe.images.transform import IMAGE_PATH_VERSION, RESIZE_MODES, ImageSpec, NeedsSixteenBit, prepare_bytes
+from cnnpipe.images.formats import display_path
+from cnnpipe.images.tiff import PAGE_MODES
+from cnnpipe.images.transform import IMAGE_PATH_VERSION, RESIZE_MODES, ImageSpec
 
 __all__ = ["PreprocessError", "Settings", "preprocess", "parse_size"]
 
 log = logging.getLogger(__name__)
 
 _PROBE_CHUNK = 64
-_HEAD_BYTES = 64  # enough for sniffing and the PNG IHDR
 _CONVERT_CHUNK = 8
 
 
@@ -99,6 +101,7 @@ class Settings:
     workers: int = 1
     overwrite: bool = False
     progress: bool = False
+    pages: str = "first"
 
     def check(self) -> None:
         """PreprocessError naming the first bad setting."""
@@ -112,78 +115,17 @@ class Settings:
             raise PreprocessError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.channels not in ("rgb", "gray", "native"):
             raise PreprocessError(f"channels: expected 'rgb', 'gray' or 'native', got {self.channels!r}")
+        if self.pages not in PAGE_MODES:
+            raise PreprocessError(f"pages: expected 'first' or 'planes', got {self.pages!r}")
 
     def spec(self, dtype: str, planes: int | None = None) -> ImageSpec:
         """The image spec every stored row matches (`planes`: the count of a native store)."""
-        return ImageSpec(self.size, self.resize, self.channels, 16 if dtype == "uint16" else 8, planes)
+        return ImageSpec(self.size, self.resize, self.channels, 16 if dtype == "uint16" else 8, planes,
+                         pages=self.pages)
 
     def split_config(self) -> dict[str, Any]:
-        return {"seed": self.seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
-
-
-# ---------------------------------------------------------------- pass 1, here
-
-def _probe_one(path: str) -> tuple[str | None, int]:
-    """(error or None, bit depth from the header) of one file, reading only its first bytes."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_HEAD_BYTES)
-    except OSError as exc:
-        return f"{path}: cannot read file: {exc.strerror or exc}", 8
-    try:
-        fmt = check_format(head, path)  # the decoder's own wording (it names known unsupported formats)
-    except DecodeError as exc:
-        return str(exc), 8
-    return None, _header_bit_depth(fmt, head, path)
-
-
-def _header_bit_depth(fmt: str, head: bytes, path: str) -> int:
-    """16 if the header says more than 8 bits per sample, else 8 (a guess the decoder may correct)."""
-    if fmt == "PNG":
-        return 16 if len(head) > 24 and head[24] == 16 else 8
-    if fmt == "TIFF":
-        try:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:  # reads the first directory only
-                return 16 if int(tif.pages.first.bitspersample) > 8 else 8
-        except Exception:
-            return 8
-    return 8
-
-
-# ---------------------------------------------------------------- pass 2, in the workers
-
-def _convert_one(path: str, want_stats: bool, spec: ImageSpec) -> tuple:
-    """Read, hash and prepare one file; never raises.
-
-    Returns ("ok", (H, W, C) pixels, channel sums or None, channel sums of
-    squares or None, content hash, warnings), ("error", reason naming the
-    file) or ("needs16",).
-    """
-    try:
-        data = read_file(path)
-        img = prepare_bytes(data, spec, path)
-    except NeedsSixteenBit:
-        return ("needs16",)
-    except (DecodeError, ValueError) as exc:  # their messages name the file
-        return ("error", str(exc) if str(exc).startswith(path) else f"{path}: {reason_of(exc)}")
-    except MemoryError:
-        return ("error", f"{path}: not enough memory to prepare this image")
-    except Exception as exc:  # a bug or a codec surprise: one file is reported, the run goes on
-        return ("error", f"{path}: {type(exc).__name__}: {reason_of(exc)}")
-    digest = hashlib.sha256(data).hexdigest()[:32]
-    if not want_stats:
-        return ("ok", img.pixels, None, None, digest, img.warnings)
-    flat = img.pixels.reshape(-1, img.pixels.shape[2]).astype(np.uint64)
-    # integer sums are exact, so the mean/std do not depend on order or chunking
-    return ("ok", img.pixels, [int(v) for v in flat.sum(0)], [int(v) for v in np.einsum("ij,ij->j", flat, flat)],
-            digest, img.warnings)
-
-
-def _convert_chunk(args: tuple[list[tuple[str, bool]], ImageSpec]) -> list[tuple]:
-    items, spec = args
-    return [_convert_one(path, want, spec) for path, want in items]
+        return {"seed": self.seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
+                "pages": self.pages}
 
 
 def _check_paths(src: Path, out: Path) -> None:
@@ -207,7 +149,7 @@ def _check_paths(src: Path, out: Path) -> None:
 def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | Sequence[int],
                resize: str = "crop", val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0,
                workers: int | None = None, channels: str = "rgb", overwrite: bool = False,
-               progress: bool | None = None) -> Store:
+               progress: bool | None = None, pages: str = "first") -> Store:
     """Decode an image folder once into a dataset store at `out` and return it.
 
     Args:
@@ -225,6 +167,8 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
         e.g. five fluorescence channels; the count most files have, the others skipped and
         reported with both counts; the plane names are recorded in meta.json).
       overwrite: replace an existing store at `out` (only once the new one is complete).
+      pages: multi-page TIFFs: "first" (page 1, noted in the report's warnings) or "planes"
+        (every page a plane; see `cnnpipe.images.decode.read_image`).
       progress: show a progress bar; None = only on an interactive terminal.
 
     Returns:
@@ -240,7 +184,7 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
         raise PreprocessError(f"workers: expected a positive number (or 0 for every core), got {workers!r}")
     settings = Settings(parse_size(size), resize, channels, val_fraction, test_fraction, seed,
                         int(workers) if workers else (os.cpu_count() or 1), overwrite,
-                        sys.stderr.isatty() if progress is None else bool(progress))
+                        sys.stderr.isatty() if progress is None else bool(progress), pages)
     settings.check()
     src_p, out_p = Path(src), Path(out)
     _check_paths(src_p, out_p)
@@ -255,13 +199,14 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
         build.pool = pool()
         if settings.channels == "native":
             build.probe_planes()
+        build.confirm_dtype()
         while True:
             try:
                 return build.write()
             except _NeedsUint16 as exc:
                 if build.dtype == "uint16":
                     raise
-                log.info("%s decoded as 16-bit; restarting with a uint16 store", exc)
+                log.info("%s decoded as 16-bit; restarting with a uint16 store", display_path(str(exc)))
                 build.dtype = "uint16"
 
 
@@ -286,8 +231,7 @@ def _pool_started_early(workers: int, num_files: int) -> Iterator[Callable[[], A
         except Exception:
             pool = None
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.close()
         starter.shutdown()
 
 
@@ -317,12 +261,12 @@ class _Build:
         for chunk in chunks(scan.candidates, _PROBE_CHUNK):
             bad = 0
             for cand in chunk:
-                err, cand.bit_depth = _probe_one(cand.path)
-                if err is None:
+                failure, cand.bit_depth = probe_file(cand.path)
+                if failure is None:
                     self.ok.append(cand)
                 else:
                     bad += 1
-                    skip(scan, cand.rel, "empty" if err.endswith("empty file (0 bytes)") else "not_image", err)
+                    skip(scan, cand.rel, failure.kind, failure.message)
             bar.update(len(chunk), bad)
         bar.close()
         self.classes = sorted({c.class_name for c in self.ok})
@@ -335,11 +279,10 @@ class _Build:
         for cand in self.ok:
             if cand.split is None:
                 cand.split = assign_split(s.seed, cand.class_name, cand.class_rel, s.val_fraction, s.test_fraction)
-        self.dtype = "uint16" if any(c.bit_depth == 16 for c in self.ok) else "uint8"
 
     def probe_planes(self) -> None:
         """`--channels native`: the plane count most files have; skip (and report) the others."""
-        found = probe_plane_names([c.path for c in self.ok], self.pool)
+        found = probe_plane_names([c.path for c in self.ok], self.pool, self.settings.pages)
         keep, dropped, self.planes = sort_by_plane_count(self.ok, found)
         for cand, kind, reason in dropped:
             skip(self.scan, cand.rel, kind, reason)
@@ -347,6 +290,30 @@ class _Build:
             raise PreprocessError(f"SRC: no image in {self.src} could be decoded "
                                   f"({reason_counts(self.scan.skipped)})")
         self.ok = keep
+
+    def confirm_dtype(self) -> None:
+        """uint16 only once a file whose header says 16-bit gives a 16-bit store row.
+
+        Headers are a guess: a float or damaged file may claim 16 bits and then be
+        skipped, and must not make an 8-bit store uint16 (x257). So the files the
+        headers call 16-bit are prepared in order until the first one succeeds (in an
+        all-16-bit folder, the first); a file whose header said 8 bits but which decodes
+        as 16-bit restarts the write with a uint16 store (`_NeedsUint16`).
+        """
+        self.dtype = "uint8"
+        maybe = [c for c in self.ok if c.bit_depth == 16]
+        if not maybe:
+            return
+        spec = self.settings.spec("uint16", self.planes.count if self.planes else None)
+        jobs = chunks([(c.path, False, spec) for c in maybe], 2)
+        results = ordered_map(self.pool, convert_items, jobs, 2 * self.settings.workers, on_death=worker_died)
+        try:
+            for chunk in results:
+                if any(isinstance(r, Prepared) and r.decoded_bit_depth == 16 for r in chunk):
+                    self.dtype = "uint16"
+                    return
+        finally:
+            results.close()
 
     def _splits(self) -> list[str]:
         splits = split_order(self.scan)
@@ -364,15 +331,14 @@ class _Build:
         capacity = Counter(c.split for c in todo)
         spec = self.settings.spec(self.dtype, self.planes.count if self.planes else None)
         stats_split = "train" if capacity.get("train") else None  # None: every split (no train images)
-        jobs = ((chunk, spec) for chunk in chunks([(c.path, stats_split in (None, c.split)) for c in todo],
-                                                  _CONVERT_CHUNK))
+        jobs = chunks([(c.path, stats_split in (None, c.split), spec) for c in todo], _CONVERT_CHUNK)
         acc = _Accumulator(spec.num_planes, splits)
         bar = Progress(self.settings.progress, len(todo), "decoding")
         with StoreWriter(self.out, overwrite=self.settings.overwrite) as writer:
             for s in splits:
                 writer.create_split(s, capacity.get(s, 0), spec.size, spec.num_planes, self.dtype)
-            results = (r for chunk in ordered_map(self.pool, _convert_chunk, jobs, 4 * self.settings.workers)
-                       for r in chunk)
+            results = (r for chunk in ordered_map(self.pool, convert_items, jobs, 4 * self.settings.workers,
+                                                  on_death=worker_died) for r in chunk)
             for cand, res in zip(todo, results):
                 stored = self._store_one(writer, cand, res, spec, class_index[cand.class_name], acc)
                 bar.update(1, 0 if stored else 1)
@@ -380,49 +346,49 @@ class _Build:
             writer.commit(*self._finish(acc, splits, stats_split))
         return load_store(self.out)
 
-    def _store_one(self, writer: StoreWriter, cand: Candidate, res: tuple, spec: ImageSpec, label: int,
-                   acc: _Accumulator) -> bool:
+    def _store_one(self, writer: StoreWriter, cand: Candidate, res: Prepared | Failure | NeedsUint16,
+                   spec: ImageSpec, label: int, acc: _Accumulator) -> bool:
         """Append one worker result to the store (True), or record why it was skipped (False)."""
-        if res[0] == "needs16":
-            raise _NeedsUint16(cand.rel)
-        if res[0] == "error":
-            acc.failed.append((cand, res[1]))
+        if isinstance(res, NeedsUint16):
+            raise _NeedsUint16(cand.path)
+        if isinstance(res, Failure):
+            acc.failed.append((cand, res))
             return False
-        _, img, s1, s2, digest, warnings = res
         want = (*spec.size, spec.num_planes)
+        img = res.pixels
         if img.shape != want or img.dtype != np.dtype(self.dtype):  # checked before it can reach the store
-            acc.failed.append((cand, f"{cand.path}: prepared pixels are {img.shape} {img.dtype}, expected "
-                                     f"{want} {self.dtype}"))
+            acc.failed.append((cand, Failure(f"{display_path(cand.path)}: prepared pixels are {img.shape} "
+                                             f"{img.dtype}, expected {want} {self.dtype}", "corrupt")))
             return False
-        cand.digest = digest
-        writer.append(cand.split, img, label, cand.rel)
-        acc.add(cand, img, s1, s2, warnings)
+        cand.digest = res.digest
+        writer.append(cand.split, img, label, display_path(cand.rel))
+        acc.add(cand, res)
         return True
 
     def _finish(self, acc: _Accumulator, splits: list[str], stats_split: str | None) -> tuple[dict, dict]:
         """meta.json and report.json for what was stored; PreprocessError if a class got no image."""
-        for cand, reason in acc.failed:
-            skip(self.scan, cand.rel, "decode_error", reason)
+        for cand, failure in acc.failed:
+            skip(self.scan, cand.rel, failure.kind, failure.message)
         stored = Counter()
         for s in splits:
             stored.update(acc.per_class[s])
         missing = [c for c in self.classes if not stored[c]]
         if missing:
-            examples = "; ".join(r for c, r in acc.failed if c.class_name in missing[:3])[:600]
+            examples = "; ".join(f.message for c, f in acc.failed if c.class_name in missing[:3])[:600]
             raise PreprocessError(f"no image could be decoded for class(es) {', '.join(missing)} "
                                   f"(every class needs at least one): {examples}")
         n_ch = acc.planes
         mean, std = exact_mean_std(acc.sums, acc.sumsq, acc.n_pix)
         counts = {s: {"total": sum(acc.per_class[s].values()),
                       "per_class": {c: acc.per_class[s][c] for c in self.classes}} for s in splits}
-        report = build_report(self.scan, self.ok, counts, self.src, time.perf_counter() - self.t0, acc.warnings)
+        report = build_report(self.scan, self.ok, counts, self.src, acc.warnings)
         s = self.settings
         meta = build_meta(classes=self.classes, dtype=self.dtype, size=s.size,
                           channel_names=list(self.planes.names) if self.planes else ["R", "G", "B"] if n_ch == 3
                           else ["L"], splits=splits, counts=counts,
                           mean=mean, std=std, stats_split=stats_split or "all", layout=self.scan.layout,
-                          resize=s.resize, source=str(self.src.absolute()), num_images=sum(stored.values()),
-                          image_path_version=IMAGE_PATH_VERSION,
+                          resize=s.resize, source=display_path(self.src.absolute()), num_images=sum(stored.values()),
+                          image_path_version=IMAGE_PATH_VERSION, elapsed_s=round(time.perf_counter() - self.t0, 3),
                           **s.split_config())
         return meta, report
 
@@ -434,15 +400,14 @@ class _Accumulator:
         self.planes = planes
         self.sums, self.sumsq, self.n_pix = [0] * planes, [0] * planes, 0
         self.per_class: dict[str, Counter] = {s: Counter() for s in splits}
-        self.failed: list[tuple[Candidate, str]] = []
+        self.failed: list[tuple[Candidate, Failure]] = []
         self.warnings: list[dict[str, Any]] = []
 
-    def add(self, cand: Candidate, img: np.ndarray, s1: list[int] | None, s2: list[int] | None,
-            warnings: Sequence[str]) -> None:
+    def add(self, cand: Candidate, res: Prepared) -> None:
         self.per_class[cand.split][cand.class_name] += 1
-        if warnings:
-            self.warnings.append({"path": cand.rel, "warnings": list(warnings)})
-        if s1 is not None:
-            self.sums = [a + b for a, b in zip(self.sums, s1)]
-            self.sumsq = [a + b for a, b in zip(self.sumsq, s2)]
-            self.n_pix += img.shape[0] * img.shape[1]
+        if res.warnings:
+            self.warnings.append({"path": display_path(cand.rel), "warnings": list(res.warnings)})
+        if res.sums is not None:
+            self.sums = [a + b for a, b in zip(self.sums, res.sums)]
+            self.sumsq = [a + b for a, b in zip(self.sumsq, res.sumsq)]
+            self.n_pix += res.pixels.shape[0] * res.pixels.shape[1]

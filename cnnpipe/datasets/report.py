@@ -13,6 +13,7 @@ from typing import Any
 
 from cnnpipe.datasets.folders import Candidate, FolderScan
 from cnnpipe.datasets.store import Store
+from cnnpipe.images.formats import display_path
 
 __all__ = ["build_report", "format_summary", "reason_counts"]
 
@@ -23,10 +24,14 @@ def reason_counts(skipped: Sequence[dict[str, str]]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in counts.most_common()) or "none"
 
 
-def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], src: Path, elapsed: float,
+def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], src: Path,
                  warnings: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """The report.json mapping: counts, every skipped entry with its reason, files stored with
-    warnings (metadata or codec problems that cost no pixels), duplicate groups, empty class folders."""
+    """The report.json mapping: counts, every skipped entry with its kind and reason, files stored with
+    warnings (metadata or codec problems that cost no pixels), duplicate groups, empty class folders.
+
+    Deterministic: two runs over the same folder give the same mapping (timings are in
+    meta.json), and every path is in `display_path` form (names that are not UTF-8 escaped).
+    """
     by_hash: dict[str, list[Candidate]] = {}
     for c in ok:
         if c.digest:  # stored images only
@@ -37,17 +42,18 @@ def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], 
             continue
         duplicates.append({
             "hash": f"sha256-128:{digest}",
-            "files": [{"path": c.rel, "class": c.class_name, "split": c.split} for c in group],
+            "files": [{"path": display_path(c.rel), "class": display_path(c.class_name), "split": c.split}
+                      for c in group],
             "cross_split": len({c.split for c in group}) > 1,
             "cross_class": len({c.class_name for c in group}) > 1,
         })
     duplicates.sort(key=lambda d: d["files"][0]["path"])
     # a class folder with no image in it is reported, not a class
     with_images = {(c.class_name, c.split if scan.layout == "splits" else None) for c in ok}
-    empty = [rel for rel, name, split in scan.class_dirs if (name, split) not in with_images]
+    empty = [display_path(rel) for rel, name, split in scan.class_dirs if (name, split) not in with_images]
     skipped = sorted(scan.skipped, key=lambda s: s["path"])
     return {
-        "source": str(src.absolute()),
+        "source": display_path(src.absolute()),
         "layout": scan.layout,
         "counts": {
             "files_found": len(scan.candidates),
@@ -65,7 +71,6 @@ def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], 
         "empty_class_folders": empty,
         "duplicates": duplicates,
         "cross_split_duplicates": [d for d in duplicates if d["cross_split"]],
-        "elapsed_s": round(elapsed, 3),
     }
 
 
@@ -73,7 +78,7 @@ def format_summary(store: Store) -> str:
     """A short human summary of a store: images per split and class, skipped files, duplicates, time."""
     meta, report = store.meta, store.report
     h, w = store.size
-    lines = [f"{store.path}: {meta['num_images']} images, {len(store.classes)} classes, "
+    lines = [f"{display_path(store.path)}: {meta['num_images']} images, {len(store.classes)} classes, "
              f"{h}x{w}x{store.channels} {meta['dtype']} ({report['layout']} layout)"]
     width = max(len("class"), *(len(c) for c in store.classes))
     lines.append(f"  {'class':<{width}}  " + "  ".join(f"{s:>7}" for s in store.splits))
@@ -90,5 +95,7 @@ def format_summary(store: Store) -> str:
         lines.append(f"stored with warnings (pixels kept): {rc['files_with_warnings']} files")
     lines.append(f"duplicates: {rc['duplicate_groups']} groups, {rc['duplicate_files']} files, "
                  f"{rc['cross_split_duplicate_groups']} crossing splits")
-    lines.append(f"done in {report['elapsed_s']:.1f} s; details in {store.path / 'report.json'}")
+    elapsed = meta.get("elapsed_s", report.get("elapsed_s"))  # stores before 0.2 kept it in report.json
+    lines.append((f"done in {elapsed:.1f} s; " if elapsed is not None else "")
+                 + f"details in {display_path(store.path / 'report.json')}")
     return "\n".join(lines)

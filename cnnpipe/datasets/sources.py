@@ -42,7 +42,7 @@ def load_dataset(data: Any, seed: int = 0) -> Dataset:
             raise ValueError("data.path: required when data.source is 'folder' (a folder of class sub-folders)")
         return folder_dataset(data.path, size=size, resize=data.resize,
                               channels=data.channels or "rgb", val_fraction=data.val_fraction,
-                              cache_dir=data.cache_dir)
+                              cache_dir=data.cache_dir, pages=data.pages)
     if source == "tfds":
         if not data.name:
             raise ValueError("data.name: required when data.source is 'tfds' (e.g. mnist, cifar10)")
@@ -72,19 +72,21 @@ def folder_cache_key(folder: str | os.PathLike, settings: dict[str, Any]) -> tup
             st = os.stat(cand.path)
         except OSError:  # gone since the scan: preprocess will report it
             continue
-        h.update(f"{cand.rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(cand.rel) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # name bytes: any name
     return h.hexdigest()[:20], len(candidates)
 
 
 def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: str = "crop",
                    channels: str = "rgb", val_fraction: float = 0.1,
-                   cache_dir: str | os.PathLike | None = None) -> Dataset:
+                   cache_dir: str | os.PathLike | None = None, pages: str = "first") -> Dataset:
     """A raw image folder, preprocessed once into `cache_dir` and reused while unchanged."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"data.path: image folder not found: {root}")
     settings = {"size": [int(size[0]), int(size[1])], "resize": resize, "channels": channels,
                 "val_fraction": float(val_fraction), "seed": 0, "format": 1}
+    if pages != "first":  # only then part of the key, so existing caches stay valid
+        settings["pages"] = pages
     key, num_files = folder_cache_key(root, settings)
     out = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     out = out / "folders" / f"{root.resolve().name}-{key}"
@@ -95,7 +97,8 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
         # a process pool only pays off past a few hundred files
         try:
             preprocess(root, out, size=tuple(settings["size"]), resize=resize, val_fraction=val_fraction,
-                       seed=0, channels=channels, overwrite=False, workers=1 if num_files < 256 else None)
+                       seed=0, channels=channels, overwrite=False, workers=1 if num_files < 256 else None,
+                       pages=pages)
         except ValueError:
             if not (out / "meta.json").is_file():  # not merely another process finishing first
                 raise

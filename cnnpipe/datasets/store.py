@@ -235,7 +235,11 @@ class StoreWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out)
         self.tmp = self.out.parent / _temp_name(self.out, "tmp")
-        self.tmp.mkdir()
+        try:
+            self.tmp.mkdir()
+        except OSError as exc:  # name OUT, not the temporary folder beside it
+            raise OSError(exc.errno, f"cannot create the store here ({exc.strerror or type(exc).__name__})",
+                          str(self.out)) from None
         self._images: dict[str, _RowStream] = {}
         self._labels: dict[str, _RowStream] = {}
         self._sources: dict[str, list[str]] = {}

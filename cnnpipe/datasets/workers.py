@@ -1,95 +1,422 @@
-"""Worker processes and progress for `cnnpipe preprocess`: a pool that never imports jax,
-an in-order map with bounded memory, and a progress display.
+"""Worker processes and progress for `cnnpipe preprocess`: a pool that never imports jax and
+survives its workers' deaths, an in-order map with bounded memory, and a progress display.
 
-Workers are started by a fork server (never a plain fork: the parent may hold
-jax/XLA threads) that has already imported the decoding stack, and they
-ignore Ctrl-C: the parent alone handles it and terminates the pool.
+Workers are started by a fork server (never a plain fork: the parent may hold jax/XLA threads)
+that has already imported the decoding stack; they ignore Ctrl-C: the parent alone handles it.
+
+A worker can die hard (the OOM killer's SIGKILL, a segfault in a C codec, os._exit), and
+`multiprocessing.Pool` then waits forever for the result it lost. So the pool is our own: one
+duplex pipe per worker, the parent waiting on every pipe and process sentinel at once, so a
+death is seen the moment it happens. The parent knows which jobs each worker holds (at most
+two, so it never idles) and which one was running: the oldest, since a worker runs its jobs in
+order. A dead worker is replaced; the job it was running is retried item by item, the jobs it
+had not started are sent again, results it had sent are kept. An item that kills a worker
+alone too gets `on_death(item, how)` as its result, and the run goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import logging
 import multiprocessing
+import os
+import pickle
+import queue
 import signal
 import sys
+import threading
 import time
+import traceback
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, TypeVar
 
-__all__ = ["Progress", "chunks", "make_pool", "ordered_map"]
+__all__ = ["KILL_ENV", "Progress", "WorkerDied", "WorkerPool", "chunks", "die_here_if_asked", "make_pool",
+           "ordered_map"]
 
 log = logging.getLogger("cnnpipe.datasets.preprocess")
 
+T, R = TypeVar("T"), TypeVar("R")
 
-def _worker_init() -> None:
-    # Ctrl-C goes to the whole process group; the parent alone handles it and
-    # terminates the pool, so workers must not die mid-result with tracebacks.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def chunks(seq: Sequence[Any], n: int) -> Iterator[list[Any]]:
-    for i in range(0, len(seq), n):
-        yield list(seq[i:i + n])
-
-
-def ordered_map(pool: Any, fn: Callable[[Any], Any], jobs: Iterable[Any], window: int) -> Iterator[Any]:
-    """`fn` over `jobs` in order with at most `window` jobs in flight.
-
-    Unlike `Pool.imap`, results never pile up faster than the caller consumes
-    them, which keeps the parent's memory bounded.
-    """
-    it = iter(jobs)
-    if pool is None:
-        yield from map(fn, it)
-        return
-    pending: deque = deque(pool.apply_async(fn, (job,)) for job in _take(it, window))
-    while pending:
-        result = pending.popleft().get()
-        for job in _take(it, 1):
-            pending.append(pool.apply_async(fn, (job,)))
-        yield result
-
-
-def _take(it: Iterator[Any], n: int) -> list[Any]:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
-
+KILL_ENV = "CNNPIPE_TEST_KILL_WORKER_ON"
+_HELD = 2          # jobs a worker holds at once: the running one and the next, so it never idles
+_JOIN_S = 5.0      # a worker that closed its pipe is exiting; past this it is killed
+_in_worker = False  # True only inside a pool worker process (set by _worker_main)
 
 WORKER_PRELOAD = ["cnnpipe.datasets.preprocess", "imagecodecs", "tifffile", "PIL.JpegImagePlugin", "PIL.PngImagePlugin",
                    "PIL.TiffImagePlugin", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.WebPImagePlugin"]
 
 
-def make_pool(workers: int) -> Any:
-    """A pool of `workers` processes that import this module but never the caller's script.
+class WorkerDied(RuntimeError):
+    """A worker process died running one item, and again running that item alone."""
 
-    Never fork (the parent may hold jax/XLA threads). Under forkserver/spawn a
-    child normally re-runs the parent's main script to unpickle functions
-    defined there; ours live in this module, so the script is hidden while the
-    workers start: a training script that imports jax does not drag jax into
-    every decoding worker.
-    """
+    def __init__(self, item: Any, how: str) -> None:
+        super().__init__(f"a worker process died on {item!r}: {how}")
+        self.item, self.how = item, how
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback text: the `__cause__` of an exception from `fn`, re-raised here."""
+
+
+def chunks(seq: Sequence[T], n: int) -> Iterator[list[T]]:
+    """`seq` in consecutive lists of `n` items (the last may be shorter)."""
+    for i in range(0, len(seq), n):
+        yield list(seq[i:i + n])
+
+
+def die_here_if_asked(name: str) -> None:
+    """Test hook: SIGKILL this process if it is a pool worker and `name` contains $CNNPIPE_TEST_KILL_WORKER_ON.
+
+    Per-item functions call it with the item's path, so a test can kill a worker as the OOM killer
+    would, on a chosen file; never in the parent or with `pool=None`, nor if the variable is unset
+    or empty. It is read in the worker, whose environment is the fork server's: the server starts
+    once per parent process, with the parent's environment then, so set the variable before the
+    process's first pool starts, or run the pool in a subprocess."""
+    marker = os.environ.get(KILL_ENV)
+    if _in_worker and marker and marker in name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- inside a worker
+
+def _worker_init() -> None:
+    # Ctrl-C goes to the whole process group; the parent alone handles it and
+    # closes the pool, so workers must not die mid-result with tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _receive(conn: Connection, inbox: queue.SimpleQueue) -> None:
+    """Move jobs from the pipe to `inbox` as they arrive; None once the parent hangs up."""
+    try:
+        while True:
+            inbox.put(conn.recv_bytes())
+    except (EOFError, OSError):
+        inbox.put(None)
+
+
+def _worker_main(conn: Connection) -> None:
+    """A worker's life: run the jobs in the order they arrive and answer each; end when the parent hangs up."""
+    global _in_worker
+    _in_worker = True
+    _worker_init()
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    # a thread empties the pipe while this one works: a parent sending a job never waits on a worker
+    # that is itself waiting to send a large result (both blocked: a deadlock)
+    threading.Thread(target=_receive, args=(conn, inbox), name="cnnpipe-worker-inbox", daemon=True).start()
+    while (raw := inbox.get()) is not None:
+        try:
+            fn, job = pickle.loads(raw)  # here, not in the thread: a job that cannot load is answered
+            reply: tuple = ("ok", fn(job), "")
+        except Exception as exc:
+            reply = ("error", exc, traceback.format_exc())
+        try:
+            conn.send(reply)
+        except OSError:
+            return  # the parent is gone
+        except Exception as exc:  # a result or exception that does not pickle: say so instead
+            what = "its result" if reply[0] == "ok" else f"{type(reply[1]).__name__}: {reply[1]!s:.200}"
+            conn.send(("error", RuntimeError(f"a worker could not send back {what} ({exc!r:.200})"), reply[2]))
+
+
+# ---------------------------------------------------------------- in the parent
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One job of a map: its items and its results so far (`missing` of them still out)."""
+
+    items: Any
+    result: Any = None
+    missing: int = 1
+
+
+@dataclass(slots=True, eq=False)
+class _Task:
+    """What a worker is asked to run: a whole job (slot None) or one item of it, after a death."""
+
+    run: _Run
+    job: _Job
+    slot: int | None = None
+    retry: bool = False
+
+    @property
+    def payload(self) -> Any:
+        return self.job.items if self.slot is None else [self.job.items[self.slot]]
+
+
+class _Run:
+    """One `ordered_map` call's state; a map left early still has tasks out, whose answers are dropped."""
+
+    def __init__(self, fn: Callable, on_death: Callable[[Any, str], Any] | None) -> None:
+        self.fn, self.on_death, self.abandoned = fn, on_death, False
+        self.ready: deque[_Task] = deque()  # waiting for a worker; retries go first
+        self.error: BaseException | None = None
+
+    def done(self, task: _Task, result: Any) -> None:
+        """A worker's answer for `task`."""
+        if self.abandoned:
+            return
+        want = task.payload
+        if isinstance(want, list) and (not isinstance(result, (list, tuple)) or len(result) != len(want)):
+            got = len(result) if isinstance(result, (list, tuple)) else repr(result)[:50]
+            self.error = ValueError(f"{self.fn!r:.80} returned {got} results for {len(want)} items")
+        elif task.slot is None:
+            task.job.result, task.job.missing = result, 0
+        else:
+            task.job.result[task.slot] = result[0]
+            task.job.missing -= 1
+
+    def failed(self, exc: BaseException, remote_tb: str) -> None:
+        """`fn` raised in a worker: re-raised here with the worker's traceback as its cause."""
+        if not self.abandoned and self.error is None:
+            exc.__cause__ = _RemoteTraceback(remote_tb)
+            self.error = exc
+
+    def died(self, task: _Task, how: str) -> None:
+        """`task` was running when its worker died: split and retry it, or give up on its item."""
+        if self.abandoned:
+            return
+        job = task.job
+        if not task.retry and isinstance(job.items, list):
+            job.result, job.missing = [None] * len(job.items), len(job.items)
+            self.ready.extendleft(reversed([_Task(self, job, i, retry=True) for i in range(len(job.items))]))
+        elif not task.retry:  # a job that is not a list of items can only be retried whole
+            self.ready.appendleft(_Task(self, job, None, retry=True))
+        else:
+            item = job.items if task.slot is None else job.items[task.slot]
+            if self.on_death is None:
+                self.error = WorkerDied(item, how)
+            else:
+                self.done(task, self.on_death(item, how) if task.slot is None else [self.on_death(item, how)])
+
+
+@dataclass(slots=True, eq=False)  # hashed by identity: a dict key in _step
+class _Worker:
+    """One worker process, the parent's end of its pipe, and the tasks it holds, oldest first."""
+
+    proc: Any
+    conn: Connection
+    held: deque[_Task] = field(default_factory=deque)
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Hide the caller's script while workers start: a forkserver/spawn child re-runs it (for functions
+    defined there; ours are importable), and a script importing jax would drag jax into every worker."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
+def _context() -> Any:
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         # the fork server imports the whole decoding stack once (codecs and Pillow's
         # plugins are otherwise imported lazily, on each worker's first file); workers
-        # fork from it ready
+        # fork from it ready. Only the first pool of a process starts the server.
         ctx.set_forkserver_preload(WORKER_PRELOAD)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _reap(proc: Any) -> str:
+    """Reap an exiting worker (killed if it lingers): 'killed by signal 9 (SIGKILL)', 'exited with status 3'."""
+    proc.join(_JOIN_S)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    code = proc.exitcode
+    proc.close()
+    if code >= 0:
+        return f"exited with status {code}"
+    name = {s.value: s.name for s in signal.Signals}.get(-code, "?")  # real-time signals have no name
+    return f"killed by signal {-code} ({name})"
+
+
+def _each(fn: Callable[[Any], Any], job: list[Any]) -> list[Any]:
+    return [fn(x) for x in job]
+
+
+class WorkerPool:
+    """`workers` processes started from a forkserver that preloads WORKER_PRELOAD (spawn where
+    there is no forkserver); never imports jax; survives worker deaths. Use it with `ordered_map`;
+    close it (or use it as a context manager) when done."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"workers: expected at least 1, got {workers!r}")
+        self._ctx, self._workers, self._closed = _context(), [], False
+        try:
+            for _ in range(workers):
+                self._workers.append(self._start())
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def pids(self) -> list[int]:
+        """The live workers' process ids."""
+        return [w.proc.pid for w in self._workers if w.proc.is_alive()]
+
+    def close(self) -> None:
+        """Terminate and reap every worker; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        workers, self._workers = self._workers, []
+        for w in workers:  # all told first, then each waited for
+            w.conn.close()
+            w.proc.terminate()
+        for w in workers:
+            _reap(w.proc)
+
+    terminate = join = close  # the `multiprocessing.Pool` names, for callers written against it
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T], chunksize: int = 1) -> list[R]:
+        """`[fn(x) for x in items]`, run in the workers (the `multiprocessing.Pool.map` call)."""
+        jobs = chunks(list(items), max(1, chunksize))
+        return [r for out in ordered_map(self, functools.partial(_each, fn), jobs, 2 * _HELD * len(self._workers))
+                for r in out]
+
+    def _start(self) -> _Worker:
+        ours, theirs = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=_worker_main, args=(theirs,), name="cnnpipe-worker", daemon=True)
+        try:
+            with _main_hidden():
+                proc.start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the worker has its own copy: its death now reads as end-of-file here
+        return _Worker(proc, ours)
+
+    def _results(self, run: _Run, jobs: Iterator[Any], window: int) -> Iterator[Any]:
+        pending: deque[_Job] = deque()  # the jobs in flight, oldest first
+        while True:
+            if run.error is not None:
+                raise run.error
+            for job in itertools.islice(jobs, window - len(pending)):
+                pending.append(_Job(job))
+                run.ready.append(_Task(run, pending[-1]))
+            if not pending:
+                return
+            self._dispatch(run)  # before yielding: the workers keep busy while the caller works
+            if pending[0].missing == 0:
+                yield pending.popleft().result
+            else:
+                self._step()
+
+    def _dispatch(self, run: _Run) -> None:
+        """Hand `run`'s waiting tasks to workers with room, idle workers first."""
+        for room in range(1, _HELD + 1):
+            for i in range(len(self._workers)):
+                while run.ready and len(self._workers[i].held) < room:
+                    w = self._workers[i]
+                    try:
+                        w.conn.send_bytes(ForkingPickler.dumps((run.fn, run.ready[0].payload)))
+                    except OSError:  # it has died: replaced now, so _step never waits with no job out
+                        self._take_answers(w)
+                        self._replace(w)
+                    else:
+                        w.held.append(run.ready.popleft())
+
+    def _step(self) -> None:
+        """Wait until some worker answers or dies, and take in what happened."""
+        if self._closed or not self._workers:
+            raise RuntimeError("the worker pool is closed")
+        if not any(w.held for w in self._workers):  # a bookkeeping slip must not wait forever
+            raise RuntimeError("ordered_map: waiting for answers, but no worker holds a job")
+        by_handle: dict[Any, _Worker] = {}
+        for w in self._workers:
+            by_handle[w.conn] = by_handle[w.proc.sentinel] = w
+        ready = wait(list(by_handle))
+        for w in dict.fromkeys(by_handle[h] for h in ready):
+            # answers first, even from a dead worker: results it sent before dying are kept
+            if not self._take_answers(w) or w.proc.sentinel in ready:
+                self._replace(w)
+
+    def _take_answers(self, w: _Worker) -> bool:
+        """Read every answer `w` has sent; False if its pipe has closed (it died)."""
+        while w.conn.poll():
+            try:
+                raw = w.conn.recv_bytes()
+            except (EOFError, OSError):  # a message cut short by the death is no answer
+                return False
+            except BaseException:  # Ctrl-C mid-message: the pipe is out of step, so the worker goes
+                w.proc.kill()
+                raise
+            task = w.held.popleft()
+            try:
+                kind, value, remote_tb = pickle.loads(raw)
+            except Exception as exc:  # an answer that cannot load here is that task's error
+                kind, value, remote_tb = "error", exc, traceback.format_exc()
+            if kind == "ok":
+                task.run.done(task, value)
+            else:
+                task.run.failed(value, remote_tb)
+        return True
+
+    def _replace(self, w: _Worker) -> None:
+        """`w` died (its answers taken in): start a worker in its place, deal out the tasks it held."""
+        how, held, i = _reap(w.proc), list(w.held), self._workers.index(w)
+        w.conn.close()
+        del self._workers[i]
+        log.warning("a worker process %s; %d job(s) it held go to the other workers", how, len(held))
+        # it ran its tasks in order, so only the oldest was started; the others go back unchanged
+        for task in reversed(held[1:]):
+            if not task.run.abandoned:
+                task.run.ready.appendleft(task)
+        try:
+            if held:
+                held[0].run.died(held[0], how)  # on_death may raise
+        finally:
+            self._workers.insert(i, self._start())
+
+
+def make_pool(workers: int) -> WorkerPool:
+    """A `WorkerPool` of `workers` processes that import this module but never the caller's script."""
+    return WorkerPool(workers)
+
+
+def ordered_map(pool: WorkerPool | None, fn: Callable[[list[T]], list[R]], jobs: Iterable[list[T]], window: int,
+                on_death: Callable[[T, str], R] | None = None) -> Iterator[list[R]]:
+    """`fn(job)` for each job, yielded in job order, with at most `window` jobs in flight.
+
+    Unlike `Pool.imap`, results never pile up faster than the caller consumes them: the
+    parent's memory stays bounded. `fn` (module-level, or a `functools.partial` of one) maps
+    a list of items to a list of results, one per item; `pool=None` runs it here. When a
+    worker dies, the job it was running is retried item by item; an item whose worker dies
+    again gets `on_death(item, how)` as its result, `how` being e.g. "killed by signal 9
+    (SIGKILL)" or "exited with status 3"; without `on_death`, `WorkerDied` is raised (the pool
+    stays usable). A job that is not a list is retried whole, `on_death(job, how)` then being
+    its result. An exception from `fn` is raised here. Leaving the loop early is safe.
+    """
+    if pool is None:
+        yield from map(fn, jobs)
+        return
+    run = _Run(fn, on_death)
     try:
-        return ctx.Pool(workers, initializer=_worker_init)
+        yield from pool._results(run, iter(jobs), max(1, int(window)))
     finally:
-        if main is not None:
-            sys.modules["__main__"] = main
+        run.abandoned = True
+        run.ready.clear()
 
 
 class Progress:

@@ -25,17 +25,19 @@ from cnnpipe.images.formats import (
     Decoded,
     DecodeError,
     codec_messages,
+    decode_jpeg2000,
     decode_pillow,
     decode_png,
-    decode_tiff,
-    jpeg_header,
     orient,
     reason_of,
 )
+from cnnpipe.images.jpeg import decode_jpeg, jpeg_header
+from cnnpipe.images.tiff import PAGE_MODES, decode_tiff
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_FORMATS",
+    "PAGE_MODES",
     "DecodeError",
     "Planes",
     "check_format",
@@ -49,15 +51,13 @@ __all__ = [
 # Pillow's own default bomb limit; ours is a parameter, Pillow's global is left alone.
 DEFAULT_MAX_PIXELS: int = 89_478_485
 
-IMAGE_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF"})
+IMAGE_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF", "JPEG2000"})
 
 ChannelPolicy = Literal["rgb", "native", "gray"]
 AlphaPolicy = Literal["drop", "keep", "composite"]
 
 # Recognised but refused: naming them turns "not an image" into a precise reason.
 _KNOWN_UNSUPPORTED: tuple[tuple[bytes, str], ...] = (
-    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
-    (b"\xff\x4f\xff\x51", "JPEG 2000 codestream"),
     (b"\xff\x0a", "JPEG XL"),
     (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
     (b"%PDF", "PDF"),
@@ -71,7 +71,7 @@ _KNOWN_UNSUPPORTED: tuple[tuple[bytes, str], ...] = (
     (b"P4", "Netpbm"), (b"P5", "Netpbm"), (b"P6", "Netpbm"),
 )
 
-_SUPPORTED_TEXT = "PNG, JPEG, TIFF, BMP, WebP, GIF"
+_SUPPORTED_TEXT = "PNG, JPEG, TIFF, BMP, WebP, GIF, JPEG 2000"
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class Planes:
 def sniff_format(head: bytes) -> str | None:
     """The allow-listed format named by a file's first bytes, or None.
 
-    Returns one of "PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF".
+    Returns one of "PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF", "JPEG2000".
     """
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "PNG"
@@ -143,6 +143,8 @@ def sniff_format(head: bytes) -> str | None:
         return "WEBP"
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "GIF"
+    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
+        return "JPEG2000"
     return None
 
 
@@ -153,14 +155,15 @@ def check_format(head: bytes, source: str | None = None) -> str:
       DecodeError: naming `source` and why: empty, a known unsupported format, or not an image.
     """
     if not head:
-        raise DecodeError(source, "empty file (0 bytes)")
+        raise DecodeError(source, "empty file (0 bytes)", kind="empty")
     fmt = sniff_format(head[:32])
     if fmt is None:
         other = _unsupported_name(head[:32])
         if other:
-            raise DecodeError(source, f"unsupported image format {other}; supported: {_SUPPORTED_TEXT}")
+            raise DecodeError(source, f"unsupported image format {other}; supported: {_SUPPORTED_TEXT}",
+                              kind="unsupported")
         raise DecodeError(source, f"not a recognised image (first bytes {head[:8]!r}); "
-                                  f"supported: {_SUPPORTED_TEXT}")
+                                  f"supported: {_SUPPORTED_TEXT}", kind="not_image")
     return fmt
 
 
@@ -182,6 +185,7 @@ def read_image(
     exif_orientation: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     reduce: int = 1,
+    pages: str = "first",
     source: str | None = None,
 ) -> Planes:
     """Decode one image into exact channel planes.
@@ -210,13 +214,18 @@ def read_image(
         size in the DCT domain (libjpeg's scaled decode: an area average, much
         less work); other files ignore it. `cnnpipe.images.transform` uses it when the
         target size is that much smaller.
+      pages: multi-page TIFF. "first" (default) reads page 1 and notes "N pages; page 1
+        kept" in ``Planes.warnings``, unless the pages are channels (ImageJ/OME axes
+        CYX), which are always read as planes; "planes" reads every page as a plane
+        S0..Sn when each page has one sample and all share shape and type.
       source: the name to give bytes input in errors and `Planes.source`.
 
     Returns:
       `Planes` with uint8 data (bit_depth 8) or uint16 data (bit_depth 16).
 
     Raises:
-      DecodeError: empty, truncated, corrupt, non-image, unsupported or oversized input.
+      DecodeError: empty, truncated, corrupt, non-image, unsupported or oversized input;
+        its ``kind`` says which ("unsupported" names the feature, e.g. "JPEG hierarchical").
 
     Example:
       >>> planes = read_image("scan.tif")          # doctest: +SKIP
@@ -231,12 +240,21 @@ def read_image(
         raise ValueError(f"background must be in [0, 1], got {background}")
     if reduce not in (1, 2, 4, 8):
         raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce!r}")
+    if pages not in PAGE_MODES:
+        raise ValueError(f"pages must be 'first' or 'planes', got {pages!r}")
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
     else:
         source = os.fspath(src)
         data = read_file(source)
-    return _decode(data, source, channels, alpha, background, exif_orientation, max_pixels, reduce)
+    with codec_messages() as notes:
+        dec = _decode_format(data, source, max_pixels, reduce, pages)
+    _check_decoded(dec, source)
+    notes = [*dec.notes, *notes]
+    orientation = _orientation(dec.orientation, notes)
+    arr = orient(dec.arr, orientation) if exif_orientation and orientation != 1 else dec.arr
+    arr, names = _apply_policies(arr, dec.names, channels, alpha, background, source, dec.associated_alpha)
+    return _planes(arr, names, source, tuple(notes))
 
 
 def read_file(path: str | os.PathLike[str]) -> bytes:
@@ -245,34 +263,33 @@ def read_file(path: str | os.PathLike[str]) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except IsADirectoryError:
-        raise DecodeError(os.fspath(path), "is a directory, not an image file") from None
+        raise DecodeError(os.fspath(path), "is a directory, not an image file", kind="unreadable") from None
     except OSError as exc:
-        raise DecodeError(os.fspath(path), f"cannot read file: {exc.strerror or exc}") from None
+        raise DecodeError(os.fspath(path), f"cannot read file: {exc.strerror or type(exc).__name__}",
+                          kind="unreadable") from None
 
 
-def _decode(data: bytes, source: str | None, channels: ChannelPolicy, alpha: AlphaPolicy,
-            background: float, exif_orientation: bool, max_pixels: int | None, reduce: int) -> Planes:
+def _decode_format(data: bytes, source: str | None, max_pixels: int | None, reduce: int, pages: str) -> Decoded:
+    """The format's decoder; any codec exception becomes a DecodeError of kind "corrupt"."""
     fmt = check_format(data, source)
-    with codec_messages() as notes:
-        try:
-            if fmt == "PNG":
-                dec = decode_png(data, source, max_pixels)
-            elif fmt == "TIFF":
-                dec = decode_tiff(data, source, max_pixels)
-            else:
-                dec = decode_pillow(data, source, fmt, max_pixels, reduce)
-        except DecodeError:
-            raise
-        except MemoryError:
-            raise DecodeError(source, "not enough memory to decode this image") from None
-        except Exception as exc:  # the codecs raise many types; all mean "bad data"
-            raise DecodeError(source, f"corrupt {fmt} data: {reason_of(exc)}") from exc
-    _check_decoded(dec, source)
-    notes = list(notes)
-    orientation = _orientation(dec.orientation, notes)
-    arr = orient(dec.arr, orientation) if exif_orientation and orientation != 1 else dec.arr
-    arr, names = _apply_policies(arr, dec.names, channels, alpha, background, source, dec.associated_alpha)
-    return _planes(arr, names, source, tuple(notes))
+    try:
+        if fmt == "PNG":
+            return decode_png(data, source, max_pixels)
+        if fmt == "TIFF":
+            return decode_tiff(data, source, max_pixels, pages)
+        if fmt == "JPEG2000":
+            return decode_jpeg2000(data, source, max_pixels)
+        if fmt == "JPEG":
+            dec = decode_jpeg(data, source, max_pixels, reduce)
+            if dec is not None:
+                return dec
+        return decode_pillow(data, source, fmt, max_pixels)
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise DecodeError(source, "too large: not enough memory to decode this image", kind="too_large") from None
+    except Exception as exc:  # the codecs raise many types; all mean "bad data"
+        raise DecodeError(source, f"corrupt {fmt} data: {reason_of(exc)}") from None
 
 
 def _check_decoded(dec: Decoded, source: str | None) -> None:
@@ -302,13 +319,13 @@ def _planes(arr: np.ndarray, names: tuple[str, ...], source: str | None, notes: 
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of a gray or YCbCr JPEG as `read_image` returns it (orientation applied),
-    read from its header alone; None for other files (and CMYK or unusual JPEG streams)."""
+    """(height, width) of an 8-bit gray or YCbCr JPEG as `read_image` returns it (orientation applied),
+    read from its header alone; None for other files (the JPEGs that are never decoded at a reduced size)."""
     header = jpeg_header(data) if data[:3] == b"\xff\xd8\xff" else None
-    if header is None or header[2] not in (1, 3):
+    if header is None or not header.fast:
         return None
-    width, height, _, raw = header
-    return (width, height) if _orientation(raw, []) in (5, 6, 7, 8) else (height, width)
+    return (header.width, header.height) if _orientation(header.orientation, []) in (5, 6, 7, 8) \
+        else (header.height, header.width)
 
 
 def convert_planes(planes: Planes, *, channels: ChannelPolicy = "rgb", alpha: AlphaPolicy = "drop",
@@ -349,10 +366,12 @@ def _apply_policies(arr: np.ndarray, names: Sequence[str], channels: ChannelPoli
     elif channels == "rgb" and color_names[:3] == ("R", "G", "B"):
         color, color_names = color[:, :, :3], ("R", "G", "B")
     elif channels == "rgb" and len(color_names) > 1:
-        raise DecodeError(source, f"cannot map planes {color_names} to R, G, B; use channels='native'")
+        raise DecodeError(source, f"cannot map planes {color_names} to R, G, B; use channels='native'",
+                          kind="planes")
     elif channels == "gray" and color_names != ("L",):
         if color_names[:3] != ("R", "G", "B"):
-            raise DecodeError(source, f"cannot compute luma from planes {color_names}; use channels='native'")
+            raise DecodeError(source, f"cannot compute luma from planes {color_names}; use channels='native'",
+                              kind="planes")
         color, color_names = _luma(color[:, :, :3]), ("L",)
     if alpha_plane is not None and alpha == "keep":
         color = np.concatenate([color, alpha_plane], axis=2)

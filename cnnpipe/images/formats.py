@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import struct
 import warnings
@@ -26,25 +27,62 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cnnpipe.fdcapture import stderr_lines
 
-__all__ = ["DecodeError", "Decoded", "codec_messages", "decode_png", "decode_tiff", "decode_pillow",
-           "jpeg_header", "exif_orientation_value", "MAX_SAMPLES_PER_PIXEL"]
+__all__ = ["DecodeError", "DECODE_ERROR_KINDS", "Decoded", "codec_messages", "decode_png", "decode_pillow", "decode_jpeg2000",
+           "display_path", "path_from_display", "exif_orientation_value", "MAX_SAMPLES_PER_PIXEL", "reason_of",
+           "check_pixels", "orient", "pillow_pixels"]
 
 # The pixel limit bounds samples too: at most this many samples per pixel of the
 # limit (an RGBA image at the limit), so a many-sample TIFF cannot get past it.
 MAX_SAMPLES_PER_PIXEL = 4
 
 
-class DecodeError(ValueError):
-    """An image could not be decoded; the message names the file and the reason."""
+DECODE_ERROR_KINDS = ("unsupported", "corrupt", "too_large", "empty", "not_image", "unreadable", "planes")
 
-    def __init__(self, source: str | None, reason: str) -> None:
+
+class DecodeError(ValueError):
+    """An image could not be decoded; the message names the file and the reason.
+
+    Attributes:
+      source: the path (surrogate-escaped str for names that are not UTF-8), or None for bytes.
+      reason: the reason alone, deterministic (no object addresses or temporary paths).
+      kind: "unsupported" (a valid file using a feature cnnpipe does not decode; the
+        reason names it), "corrupt" (damaged or truncated data), "too_large" (over
+        max_pixels), "empty", "not_image", "unreadable" (the file cannot be read) or
+        "planes" (the image's planes cannot be given as asked).
+    """
+
+    def __init__(self, source: str | None, reason: str, kind: str = "corrupt") -> None:
+        if kind not in DECODE_ERROR_KINDS:
+            raise ValueError(f"DecodeError kind: got {kind!r}; expected one of {DECODE_ERROR_KINDS}")
         self.source = source
         self.reason = reason
-        super().__init__(f"{source or '<bytes>'}: {reason}")
+        self.kind = kind
+        super().__init__(f"{display_path(source) if source else '<bytes>'}: {reason}")
+
+
+def display_path(path: str | os.PathLike) -> str:
+    r"""A path as text that can always be printed and read back (`path_from_display`).
+
+    File names are bytes to the operating system; Python gives names that are not
+    valid UTF-8 as surrogate escapes, which cannot be encoded for a terminal, a JSON
+    file or a CSV. Here every byte that is not part of valid UTF-8 becomes ``\xNN``
+    and a backslash becomes ``\\``: the Latin-1 name ``b"caf\xe9.png"`` reads
+    ``caf\xe9.png``. Valid UTF-8 names without backslashes are unchanged.
+    """
+    raw = os.fsencode(path).replace(b"\\", b"\\\\")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def path_from_display(text: str) -> str:
+    """The path `display_path` gave `text` for (surrogate-escaped str, as `os.fsdecode` gives)."""
+    raw = re.sub(rb"\\(\\|x[0-9a-f]{2})",
+                 lambda m: b"\\" if m.group(1) == b"\\" else bytes([int(m.group(1)[1:], 16)]),
+                 text.encode("utf-8"))
+    return os.fsdecode(raw)
 
 
 @dataclass
@@ -56,17 +94,26 @@ class Decoded:
       names: one name per plane, e.g. ("R", "G", "B", "A").
       orientation: the raw EXIF/TIFF orientation value (any type; `decode` validates it), or None.
       associated_alpha: the colour planes are premultiplied by "A" (TIFF ExtraSamples = 1).
+      notes: what the decoder chose without costing pixels (e.g. "3 pages; page 1 kept").
     """
 
     arr: np.ndarray
     names: tuple[str, ...]
     orientation: Any = None
     associated_alpha: bool = False
+    notes: tuple[str, ...] = ()
+
+
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
 
 
 def reason_of(exc: BaseException) -> str:
-    """First line of an exception's text (at most 200 characters), or its type name."""
-    text = str(exc).strip() or type(exc).__name__
+    """First line of an exception's text (at most 200 characters), or its type name.
+
+    Object reprs with addresses (``<_io.BytesIO object at 0x7f...>``) become
+    ``<_io.BytesIO object>``: a reason must read the same in every run.
+    """
+    text = _OBJECT_REPR.sub(r"<\1 object>", str(exc).strip()) or type(exc).__name__
     return text.splitlines()[0][:200]
 
 
@@ -77,12 +124,14 @@ def check_pixels(source: str | None, width: int, height: int, max_pixels: int | 
     if max_pixels is None:
         return
     if width * height > max_pixels:
-        raise DecodeError(source, f"image is {width}x{height} = {width * height:,} pixels, over the "
-                                  f"limit of {max_pixels:,} (max_pixels); raise the limit if you trust this file")
+        raise DecodeError(source, f"too large: image is {width}x{height} = {width * height:,} pixels, over the "
+                                  f"limit of {max_pixels:,} (max_pixels); raise the limit if you trust this file",
+                          kind="too_large")
     if width * height * samples > max_pixels * MAX_SAMPLES_PER_PIXEL:
-        raise DecodeError(source, f"image is {width}x{height} with {samples} samples per pixel, over the limit "
-                                  f"of {max_pixels * MAX_SAMPLES_PER_PIXEL:,} samples ({MAX_SAMPLES_PER_PIXEL} "
-                                  "per pixel of max_pixels); raise the limit if you trust this file")
+        raise DecodeError(source, f"too large: image is {width}x{height} with {samples} samples per pixel, over "
+                                  f"the limit of {max_pixels * MAX_SAMPLES_PER_PIXEL:,} samples "
+                                  f"({MAX_SAMPLES_PER_PIXEL} per pixel of max_pixels); raise the limit if you trust "
+                                  "this file", kind="too_large")
 
 
 # ---------------------------------------------------------------- codec messages
@@ -194,178 +243,64 @@ def decode_png(data: bytes, source: str | None, max_pixels: int | None) -> Decod
         orientation = exif_orientation_value(data[pos + 8:pos + 8 + length])
     if b"acTL" in chunks and chunks[b"acTL"] < chunks[b"IDAT"] and depth <= 8:
         # Animated 8-bit PNG: Pillow picks the first frame (and composes it) exactly.
-        return Decoded(*_pillow_pixels(data, source, "PNG", max_pixels)[:2], orientation)
+        return Decoded(*pillow_pixels(data, source, "PNG", max_pixels)[:2], orientation)
     arr = imagecodecs.png_decode(data)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.dtype not in (np.uint8, np.uint16):
-        raise DecodeError(source, f"unsupported PNG sample type {arr.dtype}")
+        raise DecodeError(source, f"unsupported: PNG sample type {arr.dtype}", kind="unsupported")
     # libpng expands palette -> RGB(A), 1/2/4-bit gray -> 8-bit by bit replication
     # (PNG spec 13.12), and a tRNS colour key -> an alpha plane.
     names = {1: ("L",), 2: ("L", "A"), 3: ("R", "G", "B"), 4: ("R", "G", "B", "A")}[arr.shape[2]]
     return Decoded(arr, names, orientation)
 
 
-# ---------------------------------------------------------------- TIFF
+# ---------------------------------------------------------------- JPEG 2000
 
-_MINISWHITE, _MINISBLACK, _RGB = 0, 1, 2
-# Pillow applies a TIFF's orientation on load; these undo it (2-5 and 7 are their own inverse).
-_INVERSE_ORIENTATION = {2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
-
-
-def decode_tiff(data: bytes, source: str | None, max_pixels: int | None) -> Decoded:
-    """8/16-bit gray and RGB(A) TIFF through libtiff; palette, CMYK, YCbCr, Lab and 1/2/4-bit through Pillow."""
-    import imagecodecs
-    import tifffile
-
-    with tifffile.TiffFile(io.BytesIO(data)) as tif:
-        if not tif.pages:
-            raise DecodeError(source, "corrupt TIFF: no image directory")
-        page = tif.pages.first
-        width, height = int(page.imagewidth), int(page.imagelength)
-        spp = int(page.samplesperpixel)
-        check_pixels(source, width, height, max_pixels, samples=spp)
-        bits, fmt, photometric = int(page.bitspersample), int(page.sampleformat), int(page.photometric)
-        extras = tuple(int(e) for e in page.extrasamples)
-        planar_separate = int(page.planarconfig) == 2
-        orientation = page.tags.valueof(274)
-        stack = _channel_stack(tif, source, max_pixels) if len(tif.pages) > 1 and spp == 1 else None
-    if stack is not None:
-        arr, names = stack
-        if photometric == _MINISWHITE:
-            arr = np.iinfo(arr.dtype).max - arr
-        return Decoded(arr, names, orientation)
-    if fmt != 1 or bits not in (1, 2, 4, 8, 16):
-        kind = {1: "unsigned", 2: "signed", 3: "float"}.get(fmt, f"format {fmt}")
-        raise DecodeError(source, f"unsupported TIFF samples: {bits}-bit {kind} "
-                                  "(cnnpipe reads 1/2/4/8-bit and 16-bit unsigned images)")
-    if photometric not in (_MINISWHITE, _MINISBLACK, _RGB) or bits < 8:
-        if bits == 16:
-            raise DecodeError(source, f"unsupported 16-bit TIFF photometric interpretation {photometric} "
-                                      "(16-bit TIFF must be gray or RGB)")
-        arr, names, applied = _pillow_pixels(data, source, "TIFF", max_pixels)
-        undo = _INVERSE_ORIENTATION.get(applied) if isinstance(applied, int) else None
-        return Decoded(orient(arr, undo) if undo else arr, names, orientation)
-    color = 3 if photometric == _RGB else 1
-    if spp < color:
-        raise DecodeError(source, f"corrupt TIFF: photometric RGB with {spp} sample(s) per pixel (needs 3)")
-    arr = imagecodecs.tiff_decode(data, index=0)
-    if planar_separate and arr.ndim == 3 and arr.shape[0] == spp and arr.shape[-1] != spp:
-        arr = arr.transpose(1, 2, 0)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.shape[:2] != (height, width) or arr.shape[2] < color:
-        raise DecodeError(source, f"corrupt TIFF: decoded shape {arr.shape} does not match {width}x{height} "
-                                  f"with {spp} sample(s) per pixel")
-    if photometric == _MINISWHITE:
-        arr = np.iinfo(arr.dtype).max - arr
-    names = ("R", "G", "B") if color == 3 else ("L",)
-    n_extra = arr.shape[2] - color
-    # ExtraSamples 1/2 = associated/unassociated alpha; anything else is just a plane.
-    has_alpha = bool(extras) and extras[0] in (1, 2)
-    extra_names = tuple("A" if i == 0 and has_alpha else f"S{color + i}" for i in range(n_extra))
-    if color == 1 and n_extra >= 2 and not has_alpha:
-        # a multi-channel gray stack (microscopy, spectral bands): no plane is "the" luma
-        names, extra_names = ("S0",), tuple(f"S{i}" for i in range(1, arr.shape[2]))
-    return Decoded(arr, names + extra_names, orientation, associated_alpha=has_alpha and extras[0] == 1)
-
-
-def _channel_stack(tif: Any, source: str | None, max_pixels: int | None
-                   ) -> tuple[np.ndarray, tuple[str, ...]] | None:
-    """A multi-page TIFF whose pages are channels (ImageJ or OME axes "CYX"): (H, W, C) and plane names.
-
-    Names come from the file (OME-XML channel names, ImageJ labels) when there is one per
-    channel, else "S0".."Sn". Other multi-page files (z-stacks, time series, pages without
-    axes) keep their first page, as before.
-    """
-    series = tif.series[0]
-    if series.axes != "CYX" or series.dtype not in (np.uint8, np.uint16):
-        return None
-    c, h, w = (int(n) for n in series.shape)
-    check_pixels(source, w, h, max_pixels, samples=c)
-    names: list[str] = []
-    if tif.is_ome:
-        names = re.findall(r'<Channel\b[^>]*\bName="([^"]*)"', tif.ome_metadata or "")
-    elif tif.is_imagej:
-        names = [str(x) for x in (tif.imagej_metadata or {}).get("Labels") or []]
-    names = [n.strip() for n in names]
-    if len(names) != c or len(set(names)) != c or not all(names) or "A" in names:
-        names = [f"S{i}" for i in range(c)]
-    return np.ascontiguousarray(series.asarray().transpose(1, 2, 0)), tuple(names)
-
-
-# ---------------------------------------------------------------- JPEG and Pillow
-
-def jpeg_header(data: bytes) -> tuple[int, int, int, Any] | None:
-    """(width, height, components, raw orientation) from the markers before the scan, or None.
-
-    A few hundred bytes of marker walking instead of a full ``Image.open``,
-    which costs more than decoding a small JPEG's header should.
-    """
-    pos, orientation, n = 2, None, len(data)
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00" and orientation is None:
-            orientation = exif_orientation_value(data[pos + 10:pos + 2 + length])
-        elif marker in (0xC0, 0xC1, 0xC2):  # baseline, extended, progressive Huffman
-            if pos + 10 > n:
-                return None
-            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return width, height, data[pos + 9], orientation
-        elif marker in (0xDA, 0xD9) or 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return None  # scan before frame, or lossless/arithmetic: leave it to Pillow
-        pos += 2 + length
+def _jpeg2000_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JP2 file's ihdr box or a J2K codestream's SIZ marker."""
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 42:
+        xs, ys, xo, yo = struct.unpack(">IIII", data[8:24])
+        return xs - xo, ys - yo, struct.unpack(">H", data[40:42])[0]
+    at = data.find(b"ihdr", 0, 4096)
+    if at >= 0 and len(data) >= at + 14:
+        height, width, comps = struct.unpack(">IIH", data[at + 4:at + 14])
+        return width, height, comps
     return None
 
 
-def _decode_jpeg_fast(data: bytes, source: str | None, max_pixels: int | None, reduce: int) -> Decoded | None:
-    """Gray and YCbCr JPEG: libjpeg-turbo through imagecodecs at full size, Pillow's draft mode
-    (a DCT-domain 1/2, 1/4 or 1/8 decode) when `reduce` > 1; None leaves the file to Pillow."""
+def decode_jpeg2000(data: bytes, source: str | None, max_pixels: int | None) -> Decoded:
+    """JPEG 2000 (JP2 file or J2K codestream) through OpenJPEG (imagecodecs), values as stored.
+
+    Precisions up to 8 bits give uint8, 9-16 bits uint16 (a 12-bit band stays 0..4095);
+    1/2/3/4 components are L / LA / RGB / RGBA, more are planes S0..Sn (multispectral).
+    """
     import imagecodecs
 
-    header = jpeg_header(data)
-    if header is None or header[2] not in (1, 3):
-        return None  # CMYK/YCCK and unusual streams: Pillow converts them
-    width, height, components, orientation = header
-    check_pixels(source, width, height, max_pixels, samples=components)
-    if not data[-64:].rstrip(b"\x00").endswith(b"\xff\xd9"):
-        # Truncated, or valid with trailing bytes after EOI (some cameras append
-        # data): Pillow tells the two apart and names a truncation as such.
-        return None
-    names = ("L",) if components == 1 else ("R", "G", "B")
-    if reduce > 1:
-        with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
-            im.draft(im.mode, (max(1, width // reduce), max(1, height // reduce)))
-            im.load()
-            arr = np.asarray(im)
-        return Decoded(arr[:, :, None] if arr.ndim == 2 else arr, names, orientation)
-    arr = imagecodecs.jpeg8_decode(data)
-    if arr.dtype != np.uint8:
-        raise DecodeError(source, f"unsupported JPEG sample precision ({arr.dtype}); cnnpipe reads 8-bit JPEG")
+    size = _jpeg2000_size(data)
+    if size is None:
+        raise DecodeError(source, "corrupt JPEG 2000: no image header (ihdr box or SIZ marker)")
+    check_pixels(source, size[0], size[1], max_pixels, samples=size[2])
+    arr = imagecodecs.jpeg2k_decode(data)
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise DecodeError(source, f"unsupported: JPEG 2000 with {arr.dtype} samples (cnnpipe reads unsigned "
+                                  "integer samples of up to 16 bits)", kind="unsupported")
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if arr.shape != (height, width, components):
-        raise DecodeError(source, f"corrupt JPEG: decoded shape {arr.shape} does not match header")
-    return Decoded(arr, names, orientation)
+    c = arr.shape[2]
+    names = {1: ("L",), 2: ("L", "A"), 3: ("R", "G", "B"), 4: ("R", "G", "B", "A")}.get(c)
+    return Decoded(arr, names or tuple(f"S{i}" for i in range(c)))
 
 
-def decode_pillow(data: bytes, source: str | None, fmt: str, max_pixels: int | None, reduce: int = 1) -> Decoded:
-    """JPEG (gray/YCbCr fast, CMYK through Pillow), BMP, GIF, WebP: the first frame, exactly as Pillow gives it."""
-    if fmt == "JPEG":
-        fast = _decode_jpeg_fast(data, source, max_pixels, reduce)
-        if fast is not None:
-            return fast
-    arr, names, exif = _pillow_pixels(data, source, fmt, max_pixels)
+# ---------------------------------------------------------------- Pillow
+
+def decode_pillow(data: bytes, source: str | None, fmt: str, max_pixels: int | None) -> Decoded:
+    """BMP, GIF, WebP, and the JPEG and TIFF kinds Pillow converts exactly: the first frame, as Pillow gives it."""
+    arr, names, exif = pillow_pixels(data, source, fmt, max_pixels)
     return Decoded(arr, names, exif)
 
 
-def _pillow_pixels(data: bytes, source: str | None, fmt: str,
+def pillow_pixels(data: bytes, source: str | None, fmt: str,
                    max_pixels: int | None) -> tuple[np.ndarray, tuple[str, ...], Any]:
     """(pixels, names, orientation) through Pillow. For TIFF the orientation is the one
     Pillow has already applied on load; for other formats the raw EXIF entry (XMP is ignored)."""
@@ -376,7 +311,8 @@ def _pillow_pixels(data: bytes, source: str | None, fmt: str,
         try:
             im = Image.open(io.BytesIO(data), formats=[fmt])
         except Image.DecompressionBombError as exc:
-            raise DecodeError(source, f"image over Pillow's hard pixel limit: {reason_of(exc)}") from None
+            raise DecodeError(source, f"too large: over Pillow's hard pixel limit: {reason_of(exc)}",
+                              kind="too_large") from None
         except Exception as exc:
             raise DecodeError(source, _pillow_reason(fmt, exc)) from None
         with im:
@@ -395,6 +331,8 @@ def _pillow_pixels(data: bytes, source: str | None, fmt: str,
 
 
 def _pillow_reason(fmt: str, exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):  # its text holds the stream's repr: say what it means
+        return f"corrupt {fmt} data: no decodable {fmt} image in the file"
     text = reason_of(exc)
     if "truncated" in text.lower() or isinstance(exc, EOFError):
         return f"truncated {fmt}: {text}"
@@ -406,7 +344,8 @@ def _pillow_to_array(im: Image.Image, source: str | None) -> tuple[np.ndarray, t
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return np.asarray(im).astype(np.uint16, copy=False)[:, :, None], ("L",)
     if mode in ("I", "F", "I;32"):
-        raise DecodeError(source, f"unsupported pixel mode {mode} (32-bit); cnnpipe reads 8- and 16-bit images")
+        raise DecodeError(source, f"unsupported: 32-bit pixel mode {mode}; cnnpipe reads 8- and 16-bit images",
+                          kind="unsupported")
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
     if mode in ("1", "L"):
         target = "LA" if "transparency" in im.info else "L"
@@ -418,7 +357,8 @@ def _pillow_to_array(im: Image.Image, source: str | None) -> tuple[np.ndarray, t
         try:
             im = im.convert(target)
         except ValueError as exc:  # e.g. LAB: Pillow has no exact conversion to RGB
-            raise DecodeError(source, f"unsupported pixel mode {mode} ({reason_of(exc)})") from None
+            raise DecodeError(source, f"unsupported: pixel mode {mode} ({reason_of(exc)})",
+                              kind="unsupported") from None
     arr = np.asarray(im)
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -30,7 +30,7 @@ RESIZE_MODES = ("crop", "pad", "stretch")
 CHANNEL_MODES = ("rgb", "gray", "native")
 # Bumped whenever the chain can give other pixels for the same file and spec: stores and
 # folder caches record it, so a cache built by an older chain is rebuilt, never reused.
-IMAGE_PATH_VERSION = 3  # 3: multi-page channel stacks (ImageJ/OME "CYX") read as N planes
+IMAGE_PATH_VERSION = 4  # 4: 12-bit/lossless JPEG, JPEG-LS, 9-15-bit and 16-bit-palette TIFF decoded; --pages
 
 # Shrinking by >= 2x this gap first box-reduces by an integer factor, then applies
 # bicubic over the rest (Pillow's reducing_gap): antialiased like one bicubic pass, ~1.7x faster.
@@ -130,6 +130,7 @@ class ImageSpec:
       bit_depth: 8 or 16; 8-bit images are promoted exactly for 16.
       planes: for "native", the number of planes every image must have.
       target: who takes the pixels, for error messages ("the store takes", "the model expects").
+      pages: multi-page TIFF, "first" or "planes" (see `cnnpipe.images.decode.read_image`).
     """
 
     size: tuple[int, int]
@@ -138,6 +139,7 @@ class ImageSpec:
     bit_depth: int = 8
     planes: int | None = None
     target: str = "the store takes"
+    pages: str = "first"
 
     @property
     def num_planes(self) -> int:
@@ -159,7 +161,8 @@ class InputImage:
       bit_depth: 8 or 16 (the spec's).
       source: the file path (or the name given for bytes).
       notes: the conversions applied (plain sentences, shown in reports).
-      warnings: problems that cost no pixels (bad orientation tag, codec warnings).
+      warnings: problems that cost no pixels (bad orientation tag, codec warnings, pages not read).
+      decoded_bit_depth: the file's own bit depth (8 or 16) before any promotion.
     """
 
     pixels: np.ndarray
@@ -168,6 +171,7 @@ class InputImage:
     source: str
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    decoded_bit_depth: int = 8
 
 
 class NeedsSixteenBit(ValueError):
@@ -230,7 +234,8 @@ def prepare_bytes(data: bytes, spec: ImageSpec, source: str) -> InputImage:
       NeedsSixteenBit: a 16-bit image for an 8-bit spec.
       ValueError: the image's planes cannot be matched to the spec.
     """
-    native = read_image(data, channels="native", alpha="keep", reduce=_jpeg_reduce(data, spec), source=source)
+    native = read_image(data, channels="native", alpha="keep", reduce=_jpeg_reduce(data, spec), pages=spec.pages,
+                        source=source)
     return prepare_planes(native, spec, source)
 
 
@@ -262,18 +267,20 @@ def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
     if pixels.shape != want or pixels.dtype != (np.uint16 if spec.bit_depth == 16 else np.uint8):
         raise ValueError(f"{source}: prepared pixels are {pixels.shape} {pixels.dtype}, expected {want} "
                          f"{spec.bit_depth}-bit")  # a bug guard: a bad row never reaches a store
-    return InputImage(pixels, planes.channels, spec.bit_depth, source, tuple(notes), native.warnings)
+    return InputImage(pixels, planes.channels, spec.bit_depth, source, tuple(notes), native.warnings,
+                      native.bit_depth)
 
 
-def spec_for_model(in_channels: int, bit_depth: int, size: Sequence[int], resize: str = "crop") -> ImageSpec:
+def spec_for_model(in_channels: int, bit_depth: int, size: Sequence[int], resize: str = "crop",
+                   pages: str = "first") -> ImageSpec:
     """The `ImageSpec` of a model taking `in_channels` planes (3: RGB, 1: luma, else native)."""
     channels = {3: "rgb", 1: "gray"}.get(int(in_channels), "native")
     return ImageSpec((int(size[0]), int(size[1])), resize, channels, int(bit_depth),
-                     None if channels != "native" else int(in_channels), "the model expects")
+                     None if channels != "native" else int(in_channels), "the model expects", pages)
 
 
 def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, size: Sequence[int],
-                  resize: str = "crop") -> InputImage:
+                  resize: str = "crop", pages: str = "first") -> InputImage:
     """Read one image file and prepare it exactly as `cnnpipe preprocess` prepared the training data.
 
     Raises:
@@ -281,4 +288,4 @@ def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, 
       ValueError: the image cannot be matched to the model; the message says what it expects.
     """
     path = os.fspath(path)
-    return prepare_bytes(read_file(path), spec_for_model(in_channels, bit_depth, size, resize), path)
+    return prepare_bytes(read_file(path), spec_for_model(in_channels, bit_depth, size, resize, pages), path)

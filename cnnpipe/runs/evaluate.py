@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnpipe.datasets.dataset import Dataset
-from cnnpipe.training.metrics import evaluate_split
 from cnnpipe.runs.load import Run
+from cnnpipe.training.metrics import evaluate_split
 
 __all__ = ["data_overrides", "evaluate_run", "check_compatible"]
 
@@ -43,9 +43,9 @@ def check_compatible(run: Run, ds: Dataset) -> None:
 
 def evaluate_run(run: Run, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Dataset]:
     """Evaluate `run` on the validation split of its data, or of the data `overrides` select."""
-    from cnnpipe.training import steps
     from cnnpipe.config import config_from_dict
     from cnnpipe.datasets.sources import load_dataset
+    from cnnpipe.training import steps
 
     cfg = run.cfg
     if overrides:

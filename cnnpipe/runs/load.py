@@ -55,13 +55,16 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> Run:
         evaluated), "latest", or a step number.
     Raises:
       FileNotFoundError: not a run directory, or no complete checkpoint (the message names it).
+      ValueError: config.yaml, dataset.json or the checkpoint cannot be read or do not fit
+        together; a damaged checkpoint (`CorruptCheckpointError`) names its step folder and the
+        other saved steps.
     """
     from flax import nnx
 
-    from cnnpipe.training import steps
-    from cnnpipe.training.checkpoint import Checkpoints
     from cnnpipe.config import load_config
     from cnnpipe.models.cnn import build_model
+    from cnnpipe.training import steps
+    from cnnpipe.training.checkpoint import Checkpoints
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -102,7 +105,8 @@ def prepare_for_run(path: str | os.PathLike, info: Mapping[str, Any]) -> Any:
     from cnnpipe.images.transform import prepare_image
 
     return prepare_image(path, in_channels=int(info["channels"]), bit_depth=int(info["bit_depth"]),
-                         size=tuple(info["size"]), resize=str(info.get("resize") or "crop"))
+                         size=tuple(info["size"]), resize=str(info.get("resize") or "crop"),
+                         pages=str(info.get("pages") or "first"))
 
 
 def predict_images(run: Run, paths: Sequence[str | os.PathLike], top_k: int = 3,

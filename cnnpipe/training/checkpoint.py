@@ -18,12 +18,18 @@ With `asynchronous=True` (training), `save` returns once the arrays are copied o
 device and the files are written in a background thread while training goes on;
 `close` (always called, also on errors) waits for the last one, so a finished
 checkpoint is never lost at exit.
+
+Unreadable checkpoint files raise `CorruptCheckpointError` (one line: the step folder,
+the damaged item, the other saved steps); read-only managers read a step's files only
+when it is used, so one damaged step never stops another from loading.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +38,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from cnnpipe.training.checkpoint_errors import CorruptCheckpointError, _quiet_failed_reads, _reason
 from cnnpipe.training.compile_cache import quiet_cache_loads
 
-__all__ = ["Checkpoints", "NoCheckpointError", "flat_names"]
+__all__ = ["Checkpoints", "CorruptCheckpointError", "NoCheckpointError", "flat_names"]
 
 _ARRAY_ITEMS = ("params", "model_state", "opt_state")
 _LEGACY_ITEMS = ("state", "meta")
-
-
-class _QuietExpected(logging.Filter):
-    # expected by design: mid-epoch checkpoints have no validation accuracy, and
-    # evaluate/predict open the checkpoints read-only
-    _EXPECTED = ("did not provide metrics", "read_only=True", "directory is read only",
-                 "Metadata file does not exist")  # the earlier format's items have none
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(text in message for text in self._EXPECTED)
-
-
-logging.getLogger("absl").addFilter(_QuietExpected())
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -101,6 +94,24 @@ def _on_first_device(shape: Any, dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
 
 
+def _differs(item_dir: Path, target: Mapping[str, Any]) -> str | None:
+    """How the arrays saved in `item_dir` differ from `target` (name -> shape), if their metadata reads."""
+    try:
+        with ocp.StandardCheckpointer() as reader:
+            saved = reader.metadata(item_dir)
+        saved = dict(getattr(saved, "item_metadata", saved) or {})
+    except Exception:  # noqa: BLE001 - unreadable metadata: damage, not another model
+        return None
+    for name in sorted(set(target) | set(saved)) if saved else ():  # none: Orbax could not read it
+        if name not in saved or name not in target:
+            have, need = ("lacks", "needs") if name not in saved else ("has", "does not have")
+            return f"the checkpoint {have} {name!r}, this model {need} it"
+        shape, needed = tuple(getattr(saved[name], "shape", ()) or ()), tuple(target[name].shape)
+        if shape != needed:
+            return f"{name!r} has shape {shape} in the checkpoint, this model needs {needed}"
+    return None
+
+
 def _unflatten_like(like: Any, values: list[Any], where: Path) -> Any:
     """`values` (one per leaf of `like`, in order) as a pytree shaped like `like`.
 
@@ -140,11 +151,18 @@ class Checkpoints:
             enable_async_checkpointing=asynchronous, preservation_policy=policy,
             # best_fn makes Orbax write the metrics; `policy` alone decides what is kept
             best_fn=lambda m: m["val_accuracy"], best_mode="max",
-            cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
+            cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only,
+            # Orbax would read every step's metrics here and fail on a damaged one without
+            # naming it: `best_step` reads them instead, one step at a time, when asked
+            lightweight_initialize=True)
+        self._read_only = read_only
         if read_only and not self.directory.is_dir():
             raise NoCheckpointError(f"{self.directory}: no complete checkpoint "
                                     "(no checkpoints folder: the run has not saved one yet)")
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        if not read_only:  # training: the preservation policy needs every step's metrics (to keep the best)
+            self.best_step()  # a damaged one is named
+            self._manager.reload()
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -158,7 +176,15 @@ class Checkpoints:
         """The kept checkpoint with the highest validation accuracy (None if none has one)."""
         best = None
         for step in self.steps():
-            acc = (self._manager.metrics(step) or {}).get("val_accuracy")
+            try:
+                metrics = self._manager.metrics(step) or {}
+            except (OSError, ValueError) as exc:
+                raise self._damaged(step, f"metrics: {_reason(exc, self.directory / str(step))}") from None
+            if not isinstance(metrics, Mapping):
+                raise self._damaged(step, f"metrics: a JSON object expected, got {type(metrics).__name__}")
+            acc = metrics.get("val_accuracy")
+            if acc is not None and (not isinstance(acc, (int, float)) or isinstance(acc, bool)):
+                raise self._damaged(step, f"metrics: val_accuracy is {acc!r}, not a number")
             if acc is not None and (best is None or acc > best[0]):
                 best = (acc, step)
         return None if best is None else best[1]
@@ -185,19 +211,74 @@ class Checkpoints:
         if step is None:
             step = self.latest_step()
         if step is None or step not in self._manager.all_steps():
-            what = "no complete checkpoint" if step is None else f"no checkpoint for step {step}"
+            what = ("no complete checkpoint" if step is None else f"no checkpoint for step {step} "
+                    f"(saved: {', '.join(map(str, self.steps())) or 'none'})")
             raise NoCheckpointError(f"{self.directory}: {what}")
         return int(step)
 
     def _is_legacy(self, step: int) -> bool:
         return (self.directory / str(step) / "state").is_dir()
 
-    def _restore(self, step: int, **args: Any) -> dict[str, Any]:
+    def _saved_steps(self) -> list[int]:
+        """Every step folder on disk (also one Orbax could not read), oldest first."""
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def _damaged(self, step: int, what: str) -> CorruptCheckpointError:
+        """The error for checkpoint `step`, damaged as `what` says, with the steps to use instead."""
+        where = self.directory / str(step)
+        others = [s for s in self._saved_steps() if s != step]
+        if not others:
+            tail = "no other step is saved" + ("" if self._read_only else f" (move {where} away to start over)")
+        elif self._read_only:
+            tail = f"other saved steps: {', '.join(map(str, others))} (pass --checkpoint STEP)"
+        else:  # resuming starts from the newest step: moving the damaged one away uses the next
+            tail = f"other saved steps: {', '.join(map(str, others))} (move {where} away to resume from step {others[-1]})"
+        return CorruptCheckpointError(f"{where}: corrupt checkpoint ({what}); {tail}")
+
+    def _check_step_metadata(self, step: int) -> None:
+        """CorruptCheckpointError if the step's own metadata file is there but unreadable (Orbax only logs it)."""
+        path = self.directory / str(step) / "_CHECKPOINT_METADATA"
         try:
-            return dict(self._manager.restore(step, args=ocp.args.Composite(**args)))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{self.directory / str(step)}: checkpoint does not match this model/optimizer "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+            if path.exists() and not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise self._damaged(step, f"{path.name}: {_reason(exc, path.parent)}") from None
+
+    def _restore(self, step: int, **args: Any) -> dict[str, Any]:
+        """Items `args` (name -> Orbax restore args) of checkpoint `step`; CorruptCheckpointError
+        for unreadable files, ValueError for sound files of another model or optimizer."""
+        self._check_step_metadata(step)
+        with _quiet_failed_reads() as settle:
+            try:
+                return dict(self._manager.restore(step, args=ocp.args.Composite(**args)))
+            # damaged files raise anything: a bare Exception (tensorstore reads), ValueError,
+            # OSError, UnicodeDecodeError, JSONDecodeError, KeyError (an item folder gone)
+            except Exception as exc:  # noqa: BLE001
+                absl, drop_all = logging.getLogger("absl"), (lambda _record: False)
+                absl.addFilter(drop_all)  # looking into it logs too; the one error line says it all
+                try:
+                    error = self._restore_error(step, args, exc)
+                finally:
+                    absl.removeFilter(drop_all)
+            settle()
+        raise error
+
+    def _restore_error(self, step: int, args: dict[str, Any], exc: Exception) -> ValueError:
+        """Why restoring `args` of `step` failed: each item restored alone names the one at fault."""
+        where = self.directory / str(step)
+        for name, arg in args.items():
+            if not (where / name).is_dir():
+                return self._damaged(step, f"{name}: missing")
+            try:
+                self._manager.restore(step, args=ocp.args.Composite(**{name: arg}))
+                continue
+            except Exception as item_exc:  # noqa: BLE001 - as in `_restore`
+                reason = _reason(item_exc, where)
+            differs = _differs(where / name, arg.item) if isinstance(arg, ocp.args.StandardRestore) else None
+            if differs:
+                return ValueError(f"{where}: checkpoint does not match this model/optimizer ({name}: {differs})")
+            return self._damaged(step, f"{name}: {reason}")
+        return self._damaged(step, _reason(exc, where))
 
     def _restore_items(self, step: int, likes: dict[str, Any], **more: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the named array items `likes` (name -> pytree like the saved one) shaped like them, every
@@ -217,24 +298,50 @@ class Checkpoints:
         Raises:
           NoCheckpointError: there is no complete checkpoint.
           ValueError: the checkpoint does not match `like` (another model or optimizer).
+          CorruptCheckpointError: its files cannot be read (the message names the step folder).
         """
         step = self._step(step)
         if self._is_legacy(step):
             return self._restore_legacy(like, step)
         items, restored = self._restore_items(step, {name: getattr(like, name) for name in _ARRAY_ITEMS},
                                               position=ocp.args.JsonRestore())
-        position = dict(restored["position"])
-        rng = np.asarray(position.pop("rng"), position.pop("rng_dtype"))
+        position, rng = self._position(step, restored["position"], _abstract(like.rng).shape)
         state = type(like)(**items, step=jax.numpy.asarray(position["step"], like.step.dtype),
                            rng=rng if not _is_key(like.rng) else jax.random.wrap_key_data(rng))
         return state, position, step
 
+    def _position(self, step: int, saved: Any, rng_shape: tuple[int, ...]) -> tuple[dict[str, Any], np.ndarray]:
+        """(position without the rng, rng key data) of a restored `position` item, checked: a run
+        resumed from a damaged one would fail epochs later, or silently train on from a wrong step."""
+        if not isinstance(saved, Mapping):
+            raise self._damaged(step, f"position: a JSON object expected, got {type(saved).__name__}")
+        position, problem = dict(saved), None
+        try:
+            rng = np.asarray(position.pop("rng"), position.pop("rng_dtype"))
+            counts = [position[key] for key in ("epoch", "step_in_epoch", "step")] + [position.get("best_step") or 0]
+        except KeyError as exc:
+            raise self._damaged(step, f"position: key {exc.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as exc:
+            raise self._damaged(step, f"position: rng: {' '.join(str(exc).split())[:120]}") from None
+        best = position.get("best_val_accuracy")
+        if rng.shape != tuple(rng_shape):
+            problem = f"rng has shape {rng.shape}, expected {tuple(rng_shape)}"
+        elif any(type(v) is not int or v < 0 for v in counts) or type(best) not in (int, float, type(None)):
+            problem = f"not step counts and an accuracy: {repr(position)[:120]}"
+        if problem:
+            raise self._damaged(step, f"position: {problem}")
+        return position, rng
+
     def restore_model(self, params: Any, model_state: Any, step: int | None = None) -> tuple[Any, Any, int]:
-        """(params, model_state, step): only what inference needs, no optimizer; shaped like the arguments."""
+        """(params, model_state, step): only what inference needs, no optimizer; shaped like the
+        arguments. Raises as `restore`."""
         step = self._step(step)
         if self._is_legacy(step):
-            with ocp.StandardCheckpointer() as reader:
-                saved = reader.metadata(self.directory / str(step) / "state")
+            try:
+                with ocp.StandardCheckpointer() as reader:
+                    saved = reader.metadata(self.directory / str(step) / "state")
+            except Exception as exc:  # noqa: BLE001 - as in `_restore`
+                raise self._damaged(step, f"state: {_reason(exc, self.directory / str(step))}") from None
             saved = getattr(saved, "item_metadata", saved)
             target = {k: _on_first_device(m.shape, m.dtype) for k, m in saved.items()}
             flat = self._restore(step, state=ocp.args.StandardRestore(target))["state"]

@@ -77,7 +77,12 @@ class MetricsLog:
             return
         if resume_step is not None and self.path.exists():
             # a killed run may have logged past its last checkpoint; those steps run again
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            try:
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{self.path}: cannot read the run's metrics log "
+                                 f"({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+            kept = [line for line in lines if _step_of(line) <= resume_step]
             write_atomic(self.path, "".join(line + "\n" for line in kept))
         # a fresh run in a reused directory starts a fresh log
         self._file = open(self.path, "w" if resume_step is None else "a", encoding="utf-8")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnpipe.config import Config, dump_config
+from cnnpipe.config import Config, dump_config, load_config
 from cnnpipe.datasets.batches import prefetch, steps_per_epoch, train_batches
 from cnnpipe.datasets.dataset import Dataset
 from cnnpipe.datasets.sources import load_dataset
@@ -66,7 +66,9 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, ds: Dataset, resume: bool, writ
     """Check a resumed run's config (every process); with `write` (the primary) create the run dir files."""
     config_text = dump_config(cfg)
     if resume and (run_dir / "config.yaml").exists():
-        if (run_dir / "config.yaml").read_text() != config_text:
+        # compared through the schema, so keys added since the run was written (at their
+        # defaults) do not make an older run's config differ
+        if dump_config(load_config(run_dir / "config.yaml")) != config_text:
             raise ValueError(f"{run_dir / 'config.yaml'}: differs from the config given to resume this run")
     elif write:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,253 @@
+"""TIFF: every kind of page cnnpipe reads, exactly, and a precise reason for the rest.
+
+Routes, chosen from the first page's tags before decoding:
+
+- 8/16-bit gray and RGB(A): libtiff through `imagecodecs.tiff_decode` (fast); if
+  libtiff cannot decode the compression, tifffile with imagecodecs' codecs
+  (JPEG 8/12-bit, JPEG 2000, JPEG XL, JPEG-LS, WebP, Zstandard, LZMA, LERC, ...).
+- 9-15-bit gray and RGB (packed 10/12/14-bit, 12-bit JPEG): tifffile; values are
+  kept as stored in uint16 (a 12-bit sample stays 0..4095).
+- Palette: indices through the colour map with tifffile. TIFF colour maps hold
+  16-bit entries; a map whose entries are all 8-bit values scaled by 256 or 257
+  gives 8-bit RGB (entry >> 8, as Pillow reads it), any other map gives 16-bit RGB
+  with the entries exactly.
+- CMYK, YCbCr, CIELab and 1/2/4-bit gray: Pillow, which converts them exactly (8-bit).
+- Multi-page files: pages that are channels (ImageJ/OME axes "CYX") are read as
+  planes named as the file names them; with ``pages="planes"`` any pages of one
+  sample each and one shape and type are read as planes S0..Sn. Otherwise page 1
+  is kept and the note says so ("3 pages; page 1 kept").
+- Refused as *unsupported*, naming the feature: float and signed samples, samples
+  over 16 bits, compressions no codec here decodes, other photometric interpretations.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cnnpipe.images.formats import Decoded, DecodeError, check_pixels, orient, pillow_pixels, reason_of
+
+__all__ = ["decode_tiff", "PAGE_MODES"]
+
+PAGE_MODES = ("first", "planes")
+_MINISWHITE, _MINISBLACK, _RGB, _PALETTE = 0, 1, 2, 3
+_PILLOW_PHOTOMETRIC = {5: "CMYK", 6: "YCbCr", 8: "CIELab", 9: "ICCLab", 10: "ITULab"}
+# Pillow applies a TIFF's orientation on load; these undo it (2-5 and 7 are their own inverse).
+_INVERSE_ORIENTATION = {2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
+
+
+@dataclass(frozen=True)
+class _Page:
+    """The first page's tags that choose the route."""
+
+    width: int
+    height: int
+    spp: int
+    bits: int
+    fmt: int
+    photometric: int
+    compression: Any
+    extras: tuple[int, ...]
+    planar_separate: bool
+    orientation: Any
+
+    @classmethod
+    def of(cls, page: Any) -> _Page:
+        return cls(int(page.imagewidth), int(page.imagelength), int(page.samplesperpixel), int(page.bitspersample),
+                   int(page.sampleformat), int(page.photometric), page.compression,
+                   tuple(int(e) for e in page.extrasamples), int(page.planarconfig) == 2, page.tags.valueof(274))
+
+
+def decode_tiff(data: bytes, source: str | None, max_pixels: int | None, pages: str = "first") -> Decoded:
+    """Decode a TIFF's first page (or its pages as planes); see the module docstring for the routes.
+
+    Raises:
+      DecodeError: kind "unsupported" naming the feature, "too_large", "planes" (``pages="planes"``
+        with pages that differ), or "corrupt".
+    """
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        if not tif.pages:
+            raise DecodeError(source, "corrupt TIFF: no image directory")
+        first = tif.pages.first
+        info = _Page.of(first)
+        check_pixels(source, info.width, info.height, max_pixels, samples=info.spp)
+        count = len(tif.pages)
+        stack = _pages_as_planes(tif, source, max_pixels, pages) if count > 1 else None
+        if stack is not None:
+            arr, names = stack
+            return Decoded(_invert(arr, info.bits) if info.photometric == _MINISWHITE else arr, names,
+                           info.orientation)
+        notes = (f"{count} pages; page 1 kept",) if count > 1 else ()
+        _check_supported(info, source)
+        if info.photometric == _PALETTE and info.spp == 1:
+            return Decoded(*_palette(first, source), info.orientation, notes=notes)
+        if info.photometric in (_MINISWHITE, _MINISBLACK, _RGB) and info.bits > 8 and info.bits != 16:
+            return _finish(_tifffile_pixels(first, source), info, source, notes)
+    if info.photometric not in (_MINISWHITE, _MINISBLACK, _RGB) or info.bits < 8:
+        arr, names, applied = pillow_pixels(data, source, "TIFF", max_pixels)
+        undo = _INVERSE_ORIENTATION.get(applied) if isinstance(applied, int) else None
+        return Decoded(orient(arr, undo) if undo else arr, names, info.orientation, notes=notes)
+    return _finish(_libtiff_pixels(data, source), info, source, notes)
+
+
+def _check_supported(info: _Page, source: str | None) -> None:
+    """DecodeError (kind "unsupported") naming what a valid file uses that cnnpipe does not read."""
+    import tifffile
+
+    if info.fmt != 1:
+        kind = {2: "signed integer", 3: "float", 6: "complex float"}.get(info.fmt, f"sample format {info.fmt}")
+        raise DecodeError(source, f"unsupported: TIFF, {info.bits}-bit {kind} samples (cnnpipe reads unsigned "
+                                  "integer images of up to 16 bits)", kind="unsupported")
+    if info.bits > 16:
+        raise DecodeError(source, f"unsupported: TIFF, {info.bits}-bit samples (cnnpipe reads up to 16 bits)",
+                          kind="unsupported")
+    if info.compression not in tifffile.TIFF.DECOMPRESSORS:
+        name = getattr(info.compression, "name", str(info.compression))
+        raise DecodeError(source, f"unsupported: TIFF, {name} compression ({int(info.compression)}); no codec "
+                                  "here decodes it", kind="unsupported")
+    photometric_ok = (_MINISWHITE, _MINISBLACK, _RGB, _PALETTE, *_PILLOW_PHOTOMETRIC)
+    if info.photometric not in photometric_ok or (info.photometric in _PILLOW_PHOTOMETRIC and info.bits > 8):
+        name = _PILLOW_PHOTOMETRIC.get(info.photometric) or _photometric_name(info.photometric)
+        raise DecodeError(source, f"unsupported: TIFF, {info.bits}-bit {name} photometric interpretation "
+                                  "(cnnpipe reads gray, RGB and palette up to 16 bits; CMYK, YCbCr and Lab at "
+                                  "8 bits)", kind="unsupported")
+    if info.photometric == _RGB and info.spp < 3:
+        raise DecodeError(source, f"corrupt TIFF: photometric RGB with {info.spp} sample(s) per pixel (needs 3)")
+
+
+def _photometric_name(value: int) -> str:
+    import tifffile
+
+    try:
+        return f"{tifffile.PHOTOMETRIC(value).name} ({value})"
+    except ValueError:
+        return f"photometric {value}"
+
+
+def _invert(arr: np.ndarray, bits: int) -> np.ndarray:
+    """MinIsWhite -> MinIsBlack within the stored bit depth (a 12-bit sample inverts within 0..4095)."""
+    top = (1 << bits) - 1 if bits < 16 and arr.dtype == np.uint16 else np.iinfo(arr.dtype).max
+    return (top - arr).astype(arr.dtype)
+
+
+def _libtiff_pixels(data: bytes, source: str | None) -> np.ndarray:
+    """8/16-bit pages through libtiff; tifffile (more codecs) when libtiff cannot decode the page."""
+    import imagecodecs
+    import tifffile
+
+    try:
+        return imagecodecs.tiff_decode(data, index=0)
+    except Exception as first_error:
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                return _tifffile_pixels(tif.pages.first, source)
+        except DecodeError:
+            raise
+        except Exception:
+            raise DecodeError(source, f"corrupt TIFF data: {_clean(reason_of(first_error))}") from None
+
+
+def _tifffile_pixels(page: Any, source: str | None) -> np.ndarray:
+    try:
+        arr = page.asarray()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise DecodeError(source, f"corrupt TIFF data: {_clean(reason_of(exc))}") from None
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise DecodeError(source, f"unsupported: TIFF decoded to {arr.dtype} samples", kind="unsupported")
+    return arr
+
+
+def _clean(text: str) -> str:
+    """A codec's message without the run-dependent parts (temporary file names, addresses)."""
+    return re.sub(r"(/tmp|/var/folders)/\S+", "<temporary file>", text)
+
+
+def _finish(arr: np.ndarray, info: _Page, source: str | None, notes: tuple[str, ...]) -> Decoded:
+    """Gray/RGB pixels from libtiff or tifffile -> (H, W, C) with plane names (alpha and extra samples)."""
+    spp = info.spp
+    if info.planar_separate and arr.ndim == 3 and arr.shape[0] == spp and arr.shape[-1] != spp:
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    color = 3 if info.photometric == _RGB else 1
+    if arr.shape[:2] != (info.height, info.width) or arr.shape[2] < color:
+        raise DecodeError(source, f"corrupt TIFF: decoded shape {arr.shape} does not match "
+                                  f"{info.width}x{info.height} with {spp} sample(s) per pixel")
+    if info.photometric == _MINISWHITE:
+        arr = _invert(arr, info.bits)
+    names = ("R", "G", "B") if color == 3 else ("L",)
+    n_extra = arr.shape[2] - color
+    # ExtraSamples 1/2 = associated/unassociated alpha; anything else is just a plane.
+    has_alpha = bool(info.extras) and info.extras[0] in (1, 2)
+    extra_names = tuple("A" if i == 0 and has_alpha else f"S{color + i}" for i in range(n_extra))
+    if color == 1 and n_extra >= 2 and not has_alpha:
+        # a multi-channel gray stack (microscopy, spectral bands): no plane is "the" luma
+        names, extra_names = ("S0",), tuple(f"S{i}" for i in range(1, arr.shape[2]))
+    return Decoded(arr, names + extra_names, info.orientation,
+                   associated_alpha=has_alpha and info.extras[0] == 1, notes=notes)
+
+
+def _palette(page: Any, source: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Palette indices through the colour map: 8-bit RGB for 8-bit maps, else exact 16-bit RGB."""
+    cmap = page.colormap
+    index = _tifffile_pixels(page, source)
+    if cmap is None or cmap.ndim != 2 or cmap.shape[0] != 3:
+        raise DecodeError(source, "corrupt TIFF: palette image without a 3-row colour map")
+    if index.ndim == 3:
+        index = index[:, :, 0]
+    if int(index.max(initial=0)) >= cmap.shape[1]:
+        raise DecodeError(source, f"corrupt TIFF: palette index {int(index.max())} beyond the colour map's "
+                                  f"{cmap.shape[1]} entries")
+    cmap = cmap.astype(np.uint16)
+    high, low = cmap >> 8, cmap & 0xFF
+    if np.all(low == 0) or np.all(low == high):  # 8-bit values stored x256 or x257
+        cmap = high.astype(np.uint8)
+    return np.ascontiguousarray(cmap.T[index]), ("R", "G", "B")
+
+
+def _pages_as_planes(tif: Any, source: str | None, max_pixels: int | None, pages: str
+                     ) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """Pages that are planes: an ImageJ/OME channel stack ("CYX"), or every page with ``pages="planes"``.
+
+    Channel names come from the file (OME-XML channel names, ImageJ labels) when there
+    is one per channel, else "S0".."Sn". Returns None when page 1 alone is to be read.
+    """
+    series = tif.series[0]
+    if series.axes == "CYX" and series.dtype in (np.uint8, np.uint16):
+        c, h, w = (int(n) for n in series.shape)
+        check_pixels(source, w, h, max_pixels, samples=c)
+        return np.ascontiguousarray(series.asarray().transpose(1, 2, 0)), _channel_names(tif, c)
+    if pages != "planes":
+        return None
+    first = tif.pages.first
+    want = (int(first.imagelength), int(first.imagewidth), int(first.samplesperpixel), first.dtype)
+    for i, page in enumerate(tif.pages):
+        got = (int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel), page.dtype)
+        if got != want or got[2] != 1 or got[3] not in (np.uint8, np.uint16):
+            raise DecodeError(source, f"pages='planes': page {i + 1} is {got[1]}x{got[0]} with {got[2]} "
+                                      f"sample(s) of {got[3]}, page 1 is {want[1]}x{want[0]} with {want[2]} of "
+                                      f"{want[3]}; pages are read as planes only when each has one sample and "
+                                      "all share shape and type", kind="planes")
+    check_pixels(source, want[1], want[0], max_pixels, samples=len(tif.pages))
+    arr = np.stack([_tifffile_pixels(p, source) for p in tif.pages], axis=-1)
+    return arr, tuple(f"S{i}" for i in range(arr.shape[-1]))
+
+
+def _channel_names(tif: Any, c: int) -> tuple[str, ...]:
+    names: list[str] = []
+    if tif.is_ome:
+        names = re.findall(r'<Channel\b[^>]*\bName="([^"]*)"', tif.ome_metadata or "")
+    elif tif.is_imagej:
+        names = [str(x) for x in (tif.imagej_metadata or {}).get("Labels") or []]
+    names = [n.strip() for n in names]
+    if len(names) != c or len(set(names)) != c or not all(names) or "A" in names:
+        names = [f"S{i}" for i in range(c)]
+    return tuple(names)

@@ -1,0 +1,98 @@
+"""A preprocess whose worker dies (OOM killer, codec segfault) finishes with every file stored or reported.
+
+Both deaths are real SIGKILLs of a worker process: from inside (a test-only hook makes
+the worker holding a named file kill itself, every time) and from outside (this test
+kills a worker's pid while the run goes on). Each run is a `cnnpipe preprocess`
+subprocess with a timeout, so a hang fails the test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cnnpipe.datasets.workers import KILL_ENV
+
+CLI = [sys.executable, "-m", "cnnpipe.cli", "preprocess"]
+
+
+def _folder(root: Path, per_class: int, size: int) -> int:
+    y, x = np.mgrid[0:size, 0:size]
+    n = 0
+    for k, cls in enumerate(["a", "b"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            img = ((np.sin(x / (3 + i % 7)) + np.cos(y / (4 + k))) * 60 + 128).astype(np.uint8)
+            Image.fromarray(np.stack([img, img[::-1], img.T], -1)).save(root / cls / f"img{i:03d}.png")
+            n += 1
+    return n
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+
+def test_a_file_that_kills_its_worker_twice_is_reported_and_the_run_goes_on(tmp_path):
+    total = _folder(tmp_path / "src", 12, 16)
+    env = {**os.environ, KILL_ENV: "b/img005.png"}
+    proc = subprocess.run([*CLI, str(tmp_path / "src"), str(tmp_path / "out"), "--size", "8", "--workers", "2"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = _report(tmp_path / "out")
+    assert report["counts"]["images_stored"] == total - 1
+    (died,) = [s for s in report["skipped"] if s["kind"] == "worker_died"]
+    assert died["path"] == "b/img005.png"
+    assert "killed by signal 9 (SIGKILL)" in died["reason"] and "retry" in died["reason"]
+    assert "Traceback" not in proc.stderr
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """Pids of the pool workers: children of the fork server, itself a child of `parent`."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    return [w for server in children.get(parent, []) for w in children.get(server, [])]
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_a_worker_killed_from_outside_loses_no_file(tmp_path):
+    total = _folder(tmp_path / "src", 150, 160)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, str(tmp_path / "src"), str(out), "--size", "8", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.monotonic() + 60
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        # a worker that has used CPU is decoding: kill it with files in hand
+        busy = [w for w in _worker_pids(proc.pid) if _cpu_ticks(w) >= 5]
+        if busy:
+            killed = busy[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.005)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, stderr
+    report = _report(out)
+    # the killed worker's files were retried in a fresh worker: every file is stored
+    assert report["counts"]["images_stored"] == total and report["skipped"] == []
