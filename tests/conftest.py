@@ -9,6 +9,12 @@ import os
 import tempfile
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Deterministic property tests: the same examples on every run and machine (CI included);
+# a new failure found by exploring locally is kept as an @example.
+hypothesis_settings.register_profile("cnnpipe", derandomize=True, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cnnpipe"))
 
 
 @pytest.fixture(scope="session", autouse=True)

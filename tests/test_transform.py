@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -40,6 +40,9 @@ def test_the_crop_sizes_that_failed_before():
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(h=sizes, w=sizes, th=targets, tw=targets, dtype=dtypes, c=planes, mode=modes, seed=st.integers(0, 9))
+# Pillow's 8-bit reduce by a factor over ~200 turned a constant 255 into 254
+@example(h=544, w=544, th=1, tw=1, dtype=np.uint8, c=1, mode="crop", seed=1)
+@example(h=270, w=544, th=1, tw=1, dtype=np.uint8, c=3, mode="pad", seed=1)
 def test_any_size_to_any_target(h, w, th, tw, dtype, c, mode, seed):
     """Shape and dtype always right; a constant image stays that constant wherever the image lands
     (the filter weights sum to 1, so no value can appear that was not there)."""

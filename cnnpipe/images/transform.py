@@ -35,6 +35,7 @@ IMAGE_PATH_VERSION = 4  # 4: 12-bit/lossless JPEG, JPEG-LS, 9-15-bit and 16-bit-
 # Shrinking by >= 2x this gap first box-reduces by an integer factor, then applies
 # bicubic over the rest (Pillow's reducing_gap): antialiased like one bicubic pass, ~1.7x faster.
 _REDUCING_GAP = 2.0
+_MAX_8BIT_REDUCE = 128  # largest integer reduce factor Pillow's 8-bit path keeps exact (see _resample)
 
 
 # ---------------------------------------------------------------- resize
@@ -54,18 +55,22 @@ def _resample(planes: np.ndarray, out_hw: tuple[int, int], box: tuple[float, flo
     # float rounding can put a computed box a hair outside the image; Pillow refuses that
     x0, y0, x1, y1 = box
     box = (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h))
-    if planes.dtype == np.uint8 and c == 3:
+    # Pillow's 8-bit box reduce loses precision past a factor of about 200 (a constant 255
+    # comes out 254), so such shrinks of 8-bit images take the float path, as 16-bit does
+    exact_8bit = max((box[2] - box[0]) / ow, (box[3] - box[1]) / oh) / _REDUCING_GAP <= _MAX_8BIT_REDUCE
+    if planes.dtype == np.uint8 and c == 3 and exact_8bit:
         im = Image.fromarray(np.ascontiguousarray(planes), "RGB")
         return np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
     out = np.empty((oh, ow, c), planes.dtype)
+    top = float(np.iinfo(planes.dtype).max)
     for i in range(c):
-        if planes.dtype == np.uint8:
+        if planes.dtype == np.uint8 and exact_8bit:
             im = Image.fromarray(np.ascontiguousarray(planes[:, :, i]), "L")
             out[:, :, i] = np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
             continue
         im = Image.fromarray(planes[:, :, i].astype(np.float32), "F")
         res = np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
-        out[:, :, i] = np.rint(np.clip(res, 0.0, 65535.0))
+        out[:, :, i] = np.rint(np.clip(res, 0.0, top))
     return out
 
 
