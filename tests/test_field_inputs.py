@@ -65,7 +65,7 @@ def test_display_path_is_printable_and_reversible(name):
     shown = display_path(path)
     shown.encode("utf-8")  # never raises: always printable and writable as JSON/CSV
     assert path_from_display(shown) == path
-    if b"\\" not in name:
+    if b"\\" not in name and not any(b < 0x20 or b == 0x7F for b in name):
         try:
             assert shown == name.decode("utf-8")  # valid UTF-8 names are shown as they are
         except UnicodeDecodeError:
@@ -102,7 +102,7 @@ def test_names_that_are_not_utf8_are_stored_and_reported_escaped(tmp_path, layou
     store = preprocess(src, tmp_path / "out", size=4, workers=1, val_fraction=0.0)
     sources = [path_from_display(s) for s in store.sources("train")]
     assert len(sources) == 8 and all(os.fsencode(s) for s in sources)
-    assert store.classes == ["cats", os.fsdecode(b"d\xf6gs")]
+    assert store.classes == ["cats", "d\\xf6gs"]  # a class name is a label: its display form
     text = (store.path / "report.json").read_text(encoding="utf-8")  # strict UTF-8: no lone surrogates
     report = json.loads(text)
     skipped = {path_from_display(s["path"]): s for s in report["skipped"]}
@@ -256,6 +256,38 @@ def test_plain_multipage_stack_keeps_page_one_and_says_so_or_reads_pages_as_plan
     assert err.value.kind == "planes"
 
 
+def _truncations(data: bytes) -> list[bytes]:
+    return [data[:len(data) - 1], data[:int(len(data) * 0.7)], data[:int(len(data) * 0.5)]]
+
+
+@pytest.mark.parametrize("case", ["lzw8", "jpeg8", "jpeg12", "jpeg2000_16", "stack_imagej"])
+def test_truncated_tiff_is_corrupt_never_gray_filled(case):
+    x = _gray12(48, 40)
+    data = {
+        "lzw8": lambda: _tiff((x % 256).astype(np.uint8), compression="lzw"),
+        "jpeg8": lambda: _tiff((x % 256).astype(np.uint8), compression="jpeg"),
+        "jpeg12": lambda: _tiff(x, compression="jpeg", compressionargs={"lossless": True, "bitspersample": 12},
+                                bitspersample=12),
+        "jpeg2000_16": lambda: _tiff(x * 16, compression="jpeg2000", compressionargs={"level": 0}),
+        "stack_imagej": lambda: _tiff(np.stack([x, x, x]), imagej=True, metadata={"axes": "CYX"}),
+    }[case]()
+    for cut in _truncations(data)[1:] if case == "stack_imagej" else _truncations(data):
+        with pytest.raises(DecodeError, match=r"truncated TIFF|broken page chain") as err:
+            read_image(cut, channels="native")
+        assert err.value.kind == "corrupt"
+
+
+def test_pages_planes_takes_only_plain_gray_pages_and_names_the_odd_one():
+    rgb_pages = _tiff(RNG.integers(0, 256, (2, 6, 5, 3), dtype=np.uint8), photometric="rgb", metadata=None)
+    with pytest.raises(DecodeError, match=r"page 1 is 5x6, 3 sample\(s\) of 8-bit RGB \(2\);") as err:
+        read_image(rgb_pages, channels="native", pages="planes")
+    assert "page 1 is 5x6, 3 sample(s) of 8-bit RGB (2), page 1" not in str(err.value)
+    four_bit = _tiff(RNG.integers(0, 16, (2, 6, 5), dtype=np.uint8), bitspersample=4, photometric="minisblack",
+                     metadata=None)
+    with pytest.raises(DecodeError, match="4-bit"):
+        read_image(four_bit, channels="native", pages="planes")
+
+
 # ---------------------------------------------------------------- the shared field cases
 
 @pytest.mark.skipif(not FIELD.is_dir(), reason="shared/field-cases not found (set CNNPIPE_FIELD_CASES)")
@@ -387,3 +419,25 @@ def test_folder_cache_key_and_decode_cli_take_names_that_are_not_utf8(tmp_path, 
     assert main(["decode", path]) == 0
     assert capsys.readouterr().out.startswith(display_path(path) + ": 4x4")
     assert "caf\\xe9.png" in display_path(path)
+
+
+def test_a_class_folder_that_is_not_utf8_trains_predicts_and_inspects(tmp_path, capsys):
+    from cnnpipe.cli import main
+
+    src = os.fsencode(tmp_path / "src")
+    for k, cls in enumerate([b"plain", b"caf\xe9"]):
+        os.makedirs(os.path.join(src, cls))
+        for i in range(12):
+            arr = np.full((8, 8, 3), 40 + 150 * k, np.uint8) + RNG.integers(0, 30, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(os.fsdecode(os.path.join(src, cls, b"im\xe9%d.png" % i)))
+    store, run = tmp_path / "store", tmp_path / "run"
+    assert main(["preprocess", os.fsdecode(src), str(store), "--size", "8", "--workers", "1",
+                 "--val-fraction", "0.3"]) == 0
+    assert main(["train", "--workdir", str(run), "--set", "data.source=store", "--set", f"data.path={store}",
+                 "--set", "train.epochs=1", "--set", "train.batch_size=8", "--compile-cache", "off"]) == 0
+    image = os.fsdecode(os.path.join(src, b"caf\xe9", b"im\xe90.png"))
+    assert main(["predict", str(run), image, "--out", str(tmp_path / "p.csv")]) == 0
+    rows = (tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[1].startswith(display_path(image) + ",1,") and "caf\\xe9" in rows[1]
+    assert main(["inspect", str(run), image, "--out", str(tmp_path / "insp")]) == 0
+    assert display_path(image) in (tmp_path / "insp" / "index.html").read_text(encoding="utf-8")

@@ -16,7 +16,7 @@ import numpy as np
 
 from cnnpipe.datasets.workers import die_here_if_asked
 from cnnpipe.images.decode import DecodeError, check_format, read_file
-from cnnpipe.images.formats import display_path, reason_of
+from cnnpipe.images.formats import codec_messages, display_path, reason_of
 from cnnpipe.images.transform import ImageSpec, NeedsSixteenBit, prepare_bytes
 
 __all__ = ["Failure", "Prepared", "NeedsUint16", "probe_file", "convert_file", "convert_items", "worker_died",
@@ -80,7 +80,8 @@ def _header_bit_depth(fmt: str, head: bytes, path: str) -> int:
         try:
             import tifffile
 
-            with tifffile.TiffFile(path) as tif:  # reads the first directory only
+            # codec_messages: tifffile logs what it finds wrong; that belongs to the decode, not the terminal
+            with codec_messages(), tifffile.TiffFile(path) as tif:  # reads the first directory only
                 return 16 if int(tif.pages.first.bitspersample) > 8 else 8
         except Exception:
             return 8

@@ -159,10 +159,13 @@ def scan_folder(src: Path) -> FolderScan:
                 skip(scan, rel, "symlink_loop", f"{display_path(entry.path)}: symbolic link loop (points to a parent folder)")
                 continue
             visited.add(key)
-            scan.class_dirs.append((rel, entry.name, split))
+            # a class name is a label (plots, CSVs, JSON): a folder name that is not UTF-8 gets its
+            # display form, the folder itself is still walked by its real path
+            class_name = display_path(entry.name)
+            scan.class_dirs.append((rel, class_name, split))
             for path, frel in _walk_files(Path(entry.path), rel, scan, visited, ancestors + (key,)):
                 class_rel = frel[len(rel) + 1:]
-                scan.candidates.append(Candidate(path, frel, class_rel, entry.name, split))
+                scan.candidates.append(Candidate(path, frel, class_rel, class_name, split))
     return scan
 
 

@@ -366,11 +366,13 @@ def _apply_policies(arr: np.ndarray, names: Sequence[str], channels: ChannelPoli
     elif channels == "rgb" and color_names[:3] == ("R", "G", "B"):
         color, color_names = color[:, :, :3], ("R", "G", "B")
     elif channels == "rgb" and len(color_names) > 1:
-        raise DecodeError(source, f"cannot map planes {color_names} to R, G, B; use channels='native'",
+        raise DecodeError(source, f"cannot map planes {color_names} to R, G, B; use channels native "
+                                  "(--channels native)",
                           kind="planes")
     elif channels == "gray" and color_names != ("L",):
         if color_names[:3] != ("R", "G", "B"):
-            raise DecodeError(source, f"cannot compute luma from planes {color_names}; use channels='native'",
+            raise DecodeError(source, f"cannot compute luma from planes {color_names}; use channels native "
+                                      "(--channels native)",
                               kind="planes")
         color, color_names = _luma(color[:, :, :3]), ("L",)
     if alpha_plane is not None and alpha == "keep":

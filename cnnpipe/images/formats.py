@@ -69,12 +69,17 @@ def display_path(path: str | os.PathLike) -> str:
 
     File names are bytes to the operating system; Python gives names that are not
     valid UTF-8 as surrogate escapes, which cannot be encoded for a terminal, a JSON
-    file or a CSV. Here every byte that is not part of valid UTF-8 becomes ``\xNN``
-    and a backslash becomes ``\\``: the Latin-1 name ``b"caf\xe9.png"`` reads
-    ``caf\xe9.png``. Valid UTF-8 names without backslashes are unchanged.
+    file or a CSV. Here every byte that is not part of valid UTF-8, and every control
+    character (newline, ESC), becomes ``\xNN``, and a backslash becomes ``\\``: the
+    Latin-1 name ``b"caf\xe9.png"`` reads ``caf\xe9.png``. Valid UTF-8 names without
+    backslashes or control characters are unchanged.
     """
     raw = os.fsencode(path).replace(b"\\", b"\\\\")
-    return raw.decode("utf-8", "backslashreplace")
+    # control characters (a newline, an ESC sequence in a name) are escaped as well
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", raw.decode("utf-8", "backslashreplace"))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def path_from_display(text: str) -> str:

@@ -22,8 +22,11 @@ Routes, chosen from the first page's tags before decoding:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,13 +74,15 @@ def decode_tiff(data: bytes, source: str | None, max_pixels: int | None, pages: 
     """
     import tifffile
 
-    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+    with _page_chain_errors() as broken, tifffile.TiffFile(io.BytesIO(data)) as tif:
         if not tif.pages:
             raise DecodeError(source, "corrupt TIFF: no image directory")
         first = tif.pages.first
         info = _Page.of(first)
         check_pixels(source, info.width, info.height, max_pixels, samples=info.spp)
-        count = len(tif.pages)
+        count = len(tif.pages)  # reads every page directory: a broken chain is logged here
+        if broken:
+            raise DecodeError(source, f"corrupt TIFF: broken page chain ({broken[0]}) after page {count}")
         stack = _pages_as_planes(tif, source, max_pixels, pages) if count > 1 else None
         if stack is not None:
             arr, names = stack
@@ -85,6 +90,7 @@ def decode_tiff(data: bytes, source: str | None, max_pixels: int | None, pages: 
                            info.orientation)
         notes = (f"{count} pages; page 1 kept",) if count > 1 else ()
         _check_supported(info, source)
+        _check_complete([first], len(data), source)
         if info.photometric == _PALETTE and info.spp == 1:
             return Decoded(*_palette(first, source), info.orientation, notes=notes)
         if info.photometric in (_MINISWHITE, _MINISBLACK, _RGB) and info.bits > 8 and info.bits != 16:
@@ -93,7 +99,30 @@ def decode_tiff(data: bytes, source: str | None, max_pixels: int | None, pages: 
         arr, names, applied = pillow_pixels(data, source, "TIFF", max_pixels)
         undo = _INVERSE_ORIENTATION.get(applied) if isinstance(applied, int) else None
         return Decoded(orient(arr, undo) if undo else arr, names, info.orientation, notes=notes)
-    return _finish(_libtiff_pixels(data, source), info, source, notes)
+    return _finish(_libtiff_pixels(data, source, info), info, source, notes)
+
+
+@contextlib.contextmanager
+def _page_chain_errors() -> Iterator[list[str]]:
+    """Collect tifffile's warnings that the chain of page directories is broken.
+
+    tifffile stops at an invalid page offset and only logs it; the file would then
+    read as fewer pages (a damaged 3-channel stack as one gray page), so it is corrupt.
+    """
+    found: list[str] = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            hit = re.search(r"invalid (page offset|offset to first page) \S+", record.getMessage())
+            if hit:
+                found.append(hit.group(0))
+
+    handler, logger = _Handler(logging.WARNING), logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
 
 
 def _check_supported(info: _Page, source: str | None) -> None:
@@ -136,21 +165,38 @@ def _invert(arr: np.ndarray, bits: int) -> np.ndarray:
     return (top - arr).astype(arr.dtype)
 
 
-def _libtiff_pixels(data: bytes, source: str | None) -> np.ndarray:
-    """8/16-bit pages through libtiff; tifffile (more codecs) when libtiff cannot decode the page."""
+# compressions the libtiff in imagecodecs decodes (the fast route); others go to tifffile
+_LIBTIFF_COMPRESSIONS = frozenset({1, 2, 3, 4, 5, 7, 8, 32773, 32946, 34887, 34925, 50000, 50001})
+
+
+def _libtiff_pixels(data: bytes, source: str | None, info: _Page) -> np.ndarray:
+    """8/16-bit pages through libtiff, or tifffile for compressions libtiff lacks (JPEG 2000, JPEG XL, 16-bit
+    JPEG, ...). A libtiff failure on a compression it has means damaged data: no second decoder is tried,
+    since another may accept what libtiff rightly refused (a short strip, filled with gray)."""
     import imagecodecs
     import tifffile
 
-    try:
-        return imagecodecs.tiff_decode(data, index=0)
-    except Exception as first_error:
+    lossless_jpeg16 = int(info.compression) == 7 and info.bits == 16
+    if int(info.compression) in _LIBTIFF_COMPRESSIONS and not lossless_jpeg16:
         try:
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                return _tifffile_pixels(tif.pages.first, source)
-        except DecodeError:
-            raise
-        except Exception:
-            raise DecodeError(source, f"corrupt TIFF data: {_clean(reason_of(first_error))}") from None
+            return imagecodecs.tiff_decode(data, index=0)
+        except Exception as exc:
+            raise DecodeError(source, f"corrupt TIFF data: {_clean(reason_of(exc))}") from None
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        return _tifffile_pixels(tif.pages.first, source)
+
+
+def _check_complete(pages: Any, size: int, source: str | None) -> None:
+    """DecodeError (corrupt) when a strip or tile of `pages` lies beyond the file's end.
+
+    Decoders fill what is missing with gray instead of failing (tifffile, libjpeg),
+    so a truncated file is recognised from its own byte counts before decoding.
+    """
+    for n, page in enumerate(pages, 1):
+        for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+            if count and offset + count > size:
+                raise DecodeError(source, f"truncated TIFF: page {n}, {'tile' if page.is_tiled else 'strip'} "
+                                          f"{k} ends at byte {offset + count}, the file has {size} bytes")
 
 
 def _tifffile_pixels(page: Any, source: str | None) -> np.ndarray:
@@ -224,19 +270,25 @@ def _pages_as_planes(tif: Any, source: str | None, max_pixels: int | None, pages
     if series.axes == "CYX" and series.dtype in (np.uint8, np.uint16):
         c, h, w = (int(n) for n in series.shape)
         check_pixels(source, w, h, max_pixels, samples=c)
+        _check_complete(series.pages, tif.filehandle.size, source)
         return np.ascontiguousarray(series.asarray().transpose(1, 2, 0)), _channel_names(tif, c)
     if pages != "planes":
         return None
+    def describe(page: Any) -> str:
+        return (f"{int(page.imagewidth)}x{int(page.imagelength)}, {int(page.samplesperpixel)} sample(s) of "
+                f"{int(page.bitspersample)}-bit {_photometric_name(int(page.photometric))}")
+
     first = tif.pages.first
-    want = (int(first.imagelength), int(first.imagewidth), int(first.samplesperpixel), first.dtype)
     for i, page in enumerate(tif.pages):
-        got = (int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel), page.dtype)
-        if got != want or got[2] != 1 or got[3] not in (np.uint8, np.uint16):
-            raise DecodeError(source, f"pages='planes': page {i + 1} is {got[1]}x{got[0]} with {got[2]} "
-                                      f"sample(s) of {got[3]}, page 1 is {want[1]}x{want[0]} with {want[2]} of "
-                                      f"{want[3]}; pages are read as planes only when each has one sample and "
-                                      "all share shape and type", kind="planes")
-    check_pixels(source, want[1], want[0], max_pixels, samples=len(tif.pages))
+        plain_gray = (int(page.samplesperpixel) == 1 and int(page.bitspersample) in (8, 16)
+                      and int(page.sampleformat) == 1 and int(page.photometric) in (_MINISWHITE, _MINISBLACK))
+        if not plain_gray or (i and describe(page) != describe(first)):
+            raise DecodeError(source, f"pages='planes': page {i + 1} is {describe(page)}"
+                                      + (f", page 1 is {describe(first)}" if i else "")
+                                      + "; pages are read as planes only when every page is 8- or 16-bit gray "
+                                      "with one sample and all share shape and type", kind="planes")
+    check_pixels(source, int(first.imagewidth), int(first.imagelength), max_pixels, samples=len(tif.pages))
+    _check_complete(tif.pages, tif.filehandle.size, source)
     arr = np.stack([_tifffile_pixels(p, source) for p in tif.pages], axis=-1)
     return arr, tuple(f"S{i}" for i in range(arr.shape[-1]))
 

@@ -12,6 +12,7 @@ never points at a half-written picture.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cnnpipe.files import atomic_path, write_atomic
+from cnnpipe.images.formats import display_path
 from cnnpipe.inspect import featuremaps as fm
 from cnnpipe.training.plots import feature_grid
 
@@ -418,7 +420,9 @@ def inspect_run(run_dir: str | os.PathLike, images: Sequence[str | os.PathLike],
     if layers:
         for name in layers:
             fm._layer_index(model, name)
-    prepared = [prepare_for_run(p, run.info) for p in images]
+    # names that are not UTF-8 are shown (page, summary.json) in their escaped display form
+    prepared = [dataclasses.replace(im, source=display_path(im.source))
+                for im in (prepare_for_run(p, run.info) for p in images)]
     out_dir = Path(out) if out is not None else Path(run_dir) / "inspect"
     inspect_images(model, prepared, out_dir, classes=run.classes, layers=layers, class_name=class_name,
                    top_k=top_k, context={"run_dir": str(run_dir), "checkpoint_step": run.step})

@@ -67,8 +67,12 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> Run:
     from cnnpipe.training.checkpoint import Checkpoints
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: run directory not found")
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a cnnpipe run directory (config.yaml is missing)")
+    if not (run_dir / "config.yaml").read_bytes().strip():  # a run's resolved config is never empty
+        raise ValueError(f"{run_dir / 'config.yaml'}: empty run file (damaged?)")
     cfg = load_config(run_dir / "config.yaml")
     info = read_dataset_info(run_dir)
     # shapes only: every value comes from the checkpoint, so nothing is initialised or compiled
