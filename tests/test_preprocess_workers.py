@@ -96,3 +96,25 @@ def test_a_worker_killed_from_outside_loses_no_file(tmp_path):
     report = _report(out)
     # the killed worker's files were retried in a fresh worker: every file is stored
     assert report["counts"]["images_stored"] == total and report["skipped"] == []
+
+
+def test_a_killed_fork_server_is_restarted_and_no_file_is_lost(tmp_path):
+    total = _folder(tmp_path / "src", 150, 160)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, str(tmp_path / "src"), str(out), "--size", "8", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = False
+    deadline = time.monotonic() + 60
+    while not killed and proc.poll() is None and time.monotonic() < deadline:
+        busy = [w for w in _worker_pids(proc.pid) if _cpu_ticks(w) >= 5]
+        if busy:
+            server = int(Path(f"/proc/{busy[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            os.kill(server, signal.SIGKILL)  # the fork server, then a worker: the replacement needs a new server
+            os.kill(busy[0], signal.SIGKILL)
+            killed = True
+        time.sleep(0.005)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert killed, "the run ended before the fork server could be killed"
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert _report(out)["counts"]["images_stored"] == total

@@ -1,8 +1,9 @@
 """Folders and tfds datasets -> dataset stores -> fixed-shape batches (stage 2).
 
 Owns: `store` (the on-disk format, atomic writer), `folders` (folder scan, stable
-split), `workers` (decoding pool, progress), `native_planes` (the plane count of a
-native store), `report` (report.json and its summary), `preprocess` (folder ->
+split), `workers` (a process pool that survives worker deaths), `progress`,
+`convert` (one file in a worker: probe, or read + hash + prepare), `native_planes`
+(the plane count of a native store), `report` (report.json and its summary), `preprocess` (folder ->
 store), `tfds` (tfds -> store cache), `dataset` (`Dataset`, `Split`, a run's
 `dataset.json`), `shapes` (the built-in synthetic data), `sources` (`data.source`
 -> `Dataset`) and `batches` (deterministic host batches, prefetch).

@@ -45,9 +45,10 @@ import numpy as np
 from cnnpipe.datasets.convert import Failure, NeedsUint16, Prepared, convert_items, probe_file, worker_died
 from cnnpipe.datasets.folders import Candidate, FolderScan, assign_split, scan_folder, skip, split_order
 from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
+from cnnpipe.datasets.progress import Progress
 from cnnpipe.datasets.report import build_report, reason_counts
 from cnnpipe.datasets.store import Store, StoreWriter, build_meta, check_output, exact_mean_std, load_store
-from cnnpipe.datasets.workers import Progress, chunks, make_pool, ordered_map
+from cnnpipe.datasets.workers import chunks, make_pool, ordered_map
 from cnnpipe.images.formats import display_path
 from cnnpipe.images.tiff import PAGE_MODES
 from cnnpipe.images.transform import IMAGE_PATH_VERSION, RESIZE_MODES, ImageSpec

@@ -1,5 +1,5 @@
-"""Worker processes and progress for `cnnpipe preprocess`: a pool that never imports jax and
-survives its workers' deaths, an in-order map with bounded memory, and a progress display.
+"""Worker processes for `cnnpipe preprocess`: a pool that never imports jax and
+survives its workers' deaths and an in-order map with bounded memory.
 
 Workers are started by a fork server (never a plain fork: the parent may hold jax/XLA threads)
 that has already imported the decoding stack; they ignore Ctrl-C: the parent alone handles it.
@@ -27,7 +27,6 @@ import queue
 import signal
 import sys
 import threading
-import time
 import traceback
 import types
 from collections import deque
@@ -37,7 +36,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, TypeVar
 
-__all__ = ["KILL_ENV", "Progress", "WorkerDied", "WorkerPool", "chunks", "die_here_if_asked", "make_pool",
+__all__ = ["KILL_ENV", "WorkerDied", "WorkerPool", "chunks", "die_here_if_asked", "make_pool",
            "ordered_map"]
 
 log = logging.getLogger("cnnpipe.datasets.preprocess")
@@ -49,7 +48,7 @@ _HELD = 2          # jobs a worker holds at once: the running one and the next, 
 _JOIN_S = 5.0      # a worker that closed its pipe is exiting; past this it is killed
 _in_worker = False  # True only inside a pool worker process (set by _worker_main)
 
-WORKER_PRELOAD = ["cnnpipe.datasets.preprocess", "imagecodecs", "tifffile", "PIL.JpegImagePlugin", "PIL.PngImagePlugin",
+WORKER_PRELOAD = ["cnnpipe.datasets.convert", "cnnpipe.datasets.native_planes", "imagecodecs", "tifffile", "PIL.JpegImagePlugin", "PIL.PngImagePlugin",
                    "PIL.TiffImagePlugin", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.WebPImagePlugin"]
 
 
@@ -294,12 +293,20 @@ class WorkerPool:
         return [r for out in ordered_map(self, functools.partial(_each, fn), jobs, 2 * _HELD * len(self._workers))
                 for r in out]
 
-    def _start(self) -> _Worker:
+    def _start(self, retry: bool = True) -> _Worker:
         ours, theirs = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(target=_worker_main, args=(theirs,), name="cnnpipe-worker", daemon=True)
         try:
             with _main_hidden():
                 proc.start()
+        except (EOFError, OSError) as exc:  # the fork server itself died (killed): start a new one, once
+            ours.close()
+            if not retry or self._ctx.get_start_method() != "forkserver":
+                raise OSError(f"cannot start a worker process ({type(exc).__name__}: {exc})") from None
+            from multiprocessing import forkserver
+
+            forkserver._forkserver._stop()
+            return self._start(retry=False)
         except BaseException:
             ours.close()
             raise
@@ -419,31 +426,3 @@ def ordered_map(pool: WorkerPool | None, fn: Callable[[list[T]], list[R]], jobs:
         run.ready.clear()
 
 
-class Progress:
-    """A tqdm bar on an interactive terminal; otherwise a log line every 10 s and at the end."""
-
-    def __init__(self, enabled: bool, total: int, desc: str) -> None:
-        self.total, self.desc, self.done, self.skipped = total, desc, 0, 0
-        self.t0 = self.last = time.perf_counter()
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="file", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, n: int, skipped: int) -> None:
-        self.done += n
-        self.skipped += skipped
-        if self.bar is not None:
-            self.bar.update(n)
-            if skipped:
-                self.bar.set_postfix(skipped=self.skipped, refresh=False)
-        elif self.done >= self.total or time.perf_counter() - self.last >= 10.0:
-            self.last = time.perf_counter()
-            rate = self.done / max(self.last - self.t0, 1e-9)
-            log.info("%s: %d/%d files, %.0f files/s, %d skipped", self.desc, self.done, self.total, rate,
-                     self.skipped)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -93,8 +93,18 @@ def _quiet_failed_reads() -> Iterator[Callable[[], None]]:
         while time.monotonic() < min(give_up, heard[0] + 0.25):
             time.sleep(0.05)
 
+    class _AbandonedReads(logging.Filter):  # the same noise through asyncio's logger
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "exception was never retrieved" in record.getMessage():
+                heard[0] = time.monotonic()
+                return False
+            return True
+
+    asyncio_log, quiet = logging.getLogger("asyncio"), _AbandonedReads()
     sys.unraisablehook = hook
+    asyncio_log.addFilter(quiet)
     try:
         yield settle
     finally:
         sys.unraisablehook = previous
+        asyncio_log.removeFilter(quiet)

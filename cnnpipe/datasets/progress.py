@@ -1,0 +1,41 @@
+"""Progress of a batch job: a tqdm bar on a terminal, a log line every 10 s elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+__all__ = ["Progress"]
+
+log = logging.getLogger("cnnpipe.datasets.preprocess")
+
+
+class Progress:
+    """A tqdm bar on an interactive terminal; otherwise a log line every 10 s and at the end."""
+
+    def __init__(self, enabled: bool, total: int, desc: str) -> None:
+        self.total, self.desc, self.done, self.skipped = total, desc, 0, 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="file", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, n: int, skipped: int) -> None:
+        self.done += n
+        self.skipped += skipped
+        if self.bar is not None:
+            self.bar.update(n)
+            if skipped:
+                self.bar.set_postfix(skipped=self.skipped, refresh=False)
+        elif self.done >= self.total or time.perf_counter() - self.last >= 10.0:
+            self.last = time.perf_counter()
+            rate = self.done / max(self.last - self.t0, 1e-9)
+            log.info("%s: %d/%d files, %.0f files/s, %d skipped", self.desc, self.done, self.total, rate,
+                     self.skipped)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
