@@ -232,16 +232,7 @@ def read_image(
       >>> planes.bit_depth, planes.channels         # doctest: +SKIP
       (16, ('R', 'G', 'B'))
     """
-    if channels not in ("rgb", "native", "gray"):
-        raise ValueError(f"channels must be 'rgb', 'native' or 'gray', got {channels!r}")
-    if alpha not in ("drop", "keep", "composite"):
-        raise ValueError(f"alpha must be 'drop', 'keep' or 'composite', got {alpha!r}")
-    if not 0.0 <= background <= 1.0:  # checked here, not only when an image happens to have alpha
-        raise ValueError(f"background must be in [0, 1], got {background}")
-    if reduce not in (1, 2, 4, 8):
-        raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce!r}")
-    if pages not in PAGE_MODES:
-        raise ValueError(f"pages must be 'first' or 'planes', got {pages!r}")
+    _check_options(channels, alpha, background, reduce, pages)
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
     else:
@@ -255,6 +246,20 @@ def read_image(
     arr = orient(dec.arr, orientation) if exif_orientation and orientation != 1 else dec.arr
     arr, names = _apply_policies(arr, dec.names, channels, alpha, background, source, dec.associated_alpha)
     return _planes(arr, names, source, tuple(notes))
+
+
+def _check_options(channels: str, alpha: str, background: float, reduce: int, pages: str) -> None:
+    """ValueError naming the first bad `read_image` option (checked before any file is read)."""
+    if channels not in ("rgb", "native", "gray"):
+        raise ValueError(f"channels must be 'rgb', 'native' or 'gray', got {channels!r}")
+    if alpha not in ("drop", "keep", "composite"):
+        raise ValueError(f"alpha must be 'drop', 'keep' or 'composite', got {alpha!r}")
+    if not 0.0 <= background <= 1.0:  # checked here, not only when an image happens to have alpha
+        raise ValueError(f"background must be in [0, 1], got {background}")
+    if reduce not in (1, 2, 4, 8):
+        raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce!r}")
+    if pages not in PAGE_MODES:
+        raise ValueError(f"pages must be 'first' or 'planes', got {pages!r}")
 
 
 def read_file(path: str | os.PathLike[str]) -> bytes:
