@@ -21,6 +21,7 @@ _LAZY = {
     "load_config": "cnnpipe.config",
     "build_model": "cnnpipe.models.cnn",
     "train_and_evaluate": "cnnpipe.training.train",
+    "load_run": "cnnpipe.runs.load",
 }
 
 

@@ -271,18 +271,24 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="top-k classes of images with a trained run")
+    p = sub.add_parser("predict", help="top-k classes of image files, folders and @lists with a trained run",
+                       description="Predict every file of SRC (image files, folders walked recursively, @LIST "
+                                   "files with one path per line). A file that cannot be used gets its reason in "
+                                   "the error column and the run goes on.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `cnnpipe train` run directory")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (decoded and resized like the training data)")
+    p.add_argument("images", nargs="+", metavar="SRC", help="image files, folders or @LIST files")
     p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to show per image (default: %(default)s)")
-    p.add_argument("--out", metavar="PREDS.csv", help="also write path,rank,class,probability rows as CSV")
+    p.add_argument("--out", metavar="PREDS.csv|.jsonl",
+                   help="write path,rank,class,probability,error rows as CSV (JSON Lines if it ends in .jsonl)")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="preparing processes (default: 0 = every core)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per device batch (default: 64)")
     p.add_argument("--checkpoint", default="best", metavar="WHICH",
                    help="best (default), latest, or a step number")
     p.set_defaults(func=_run_predict)
 
 
 def _check_top_k_and_images(args: argparse.Namespace) -> None:
-    """Fail before loading a model: --top-k must be >= 1 and every IMAGE must exist."""
+    """Fail before loading a model (inspect): --top-k must be >= 1 and every IMAGE must exist."""
     from pathlib import Path
 
     if args.top_k < 1:
@@ -293,28 +299,22 @@ def _check_top_k_and_images(args: argparse.Namespace) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    import csv
-    import io
+    from cnnpipe.runs.load import load_run
+    from cnnpipe.runs.outputs import PredictionWriter
+    from cnnpipe.runs.predict import expand_sources, predict_files, summary_line, timed
 
-    from cnnpipe.files import write_atomic
-    from cnnpipe.images.formats import display_path
-    from cnnpipe.runs.load import load_run, predict_images
-
-    _check_top_k_and_images(args)
+    if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
+        raise CLIError(f"--top-k and --batch-size must be >= 1 and --workers >= 0, got {args.top_k}, "
+                       f"{args.batch_size} and {args.workers}")
+    if not any(os.path.exists(s[1:] if s.startswith("@") else s) for s in args.images):
+        raise FileNotFoundError(f"{args.images[0]}: no input exists (give image files, folders or @LIST files)")
     run = load_run(args.run_dir, args.checkpoint)
-    preds = predict_images(run, args.images, top_k=args.top_k)
-    rows = []
-    for path, top in zip(args.images, preds):
-        shown = display_path(path)  # names that are not UTF-8: escaped, reversibly
-        print(f"{shown}: " + ", ".join(f"{name} {p:.4f}" for name, p in top))
-        rows += [(shown, rank, name, f"{p:.6f}") for rank, (name, p) in enumerate(top, 1)]
-    if args.out:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["path", "rank", "class", "probability"])
-        writer.writerows(rows)
-        write_atomic(args.out, buf.getvalue())
-        print(f"wrote {len(rows)} rows to {display_path(args.out)}")
+    preds, stats = timed(predict_files(run, expand_sources(args.images), top_k=args.top_k,
+                                       batch_size=args.batch_size, workers=args.workers or None))
+    with PredictionWriter(args.out) as writer:
+        for pred in preds:
+            writer.write(pred)
+    print(summary_line(int(stats["done"]), int(stats["failed"]), stats["seconds"]), file=sys.stderr)
     return 0
 
 

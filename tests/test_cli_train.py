@@ -115,9 +115,11 @@ def test_predict_top_k_matches_the_model_and_writes_csv(run, tmp_path, capsys):
         Image.fromarray(img).save(paths[-1])
     out_csv = tmp_path / "preds.csv"
     assert main(["predict", str(run_dir), *paths, "--top-k", "2", "--out", str(out_csv)]) == 0
+    assert "predicted 3 files, 0 failed" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), *paths, "--top-k", "2"]) == 0  # no --out: one line per file
     printed = capsys.readouterr().out.splitlines()
     rows = list(csv.DictReader(out_csv.open()))
-    assert len(rows) == 6 and rows[0].keys() == {"path", "rank", "class", "probability"}
+    assert len(rows) == 6 and rows[0].keys() == {"path", "rank", "class", "probability", "error"}
     model = load_run(run_dir).model()
     probs = np.asarray(jax.nn.softmax(model(images), -1))
     for i, path in enumerate(paths):
@@ -136,9 +138,10 @@ def test_predict_refuses_16bit_image_for_8bit_run(run, tmp_path, capsys):
     images, _ = make_shapes(1, size=(16, 16), seed=0, split="val")
     big = tmp_path / "16bit.png"
     big.write_bytes(imagecodecs.png_encode(images[0].astype(np.uint16) * 257))
-    assert main(["predict", str(run_dir), str(big)]) == 2
-    err = capsys.readouterr().err
-    assert str(big) in err and "16-bit image" in err and "8-bit" in err
+    assert main(["predict", str(run_dir), str(big)]) == 0  # a batch job: the file gets its reason
+    out = capsys.readouterr()
+    assert out.out.startswith(f"{big}: error: {big}: 16-bit image") and "8-bit" in out.out
+    assert "predicted 0 files, 1 failed" in out.err
 
 
 def test_predict_resizes_like_the_training_data(run, tmp_path, capsys):

@@ -107,10 +107,10 @@ def test_evaluate_predict_and_inspect_take_the_planes_and_refuse_others(trained,
     capsys.readouterr()
     rgb = root / "rgb.png"
     Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(rgb)
-    assert main(["predict", run, str(rgb)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(rgb) in err
-    assert "image has 3 plane(s) R/G/B at 8-bit; the model expects 5 plane(s) at 16-bit, 24x24" in err
+    assert main(["predict", run, str(rgb)]) == 0  # a batch job: the file gets its reason, the run goes on
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and out.startswith(f"{rgb}: error: ")
+    assert "image has 3 plane(s) R/G/B at 8-bit; the model expects 5 plane(s) at 16-bit, 24x24" in out
     assert main(["inspect", run, str(image), "--out", str(root / "inspect")]) == 0
     page = json.loads((root / "inspect" / "summary.json").read_text())
     entry = page["images"][0]

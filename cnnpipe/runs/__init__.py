@@ -1,7 +1,9 @@
 """Using a trained run: load it, evaluate it, predict with it (stage 5).
 
 Owns: `load` (`load_run`: the model restored from a run directory without an
-optimizer, and `predict_images` through the training image path) and `evaluate`
+optimizer; `Run.prepare` and `Run.predict` through the training image path),
+`predict` (`cnnpipe predict` at scale: files, folders and @lists streamed through
+the worker pool to the device), `outputs` (CSV / JSON Lines rows) and `evaluate`
 (`cnnpipe evaluate` on the run's own or other data).
 
 May import: images, datasets, models, training, and the top-level foundation modules.

@@ -46,6 +46,44 @@ class Run:
 
         return state_to_model(self.graphdef, self.state)
 
+    def prepare(self, path: str | os.PathLike) -> np.ndarray:
+        """The raw pixels (H, W, C) uint8/uint16 the model sees for the file at `path`.
+
+        Exactly the row `cnnpipe preprocess` stores for that file (the one image path).
+        Raises DecodeError (unreadable or not an image) or ValueError (planes the model
+        does not take; the message says what it expects).
+        """
+        return prepare_for_run(path, self.info).pixels
+
+    def predict(self, x: Sequence[str | os.PathLike] | np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities (N, K) float32, K = len(classes), in `classes` order.
+
+        `x` is a sequence of image paths (each prepared by `prepare`; an unreadable file
+        raises) or raw pixels (N, H, W, C) in the store's units (uint8/uint16 values, any
+        numeric dtype). For folders and files that may be bad, use `cnnpipe predict`
+        (`cnnpipe.runs.predict.predict_files`): it reports them instead.
+        """
+        from flax import nnx
+
+        from cnnpipe.training.steps import forward
+
+        want = (*tuple(self.info["size"]), int(self.info["channels"]))
+        if isinstance(x, np.ndarray) or hasattr(x, "__array__") and not isinstance(x, (list, tuple)):
+            pixels = np.asarray(x)
+            if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
+                raise ValueError(f"x: got shape {pixels.shape}; the model takes raw pixels (N, {want[0]}, "
+                                 f"{want[1]}, {want[2]})")
+        else:
+            pixels = np.stack([self.prepare(p) for p in x]) if len(x) else np.zeros((0, *want))
+        graphdef, state = nnx.split(self.model())
+        out = np.zeros((len(pixels), len(self.classes)), np.float32)
+        batch = np.zeros((batch_size, *want), np.float32)  # one compiled shape, the last batch padded
+        for start in range(0, len(pixels), batch_size):
+            n = min(batch_size, len(pixels) - start)
+            batch[:n] = pixels[start:start + n]
+            out[start:start + n] = np.asarray(forward(graphdef, (state,), batch.copy(), ())[0])[:n]
+        return out
+
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> Run:
     """Rebuild a run's model from its directory and restore a checkpoint.
@@ -115,23 +153,9 @@ def prepare_for_run(path: str | os.PathLike, info: Mapping[str, Any]) -> Any:
 
 def predict_images(run: Run, paths: Sequence[str | os.PathLike], top_k: int = 3,
                    batch_size: int = 64) -> list[list[tuple[str, float]]]:
-    """Top-k (class, probability) for each image, most likely first."""
-    from flax import nnx
-
-    from cnnpipe.training.steps import forward
-
+    """Top-k (class, probability) for each image, most likely first (`Run.predict` ranked)."""
     if top_k < 1:
         raise ValueError(f"--top-k: got {top_k}; expected an integer >= 1")
     k = min(top_k, len(run.classes))
-    graphdef, state = nnx.split(run.model())
-    out: list[list[tuple[str, float]]] = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        x = np.zeros((batch_size, *tuple(run.info["size"]), int(run.info["channels"])), np.float32)
-        for i, p in enumerate(chunk):
-            x[i] = prepare_for_run(p, run.info).pixels
-        pr = np.asarray(forward(graphdef, (state,), x)[0])[:len(chunk)]
-        for row in pr:
-            order = np.argsort(-row, kind="stable")[:k]
-            out.append([(run.classes[j], float(row[j])) for j in order])
-    return out
+    probs = run.predict(list(paths), batch_size=batch_size)
+    return [[(run.classes[j], float(row[j])) for j in np.argsort(-row, kind="stable")[:k]] for row in probs]

@@ -1,0 +1,79 @@
+"""Where predictions go: CSV or JSON Lines rows streamed to a file that appears only when complete, or stdout.
+
+CSV: ``path,rank,class,probability,error`` (top-k rows per file, or one row with its
+error). JSON Lines (a name ending in ``.jsonl``): one object per file,
+``{"path", "predictions": [{"class", "probability"}], "error"}``. Paths are in
+`display_path` form (names that are not UTF-8 escaped reversibly). Rows are written as
+they come to a temporary sibling renamed onto the output at the end, so readers never
+see half a file and memory does not grow with the file count.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from cnnpipe.images.formats import display_path
+
+__all__ = ["PredictionWriter"]
+
+
+class PredictionWriter:
+    """Write `Prediction`s to `out` (CSV or .jsonl), or print them to stdout when `out` is None.
+
+    Raises:
+      OSError: the output cannot be created (naming it), before any prediction is made.
+    """
+
+    def __init__(self, out: str | os.PathLike | None) -> None:
+        self.out = Path(out) if out else None
+        self.jsonl = bool(self.out) and self.out.suffix.lower() == ".jsonl"
+        self.rows = 0
+        self._tmp: Path | None = None
+        self._file: TextIO | None = None
+        if self.out is not None:
+            self._tmp = self.out.with_name(f".{self.out.name}.tmp{os.getpid()}")
+            try:
+                self._file = open(self._tmp, "w", encoding="utf-8", newline="")
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror or "cannot write", str(self.out)) from None
+            self._csv = csv.writer(self._file)
+            if not self.jsonl:
+                self._csv.writerow(["path", "rank", "class", "probability", "error"])
+
+    def write(self, pred: Any) -> None:
+        """One file's rows."""
+        path = display_path(pred.path)
+        if self._file is None:
+            text = pred.error if pred.error else ", ".join(f"{c} {p:.4f}" for c, p in pred.top)
+            print(f"{path}: {text}" if not pred.error else f"{path}: error: {text}")
+            return
+        try:
+            if self.jsonl:
+                obj = {"path": path, "predictions": [{"class": c, "probability": p} for c, p in pred.top],
+                       "error": pred.error}
+                self._file.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            elif pred.error:
+                self._csv.writerow([path, "", "", "", pred.error])
+            else:
+                self._csv.writerows([path, rank, c, f"{p:.6f}", ""] for rank, (c, p) in enumerate(pred.top, 1))
+        except OSError as exc:  # disk full: the output is the one thing that stops the run
+            raise OSError(exc.errno, exc.strerror or "cannot write", str(self.out)) from None
+        self.rows += 1
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        if exc_type is None:
+            os.replace(self._tmp, self.out)
+            print(f"wrote {self.rows} files' rows to {display_path(self.out)}", file=sys.stderr)
+        else:
+            self._tmp.unlink(missing_ok=True)

@@ -1,0 +1,190 @@
+"""`cnnpipe predict` at scale: files, folders and @lists -> one row per file, streamed in input order.
+
+Inputs are expanded lazily (a folder is walked as preprocess walks a class folder:
+recursively, sorted, hidden and AppleDouble files skipped, any extension: magic
+bytes decide), prepared in the worker pool through the one image path (the pixels
+a store holds for the file, tolerance 0), and batched to the device while the
+workers prepare the next files. A file that cannot be read, decoded or matched to
+the model gets its reason and the run goes on; a worker that dies is replaced and
+its files retried (`cnnpipe.datasets.workers`). Nothing per file is kept beyond
+its output row, so memory stays flat however many files there are.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnpipe.datasets.convert import Failure, NeedsUint16, Prepared, convert_items, worker_died
+from cnnpipe.datasets.workers import make_pool, ordered_map
+from cnnpipe.images.formats import display_path
+from cnnpipe.images.transform import ImageSpec, spec_for_model
+from cnnpipe.runs.load import Run
+
+__all__ = ["Prediction", "expand_sources", "predict_files", "run_spec"]
+
+_CHUNK = 4  # files per pool job
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One input file's outcome: its top-k (class, probability), most likely first, or its error."""
+
+    path: str
+    top: tuple[tuple[str, float], ...] = ()
+    error: str | None = None
+
+
+def run_spec(run: Run) -> ImageSpec:
+    """The `ImageSpec` of a run's model: size, planes, bit depth, resize and page mode of its training data."""
+    info = run.info
+    return spec_for_model(int(info["channels"]), int(info["bit_depth"]), tuple(info["size"]),
+                          str(info.get("resize") or "crop"), str(info.get("pages") or "first"))
+
+
+def expand_sources(sources: Iterable[str]) -> Iterator[str]:
+    """Every input file, in order: files as given, folders walked, ``@LIST`` files read (one path per line).
+
+    A path that does not exist is yielded as it is: its row then says why it was not read.
+    List files are read as bytes, so names that are not UTF-8 work; empty lines and lines
+    starting with ``#`` are skipped; relative paths are relative to the working directory.
+    """
+    for src in sources:
+        if src.startswith("@") and len(src) > 1:
+            with open(src[1:], "rb") as f:  # an unreadable list is an input error (exit 2)
+                for raw in f:
+                    raw = raw.rstrip(b"\r\n")
+                    if raw and not raw.startswith(b"#"):
+                        yield from _walk(os.fsdecode(raw))
+        else:
+            yield from _walk(src)
+
+
+def _walk(path: str) -> Iterator[str]:
+    if not os.path.isdir(path):
+        yield path
+        return
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):  # hidden files and AppleDouble ._* metadata
+                yield os.path.join(root, name)
+
+
+def _reason(path: str, res: Failure | NeedsUint16) -> str:
+    if isinstance(res, NeedsUint16):
+        return (f"{display_path(path)}: 16-bit image; the model expects 8-bit values (cnnpipe never drops "
+                "16-bit values to 8 bits)")
+    return res.message
+
+
+def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size: int = 64,
+                  workers: int | None = None) -> Iterator[Prediction]:
+    """A `Prediction` per path, in input order, streamed.
+
+    Args:
+      workers: preparing processes; None or 0 = every core, 1 = in this process.
+      batch_size: images per device batch (the last one is padded, so the program compiles once).
+    """
+    from flax import nnx
+
+    from cnnpipe.training.steps import forward
+
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
+    spec, k = run_spec(run), min(top_k, len(run.classes))
+    graphdef, state = nnx.split(run.model())
+    workers = int(workers) if workers else (os.cpu_count() or 1)
+    pool = make_pool(workers) if workers > 1 else None
+    try:
+        yield from _batched(_prepared(pool, paths, spec, workers), spec, graphdef, state, forward, run.classes, k,
+                            batch_size)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _prepared(pool, paths: Iterable[str], spec: ImageSpec, workers: int
+              ) -> Iterator[tuple[tuple, Prepared | Failure | NeedsUint16]]:
+    """(item, result) in input order; the pool prepares the files ahead of the caller."""
+    sent: deque[list[tuple]] = deque()
+
+    def jobs() -> Iterator[list[tuple]]:
+        for job in chunks_of((p, False, spec) for p in paths):
+            sent.append(job)
+            yield job
+
+    for out in ordered_map(pool, convert_items, jobs(), 4 * workers, on_death=worker_died):
+        yield from zip(sent.popleft(), out)
+
+
+def chunks_of(items: Iterable[tuple], size: int = _CHUNK) -> Iterator[list[tuple]]:
+    """Lists of `size` items from any iterable, lazily (`chunks` needs a sequence)."""
+    chunk: list[tuple] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _batched(results: Iterator[tuple[tuple, Prepared | Failure | NeedsUint16]], spec: ImageSpec, graphdef, state,
+             forward, classes: Sequence[str], k: int, batch_size: int) -> Iterator[Prediction]:
+    """Device batches of the prepared images; each batch's rows come out while the next one is prepared."""
+    x = np.zeros((batch_size, *spec.size, spec.num_planes), np.float32)  # raw values; the model normalises
+    pending: list[tuple[str, Prepared | Failure | NeedsUint16]] = []
+    n_ok, in_flight = 0, None
+    for item, res in results:
+        pending.append((item[0], res))
+        if isinstance(res, Prepared):
+            x[n_ok] = res.pixels
+            n_ok += 1
+        if n_ok == batch_size:
+            probs = forward(graphdef, (state,), x.copy(), ())[0]  # dispatched, not waited for
+            if in_flight is not None:
+                yield from _rows(*in_flight, classes, k)
+            in_flight, pending, n_ok = (pending, probs), [], 0
+    if in_flight is not None:
+        yield from _rows(*in_flight, classes, k)
+    if pending:
+        probs = forward(graphdef, (state,), x.copy(), ())[0] if n_ok else None
+        yield from _rows(pending, probs, classes, k)
+
+
+def _rows(entries: list, probs, classes: Sequence[str], k: int) -> Iterator[Prediction]:
+    p = np.asarray(probs) if probs is not None else None
+    i = 0
+    for path, res in entries:
+        if isinstance(res, Prepared):
+            order = np.argsort(-p[i], kind="stable")[:k]
+            yield Prediction(path, tuple((classes[j], float(p[i, j])) for j in order))
+            i += 1
+        else:
+            yield Prediction(path, error=_reason(path, res))
+
+
+def summary_line(done: int, failed: int, seconds: float) -> str:
+    """E.g. "predicted 2000 files, 3 failed, 4.1 s, 488 images/s"."""
+    return (f"predicted {done} files, {failed} failed, {seconds:.1f} s, "
+            f"{done / max(seconds, 1e-9):.0f} images/s")
+
+
+def timed(predictions: Iterable[Prediction]) -> tuple[Iterator[Prediction], dict[str, float]]:
+    """`predictions` passed through, counting files, failures and seconds into the returned dict."""
+    stats = {"done": 0, "failed": 0, "seconds": 0.0}
+    t0 = time.perf_counter()
+
+    def gen() -> Iterator[Prediction]:
+        for pred in predictions:
+            stats["failed" if pred.error else "done"] += 1
+            yield pred
+        stats["seconds"] = time.perf_counter() - t0
+
+    return gen(), stats

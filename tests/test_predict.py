@@ -1,0 +1,143 @@
+"""`cnnpipe predict` at scale: files, folders and @lists, bad files reported, rows in input order."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnpipe.cli import main
+from cnnpipe.datasets.shapes import make_shapes
+from cnnpipe.datasets.workers import KILL_ENV
+from cnnpipe.images.formats import display_path, path_from_display
+from cnnpipe.runs.load import load_run
+
+SETTINGS = ["data.size=[16,16]", "data.num_train=96", "data.num_val=32", "train.batch_size=16",
+            "train.eval_batch_size=16", "train.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    args = ["train", "--workdir", str(root / "run"), "--compile-cache", "off"]
+    for s in SETTINGS:
+        args += ["--set", s]
+    assert main(args) == 0
+    return root / "run"
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """photos/: 8 good 8-bit PNGs (one named in Latin-1, some in sub-folders), two bad files and a hidden one."""
+    root = tmp_path / "photos"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    images, _ = make_shapes(7, size=(20, 24), seed=3, split="val")
+    good = []
+    for i, img in enumerate(images):
+        path = root / ("sub" if i % 2 else "") / ("deeper" if i == 5 else "") / f"img{i}.png"
+        Image.fromarray(img).save(path)
+        good.append(str(path))
+    (root / "notes.txt").write_text("not an image")
+    (root / "sub" / "empty.png").write_bytes(b"")
+    (root / ".hidden.png").write_bytes(b"skipped: hidden")
+    latin1 = os.path.join(os.fsencode(root), b"caf\xe9.png")
+    Image.fromarray(images[0]).save(os.fsdecode(latin1))
+    good.append(os.fsdecode(latin1))
+    return root, sorted(good)
+
+
+def _csv_rows(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_folder_with_bad_files_gives_every_file_once_with_the_single_file_probabilities(run_dir, folder, tmp_path,
+                                                                                          capsys):
+    root, good = folder
+    missing = str(tmp_path / "missing.png")
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(os.fsencode(good[0]) + b"\n# a comment\n\n" + os.fsencode(missing) + b"\n")
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", str(run_dir), str(root), f"@{listing}", "--out", str(out), "--workers", "2",
+                 "--batch-size", "3", "--top-k", "6"]) == 0
+    assert "predicted 9 files, 3 failed" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    paths = [path_from_display(r["path"]) for r in rows]
+    walked = sorted(good + [str(root / "notes.txt"), str(root / "sub" / "empty.png")],
+                    key=lambda p: (os.path.dirname(p) != str(root), p))
+    assert sorted(paths) == sorted(walked + [good[0], missing])  # every input once, hidden files skipped
+    run = load_run(run_dir)
+    for row, path in zip(rows, paths):
+        if path in good:
+            assert row["error"] is None
+            want = run.predict([path])[0]
+            got = {p["class"]: p["probability"] for p in row["predictions"]}
+            np.testing.assert_allclose([got[c] for c in run.classes], want, atol=1e-6)
+        else:
+            assert row["predictions"] == [] and display_path(path) in row["error"]
+
+
+def test_csv_has_an_error_column_and_rows_in_input_order(run_dir, folder, tmp_path):
+    root, good = folder
+    files = [good[2], str(root / "notes.txt"), good[1]]
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run_dir), *files, "--out", str(out), "--workers", "1", "--top-k", "2"]) == 0
+    rows = _csv_rows(out)
+    assert [r["path"] for r in rows] == [good[2], good[2], str(root / "notes.txt"), good[1], good[1]]
+    assert rows[2]["rank"] == "" and "not a recognised image" in rows[2]["error"]
+    assert [r["rank"] for r in rows if not r["error"]] == ["1", "2", "1", "2"]
+
+
+def test_pixels_are_the_training_pixels(run_dir, folder):
+    from cnnpipe.datasets.convert import convert_file
+    from cnnpipe.runs.predict import run_spec
+
+    run = load_run(run_dir)
+    _, good = folder
+    for path in good:
+        np.testing.assert_array_equal(convert_file(path, False, run_spec(run)).pixels, run.prepare(path))
+
+
+def test_python_api_predicts_paths_and_pixel_arrays_alike(run_dir, folder):
+    import cnnpipe
+
+    run = cnnpipe.load_run(run_dir, checkpoint="best")
+    _, good = folder
+    x = np.stack([run.prepare(p) for p in good])
+    by_path, by_pixels = run.predict(good), run.predict(x, batch_size=4)
+    assert by_path.shape == (len(good), len(run.classes))
+    np.testing.assert_array_equal(by_path, by_pixels)
+    np.testing.assert_allclose(by_path.sum(1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="raw pixels"):
+        run.predict(x[:, :8])
+
+
+def test_a_worker_that_dies_loses_no_row(run_dir, folder, tmp_path):
+    root, good = folder
+    out = tmp_path / "p.csv"
+    env = {**os.environ, KILL_ENV: "img3.png"}
+    proc = subprocess.run([sys.executable, "-m", "cnnpipe.cli", "predict", str(run_dir), str(root), "--out", str(out),
+                           "--workers", "2", "--top-k", "1"], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    rows = _csv_rows(out)
+    assert len(rows) == 10  # 8 good + 2 bad files, one row each (top-1)
+    (died,) = [r for r in rows if "img3.png" in r["path"]]
+    assert "killed by signal 9 (SIGKILL)" in died["error"]
+    assert sum(1 for r in rows if not r["error"]) == len(good) - 1
+
+
+@pytest.mark.parametrize("case", ["no_input", "bad_out"])
+def test_no_input_or_an_unwritable_output_is_one_line_exit_2(run_dir, folder, tmp_path, capsys, case):
+    root, good = folder
+    args = (["predict", str(run_dir), str(tmp_path / "nothing-here")] if case == "no_input"
+            else ["predict", str(run_dir), good[0], "--out", str(tmp_path / "no-dir" / "p.csv")])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("nothing-here" in err or "no-dir" in err)
+    assert not list(tmp_path.glob("**/.p.csv.tmp*"))
