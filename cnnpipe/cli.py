@@ -8,7 +8,6 @@ Each sub-command registers itself through one `_add_<name>` function listed in
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -84,33 +83,15 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
 def _run_preprocess(args: argparse.Namespace) -> int:
     from cnnpipe.datasets.preprocess import preprocess
+    from cnnpipe.datasets.progress import log_lines_off_a_terminal
     from cnnpipe.datasets.report import format_summary
 
-    logger = logging.getLogger("cnnpipe.datasets.preprocess")
-    if not sys.stderr.isatty() and not logger.handlers:
-        # no progress bar off a terminal: a log line every 10 s instead
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    log_lines_off_a_terminal()
     store = preprocess(args.src, args.out, size=args.size, resize=args.resize, val_fraction=args.val_fraction,
                        test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
                        channels=args.channels, overwrite=args.overwrite, pages=args.pages)
     print(format_summary(store))
     return 0
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Log to whatever `sys.stderr` is when a record is written (it may be replaced after setup)."""
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value: object) -> None:
-        pass
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -311,10 +292,40 @@ def _run_predict(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, args.checkpoint)
     preds, stats = timed(predict_files(run, expand_sources(args.images), top_k=args.top_k,
                                        batch_size=args.batch_size, workers=args.workers or None))
+    if sys.stderr.isatty() and args.out:  # a progress bar on a terminal; the total is not known up front
+        from tqdm import tqdm
+
+        preds = tqdm(preds, unit="file", desc="predicting", file=sys.stderr, dynamic_ncols=True)
     with PredictionWriter(args.out) as writer:
         for pred in preds:
             writer.write(pred)
     print(summary_line(int(stats["done"]), int(stats["failed"]), stats["seconds"]), file=sys.stderr)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a trained run as a StableHLO or ONNX model that runs without cnnpipe",
+                       description="Export RUN_DIR's model: raw pixels (N, H, W, C) float32 -> class probabilities "
+                                   "(N, K), normalisation inside, N dynamic; PATH.json beside it says how to "
+                                   "prepare pixels (classes, size, planes, bit depth, resize).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `cnnpipe train` run directory")
+    p.add_argument("--format", choices=["onnx", "stablehlo"], required=True,
+                   help="onnx (needs pip install 'cnnpipe[export]') or stablehlo (jax.export)")
+    p.add_argument("--out", metavar="PATH", help="model file (default RUN_DIR/export/model.onnx|.stablehlo)")
+    p.add_argument("--checkpoint", default="best", metavar="WHICH", help="best (default), latest, or a step number")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from cnnpipe.images.formats import display_path
+    from cnnpipe.runs.export import export_run
+    from cnnpipe.runs.load import load_run
+
+    try:
+        path = export_run(load_run(args.run_dir, args.checkpoint), args.format, args.out)
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"wrote {display_path(path)} and {display_path(str(path) + '.json')}")
     return 0
 
 
@@ -366,6 +377,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_evaluate,
     _add_predict,
+    _add_export,
     _add_inspect,
 ]
 

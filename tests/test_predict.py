@@ -141,3 +141,60 @@ def test_no_input_or_an_unwritable_output_is_one_line_exit_2(run_dir, folder, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("nothing-here" in err or "no-dir" in err)
     assert not list(tmp_path.glob("**/.p.csv.tmp*"))
+
+
+# ---------------------------------------------------------------- export
+
+def _store_rows(run):
+    """Validation rows of the run's own data, the pixels the model was evaluated on."""
+    from cnnpipe.datasets.shapes import make_shapes
+
+    images, _ = make_shapes(37, size=tuple(run.info["size"]), seed=5, split="val")
+    return images.astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["stablehlo", "onnx"])
+def test_exported_model_gives_predicts_probabilities_at_batch_1_and_37(run_dir, tmp_path, capsys, fmt):
+    run = load_run(run_dir)
+    out = tmp_path / f"model.{fmt}"
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(out)]) == 0
+    info = json.loads((tmp_path / f"model.{fmt}.json").read_text())
+    assert info["classes"] == run.classes and info["size"] == [16, 16] and info["bit_depth"] == 8
+    x = _store_rows(run)
+    want = run.predict(x)
+    if fmt == "stablehlo":
+        from jax import export
+
+        exported = export.deserialize(bytearray(out.read_bytes()))
+        call = lambda a: np.asarray(exported.call(a))  # noqa: E731
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(out))
+        name = session.get_inputs()[0].name
+        call = lambda a: session.run(None, {name: a})[0]  # noqa: E731
+    np.testing.assert_allclose(call(x), want, atol=1e-5)
+    np.testing.assert_allclose(call(x[:1]), want[:1], atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["simple_cnn", "lenet5", "vgg_small", "resnet_small"])
+def test_every_preset_exports_to_onnx_and_stablehlo(preset, tmp_path):
+    import jax
+    from flax import nnx
+    from jax import export
+
+    from cnnpipe.models.cnn import build_model
+    from cnnpipe.runs.export import export_model
+
+    ort = pytest.importorskip("onnxruntime")
+    model = build_model(preset, in_channels=2, num_classes=3, input_size=(32, 32), bit_depth=16,
+                        rngs=nnx.Rngs(0), mean=[1000.0, 2000.0], std=[300.0, 500.0])
+    model.eval()
+    x = np.random.default_rng(1).integers(0, 65536, (5, 32, 32, 2)).astype(np.float32)
+    want = np.asarray(jax.nn.softmax(model(x), axis=-1))
+    export_model(model, "stablehlo", tmp_path / "m.stablehlo")
+    got = np.asarray(export.deserialize(bytearray((tmp_path / "m.stablehlo").read_bytes())).call(x))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    export_model(model, "onnx", tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "log_lines_off_a_terminal"]
 
 log = logging.getLogger("cnnpipe.datasets.preprocess")
 
@@ -39,3 +39,26 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log to whatever `sys.stderr` is when a record is written (it may be replaced after setup)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
+def log_lines_off_a_terminal() -> None:
+    """Off a terminal there is no progress bar: the batch jobs log a line every 10 s to stderr instead."""
+    if sys.stderr.isatty() or log.handlers:
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False

@@ -305,7 +305,8 @@ class CNN(nnx.Module):
         for name, kind, layer in zip(self._names, self._kinds, self.layers):
             if kind == "dense" and x.ndim > 2:
                 x = x.reshape(x.shape[0], -1)
-            x = layer(x, rngs=rngs) if kind == "dropout" else layer(x)
+            # rngs only when given (training): eval-mode dropout is the identity and needs none
+            x = layer(x, rngs=rngs) if kind == "dropout" and rngs is not None else layer(x)
             if keep is None or name in keep:
                 feats[name] = x
         return x.astype(wide), feats

@@ -1,0 +1,108 @@
+"""`cnnpipe export`: a trained run as a model that runs without cnnpipe (StableHLO or ONNX).
+
+The exported function maps raw pixels (N, H, W, C) float32, holding the store's
+integer values, with N dynamic, to class probabilities (N, K); normalisation is
+inside. Beside it, ``PATH.json`` says what a caller needs to prepare pixels the way
+training did: classes, size, planes and their names, bit depth, resize mode, page
+mode, image-path version and cnnpipe version.
+
+- StableHLO: `jax.export`, serialised; reload with ``jax.export.deserialize(blob).call(x)``.
+- ONNX: jax2onnx (what Keras 3 uses), an optional extra: ``pip install 'cnnpipe[export]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cnnpipe.files import atomic_path, write_atomic
+from cnnpipe.runs.load import Run
+
+__all__ = ["FORMATS", "export_model", "export_run", "preparation_info"]
+
+FORMATS = ("stablehlo", "onnx")
+_SUFFIX = {"stablehlo": ".stablehlo", "onnx": ".onnx"}
+
+
+def preparation_info(run: Run, fmt: str) -> dict[str, Any]:
+    """What a caller needs to prepare pixels for the exported model (written as ``PATH.json``)."""
+    import cnnpipe
+    from cnnpipe.images.transform import IMAGE_PATH_VERSION
+
+    info = run.info
+    return {"format": fmt, "input": "raw pixels (N, H, W, C) float32 holding the store's integer values",
+            "output": "class probabilities (N, K) float32", "classes": list(info["classes"]),
+            "size": list(info["size"]), "channels": int(info["channels"]), "planes": info.get("planes"),
+            "bit_depth": int(info["bit_depth"]), "resize": info.get("resize") or "crop",
+            "pages": info.get("pages") or "first", "image_path_version": IMAGE_PATH_VERSION,
+            "cnnpipe_version": cnnpipe.__version__, "checkpoint_step": run.step}
+
+
+def _probabilities(model: Any) -> Any:
+    """A pure function raw pixels -> probabilities, with the model's parameters as constants (eval mode)."""
+    import jax
+    from flax import nnx
+
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    def fn(x: Any) -> Any:
+        return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
+
+    return fn
+
+
+def export_run(run: Run, fmt: str, out: str | os.PathLike | None = None) -> Path:
+    """Export `run` as `fmt` to `out` (default ``RUN/export/model.<fmt>``) with ``PATH.json`` beside it.
+
+    Returns the model's path. Raises ValueError (an unknown format) or ImportError (ONNX
+    without the ``export`` extra; the message names it).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: got {fmt!r}; expected one of {', '.join(FORMATS)}")
+    path = Path(out) if out else run.run_dir / "export" / f"model{_SUFFIX[fmt]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_model(run.model(), fmt, path)
+    write_atomic(path.with_name(path.name + ".json"), json.dumps(preparation_info(run, fmt), indent=2) + "\n")
+    return path
+
+
+def export_model(model: Any, fmt: str, path: str | os.PathLike) -> None:
+    """Write `model` (a `cnnpipe.models.cnn.CNN`) as StableHLO or ONNX: raw pixels (N, H, W, C) float32 with
+    N dynamic -> probabilities (N, K). Never half-written (a temporary sibling, then a rename)."""
+    shape = (*model.input_size, model.in_channels)
+    blob = _stablehlo(model, shape) if fmt == "stablehlo" else _onnx(model, shape)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(blob)
+
+
+def _stablehlo(model: Any, shape: tuple[int, int, int]) -> bytes:
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+
+    (batch,) = export.symbolic_shape("n")
+    spec = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
+    return bytes(export.export(jax.jit(_probabilities(model)))(spec).serialize())
+
+
+def _onnx(model: Any, shape: tuple[int, int, int]) -> bytes:
+    import contextlib
+    import io
+    import logging
+
+    try:
+        from jax2onnx import to_onnx
+    except ImportError:
+        raise ImportError("--format onnx needs the export extra: pip install 'cnnpipe[export]'") from None
+    serde = logging.getLogger("onnx_ir.serde")
+    level = serde.level
+    serde.setLevel(logging.ERROR)  # notes about constant shapes, not problems
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints debug lines
+            proto = to_onnx(_probabilities(model), inputs=[("N", *shape)], model_name="cnnpipe")
+    finally:
+        serde.setLevel(level)
+    return proto.SerializeToString()
