@@ -198,3 +198,28 @@ def test_every_preset_exports_to_onnx_and_stablehlo(preset, tmp_path):
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_two_local_devices_give_the_one_device_probabilities(run_dir, folder, tmp_path):
+    root, _ = folder
+    outs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"p{devices}.jsonl"
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        proc = subprocess.run([sys.executable, "-m", "cnnpipe.cli", "predict", str(run_dir), str(root), "--out",
+                               str(out), "--workers", "1", "--batch-size", "3"], env=env, capture_output=True,
+                              text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        outs[devices] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["path"] for r in outs[1]] == [r["path"] for r in outs[2]]
+    for a, b in zip(outs[1], outs[2]):
+        np.testing.assert_allclose([p["probability"] for p in a["predictions"]],
+                                   [p["probability"] for p in b["predictions"]], atol=1e-6)
+
+
+def test_onnx_without_the_extra_names_it(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # as if not installed
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cnnpipe[export]" in err
+    assert not (tmp_path / "m.onnx").exists()

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -99,11 +100,12 @@ def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size:
         raise ValueError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
     spec, k = run_spec(run), min(top_k, len(run.classes))
     graphdef, state = nnx.split(run.model())
+    state, put, batch_size = _over_local_devices(state, batch_size)
     workers = int(workers) if workers else (os.cpu_count() or 1)
     pool = make_pool(workers) if workers > 1 else None
     try:
-        yield from _batched(_prepared(pool, paths, spec, workers), spec, graphdef, state, forward, run.classes, k,
-                            batch_size)
+        step = lambda x: forward(graphdef, (state,), put(x), ())[0]  # noqa: E731
+        yield from _batched(_prepared(pool, paths, spec, workers), spec, step, run.classes, k, batch_size)
     finally:
         if pool is not None:
             pool.close()
@@ -135,8 +137,28 @@ def chunks_of(items: Iterable[tuple], size: int = _CHUNK) -> Iterator[list[tuple
         yield chunk
 
 
-def _batched(results: Iterator[tuple[tuple, Prepared | Failure | NeedsUint16]], spec: ImageSpec, graphdef, state,
-             forward, classes: Sequence[str], k: int, batch_size: int) -> Iterator[Prediction]:
+def _over_local_devices(state: Any, batch_size: int) -> tuple[Any, Callable[[np.ndarray], Any], int]:
+    """(state, batch placement, batch size) for data-parallel inference over every local device.
+
+    With several devices the batch is split over a 1-D mesh (the size rounded up to a
+    multiple of the device count) and the parameters are replicated; one device: as is.
+    """
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return state, lambda x: x, batch_size
+    mesh = Mesh(np.array(devices), ("data",))
+    batch_size = -(-batch_size // len(devices)) * len(devices)
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    return state, lambda x: jax.device_put(x, rows), batch_size
+
+
+def _batched(results: Iterator[tuple[tuple, Prepared | Failure | NeedsUint16]], spec: ImageSpec,
+             step: Callable[[np.ndarray], Any], classes: Sequence[str], k: int, batch_size: int
+             ) -> Iterator[Prediction]:
     """Device batches of the prepared images; each batch's rows come out while the next one is prepared."""
     x = np.zeros((batch_size, *spec.size, spec.num_planes), np.float32)  # raw values; the model normalises
     pending: list[tuple[str, Prepared | Failure | NeedsUint16]] = []
@@ -147,14 +169,14 @@ def _batched(results: Iterator[tuple[tuple, Prepared | Failure | NeedsUint16]], 
             x[n_ok] = res.pixels
             n_ok += 1
         if n_ok == batch_size:
-            probs = forward(graphdef, (state,), x.copy(), ())[0]  # dispatched, not waited for
+            probs = step(x.copy())  # dispatched, not waited for
             if in_flight is not None:
                 yield from _rows(*in_flight, classes, k)
             in_flight, pending, n_ok = (pending, probs), [], 0
     if in_flight is not None:
         yield from _rows(*in_flight, classes, k)
     if pending:
-        probs = forward(graphdef, (state,), x.copy(), ())[0] if n_ok else None
+        probs = step(x.copy()) if n_ok else None
         yield from _rows(pending, probs, classes, k)
 
 
