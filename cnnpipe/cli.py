@@ -280,6 +280,7 @@ def _check_top_k_and_images(args: argparse.Namespace) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from cnnpipe.datasets.progress import log_lines_off_a_terminal
     from cnnpipe.runs.load import load_run
     from cnnpipe.runs.outputs import PredictionWriter
     from cnnpipe.runs.predict import expand_sources, predict_files, summary_line, timed
@@ -289,6 +290,7 @@ def _run_predict(args: argparse.Namespace) -> int:
                        f"{args.batch_size} and {args.workers}")
     if not any(os.path.exists(s[1:] if s.startswith("@") else s) for s in args.images):
         raise FileNotFoundError(f"{args.images[0]}: no input exists (give image files, folders or @LIST files)")
+    log_lines_off_a_terminal()
     run = load_run(args.run_dir, args.checkpoint)
     preds, stats = timed(predict_files(run, expand_sources(args.images), top_k=args.top_k,
                                        batch_size=args.batch_size, workers=args.workers or None))

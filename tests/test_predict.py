@@ -223,3 +223,32 @@ def test_onnx_without_the_extra_names_it(run_dir, tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cnnpipe[export]" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_out_that_is_a_folder_a_device_or_a_link(run_dir, folder, tmp_path, capsys):
+    import stat
+
+    _, good = folder
+    (tmp_path / "dir.csv").mkdir()
+    assert main(["predict", str(run_dir), good[0], "--out", str(tmp_path / "dir.csv")]) == 2
+    assert "dir.csv: is a folder" in capsys.readouterr().err and not list(tmp_path.glob(".*tmp*"))
+    # a device is written to, never replaced by a file
+    assert main(["predict", str(run_dir), good[0], "--out", "/dev/null"]) == 0
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    # a symbolic link: its target gets the rows, the link stays a link
+    target, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    target.write_text("old")
+    link.symlink_to(target)
+    assert main(["predict", str(run_dir), good[0], "--out", str(link)]) == 0
+    assert link.is_symlink() and target.read_text().startswith("path,rank,class,probability,error")
+
+
+def test_api_takes_one_path_and_lists_skip_blank_lines(run_dir, folder, tmp_path, capsys):
+    from cnnpipe.runs.predict import expand_sources
+
+    run = load_run(run_dir)
+    _, good = folder
+    np.testing.assert_array_equal(run.predict(good[0]), run.predict([good[0]]))
+    listing = tmp_path / "l.txt"
+    listing.write_bytes(b"   \r\n" + os.fsencode(good[1]) + b"\r\n\t\n")
+    assert list(expand_sources([f"@{listing}"])) == [good[1]]

@@ -54,11 +54,12 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def log_lines_off_a_terminal() -> None:
-    """Off a terminal there is no progress bar: the batch jobs log a line every 10 s to stderr instead."""
-    if sys.stderr.isatty() or log.handlers:
+    """The batch jobs' log lines as plain lines on stderr: progress every 10 s off a terminal (no bar
+    there), and on a terminal only warnings (a worker that died)."""
+    if log.handlers:
         return
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.WARNING if sys.stderr.isatty() else logging.INFO)
     log.propagate = False

@@ -26,6 +26,17 @@ FORMATS = ("stablehlo", "onnx")
 _SUFFIX = {"stablehlo": ".stablehlo", "onnx": ".onnx"}
 
 
+_COMMON = ("decode every value exactly (no colour profile or gamma applied); apply the EXIF/TIFF orientation; "
+           "{planes}; an 8-bit file for a 16-bit model is promoted x257; resize (H, W) by `resize`: crop = "
+           "scale to cover then centre-crop, pad = scale to fit then centre on zeros, stretch = scale each side; "
+           "antialiased bicubic (Pillow's, with reducing_gap 2; 16-bit planes in float32, rounded); "
+           "cnnpipe's Run.prepare(path) does all of this")
+_PREPARATION = {3: _COMMON.format(planes="drop alpha; a gray image gives R = G = B"),
+                1: _COMMON.format(planes="drop alpha; a colour image gives one luma plane (ITU-R 601, Pillow's "
+                                         "weights)"),
+                0: _COMMON.format(planes="keep the file's own planes (alpha too), which must number `channels`")}
+
+
 def preparation_info(run: Run, fmt: str) -> dict[str, Any]:
     """What a caller needs to prepare pixels for the exported model (written as ``PATH.json``)."""
     import cnnpipe
@@ -37,6 +48,8 @@ def preparation_info(run: Run, fmt: str) -> dict[str, Any]:
             "size": list(info["size"]), "channels": int(info["channels"]), "planes": info.get("planes"),
             "bit_depth": int(info["bit_depth"]), "resize": info.get("resize") or "crop",
             "pages": info.get("pages") or "first", "image_path_version": IMAGE_PATH_VERSION,
+            "preparation": _PREPARATION.get(int(info["channels"]), _PREPARATION[0]),
+            "onnx_input": "in_0 (N, H, W, C) float32" if fmt == "onnx" else None,
             "cnnpipe_version": cnnpipe.__version__, "checkpoint_step": run.step}
 
 

@@ -58,7 +58,7 @@ class Run:
     def predict(self, x: Sequence[str | os.PathLike] | np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Class probabilities (N, K) float32, K = len(classes), in `classes` order.
 
-        `x` is a sequence of image paths (each prepared by `prepare`; an unreadable file
+        `x` is an image path or a sequence of them (each prepared by `prepare`; an unreadable file
         raises) or raw pixels (N, H, W, C) in the store's units (uint8/uint16 values, any
         numeric dtype). For folders and files that may be bad, use `cnnpipe predict`
         (`cnnpipe.runs.predict.predict_files`): it reports them instead.
@@ -68,6 +68,8 @@ class Run:
         from cnnpipe.training.steps import forward
 
         want = (*tuple(self.info["size"]), int(self.info["channels"]))
+        if isinstance(x, (str, os.PathLike)):
+            x = [x]  # one path
         if isinstance(x, np.ndarray) or hasattr(x, "__array__") and not isinstance(x, (list, tuple)):
             pixels = np.asarray(x)
             if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:

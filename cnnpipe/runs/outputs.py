@@ -5,12 +5,14 @@ error). JSON Lines (a name ending in ``.jsonl``): one object per file,
 ``{"path", "predictions": [{"class", "probability"}], "error"}``. Paths are in
 `display_path` form (names that are not UTF-8 escaped reversibly). Rows are written as
 they come to a temporary sibling renamed onto the output at the end, so readers never
-see half a file and memory does not grow with the file count.
+see half a file and memory does not grow with the file count; a device or a named pipe
+(`/dev/stdout`, a FIFO) is written to directly, and a symbolic link's target is written.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import sys
@@ -35,15 +37,21 @@ class PredictionWriter:
         self.rows = 0
         self._tmp: Path | None = None
         self._file: TextIO | None = None
-        if self.out is not None:
-            self._tmp = self.out.with_name(f".{self.out.name}.tmp{os.getpid()}")
-            try:
-                self._file = open(self._tmp, "w", encoding="utf-8", newline="")
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror or "cannot write", str(self.out)) from None
-            self._csv = csv.writer(self._file)
-            if not self.jsonl:
-                self._csv.writerow(["path", "rank", "class", "probability", "error"])
+        if self.out is None:
+            return
+        target = self.out.resolve() if self.out.is_symlink() else self.out  # write where a link points
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name for the rows", str(self.out))
+        streaming = target.exists() and not target.is_file()  # a device or a pipe: written to, never replaced
+        self._dest = target
+        self._tmp = None if streaming else target.with_name(f".{target.name}.tmp{os.getpid()}")
+        try:
+            self._file = open(target if streaming else self._tmp, "w", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or "cannot write", str(self.out)) from None
+        self._csv = csv.writer(self._file)
+        if not self.jsonl:
+            self._csv.writerow(["path", "rank", "class", "probability", "error"])
 
     def write(self, pred: Any) -> None:
         """One file's rows."""
@@ -71,9 +79,14 @@ class PredictionWriter:
     def __exit__(self, exc_type: Any, *exc: object) -> None:
         if self._file is None:
             return
-        self._file.close()
+        try:
+            self._file.close()
+            if exc_type is None and self._tmp is not None:
+                os.replace(self._tmp, self._dest)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or "cannot write", str(self.out)) from None
+        finally:
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
         if exc_type is None:
-            os.replace(self._tmp, self.out)
             print(f"wrote {self.rows} files' rows to {display_path(self.out)}", file=sys.stderr)
-        else:
-            self._tmp.unlink(missing_ok=True)

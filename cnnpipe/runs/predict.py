@@ -60,7 +60,7 @@ def expand_sources(sources: Iterable[str]) -> Iterator[str]:
             with open(src[1:], "rb") as f:  # an unreadable list is an input error (exit 2)
                 for raw in f:
                     raw = raw.rstrip(b"\r\n")
-                    if raw and not raw.startswith(b"#"):
+                    if raw.strip() and not raw.startswith(b"#"):
                         yield from _walk(os.fsdecode(raw))
         else:
             yield from _walk(src)
@@ -80,7 +80,7 @@ def _walk(path: str) -> Iterator[str]:
 def _reason(path: str, res: Failure | NeedsUint16) -> str:
     if isinstance(res, NeedsUint16):
         return (f"{display_path(path)}: 16-bit image; the model expects 8-bit values (cnnpipe never drops "
-                "16-bit values to 8 bits)")
+                "16-bit values to 8 bits: convert the file, or train on 16-bit data)")
     return res.message
 
 
