@@ -76,45 +76,37 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def test_a_worker_killed_from_outside_loses_no_file(tmp_path):
+def _run_and_kill(tmp_path: Path, server_too: bool) -> tuple[subprocess.CompletedProcess, int]:
+    """Preprocess 300 files with 2 workers; SIGKILL the first worker seen decoding (and, with
+    `server_too`, first the fork server it came from). Returns (finished process, file count)."""
     total = _folder(tmp_path / "src", 150, 160)
-    out = tmp_path / "out"
-    proc = subprocess.Popen([*CLI, str(tmp_path / "src"), str(out), "--size", "8", "--workers", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = None
-    deadline = time.monotonic() + 60
-    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+    cmd = [*CLI, str(tmp_path / "src"), str(tmp_path / "out"), "--size", "8", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = False, time.monotonic() + 60
+    while not killed and proc.poll() is None and time.monotonic() < deadline:
         # a worker that has used CPU is decoding: kill it with files in hand
         busy = [w for w in _worker_pids(proc.pid) if _cpu_ticks(w) >= 5]
         if busy:
-            killed = busy[0]
-            os.kill(killed, signal.SIGKILL)
+            if server_too:  # the replacement worker then needs a new fork server
+                os.kill(int(Path(f"/proc/{busy[0]}/stat").read_text().rsplit(")", 1)[1].split()[1]), signal.SIGKILL)
+            os.kill(busy[0], signal.SIGKILL)
+            killed = True
         time.sleep(0.005)
     stdout, stderr = proc.communicate(timeout=120)
-    assert killed is not None, "the run ended before a worker could be killed"
-    assert proc.returncode == 0, stderr
-    report = _report(out)
+    assert killed, "the run ended before a worker could be killed"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), total
+
+
+def test_a_worker_killed_from_outside_loses_no_file(tmp_path):
+    done, total = _run_and_kill(tmp_path, server_too=False)
+    assert done.returncode == 0, done.stderr
+    report = _report(tmp_path / "out")
     # the killed worker's files were retried in a fresh worker: every file is stored
     assert report["counts"]["images_stored"] == total and report["skipped"] == []
 
 
 def test_a_killed_fork_server_is_restarted_and_no_file_is_lost(tmp_path):
-    total = _folder(tmp_path / "src", 150, 160)
-    out = tmp_path / "out"
-    proc = subprocess.Popen([*CLI, str(tmp_path / "src"), str(out), "--size", "8", "--workers", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = False
-    deadline = time.monotonic() + 60
-    while not killed and proc.poll() is None and time.monotonic() < deadline:
-        busy = [w for w in _worker_pids(proc.pid) if _cpu_ticks(w) >= 5]
-        if busy:
-            server = int(Path(f"/proc/{busy[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            os.kill(server, signal.SIGKILL)  # the fork server, then a worker: the replacement needs a new server
-            os.kill(busy[0], signal.SIGKILL)
-            killed = True
-        time.sleep(0.005)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert killed, "the run ended before the fork server could be killed"
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr
-    assert _report(out)["counts"]["images_stored"] == total
+    done, total = _run_and_kill(tmp_path, server_too=True)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert _report(tmp_path / "out")["counts"]["images_stored"] == total
