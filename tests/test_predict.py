@@ -96,12 +96,12 @@ def test_csv_has_an_error_column_and_rows_in_input_order(run_dir, folder, tmp_pa
 
 def test_pixels_are_the_training_pixels(run_dir, folder):
     from cnnpipe.datasets.convert import convert_file
-    from cnnpipe.runs.predict import run_spec
+    from cnnpipe.runs.load import spec_for_run
 
     run = load_run(run_dir)
     _, good = folder
     for path in good:
-        np.testing.assert_array_equal(convert_file(path, False, run_spec(run)).pixels, run.prepare(path))
+        np.testing.assert_array_equal(convert_file(path, False, spec_for_run(run.info)).pixels, run.prepare(path))
 
 
 def test_python_api_predicts_paths_and_pixel_arrays_alike(run_dir, folder):

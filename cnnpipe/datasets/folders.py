@@ -28,8 +28,9 @@ def assign_split(seed: int, class_name: str, relpath: str, val_fraction: float, 
 
     Uses blake2b rather than Python's `hash()` (salted per process) so it is the
     same on every machine and run; each file's split depends on nothing else.
-    Names are hashed as the bytes the file system holds (`os.fsencode`), so a name
-    that is not valid UTF-8 hashes like any other (valid UTF-8 names hash as before).
+    Names are hashed as bytes (`os.fsencode`), so a name that is not valid UTF-8
+    hashes like any other (valid UTF-8 names hash as before); the relative path is the
+    file system's own, the class name its `display_path` form (see `scan_folder`).
     """
     key = b"\x00".join((str(seed).encode(), os.fsencode(class_name), os.fsencode(relpath)))
     digest = hashlib.blake2b(key, digest_size=8).digest()

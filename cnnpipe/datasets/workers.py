@@ -30,7 +30,7 @@ import threading
 import traceback
 import types
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
@@ -64,10 +64,11 @@ class _RemoteTraceback(Exception):
     """The worker's traceback text: the `__cause__` of an exception from `fn`, re-raised here."""
 
 
-def chunks(seq: Sequence[T], n: int) -> Iterator[list[T]]:
-    """`seq` in consecutive lists of `n` items (the last may be shorter)."""
-    for i in range(0, len(seq), n):
-        yield list(seq[i:i + n])
+def chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    """`items` in consecutive lists of `n` (the last may be shorter), lazily: any iterable, even an endless one."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
 
 
 def die_here_if_asked(name: str) -> None:

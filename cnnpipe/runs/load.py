@@ -4,7 +4,8 @@
 `checkpoints/`) and restores the model's parameters and state (batch-norm
 statistics), never an optimizer: `cnnpipe evaluate`, `predict` and `inspect` start
 here. Predicted images go through the same decode and resize as the training data
-(`cnnpipe.images.transform.prepare_image`, shared with `cnnpipe inspect`).
+(`cnnpipe.images.transform.prepare_bytes` with `spec_for_run`, shared with `cnnpipe inspect`
+and `cnnpipe predict`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from cnnpipe.datasets.dataset import read_dataset_info
 
-__all__ = ["Run", "load_run", "prepare_for_run", "predict_images"]
+__all__ = ["Run", "load_run", "prepare_for_run", "predict_images", "spec_for_run"]
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Run:
         want = (*tuple(self.info["size"]), int(self.info["channels"]))
         if isinstance(x, (str, os.PathLike)):
             x = [x]  # one path
-        if isinstance(x, np.ndarray) or hasattr(x, "__array__") and not isinstance(x, (list, tuple)):
+        if hasattr(x, "__array__"):  # numpy or jax pixels; a list is paths
             pixels = np.asarray(x)
             if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
                 raise ValueError(f"x: got shape {pixels.shape}; the model takes raw pixels (N, {want[0]}, "
@@ -138,19 +139,28 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> Run:
     return Run(run_dir, cfg, info, graphdef, steps.ModelState(params, model_state), step)
 
 
+def spec_for_run(info: Mapping[str, Any]) -> Any:
+    """The `ImageSpec` of a run's model (`info`: its dataset.json): size, planes, bit depth,
+    resize and page mode of its training data. Predict, inspect and `Run.prepare` all use it."""
+    from cnnpipe.images.transform import spec_for_model
+
+    return spec_for_model(int(info["channels"]), int(info["bit_depth"]), tuple(info["size"]),
+                          str(info.get("resize") or "crop"), str(info.get("pages") or "first"))
+
+
 def prepare_for_run(path: str | os.PathLike, info: Mapping[str, Any]) -> Any:
     """Decode and resize one image exactly as a run's training data (`info`: its dataset.json).
 
     Returns a `cnnpipe.images.transform.InputImage` (raw integer pixels (H, W, C), planes, notes);
-    used by `cnnpipe predict` and `cnnpipe inspect`. The rules are `prepare_image`'s: an
+    used by `cnnpipe inspect` and `Run.prepare`. The rules are `prepare_bytes`'s: an
     8-bit image for a 16-bit model is promoted exactly (x257); a 16-bit image for an 8-bit
     model is refused, since nothing in cnnpipe drops 16-bit values to 8 bits.
     """
-    from cnnpipe.images.transform import prepare_image
+    from cnnpipe.images.decode import read_file
+    from cnnpipe.images.transform import prepare_bytes
 
-    return prepare_image(path, in_channels=int(info["channels"]), bit_depth=int(info["bit_depth"]),
-                         size=tuple(info["size"]), resize=str(info.get("resize") or "crop"),
-                         pages=str(info.get("pages") or "first"))
+    path = os.fspath(path)
+    return prepare_bytes(read_file(path), spec_for_run(info), path)
 
 
 def predict_images(run: Run, paths: Sequence[str | os.PathLike], top_k: int = 3,

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 
 from cnnpipe.datasets.convert import Failure, NeedsUint16, Prepared, convert_items, worker_died
-from cnnpipe.datasets.workers import make_pool, ordered_map
+from cnnpipe.datasets.workers import chunks, make_pool, ordered_map
 from cnnpipe.images.formats import display_path
-from cnnpipe.images.transform import ImageSpec, spec_for_model
-from cnnpipe.runs.load import Run
+from cnnpipe.images.transform import ImageSpec
+from cnnpipe.runs.load import Run, spec_for_run
 
-__all__ = ["Prediction", "expand_sources", "predict_files", "run_spec"]
+__all__ = ["Prediction", "expand_sources", "predict_files"]
 
 _CHUNK = 16  # files per pool job: small files cost more in round trips than in decoding
 
@@ -39,13 +39,6 @@ class Prediction:
     path: str
     top: tuple[tuple[str, float], ...] = ()
     error: str | None = None
-
-
-def run_spec(run: Run) -> ImageSpec:
-    """The `ImageSpec` of a run's model: size, planes, bit depth, resize and page mode of its training data."""
-    info = run.info
-    return spec_for_model(int(info["channels"]), int(info["bit_depth"]), tuple(info["size"]),
-                          str(info.get("resize") or "crop"), str(info.get("pages") or "first"))
 
 
 def expand_sources(sources: Iterable[str]) -> Iterator[str]:
@@ -98,7 +91,7 @@ def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size:
 
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
-    spec, k = run_spec(run), min(top_k, len(run.classes))
+    spec, k = spec_for_run(run.info), min(top_k, len(run.classes))
     graphdef, state = nnx.split(run.model())
     state, put, batch_size = _over_local_devices(state, batch_size)
     workers = int(workers) if workers else (os.cpu_count() or 1)
@@ -117,7 +110,7 @@ def _prepared(pool, paths: Iterable[str], spec: ImageSpec, workers: int
     sent: deque[list[tuple]] = deque()
 
     def jobs() -> Iterator[list[tuple]]:
-        for job in chunks_of((p, False, spec) for p in paths):
+        for job in chunks(((p, False, spec) for p in paths), _CHUNK):
             sent.append(job)
             yield job
 
@@ -125,35 +118,17 @@ def _prepared(pool, paths: Iterable[str], spec: ImageSpec, workers: int
         yield from zip(sent.popleft(), out)
 
 
-def chunks_of(items: Iterable[tuple], size: int = _CHUNK) -> Iterator[list[tuple]]:
-    """Lists of `size` items from any iterable, lazily (`chunks` needs a sequence)."""
-    chunk: list[tuple] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def _over_local_devices(state: Any, batch_size: int) -> tuple[Any, Callable[[np.ndarray], Any], int]:
     """(state, batch placement, batch size) for data-parallel inference over every local device.
 
-    With several devices the batch is split over a 1-D mesh (the size rounded up to a
-    multiple of the device count) and the parameters are replicated; one device: as is.
+    The training mesh (`cnnpipe.training.mesh`): the batch split over the devices (its size
+    rounded up to a multiple of their count), the parameters replicated.
     """
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from cnnpipe.training.mesh import make_mesh, replicate, shard_batch
 
-    devices = jax.local_devices()
-    if len(devices) == 1:
-        return state, lambda x: x, batch_size
-    mesh = Mesh(np.array(devices), ("data",))
-    batch_size = -(-batch_size // len(devices)) * len(devices)
-    rows = NamedSharding(mesh, PartitionSpec("data"))
-    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-    return state, lambda x: jax.device_put(x, rows), batch_size
+    mesh = make_mesh(0)
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+    return replicate(mesh, state), lambda x: shard_batch(mesh, x)[0], batch_size
 
 
 def _batched(results: Iterator[tuple[tuple, Prepared | Failure | NeedsUint16]], spec: ImageSpec,
