@@ -30,11 +30,14 @@ from pydantic import (
 
 __all__ = [
     "ConfigError", "Config", "DataConfig", "AugmentConfig", "TrainConfig",
-    "OptimizerConfig", "PRESETS", "LAYER_TYPES", "load_config", "dump_config",
+    "OptimizerConfig", "PretrainedConfig", "PRESETS", "BACKBONES", "LAYER_TYPES", "load_config", "dump_config",
     "parse_overrides", "validate_layers", "default_config_path", "config_from_dict",
 ]
 
 PRESETS = ("simple_cnn", "lenet5", "vgg_small", "resnet_small")
+# timm architectures cnnpipe rebuilds exactly (cnnpipe.models.backbones); pretrained weights load into them
+BACKBONES = ("resnet18", "resnet34", "resnet50", "test_resnet",
+             "convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano", "convnext_tiny", "test_convnext")
 
 
 class ConfigError(ValueError):

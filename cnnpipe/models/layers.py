@@ -1,0 +1,148 @@
+"""Building blocks shared by every model: convolution, pooling, layer norm, GELU.
+
+Layouts are NHWC with HWIO kernels. Pooling with window == stride on divisible sizes is
+a reshape + max/mean: XLA:CPU runs that ~2.4x faster than `lax.reduce_window` for the
+reference CNN (0.86x vs 0.36x PyTorch); other windows fall back to `reduce_window`.
+The padded and ceil-mode pools are PyTorch's `MaxPool2d(3, 2, padding=1)` and
+`AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)`, which timm's ResNets use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["Conv", "LayerNorm", "max_pool", "avg_pool", "max_pool_padded", "avg_pool_ceil", "layer_norm", "Padding"]
+
+# "SAME", "VALID", or explicit (low, high) padding per spatial axis, as PyTorch's `padding=p`
+Padding = str | Sequence[tuple[int, int]]
+
+
+# ---------------------------------------------------------------- pooling
+
+def _pool_fast(x: jax.Array, window: int, stride: int) -> bool:
+    return window == stride and x.shape[1] % window == 0 and x.shape[2] % window == 0
+
+
+def max_pool(x: jax.Array, window: int = 2, stride: int | None = None) -> jax.Array:
+    """Max pool (NHWC, VALID padding)."""
+    stride = window if stride is None else stride
+    if _pool_fast(x, window, stride):
+        n, h, w, c = x.shape
+        return x.reshape(n, h // window, window, w // window, window, c).max(axis=(2, 4))
+    init = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+    return jax.lax.reduce_window(x, init, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID")
+
+
+def avg_pool(x: jax.Array, window: int = 2, stride: int | None = None) -> jax.Array:
+    """Average pool (NHWC, VALID padding)."""
+    stride = window if stride is None else stride
+    if _pool_fast(x, window, stride):
+        n, h, w, c = x.shape
+        return x.reshape(n, h // window, window, w // window, window, c).mean(axis=(2, 4))
+    total = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add,
+                                  (1, window, window, 1), (1, stride, stride, 1), "VALID")
+    return total / (window * window)
+
+
+def max_pool_padded(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
+    """PyTorch's ``MaxPool2d(window, stride, padding)`` on NHWC floats (padding never wins the max)."""
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max,
+                                 (1, window, window, 1), (1, stride, stride, 1), pad)
+
+
+def avg_pool_ceil(x: jax.Array) -> jax.Array:
+    """PyTorch's ``AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)`` on NHWC.
+
+    An odd side's last window holds one row (or column) and averages only what it holds.
+    """
+    n, h, w, c = x.shape
+    if h % 2 == 0 and w % 2 == 0:
+        return avg_pool(x, 2)
+    pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
+    window, strides = (1, 2, 2, 1), (1, 2, 2, 1)
+    total = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, window, strides, pad)
+    ones = jnp.ones((1, h, w, 1), x.dtype)
+    count = jax.lax.reduce_window(ones, jnp.array(0, x.dtype), jax.lax.add, window, strides, pad)
+    return total / count
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis with the two-pass variance (as `torch.nn.functional.layer_norm`).
+
+    Statistics are taken in at least float32, so bf16 activations normalise as fp32 ones do.
+    """
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(wide)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(wide) + bias.astype(wide)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over channels (the last axis): ``scale`` and ``bias`` params of shape (C,)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+        self.eps = float(eps)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+# ---------------------------------------------------------------- convolution
+# XLA:CPU turns the bias gradient of a conv, a sum over (N, H, W), into a reduce-window
+# that ran ~7x slower than the same sum written as a matrix-vector product (6.9 vs 1.1 ms
+# for a 64x32x32x32 batch on one core): `_add_bias` gives the bias its gradient as that
+# product. The conv itself is `lax.conv_general_dilated` (NHWC, HWIO).
+
+
+@jax.custom_vjp
+def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, dy):
+    rows = dy.reshape(-1, dy.shape[-1])
+    return dy, (jnp.ones((1, rows.shape[0]), rows.dtype) @ rows).reshape(dy.shape[-1])
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Conv(nnx.Module):
+    """2-D convolution over NHWC input: ``kernel`` (kh, kw, in / groups, out) and ``bias`` (out,) params.
+
+    `padding` is "SAME", "VALID" or explicit ((top, bottom), (left, right)) as PyTorch's
+    symmetric ``padding=p`` (which differs from "SAME" for even inputs at stride 2).
+    `groups` == in_ch == out_ch is a depthwise convolution.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: tuple[int, int], stride: int = 1,
+                 padding: Padding = "SAME", *, use_bias: bool = True, groups: int = 1,
+                 kernel_init: Callable[..., Any] | None = None, rngs: nnx.Rngs):
+        init = kernel_init or nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (*kernel, in_ch // groups, out_ch), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32)) if use_bias else None
+        self.stride = (stride, stride)
+        self.padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+        self.groups = groups
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        dtype = jnp.result_type(x.dtype, kernel.dtype)
+        y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), self.stride, self.padding,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         feature_group_count=self.groups)
+        return y if self.bias is None else _add_bias(y, self.bias[...].astype(dtype))
