@@ -26,6 +26,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -190,11 +191,21 @@ class OptimizerConfig(_Schema):
     grad_clip: Annotated[float, Field(gt=0)] | None = None   # global-norm clip
 
 
+class PretrainedConfig(_Schema):
+    # a timm/torchvision state dict (.safetensors; .pth/.bin with torch), hf-hub:timm/<name>.<tag>,
+    # or an earlier cnnpipe run directory of the same model; null: train from scratch
+    weights: str | None = None
+    freeze_epochs: NonNegInt = 0        # epochs training only the new head (backbone and its batch norm frozen)
+    backbone_lr_scale: Annotated[float, Field(gt=0)] = 1.0   # backbone learning rate = this x optimizer's
+
+
 class Config(_Schema):
     seed: StrictInt = 0
     data: DataConfig = DataConfig()
-    # a preset name, or a list of layer mappings (validated into dicts, defaults filled in)
+    # a preset name, a backbone name (BACKBONES: resnet18, convnext_atto, ...), or a list of
+    # layer mappings (validated into dicts, defaults filled in)
     model: str | tuple[dict[str, Any], ...] = "simple_cnn"
+    pretrained: PretrainedConfig = PretrainedConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -203,11 +214,22 @@ class Config(_Schema):
     @classmethod
     def _check_model(cls, value: Any) -> Any:
         if isinstance(value, str):
-            if value not in PRESETS:
-                raise ConfigError(f"model: got {value!r}; expected a preset "
-                                  f"({', '.join(PRESETS)}) or a list of layers{_suggest(value, PRESETS)}")
+            if value not in PRESETS + BACKBONES:
+                raise ConfigError(f"model: got {value!r}; expected a preset ({', '.join(PRESETS)}), a backbone "
+                                  f"({', '.join(BACKBONES)}) or a list of layers{_suggest(value, PRESETS + BACKBONES)}")
             return value
         return validate_layers(value)
+
+    @model_validator(mode="after")
+    def _check_pretrained(self) -> Config:
+        pre = self.pretrained
+        if pre.weights is None and (pre.freeze_epochs or pre.backbone_lr_scale != 1.0):
+            raise ConfigError("pretrained.freeze_epochs and pretrained.backbone_lr_scale need pretrained.weights "
+                              "(a weights file, hf-hub:timm/<name> or a cnnpipe run directory)")
+        if pre.freeze_epochs and pre.freeze_epochs >= self.train.epochs:
+            raise ConfigError(f"pretrained.freeze_epochs: got {pre.freeze_epochs}; it must be less than "
+                              f"train.epochs ({self.train.epochs}), or the backbone never trains")
+        return self
 
 
 # ---------------------------------------------------------------- loading

@@ -140,6 +140,10 @@ def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     for key, ok, expected in checks:
         if not ok(info[key]):
             raise ValueError(f"{path}: corrupt run file ({key!r} is {repr(info[key])[:60]}; expected {expected})")
+    norm = info.get("normalization")   # the model's own statistics (pretrained runs), when written
+    if norm is not None and not (isinstance(norm, dict) and numbers(norm.get("mean")) and numbers(norm.get("std"))):
+        raise ValueError(f"{path}: corrupt run file ('normalization' is {repr(norm)[:60]}; "
+                         "expected {'mean': [...], 'std': [...]} with one number per channel)")
     return info
 
 

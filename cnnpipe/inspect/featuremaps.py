@@ -153,9 +153,12 @@ def predict_proba(model: Any, images: Any, names: Sequence[str] | None = None
 
 
 def default_cam_layer(model: Any) -> str:
-    """The Grad-CAM layer: the last conv (or residual) block, with the batch norm and activation after it."""
+    """The Grad-CAM layer: the last conv (or residual) block, with the batch norm and activation after it;
+    for a pretrained backbone, its last stage (layer4 of a ResNet, stages.3 of a ConvNeXt)."""
+    from cnnpipe.models.sequential import CONV_KINDS
+
     kinds = model.layer_kinds
-    convs = [i for i, k in enumerate(kinds) if k in ("conv", "residual")]
+    convs = [i for i, k in enumerate(kinds) if k in CONV_KINDS]
     if not convs:
         raise ValueError("the model has no conv layer for Grad-CAM")
     i = convs[-1]
@@ -225,16 +228,20 @@ def activation_stats(activations: Mapping[str, np.ndarray]) -> dict[str, dict[st
 
 
 def first_conv_kernels(model: Any, layer: str | None = None) -> tuple[str, np.ndarray]:
-    """(layer name, kernels (in_planes, filters, kh, kw)) of the first conv layer (or `layer`)."""
+    """(layer name, kernels (in_planes, filters, kh, kw)) of the first conv layer (or `layer`).
+
+    For a block, stem or stage: the convolution that sees its input first (a ConvNeXt
+    stage's depthwise kernels have one input plane each).
+    """
+    from cnnpipe.models.sequential import CONV_KINDS, input_conv
+
     names, kinds = model.layer_names, model.layer_kinds
     idx = _layer_index(model, layer) if layer is not None else next(
-        (i for i, k in enumerate(kinds) if k in ("conv", "residual")), None)
+        (i for i, k in enumerate(kinds) if k in CONV_KINDS), None)
     if idx is None:
         raise ValueError(f"the model has no conv layer; layers: {', '.join(names)}")
-    if kinds[idx] not in ("conv", "residual"):
+    if kinds[idx] not in CONV_KINDS:
         raise ValueError(f"layer {names[idx]!r} is not a conv layer; conv layers: "
-                         f"{', '.join(n for n, k in zip(names, kinds) if k in ('conv', 'residual'))}")
-    mod = model.layers[idx]
-    conv = mod.conv1 if kinds[idx] == "residual" else mod     # a residual block's first conv sees the input
-    kernel = np.asarray(conv.kernel[...], np.float32)         # HWIO
+                         f"{', '.join(n for n, k in zip(names, kinds) if k in CONV_KINDS)}")
+    kernel = np.asarray(input_conv(model.layers[idx]).kernel[...], np.float32)   # HWIO
     return names[idx], np.transpose(kernel, (2, 3, 0, 1))

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -70,9 +71,17 @@ def load(name: str, weights: str | os.PathLike | None = None, *, num_classes: in
     _family(name)
     sd = timm_state_dict(name, weights) if weights is not None else None
     src_classes = sd[head_key(name) + ".weight"].shape[0] if sd and head_key(name) + ".weight" in sd else 1000
-    model = create(name, in_channels=in_channels, num_classes=src_classes if num_classes is None else num_classes)
-    if sd is not None:
-        load_pretrained_into(model, sd, source=str(weights), new_head=model.num_classes != src_classes)
+    classes = src_classes if num_classes is None else num_classes
+    if sd is None:
+        model = create(name, in_channels=in_channels, num_classes=classes)
+    else:   # shapes only, then the file's values: no initialiser runs for weights that are replaced
+        model = nnx.eval_shape(lambda: create(name, in_channels=in_channels, num_classes=classes))
+        new_head = classes != src_classes
+        load_pretrained_into(model, sd, source=str(weights), new_head=new_head)
+        if new_head:
+            model.layers[model.head_index] = _family(name).make_head(model.num_features, classes, nnx.Rngs(0))
+        if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model))):
+            raise WeightsError(f"{weights}: does not hold every weight of {name}")   # not reached for timm files
     model.eval()
     return model
 

@@ -22,7 +22,7 @@ from flax import nnx
 from cnnpipe.models.layers import Conv, LayerNorm
 from cnnpipe.models.sequential import SequentialNet
 
-__all__ = ["ConvNeXt", "CONVNEXTS", "torch_modules", "first_conv_key"]
+__all__ = ["ConvNeXt", "CONVNEXTS", "torch_modules", "first_conv_key", "make_head"]
 
 # name -> (blocks per stage, stage widths, LayerNorm eps, tanh GELU)
 CONVNEXTS: dict[str, tuple[Sequence[int], Sequence[int], float, bool]] = {
@@ -126,10 +126,14 @@ class ConvNeXt(SequentialNet):
             modules.append(Stage(cin, dim, depth, i > 0, eps, tanh_gelu, rngs))
             cin = dim
         self.num_features = cin
-        head = nnx.Linear(cin, num_classes, kernel_init=_TRUNC, rngs=rngs)
-        self._set_layers([*modules, GlobalAvgPool(), LayerNorm(cin, eps), head],
+        self._set_layers([*modules, GlobalAvgPool(), LayerNorm(cin, eps), make_head(cin, num_classes, rngs)],
                          ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "global_pool", "head_norm", "fc"],
                          ["stem", "stage", "stage", "stage", "stage", "global_avg_pool", "head_norm", "dense"])
+
+
+def make_head(features: int, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear:
+    """The classifier: trunc_normal(0.02) weights, zero bias (timm's `_init_weights`, head_init_scale 1)."""
+    return _linear(features, num_classes, rngs)
 
 
 def torch_modules(model: ConvNeXt) -> list[tuple[str, Any]]:

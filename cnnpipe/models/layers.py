@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 __all__ = ["Conv", "LayerNorm", "max_pool", "avg_pool", "max_pool_padded", "avg_pool_ceil", "layer_norm", "Padding"]
@@ -34,7 +35,8 @@ def max_pool(x: jax.Array, window: int = 2, stride: int | None = None) -> jax.Ar
     if _pool_fast(x, window, stride):
         n, h, w, c = x.shape
         return x.reshape(n, h // window, window, w // window, window, c).max(axis=(2, 4))
-    init = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+    # Python scalars: jax then uses reduce_window_max, which has a gradient (see max_pool_padded)
+    init = -float("inf") if jnp.issubdtype(x.dtype, jnp.floating) else int(jnp.iinfo(x.dtype).min)
     return jax.lax.reduce_window(x, init, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID")
 
 
@@ -44,16 +46,27 @@ def avg_pool(x: jax.Array, window: int = 2, stride: int | None = None) -> jax.Ar
     if _pool_fast(x, window, stride):
         n, h, w, c = x.shape
         return x.reshape(n, h // window, window, w // window, window, c).mean(axis=(2, 4))
-    total = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add,
-                                  (1, window, window, 1), (1, stride, stride, 1), "VALID")
+    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, window, window, 1), (1, stride, stride, 1), "VALID")
     return total / (window * window)
+
+
+def _windows(x: jax.Array, window: int, stride: int, out_h: int, out_w: int) -> list[jax.Array]:
+    """The window*window strided views whose elementwise max / sum is the pool (no reduce_window:
+    jax2onnx turns a padded reduce_window into a MaxPool that onnxruntime rejects)."""
+    return [x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+            for i in range(window) for j in range(window)]
 
 
 def max_pool_padded(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
     """PyTorch's ``MaxPool2d(window, stride, padding)`` on NHWC floats (padding never wins the max)."""
-    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max,
-                                 (1, window, window, 1), (1, stride, stride, 1), pad)
+    n, h, w, c = x.shape
+    out_h, out_w = (h + 2 * padding - window) // stride + 1, (w + 2 * padding - window) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    views = _windows(xp, window, stride, out_h, out_w)
+    out = views[0]
+    for v in views[1:]:
+        out = jnp.maximum(out, v)
+    return out
 
 
 def avg_pool_ceil(x: jax.Array) -> jax.Array:
@@ -64,12 +77,13 @@ def avg_pool_ceil(x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
     if h % 2 == 0 and w % 2 == 0:
         return avg_pool(x, 2)
-    pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
-    window, strides = (1, 2, 2, 1), (1, 2, 2, 1)
-    total = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, window, strides, pad)
-    ones = jnp.ones((1, h, w, 1), x.dtype)
-    count = jax.lax.reduce_window(ones, jnp.array(0, x.dtype), jax.lax.add, window, strides, pad)
-    return total / count
+    out_h, out_w = -(-h // 2), -(-w // 2)
+    xp = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    total = sum(_windows(xp, 2, 2, out_h, out_w))
+    rows = np.minimum(2, h - 2 * np.arange(out_h))   # elements each window holds: static
+    cols = np.minimum(2, w - 2 * np.arange(out_w))
+    count = (rows[:, None] * cols[None, :]).astype(np.float32)[None, :, :, None]
+    return total * jnp.asarray(1.0 / count, x.dtype)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:

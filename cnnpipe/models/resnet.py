@@ -21,7 +21,7 @@ from flax import nnx
 from cnnpipe.models.layers import Conv, avg_pool_ceil, max_pool_padded
 from cnnpipe.models.sequential import SequentialNet
 
-__all__ = ["ResNet", "RESNETS", "torch_modules", "first_conv_key"]
+__all__ = ["ResNet", "RESNETS", "torch_modules", "first_conv_key", "make_head"]
 
 # name -> (block per stage, blocks per stage, stage widths, stem width, deep stem, avg_down)
 RESNETS: dict[str, tuple[Sequence[str], Sequence[int], Sequence[int], int, bool, bool]] = {
@@ -165,10 +165,16 @@ class ResNet(SequentialNet):
             modules.append(Stage(blocks))
             cin = out
         self.num_features = cin
-        fc = nnx.Linear(cin, num_classes, rngs=rngs)
-        self._set_layers([*modules, GlobalAvgPool(), fc],
+        self._set_layers([*modules, GlobalAvgPool(), make_head(cin, num_classes, rngs)],
                          ["stem", "layer1", "layer2", "layer3", "layer4", "global_pool", "fc"],
                          ["stem", "stage", "stage", "stage", "stage", "global_avg_pool", "dense"])
+
+
+def make_head(features: int, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear:
+    """The classifier: PyTorch's `nn.Linear` init, U(+-1/sqrt(fan_in)) for weights and bias, as timm's."""
+    bound = features ** -0.5
+    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+    return nnx.Linear(features, num_classes, kernel_init=uniform, bias_init=uniform, rngs=rngs)
 
 
 def torch_modules(model: ResNet) -> list[tuple[str, Any]]:

@@ -193,10 +193,11 @@ def _same(a: np.ndarray) -> np.ndarray:
 
 
 def copy_weights(pairs: Sequence[tuple[str, Any]], sd: Mapping[str, np.ndarray], *, source: str,
-                 skip: Sequence[str] = ()) -> list[str]:
+                 skip: Sequence[str] = (), check_only: bool = False) -> list[str]:
     """Copy `sd` into the modules of `pairs` ((torch prefix, module)); every key checked first.
 
-    `skip`: prefixes left as initialised (a new classifier head). Returns the keys of
+    `skip`: prefixes left as initialised (a new classifier head); `check_only`: check
+    without copying (the modules may be abstract, from `nnx.eval_shape`). Returns the keys of
     `sd` that were not used besides batch-norm counters (for the caller to judge).
     Raises WeightsError naming the first missing key or shape mismatch, and the
     architecture the file probably holds.
@@ -219,8 +220,8 @@ def copy_weights(pairs: Sequence[tuple[str, Any]], sd: Mapping[str, np.ndarray],
             used.add(key)
     import jax.numpy as jnp
 
-    for var, value in plan:
-        var[...] = jnp.asarray(value, var.dtype)
+    for var, value in [] if check_only else plan:
+        var.set_value(jnp.asarray(value, var.dtype))   # also fills an abstract (eval_shape) model
     return sorted(k for k in sd if k not in used and not k.endswith("num_batches_tracked"))
 
 

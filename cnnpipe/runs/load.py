@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from cnnpipe.datasets.dataset import read_dataset_info
-
 __all__ = ["Run", "load_run", "prepare_for_run", "predict_images", "spec_for_run"]
 
 
@@ -100,43 +98,10 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> Run:
         together; a damaged checkpoint (`CorruptCheckpointError`) names its step folder and the
         other saved steps.
     """
-    from flax import nnx
+    from cnnpipe.training.pretrained import restore_run_model
 
-    from cnnpipe.config import load_config
-    from cnnpipe.models.cnn import build_model
-    from cnnpipe.training import steps
-    from cnnpipe.training.checkpoint import Checkpoints
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run directory not found")
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a cnnpipe run directory (config.yaml is missing)")
-    if not (run_dir / "config.yaml").read_bytes().strip():  # a run's resolved config is never empty
-        raise ValueError(f"{run_dir / 'config.yaml'}: empty run file (damaged?)")
-    cfg = load_config(run_dir / "config.yaml")
-    info = read_dataset_info(run_dir)
-    # shapes only: every value comes from the checkpoint, so nothing is initialised or compiled
-    model = nnx.eval_shape(lambda: build_model(
-        cfg.model, in_channels=int(info["channels"]), num_classes=len(info["classes"]),
-        input_size=tuple(info["size"]), bit_depth=int(info["bit_depth"]), rngs=nnx.Rngs(cfg.seed),
-        mean=info["mean"], std=info["std"]))
-    graphdef, state = steps.split_model(model)  # parameters and model state only: no optimizer
-    ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
-    try:
-        if checkpoint == "best":
-            step = ckpts.best_step() or ckpts.latest_step()
-        elif checkpoint == "latest":
-            step = ckpts.latest_step()
-        elif str(checkpoint).isdigit():
-            step = int(checkpoint)
-        else:
-            raise ValueError(f"--checkpoint: got {checkpoint!r}; expected best, latest or a step number "
-                             f"(saved: {', '.join(map(str, ckpts.steps())) or 'none'})")
-        params, model_state, step = ckpts.restore_model(state.params, state.model_state, step)
-    finally:
-        ckpts.close()
-    return Run(run_dir, cfg, info, graphdef, steps.ModelState(params, model_state), step)
+    cfg, info, graphdef, state, step = restore_run_model(run_dir, checkpoint)
+    return Run(Path(run_dir), cfg, info, graphdef, state, step)
 
 
 def spec_for_run(info: Mapping[str, Any]) -> Any:

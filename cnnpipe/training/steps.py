@@ -54,15 +54,23 @@ def make_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.constant_schedule(lr)
 
 
-def make_optimizer(opt: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimizerConfig, total_steps: int, *, head: Any = None, backbone_lr_scale: float = 1.0,
+                   freeze_steps: int = 0) -> optax.GradientTransformation:
     """optax transformation from the config: Adam (default), AdamW or SGD with momentum.
 
     Global-norm clipping runs first when `grad_clip` is set. For adam and sgd a nonzero
     `weight_decay` is classic L2 (added to the gradient); adamw decouples it. The
     learning rate is an injected hyperparameter, so the train step can report it.
+
+    `head` (a tree of bools shaped like the params, True for the classifier head) splits
+    the optimizer in two for fine-tuning: the head at the configured rate, the backbone
+    at `backbone_lr_scale` times it, each with its own state ({"head", "backbone"}), so
+    the backbone's Adam moments and bias correction start when it starts training.
+    Its schedule is the head's shifted by `freeze_steps` (the steps the frozen train
+    step leaves it untouched), so both follow one curve over the run.
     """
-    def build(learning_rate: Any) -> optax.GradientTransformation:
-        parts = [] if opt.grad_clip is None else [optax.clip_by_global_norm(float(opt.grad_clip))]
+    def build(learning_rate: Any, clip: bool = True) -> optax.GradientTransformation:
+        parts = [] if opt.grad_clip is None or not clip else [optax.clip_by_global_norm(float(opt.grad_clip))]
         wd = float(opt.weight_decay)
         if opt.name == "adamw":
             parts.append(optax.adamw(learning_rate, weight_decay=wd))
@@ -73,7 +81,36 @@ def make_optimizer(opt: OptimizerConfig, total_steps: int) -> optax.GradientTran
                          else optax.sgd(learning_rate, momentum=float(opt.momentum) or None))
         return optax.chain(*parts)
 
-    return optax.inject_hyperparams(build)(learning_rate=make_schedule(opt, total_steps))
+    schedule = make_schedule(opt, total_steps)
+    if head is None:
+        return optax.inject_hyperparams(build)(learning_rate=schedule)
+    scale, shift = float(backbone_lr_scale), int(freeze_steps)
+    head_tx = optax.masked(optax.inject_hyperparams(build, static_args="clip")(learning_rate=schedule, clip=False),
+                           head)
+    body_tx = optax.masked(optax.inject_hyperparams(build, static_args="clip")(
+        learning_rate=lambda count: scale * schedule(count + shift), clip=False), jax.tree.map(lambda m: not m, head))
+    clip = None if opt.grad_clip is None else optax.clip_by_global_norm(float(opt.grad_clip))
+
+    def init(params: Any) -> dict[str, Any]:
+        return {"head": head_tx.init(params), "backbone": body_tx.init(params)}
+
+    def update(grads: Any, state: dict[str, Any], params: Any = None) -> tuple[Any, dict[str, Any]]:
+        if clip is not None:   # one global norm over head and backbone, as without the split
+            grads, _ = clip.update(grads, optax.EmptyState())
+        head_updates, head_state = head_tx.update(grads, state["head"], params)
+        body_updates, body_state = body_tx.update(grads, state["backbone"], params)
+        updates = jax.tree.map(lambda m, a, b: a if m else b, head, head_updates, body_updates)
+        return updates, {"head": head_state, "backbone": body_state}
+
+    return optax.GradientTransformation(init, update)
+
+
+def _learning_rate(opt_state: Any) -> jax.Array:
+    """The (head's) learning rate of this step, from the injected hyperparameters."""
+    if isinstance(opt_state, dict):
+        opt_state = opt_state["head"].inner_state
+    hyper = getattr(opt_state, "hyperparams", {})
+    return jnp.asarray(hyper.get("learning_rate", jnp.nan), jnp.float32)
 
 
 # ---------------------------------------------------------------- state
@@ -220,7 +257,7 @@ class _InFlightGuard:
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh, *,
-                    precision: str = "fp32", augment: AugmentConfig | None = None
+                    precision: str = "fp32", augment: AugmentConfig | None = None, frozen_backbone: Any = None
                     ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """The one jitted train step: ``step(state, images, labels) -> (state, metrics)``.
 
@@ -230,8 +267,14 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     optimizer and batch-norm state unchanged (the step counter still advances) and
     reports nonfinite=True. The returned callable exposes the jitted function as `.jitted`
     and ``.compile(state, images, labels)`` to compile it ahead of the first call.
+
+    `frozen_backbone` (the head mask of a split optimizer, see `make_optimizer`) makes
+    the step of a frozen backbone: the model runs in eval mode (batch-norm statistics
+    used, not updated), gradients stop at the head (XLA drops the backbone's backward
+    pass), and the backbone's parameters and optimizer state are left as they are.
     """
     aug = augment or AugmentConfig()
+    head = frozen_backbone
     bf16 = resolve_precision(precision) == "bf16"
     replicated = NamedSharding(mesh, PartitionSpec())
     batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
@@ -239,8 +282,12 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     def loss_fn(params, model_state, images, labels, dropout_key):
         if bf16:  # bf16 copies for compute; the gradient flows back to the fp32 params through the cast
             params = _cast_floats(params, jnp.bfloat16)
+        if head is not None:   # frozen backbone: no gradient below the head
+            params = jax.tree.map(lambda m, p: p if m else jax.lax.stop_gradient(p), head, params)
         # batch-norm running statistics stay fp32: flax reduces the batch statistics in fp32
         model = nnx.merge(graphdef, params, model_state, copy=True)
+        if head is not None:
+            model.eval()
         logits = model(images, rngs=nnx.Rngs(dropout=dropout_key))
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         _, _, new_model_state = nnx.split(model, nnx.Param, ...)
@@ -256,9 +303,11 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        if head is not None:   # the backbone stays exactly as it was, its optimizer state too
+            new_params = jax.tree.map(lambda m, a, b: a if m else b, head, new_params, state.params)
+            new_opt = {"head": new_opt["head"], "backbone": state.opt_state["backbone"]}
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        hyper = getattr(new_opt, "hyperparams", {})
-        lr = jnp.asarray(hyper.get("learning_rate", jnp.nan), jnp.float32)
+        lr = _learning_rate(new_opt)
         new_state = TrainState(params=keep(new_params, state.params),
                                model_state=keep(new_ms, state.model_state),
                                opt_state=keep(new_opt, state.opt_state),

@@ -62,7 +62,8 @@ def resolve_data(cfg: Config, ds: Dataset) -> Config:
     return cfg.model_copy(update={"data": data})
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path, ds: Dataset, resume: bool, write: bool) -> None:
+def _prepare_run_dir(cfg: Config, run_dir: Path, ds: Dataset, resume: bool, write: bool,
+                     normalization: dict[str, Any] | None = None) -> None:
     """Check a resumed run's config (every process); with `write` (the primary) create the run dir files."""
     config_text = dump_config(cfg)
     if resume and (run_dir / "config.yaml").exists():
@@ -75,7 +76,9 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, ds: Dataset, resume: bool, writ
         write_atomic(run_dir / "config.yaml", config_text)
     if write:
         (run_dir / "plots").mkdir(exist_ok=True)
-        write_atomic(run_dir / "dataset.json", json.dumps(ds.info(), indent=2) + "\n")
+        # `normalization`: what the model does to raw pixels (the data's statistics, or the weights')
+        info = {**ds.info(), **({"normalization": normalization} if normalization else {})}
+        write_atomic(run_dir / "dataset.json", json.dumps(info, indent=2) + "\n")
 
 
 @dataclass
@@ -90,6 +93,8 @@ class _Parts:
     eval_step: Any
     num_params: int
     steps_per_epoch: int
+    init: Any = None          # cnnpipe.training.pretrained.Init: normalisation and first weights
+    frozen_step: Any = None   # the train step of the first `pretrained.freeze_epochs` epochs
 
 
 def _build(cfg: Config, watch: Stopwatch) -> _Parts:
@@ -105,12 +110,14 @@ def _build(cfg: Config, watch: Stopwatch) -> _Parts:
     from cnnpipe.models.cnn import build_model, count_params
     from cnnpipe.training import distributed, steps
     from cnnpipe.training.compile_cache import quiet_cache_loads
+    from cnnpipe.training.pretrained import head_mask, resolve_pretrained
 
-    tc = cfg.train
+    tc, pre = cfg.train, cfg.pretrained
     with watch.phase("data"):
         # folder and tfds caches are built by the primary; the others then read them
         ds = distributed.primary_first(lambda: load_dataset(cfg.data, seed=cfg.seed), "data")
     with watch.phase("build"):
+        init = resolve_pretrained(cfg, ds)   # reads the weights once; a bad file fails before any compile
         mesh = steps.make_mesh(tc.num_devices)
         for key, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)):
             steps.check_divisible(mesh, size, key)
@@ -118,29 +125,40 @@ def _build(cfg: Config, watch: Stopwatch) -> _Parts:
 
         def make() -> Any:
             return build_model(cfg.model, in_channels=ds.channels, num_classes=ds.num_classes, input_size=ds.size,
-                               bit_depth=ds.bit_depth, rngs=nnx.Rngs(cfg.seed), mean=ds.mean, std=ds.std)
+                               bit_depth=ds.bit_depth, rngs=nnx.Rngs(cfg.seed), mean=init.mean, std=init.std)
 
-        tx = steps.make_optimizer(cfg.optimizer, spe * tc.epochs)
         abstract = nnx.eval_shape(make)
+        if init.check is not None:
+            init.check(abstract)
+        split = pre.weights is not None and (pre.freeze_epochs > 0 or pre.backbone_lr_scale != 1.0)
+        head = head_mask(steps.split_model(abstract)[1].params, abstract.head_index) if split else None
+        tx = steps.make_optimizer(cfg.optimizer, spe * tc.epochs, head=head,
+                                  backbone_lr_scale=pre.backbone_lr_scale, freeze_steps=spe * pre.freeze_epochs)
         graphdef, abstract_state = steps.abstract_train_state(abstract, tx, mesh)
         train_step = steps.make_train_step(graphdef, tx, mesh, precision=tc.precision, augment=cfg.augment)
+        frozen_step = steps.make_train_step(graphdef, tx, mesh, precision=tc.precision, augment=cfg.augment,
+                                            frozen_backbone=head) if pre.freeze_epochs else None
         eval_step = steps.make_eval_step(graphdef, mesh)
 
     def initialise() -> Any:
-        _, state = steps.create_train_state(nnx.jit(make)(), tx, cfg.seed)
+        model = nnx.jit(make)()
+        if init.copy is not None:
+            init.copy(model)
+        _, state = steps.create_train_state(model, tx, cfg.seed)
         return jax.block_until_ready(steps.replicate(mesh, state))
 
     with watch.phase("compile"), quiet_cache_loads(), ThreadPoolExecutor(3) as pool:
         state = pool.submit(initialise)
-        for done in _compile_ahead(train_step, eval_step, abstract_state, mesh, ds, cfg, pool):
+        for done in _compile_ahead([train_step, frozen_step], eval_step, abstract_state, mesh, ds, cfg, pool):
             done.result()
         state = state.result()
-    return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe)
+    return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe, init, frozen_step)
 
 
-def _compile_ahead(train_step: Any, eval_step: Any, state: Any, mesh: Any, ds: Dataset, cfg: Config,
+def _compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any, ds: Dataset, cfg: Config,
                    pool: ThreadPoolExecutor) -> list[Future]:
-    """Submit the train and eval steps' compiles for `state` (abstract) and batches like the loop's.
+    """Submit the train steps' (None ones skipped) and eval step's compiles for `state` (abstract)
+    and batches like the loop's.
 
     The abstract batches take their shapes and dtypes from a first batch of each kind,
     so they are exactly what the loop will pass.
@@ -152,8 +170,8 @@ def _compile_ahead(train_step: Any, eval_step: Any, state: Any, mesh: Any, ds: D
     train_batch = next(iter(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0)), None)
     eval_batch = next(iter(eval_batches(ds.val, tc.eval_batch_size)), None)
     jobs = []
-    for step, batch in ((train_step, train_batch), (eval_step, eval_batch)):
-        if batch is not None:
+    for step, batch in [*((s, train_batch) for s in train_steps), (eval_step, eval_batch)]:
+        if batch is not None and step is not None:
             jobs.append(pool.submit(step.compile, state, *[batch_spec(mesh, a.shape, a.dtype) for a in batch]))
     return jobs
 
@@ -209,12 +227,18 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     enable_compile_cache(compile_cache)
     parts = _build(cfg, watch)
     cfg = resolve_data(cfg, parts.ds)
-    _prepare_run_dir(cfg, run_dir, parts.ds, resume, write=primary)
+    _prepare_run_dir(cfg, run_dir, parts.ds, resume, write=primary, normalization=parts.init.info())
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     log(f"run {run_dir}: {parts.ds.description}, {len(parts.ds.train)} train / {len(parts.ds.val)} val images, "
         f"{parts.ds.num_classes} classes")
     log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {parts.num_params:,} parameters; "
         f"{parts.mesh.size} device(s) ({jax.devices()[0].platform}){processes}")
+    pre = cfg.pretrained
+    if pre.weights is not None:
+        plan = (f"; head alone for {pre.freeze_epochs} epoch(s), then the backbone too" if pre.freeze_epochs else "")
+        scale = f" at {pre.backbone_lr_scale:g}x the learning rate" if pre.backbone_lr_scale != 1.0 else ""
+        log(f"pretrained: {pre.weights} (new {parts.ds.num_classes}-class head{plan}{scale}); "
+            f"input normalisation from the {parts.init.normalization}")
     ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, asynchronous=True)
     try:
         pos = _restore(parts, ckpts, resume, run_dir, log)
@@ -292,6 +316,8 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
                                 train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=epoch,
                                               start_step=pos.step_in_epoch, rows=rows)),
                                size=prefetch_depth(mesh))
+            # the first pretrained.freeze_epochs epochs train the head alone
+            loop.train_step = parts.frozen_step if epoch < cfg.pretrained.freeze_epochs else parts.train_step
             with batches:
                 parts.state = loop.run(parts.state, batches, pos)
             t_eval = time.perf_counter()
