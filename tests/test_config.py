@@ -215,8 +215,9 @@ def test_duplicate_layer_names():
 
 
 def test_unknown_preset_suggests():
-    msg = error_of({"model": "resnet"})
-    assert "model: got 'resnet'" in msg and "did you mean 'resnet_small'?" in msg
+    msg = error_of({"model": "resnet_smal"})
+    assert "model: got 'resnet_smal'" in msg and "did you mean 'resnet_small'?" in msg
+    assert "did you mean 'convnext_atto'?" in error_of({"model": "convnext_ato"})
 
 
 # ---------------------------------------------------------------- dump

@@ -95,10 +95,11 @@ def timm_state_dict(name: str, weights: str | os.PathLike) -> dict[str, np.ndarr
 
 
 def load_pretrained_into(model: SequentialNet, sd: Mapping[str, np.ndarray], *, source: str,
-                         new_head: bool) -> None:
+                         new_head: bool, check_only: bool = False) -> None:
     """Copy a timm state dict into `model` (a backbone), adapting the first conv to its planes.
 
-    `new_head`: leave the classifier as initialised (the run has its own classes).
+    `new_head`: leave the classifier as initialised (the run has its own classes);
+    `check_only`: check every key and shape, copy nothing (`model` may be abstract).
     Raises WeightsError when a key is missing, a shape does not fit, or keys are left over.
     """
     family = _family(model.architecture)
@@ -109,7 +110,8 @@ def load_pretrained_into(model: SequentialNet, sd: Mapping[str, np.ndarray], *, 
     head = head_key(model.architecture)
     if not new_head and sd.get(head + ".weight", np.zeros((0,))).shape[:1] != (model.num_classes,):
         new_head = True
-    left = copy_weights(family.torch_modules(model), sd, source=source, skip=[head] if new_head else [])
+    left = copy_weights(family.torch_modules(model), sd, source=source, skip=[head] if new_head else [],
+                        check_only=check_only)
     if left:
         raise WeightsError(f"{source}: {len(left)} keys are not used by {model.architecture} (first: {left[0]!r}); "
                            "the file holds another architecture's weights")
