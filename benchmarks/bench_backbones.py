@@ -84,7 +84,7 @@ class Peer:
 
 # ---------------------------------------------------------------- cnnpipe
 
-def cnnpipe_runner(arch: str, size: int, batch: int, precision: str):
+def cnnpipe_runner(arch: str, size: int, batch: int, precision: str, devices: int):
     """(a function timing `steps` train steps, compile seconds)."""
     import jax
     import numpy as np
@@ -94,7 +94,7 @@ def cnnpipe_runner(arch: str, size: int, batch: int, precision: str):
     from cnnpipe.models.cnn import build_model
     from cnnpipe.training import steps as st
 
-    mesh = st.make_mesh(1)
+    mesh = st.make_mesh(devices)
     model = build_model(arch, in_channels=3, num_classes=CLASSES, input_size=(size, size), bit_depth=8,
                         rngs=nnx.Rngs(0))
     tx = st.make_optimizer(OptimizerConfig(), 1000)
@@ -131,18 +131,25 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="train steps per timed block")
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    ap.add_argument("--archs", nargs="+", default=["resnet18", "convnext_atto"])
+    ap.add_argument("--devices", type=int, default=0, help="XLA devices (0: one per core, as cnnpipe train)")
+    ap.add_argument("--no-tune", action="store_true", help="XLA:CPU's default kernels (YNNPACK)")
     args = ap.parse_args()
     if args.serve_peer:
         serve_peer()
         return
+    from cnnpipe.training.mesh import setup_cpu_devices
+
+    setup_cpu_devices(args.devices or None, tune=not args.no_tune)   # what `cnnpipe train` does on CPU
     import jax
 
     peer = Peer(args.peer_python) if args.peer_python else None
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({_nproc()} cores), {args.precision}; "
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({_nproc()} cores, {len(jax.devices())} devices), "
+          f"{args.precision}; "
           f"peer: {peer.version if peer else 'none (give --peer-python)'}")
     try:
-        for arch, size, batch in (c for c in CASES if c[1] in args.sizes):
-            block, compile_s = cnnpipe_runner(arch, size, batch, args.precision)
+        for arch, size, batch in (c for c in CASES if c[1] in args.sizes and c[0] in args.archs):
+            block, compile_s = cnnpipe_runner(arch, size, batch, args.precision, args.devices)
             ours, theirs = [], []
             for _ in range(args.blocks):   # alternate: both sides see the same machine
                 ours.append(batch * args.steps / block(args.steps))

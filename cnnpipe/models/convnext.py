@@ -52,9 +52,12 @@ class Block(nnx.Module):
         self.tanh_gelu = tanh_gelu
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.norm(self.conv_dw(x))
+        y = self.conv_dw(x)
+        # per-position work on (N*H*W, C): XLA:CPU reduced the parameter gradients over
+        # (N, H, W) 3-5x slower than over one row axis (a block at 16x16x40: 63 vs 13 ms)
+        y = self.norm(y.reshape(-1, y.shape[-1]))
         y = self.fc2(jax.nn.gelu(self.fc1(y), approximate=self.tanh_gelu))
-        return x + y * self.gamma[...].astype(y.dtype)
+        return x + (y * self.gamma[...].astype(y.dtype)).reshape(x.shape)
 
 
 class Stage(nnx.Module):
@@ -75,7 +78,7 @@ class Stage(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.down_conv is not None:
-            x = self.down_conv(self.down_norm(x))
+            x = self.down_conv(self.down_norm(x.reshape(-1, x.shape[-1])).reshape(x.shape))
         for block in self.blocks:
             x = block(x)
         return x
@@ -93,7 +96,8 @@ class Stem(nnx.Module):
         return self.conv
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.norm(self.conv(x))
+        y = self.conv(x)
+        return self.norm(y.reshape(-1, y.shape[-1])).reshape(y.shape)
 
 
 class GlobalAvgPool(nnx.Module):

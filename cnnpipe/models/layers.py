@@ -156,7 +156,90 @@ class Conv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         dtype = jnp.result_type(x.dtype, kernel.dtype)
-        y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), self.stride, self.padding,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         feature_group_count=self.groups)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if self.groups == 1 and not isinstance(self.padding, str) and _out_positions(x, kernel, self) <= 4:
+            y = _conv_as_matmul(x, kernel, self.stride[0], self.padding)
+        elif self.groups == x.shape[-1] == kernel.shape[-1] and self._same_depthwise(kernel):
+            y = depthwise_conv(x, kernel)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, self.stride, self.padding,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             feature_group_count=self.groups)
         return y if self.bias is None else _add_bias(y, self.bias[...].astype(dtype))
+
+
+    def _same_depthwise(self, kernel: jax.Array) -> bool:
+        kh, kw = kernel.shape[:2]
+        return (self.stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1
+                and self.padding == ((kh // 2, kh // 2), (kw // 2, kw // 2)))
+
+
+# XLA:CPU's depthwise (grouped) convolution ran 50-70x slower than the same sum of 49
+# shifted, per-channel-scaled copies (a 7x7 ConvNeXt block at 16x16x40, batch 32: 81 vs
+# 1.4 ms forward), and its input gradient is that sum again with the kernel flipped. Only
+# the kernel gradient stays XLA's own (its batch-grouped conv was as fast as any rewrite
+# tried). A ConvNeXt train step ran 6-9x faster per block (benchmarks/bench_backbones.py).
+
+def _shift_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    kh, kw = kernel.shape[:2]
+    n, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    out = xp[:, 0:h, 0:w, :] * kernel[0, 0, 0]
+    for i in range(kh):
+        for j in range(kw):
+            if i or j:
+                out = out + xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+    return out
+
+
+def _xla_depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    kh, kw = kernel.shape[:2]
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+@jax.custom_vjp
+def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 depthwise conv with odd kernel (kh, kw, 1, C) and 'same' symmetric padding, NHWC."""
+    return _shift_sum(x, kernel)
+
+
+def _depthwise_fwd(x, kernel):
+    return _shift_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_bwd(res, dy):
+    x, kernel = res
+    dx = _shift_sum(dy, kernel[::-1, ::-1])
+    dk = jax.vjp(lambda k: _xla_depthwise(x, k), kernel)[1](dy)[0]
+    return dx, dk
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+# XLA:CPU's convolution is pathological on tiny feature maps with many channels: a 3x3
+# conv over a 2x2x512 map (a ResNet's last stage at 64x64 input) took 514 ms for a batch
+# of 32 where the same arithmetic as one matmul took 6 ms, and the stride-2 4x4 -> 2x2
+# conv trained 85 vs 12 ms. At 4x4 outputs and above XLA's own conv is as fast or faster
+# (benchmarks/bench_backbones.py), so outputs of at most 4 positions go through im2col.
+
+def _out_hw(x: jax.Array, kernel: jax.Array, stride: int, padding: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    (pt, pb), (pl, pr) = padding
+    return ((x.shape[1] + pt + pb - kernel.shape[0]) // stride + 1,
+            (x.shape[2] + pl + pr - kernel.shape[1]) // stride + 1)
+
+
+def _out_positions(x: jax.Array, kernel: jax.Array, conv: Conv) -> int:
+    oh, ow = _out_hw(x, kernel, conv.stride[0], conv.padding)
+    return oh * ow
+
+
+def _conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """The convolution as im2col + one matmul (same result as `conv_general_dilated` up to rounding)."""
+    kh, kw, cin, cout = kernel.shape
+    oh, ow = _out_hw(x, kernel, stride, padding)
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    cols = jnp.concatenate([xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+    return (cols.reshape(-1, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)).reshape(x.shape[0], oh, ow, cout)

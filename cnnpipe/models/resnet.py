@@ -40,8 +40,16 @@ def _conv(cin: int, cout: int, k: int, stride: int, rngs: nnx.Rngs) -> Conv:
     return Conv(cin, cout, (k, k), stride, ((p, p), (p, p)), use_bias=False, kernel_init=_KAIMING, rngs=rngs)
 
 
-def _bn(c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)
+def _bn(c: int, rngs: nnx.Rngs) -> BatchNorm2d:
+    return BatchNorm2d(c, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+
+class BatchNorm2d(nnx.BatchNorm):
+    """`nnx.BatchNorm` over (N*H*W, C) rows: XLA:CPU reduced over (N, H, W) several times
+    slower than over one row axis (the statistics and the scale/bias gradients), same values."""
+
+    def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
+        return super().__call__(x.reshape(-1, x.shape[-1]), **kwargs).reshape(x.shape)
 
 
 class Downsample(nnx.Module):
