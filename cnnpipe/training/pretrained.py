@@ -55,8 +55,12 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.yaml").is_file()
 
 
-def resolve_pretrained(cfg: Config, ds: Dataset) -> Init:
+def resolve_pretrained(cfg: Config, ds: Dataset, resumed_from: Path | None = None) -> Init:
     """The `Init` for `cfg.pretrained` on `ds` (see the module docstring for the normalisation).
+
+    `resumed_from`: a run directory being resumed from a checkpoint: its recorded
+    normalisation, and no weights to copy (the checkpoint has them), so a weights file
+    moved since does not matter.
 
     Raises:
       ConfigError: timm weights for a model that is not a backbone, or a run of another architecture.
@@ -64,6 +68,10 @@ def resolve_pretrained(cfg: Config, ds: Dataset) -> Init:
     """
     weights = cfg.pretrained.weights
     data = Init(tuple(ds.mean), tuple(ds.std), "data: per-plane statistics of the training split")
+    if resumed_from is not None and (resumed_from / "dataset.json").is_file():
+        norm = read_dataset_info(resumed_from).get("normalization")
+        if norm is not None:
+            return Init(tuple(norm["mean"]), tuple(norm["std"]), str(norm.get("from", "the resumed run")))
     if weights is None:
         return data
     if Path(weights).is_dir():

@@ -97,7 +97,7 @@ class _Parts:
     frozen_step: Any = None   # the train step of the first `pretrained.freeze_epochs` epochs
 
 
-def _build(cfg: Config, watch: Stopwatch) -> _Parts:
+def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _Parts:
     """Data, mesh, model and steps; the steps compile (and the model initialises) at once, in threads.
 
     The steps are compiled for the train state's shapes and placement alone (an
@@ -117,7 +117,9 @@ def _build(cfg: Config, watch: Stopwatch) -> _Parts:
         # folder and tfds caches are built by the primary; the others then read them
         ds = distributed.primary_first(lambda: load_dataset(cfg.data, seed=cfg.seed), "data")
     with watch.phase("build"):
-        init = resolve_pretrained(cfg, ds)   # reads the weights once; a bad file fails before any compile
+        # reads the weights once, so a bad file fails before any compile; a resumed run has
+        # its weights in the checkpoint and its normalisation in dataset.json
+        init = resolve_pretrained(cfg, ds, resumed_from)
         mesh = steps.make_mesh(tc.num_devices)
         for key, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)):
             steps.check_divisible(mesh, size, key)
@@ -225,7 +227,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
                          "or choose another --workdir")
     distributed.barrier("checked")  # no process creates checkpoints/ before every process has looked
     enable_compile_cache(compile_cache)
-    parts = _build(cfg, watch)
+    resumed = resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    parts = _build(cfg, watch, run_dir if resumed else None)
     cfg = resolve_data(cfg, parts.ds)
     _prepare_run_dir(cfg, run_dir, parts.ds, resume, write=primary, normalization=parts.init.info())
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
