@@ -183,7 +183,7 @@ class TrainConfig(_Schema):
 
 class OptimizerConfig(_Schema):
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    learning_rate: Annotated[float, Field(gt=0)] = 0.001
+    learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.001
     schedule: Literal["constant", "warmup_cosine"] = "constant"
     warmup_steps: NonNegInt = 0
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
@@ -196,7 +196,8 @@ class PretrainedConfig(_Schema):
     # or an earlier cnnpipe run directory of the same model; null: train from scratch
     weights: str | None = None
     freeze_epochs: NonNegInt = 0        # epochs training only the new head (backbone and its batch norm frozen)
-    backbone_lr_scale: Annotated[float, Field(gt=0)] = 1.0   # backbone learning rate = this x optimizer's
+    # backbone learning rate = this x optimizer's
+    backbone_lr_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
 
 
 class Config(_Schema):

@@ -134,3 +134,36 @@ def test_pth_without_torch_and_hub_offline_are_one_line(tmp_path, monkeypatch):
     assert "\n" not in msg and "https://huggingface.co/timm/resnet18.a1_in1k" in msg
     with pytest.raises(WeightsError, match="expected hf-hub:<owner>/<name>"):
         backbones.load("resnet18", "hf-hub:resnet18")
+
+
+def test_weights_config_reads_timms_pretrained_cfg_and_names_a_bad_one(tmp_path):
+    from cnnpipe.models.weights import weights_config
+
+    w = tmp_path / "w.safetensors"
+    assert weights_config(w, "resnet18")["mean"] == backbones.IMAGENET_MEAN
+    assert weights_config(w, "test_resnet")["mean"] == (0.5, 0.5, 0.5)
+    (tmp_path / "config.json").write_text('{"pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]}}')
+    assert weights_config(w, "resnet18") == {"mean": (0.1, 0.2, 0.3), "std": (1.0, 1.0, 1.0), "from": "config.json"}
+    (tmp_path / "config.json").write_text('{"pretrained_cfg": {"mean": null, "std": null}}')
+    with pytest.raises(WeightsError, match=r"config.json: pretrained_cfg mean/std must be 3 finite numbers"):
+        weights_config(w, "resnet18")
+    (tmp_path / "config.json").write_text("not json")   # another tool's file: ignored
+    assert weights_config(w, "resnet18")["from"] == "ImageNet defaults"
+
+
+def test_damaged_or_headless_weights_and_small_convnext_inputs_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    sd = read_state_dict(FIXTURES / "test_resnet.safetensors")
+    save_file({**sd, "layer1.0.conv1.weight": sd["layer1.0.conv1.weight"] * np.nan}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(WeightsError, match="layer1.0.conv1.weight holds non-finite values"):
+        backbones.load("test_resnet", tmp_path / "nan.safetensors")
+    save_file({k: v for k, v in sd.items() if not k.startswith("fc.")}, str(tmp_path / "headless.safetensors"))
+    with pytest.raises(WeightsError, match="holds no classifier .*pass num_classes"):
+        backbones.load("test_resnet", tmp_path / "headless.safetensors")
+    assert backbones.load("test_resnet", tmp_path / "headless.safetensors", num_classes=4).num_classes == 4
+    with pytest.raises(WeightsError, match="cannot adapt a 5-plane first convolution to 1 plane"):
+        backbones.adapt_input_conv(1, np.zeros((4, 5, 3, 3), np.float32))
+    model = backbones.load("test_convnext", FIXTURES / "test_convnext.safetensors")
+    with pytest.raises(ValueError, match="input 16x16 is too small; ConvNeXt needs at least 32x32"):
+        model(np.zeros((1, 16, 16, 3), np.float32))

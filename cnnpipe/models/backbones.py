@@ -70,6 +70,11 @@ def load(name: str, weights: str | os.PathLike | None = None, *, num_classes: in
     """
     _family(name)
     sd = timm_state_dict(name, weights) if weights is not None else None
+    stem = "conv1" if _family(name) is resnet else "stem."
+    if (sd is not None and num_classes is None and head_key(name) + ".weight" not in sd
+            and any(k.startswith(stem) for k in sd)):   # this architecture's weights, without a head
+        raise WeightsError(f"{weights}: holds no classifier ({head_key(name)}.weight; a headless export?); "
+                           "pass num_classes for a new head")
     src_classes = sd[head_key(name) + ".weight"].shape[0] if sd and head_key(name) + ".weight" in sd else 1000
     classes = src_classes if num_classes is None else num_classes
     if sd is None:

@@ -134,6 +134,12 @@ class ConvNeXt(SequentialNet):
                          ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "global_pool", "head_norm", "fc"],
                          ["stem", "stage", "stage", "stage", "stage", "global_avg_pool", "head_norm", "dense"])
 
+    def _run(self, x: jax.Array, keep: set[str] | None, rngs: nnx.Rngs | None) -> tuple[jax.Array, dict]:
+        if x.ndim == 4 and min(x.shape[1], x.shape[2]) < 32:   # timm's model fails on these too
+            raise ValueError(f"{self.architecture}: input {x.shape[1]}x{x.shape[2]} is too small; ConvNeXt needs "
+                             "at least 32x32 (its last stage would be empty and the logits NaN)")
+        return super()._run(x, keep, rngs)
+
 
 def make_head(features: int, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear:
     """The classifier: trunc_normal(0.02) weights, zero bias (timm's `_init_weights`, head_init_scale 1)."""

@@ -30,6 +30,8 @@ __all__ = ["read_state_dict", "adapt_input_conv", "copy_weights", "WeightsError"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # timm's IMAGENET_DEFAULT_MEAN, over [0, 1] values
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# architectures whose timm weights use other statistics (timm's default pretrained_cfg)
+_ARCH_STATS = {"test_resnet": ((0.5,) * 3, (0.5,) * 3), "test_convnext": ((0.5,) * 3, (0.5,) * 3)}
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
@@ -48,7 +50,7 @@ def read_state_dict(source: str | os.PathLike) -> dict[str, np.ndarray]:
       WeightsError: a missing or unreadable file, an unknown suffix, a .pth without torch,
         or an hf-hub name that cannot be downloaded.
     """
-    path = _hub_file(str(source), "model.safetensors") if is_hub(str(source)) else Path(source)
+    path = _hub_file(str(source), "model.safetensors") if is_hub(str(source)) else Path(source).expanduser()
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     suffix = path.suffix.lower()
@@ -112,17 +114,43 @@ def _hub_file(source: str, filename: str) -> Path:
         raise WeightsError(f"{source}: hf-hub weights need huggingface_hub (pip install 'cnnpipe[hub]'), or "
                            f"download {filename} from https://huggingface.co/{repo} and give its path") from None
     try:
-        return Path(hf_hub_download(repo, filename))
+        return Path(hf_hub_download(repo, filename, local_files_only=True))   # cached: no network at all
+    except Exception:   # not cached yet: download below
+        pass
+    try:
+        with _quiet_hub():   # its retry warnings would bury the one line below
+            return Path(hf_hub_download(repo, filename))
     except Exception:   # offline, unknown repo, no such file: all one message
         raise WeightsError(f"{source}: cannot download {filename} (offline?); download it from "
                            f"https://huggingface.co/{repo} and set pretrained.weights to its path") from None
 
 
-def weights_config(source: str | os.PathLike) -> dict[str, Any]:
+class _quiet_hub:
+    """huggingface_hub's logger at error level (and Python warnings off) for one download."""
+
+    def __enter__(self) -> None:
+        import logging
+        import warnings
+
+        self.logger = logging.getLogger("huggingface_hub")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.warnings.__exit__(*exc)
+        self.logger.setLevel(self.level)
+
+
+def weights_config(source: str | os.PathLike, arch: str | None = None) -> dict[str, Any]:
     """The weights' preprocessing: {'mean', 'std'} over [0, 1] values and where they came from.
 
-    From the hub's (or a `config.json` beside the file's) `pretrained_cfg`, else timm's
-    ImageNet defaults, which every listed architecture's ImageNet weights use.
+    From the hub's `config.json` (or one beside a local file: timm's `pretrained_cfg`),
+    else timm's default for `arch`: ImageNet's statistics, (0.5, 0.5, 0.5) for the test
+    models. Raises WeightsError naming a config.json whose mean/std are not 3 finite
+    numbers (std > 0).
     """
     if is_hub(str(source)):
         try:
@@ -130,16 +158,31 @@ def weights_config(source: str | os.PathLike) -> dict[str, Any]:
         except WeightsError:
             cfg_path = None
     else:
-        cfg_path = Path(source).with_name("config.json")
+        cfg_path = Path(source).expanduser().with_name("config.json")
     if cfg_path is not None and cfg_path.is_file():
         try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8")).get("pretrained_cfg", {})
-            if len(cfg.get("mean", ())) == 3 and len(cfg.get("std", ())) == 3:
-                return {"mean": tuple(map(float, cfg["mean"])), "std": tuple(map(float, cfg["std"])),
-                        "from": "config.json"}
-        except (OSError, ValueError, AttributeError):
-            pass
-    return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "from": "ImageNet defaults"}
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cfg = None   # not a timm config: another tool's file of that name
+        pre = cfg.get("pretrained_cfg") if isinstance(cfg, dict) else None
+        if isinstance(pre, dict) and ("mean" in pre or "std" in pre):
+            mean, std = _three(pre.get("mean")), _three(pre.get("std"))
+            if mean is None or std is None or min(std) <= 0:
+                raise WeightsError(f"{cfg_path}: pretrained_cfg mean/std must be 3 finite numbers each (std > 0); "
+                                   f"got mean {pre.get('mean')!r}, std {pre.get('std')!r}")
+            return {"mean": mean, "std": std, "from": "config.json"}
+    mean, std = _ARCH_STATS.get(arch or "", (IMAGENET_MEAN, IMAGENET_STD))
+    return {"mean": mean, "std": std, "from": "ImageNet defaults" if mean == IMAGENET_MEAN else f"timm's {arch} default"}
+
+
+def _three(value: Any) -> tuple[float, ...] | None:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if all(math.isfinite(v) for v in out) else None
 
 
 def adapt_input_conv(in_channels: int, weight: np.ndarray) -> np.ndarray:
@@ -153,6 +196,9 @@ def adapt_input_conv(in_channels: int, weight: np.ndarray) -> np.ndarray:
         return weight
     if in_channels == 1:
         if i > 3:
+            if i % 3:
+                raise WeightsError(f"cannot adapt a {i}-plane first convolution to 1 plane "
+                                   "(timm adapts 3-plane weights, or multiples of 3 to 1)")
             return weight.reshape(o, i // 3, 3, kh, kw).sum(axis=2)
         return weight.sum(axis=1, keepdims=True)
     if i != 3:
@@ -213,6 +259,8 @@ def copy_weights(pairs: Sequence[tuple[str, Any]], sd: Mapping[str, np.ndarray],
                 raise WeightsError(f"{source}: key {key!r} is missing; the file does not hold this architecture's "
                                    f"weights ({len(sd)} tensors, first {next(iter(sd))!r})")
             value = convert(sd[key])
+            if not np.isfinite(value).all():
+                raise WeightsError(f"{source}: {key} holds non-finite values (NaN or inf); damaged weights?")
             if tuple(value.shape) != tuple(var.shape):
                 raise WeightsError(f"{source}: {key} has shape {list(sd[key].shape)}, which does not fit "
                                    f"(expected {list(var.shape)} after conversion); a different architecture?")

@@ -74,6 +74,11 @@ def resolve_pretrained(cfg: Config, ds: Dataset, resumed_from: Path | None = Non
             return Init(tuple(norm["mean"]), tuple(norm["std"]), str(norm.get("from", "the resumed run")))
     if weights is None:
         return data
+    if not weights.strip():
+        raise ConfigError("pretrained.weights: got an empty path; expected a weights file, hf-hub:timm/<name> "
+                          "or a cnnpipe run directory (or null)")
+    if not weights.startswith("hf-hub:"):
+        weights = str(Path(weights).expanduser())
     if Path(weights).is_dir():
         if not is_run_dir(weights):
             raise ConfigError(f"pretrained.weights: {weights} is a folder but not a cnnpipe run directory "
@@ -88,7 +93,7 @@ def resolve_pretrained(cfg: Config, ds: Dataset, resumed_from: Path | None = Non
     sd = timm_state_dict(cfg.model, weights)
     norm = data
     if ds.channels == 3:
-        wc, top = weights_config(weights), 2 ** ds.bit_depth - 1
+        wc, top = weights_config(weights, cfg.model), 2 ** ds.bit_depth - 1
         norm = Init(tuple(m * top for m in wc["mean"]), tuple(s * top for s in wc["std"]),
                     f"weights: the pretrained weights' RGB mean/std ({wc['from']}) at the data's bit depth")
     return Init(norm.mean, norm.std, norm.normalization,
@@ -141,7 +146,10 @@ def copy_from_run(model: Any, source: Mapping[tuple, np.ndarray], where: str, *,
             continue   # the new head, sized to this run's classes
         value = source.get(path)
         if value is not None and var is first and value.shape[2] != var.shape[2]:
-            value = adapt_input_conv(var.shape[2], value.transpose(3, 2, 0, 1)).transpose(2, 3, 1, 0)
+            try:
+                value = adapt_input_conv(var.shape[2], value.transpose(3, 2, 0, 1)).transpose(2, 3, 1, 0)
+            except ValueError as exc:
+                raise ConfigError(f"pretrained.weights: {where}: {exc}") from None
         if value is None or tuple(value.shape) != tuple(var.shape):
             got = "missing" if value is None else f"shape {list(value.shape)}"
             raise ConfigError(f"pretrained.weights: {where}: {'.'.join(map(str, path))} is {got}, this model needs "

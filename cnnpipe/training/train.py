@@ -238,8 +238,9 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         f"{parts.mesh.size} device(s) ({jax.devices()[0].platform}){processes}")
     pre = cfg.pretrained
     if pre.weights is not None:
-        plan = (f"; head alone for {pre.freeze_epochs} epoch(s), then the backbone too" if pre.freeze_epochs else "")
-        scale = f" at {pre.backbone_lr_scale:g}x the learning rate" if pre.backbone_lr_scale != 1.0 else ""
+        plan = (f"; head alone for {pre.freeze_epochs} epoch(s), then the backbone too" if pre.freeze_epochs
+                else "; head and backbone train together")
+        scale = f"; backbone at {pre.backbone_lr_scale:g}x the learning rate" if pre.backbone_lr_scale != 1.0 else ""
         log(f"pretrained: {pre.weights} (new {parts.ds.num_classes}-class head{plan}{scale}); "
             f"input normalisation from the {parts.init.normalization}")
     ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, asynchronous=True)
