@@ -56,6 +56,7 @@ class Downsample(nnx.Module):
     """The shortcut's projection: 1x1 conv (strided) + bn, or 2x2 ceil avg pool + 1x1 conv + bn (avg_down)."""
 
     def __init__(self, cin: int, cout: int, stride: int, avg: bool, rngs: nnx.Rngs):
+        self.avg = avg   # timm's downsample_avg: the pool (an Identity at stride 1) is Sequential index 0
         self.pool = avg and stride != 1
         self.conv = _conv(cin, cout, 1, 1 if avg else stride, rngs)
         self.bn = _bn(cout, rngs)
@@ -202,15 +203,11 @@ def torch_modules(model: ResNet) -> list[tuple[str, Any]]:
             for n in convs:
                 pairs += [(f"{at}.{n}", getattr(block, n)), (f"{at}.bn{n[-1]}", getattr(block, f"bn{n[-1]}"))]
             down = block.downsample
-            if down is not None:   # downsample_avg has the pool at index 0
-                first = 1 if isinstance(down, Downsample) and _is_avg(model) else 0
+            if down is not None:
+                first = 1 if down.avg else 0
                 pairs += [(f"{at}.downsample.{first}", down.conv), (f"{at}.downsample.{first + 1}", down.bn)]
     pairs.append(("fc", model.layers[model.head_index]))
     return pairs
-
-
-def _is_avg(model: ResNet) -> bool:
-    return RESNETS[model.architecture][5]
 
 
 def first_conv_key(model: ResNet) -> str:

@@ -15,11 +15,14 @@ does not fit. `adapt_input_conv` is timm's `in_chans` adaptation
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,23 +128,18 @@ def _hub_file(source: str, filename: str) -> Path:
                            f"https://huggingface.co/{repo} and set pretrained.weights to its path") from None
 
 
-class _quiet_hub:
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
     """huggingface_hub's logger at error level (and Python warnings off) for one download."""
-
-    def __enter__(self) -> None:
-        import logging
-        import warnings
-
-        self.logger = logging.getLogger("huggingface_hub")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-        self.warnings = warnings.catch_warnings()
-        self.warnings.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc: Any) -> None:
-        self.warnings.__exit__(*exc)
-        self.logger.setLevel(self.level)
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def weights_config(source: str | os.PathLike, arch: str | None = None) -> dict[str, Any]:

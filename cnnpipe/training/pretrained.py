@@ -18,6 +18,8 @@ raw integers on the device, scaled by the bit depth's maximum, then
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,22 +31,23 @@ import numpy as np
 from cnnpipe.config import BACKBONES, Config, ConfigError
 from cnnpipe.datasets.dataset import Dataset, read_dataset_info
 
-__all__ = ["Init", "resolve_pretrained", "restore_run_model", "model_for_run", "head_mask", "is_run_dir"]
+__all__ = ["Init", "resolve_pretrained", "restore_run_model", "model_for_run", "run_normalization", "head_mask",
+           "is_run_dir"]
 
 
 @dataclass(frozen=True)
 class Init:
     """A run's starting point: the model's normalisation (raw pixel units) and its weights.
 
-    copy: copies the weights into a concrete model (None: keep the fresh ones); check:
-    the same checks on an abstract model, before any compile.
+    copy: ``copy(model, check_only=False)`` copies the weights into a concrete model, or
+    with `check_only` runs the same checks on an abstract one, before any compile
+    (None: keep the fresh weights).
     """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     normalization: str
-    copy: Callable[[Any], None] | None = None
-    check: Callable[[Any], None] | None = None
+    copy: Callable[..., None] | None = None
 
     def info(self) -> dict[str, Any]:
         """The `normalization` entry of a run's dataset.json."""
@@ -90,16 +93,13 @@ def resolve_pretrained(cfg: Config, ds: Dataset, resumed_from: Path | None = Non
     from cnnpipe.models.backbones import load_pretrained_into, timm_state_dict
     from cnnpipe.models.weights import weights_config
 
-    sd = timm_state_dict(cfg.model, weights)
-    norm = data
-    if ds.channels == 3:
-        wc, top = weights_config(weights, cfg.model), 2 ** ds.bit_depth - 1
-        norm = Init(tuple(m * top for m in wc["mean"]), tuple(s * top for s in wc["std"]),
-                    f"weights: the pretrained weights' RGB mean/std ({wc['from']}) at the data's bit depth")
-    return Init(norm.mean, norm.std, norm.normalization,
-                copy=lambda model: load_pretrained_into(model, sd, source=str(weights), new_head=True),
-                check=lambda model: load_pretrained_into(model, sd, source=str(weights), new_head=True,
-                                                         check_only=True))
+    copy = functools.partial(load_pretrained_into, sd=timm_state_dict(cfg.model, weights), source=str(weights),
+                             new_head=True)
+    if ds.channels != 3:
+        return dataclasses.replace(data, copy=copy)
+    wc, top = weights_config(weights, cfg.model), 2 ** ds.bit_depth - 1
+    return Init(tuple(m * top for m in wc["mean"]), tuple(s * top for s in wc["std"]),
+                f"weights: the pretrained weights' RGB mean/std ({wc['from']}) at the data's bit depth", copy)
 
 
 def _model_name(model: Any) -> str:
@@ -116,15 +116,11 @@ def _from_run(cfg: Config, ds: Dataset, run_dir: Path, data: Init) -> Init:
 
     model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.model_state))
     flat = {tuple(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model))}
-    norm = data
-    same = int(info["channels"]) == ds.channels and int(info["bit_depth"]) == ds.bit_depth
-    if same:
-        src = info.get("normalization") or {"mean": info["mean"], "std": info["std"]}
-        norm = Init(tuple(src["mean"]), tuple(src["std"]), f"run: the statistics of {run_dir.name} (step {step})")
-    where = f"{run_dir} (step {step})"
-    return Init(norm.mean, norm.std, norm.normalization,
-                copy=lambda model: copy_from_run(model, flat, where),
-                check=lambda model: copy_from_run(model, flat, where, check_only=True))
+    copy = functools.partial(copy_from_run, source=flat, where=f"{run_dir} (step {step})")
+    if int(info["channels"]) != ds.channels or int(info["bit_depth"]) != ds.bit_depth:
+        return dataclasses.replace(data, copy=copy)
+    src = run_normalization(info)
+    return Init(tuple(src["mean"]), tuple(src["std"]), f"run: the statistics of {run_dir.name} (step {step})", copy)
 
 
 def copy_from_run(model: Any, source: Mapping[tuple, np.ndarray], where: str, *, check_only: bool = False) -> None:
@@ -171,13 +167,19 @@ def head_mask(params: Any, head_index: int) -> Any:
     return jax.tree_util.tree_map_with_path(is_head, params)
 
 
+def run_normalization(info: Mapping[str, Any]) -> Mapping[str, Any]:
+    """{'mean', 'std'} (raw pixel units) a run's model applies: dataset.json's `normalization`,
+    or for runs written before it existed, the data's statistics."""
+    return info.get("normalization") or {"mean": info["mean"], "std": info["std"]}
+
+
 def model_for_run(cfg: Config, info: Mapping[str, Any], seed: int | None = None) -> Any:
     """The model of a run, abstract (shapes only, nothing initialised), from its config and dataset.json."""
     from flax import nnx
 
     from cnnpipe.models.cnn import build_model
 
-    norm = info.get("normalization") or {"mean": info["mean"], "std": info["std"]}
+    norm = run_normalization(info)
     return nnx.eval_shape(lambda: build_model(
         cfg.model, in_channels=int(info["channels"]), num_classes=len(info["classes"]),
         input_size=tuple(info["size"]), bit_depth=int(info["bit_depth"]),

@@ -130,8 +130,8 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
                                bit_depth=ds.bit_depth, rngs=nnx.Rngs(cfg.seed), mean=init.mean, std=init.std)
 
         abstract = nnx.eval_shape(make)
-        if init.check is not None:
-            init.check(abstract)
+        if init.copy is not None:
+            init.copy(abstract, check_only=True)
         split = pre.weights is not None and (pre.freeze_epochs > 0 or pre.backbone_lr_scale != 1.0)
         head = head_mask(steps.split_model(abstract)[1].params, abstract.head_index) if split else None
         tx = steps.make_optimizer(cfg.optimizer, spe * tc.epochs, head=head,
@@ -222,13 +222,13 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         log = _silent
     # every process uses the primary's run directory (the default one is named after the time)
     run_dir = Path(distributed.agree(str(workdir if workdir is not None else default_run_dir(name))))
-    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    if not resume and has_checkpoints:
         raise ValueError(f"{run_dir}: already holds checkpoints; resume it with --resume {run_dir} "
                          "or choose another --workdir")
     distributed.barrier("checked")  # no process creates checkpoints/ before every process has looked
     enable_compile_cache(compile_cache)
-    resumed = resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    parts = _build(cfg, watch, run_dir if resumed else None)
+    parts = _build(cfg, watch, run_dir if resume and has_checkpoints else None)
     cfg = resolve_data(cfg, parts.ds)
     _prepare_run_dir(cfg, run_dir, parts.ds, resume, write=primary, normalization=parts.init.info())
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
