@@ -216,6 +216,10 @@ def _multi_process_exit(exc: BaseException, args: argparse.Namespace) -> int:
     return 1
 
 
+_TTA_HELP = ("test-time augmentation: average the probabilities over the image and its mirror image (and its "
+             "vertical flips or all 8 rotations and mirror images if the run trained with augment.vflip / rot90)")
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a trained run")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `cnnpipe train` run directory")
@@ -225,7 +229,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
                    help="override a data key of the run's config, e.g. --set data.split_val=train")
     p.add_argument("--checkpoint", default="best", metavar="WHICH",
-                   help="best (default: highest validation accuracy), latest, or a step number")
+                   help="best (default: by the run's early-stopping metric, else validation accuracy), latest, "
+                        "or a step number")
+    p.add_argument("--tta", action="store_true", help=_TTA_HELP)
     p.set_defaults(func=_run_evaluate)
 
 
@@ -239,11 +245,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise CLIError(f"--set {bad[0]!r}: evaluate only takes data.* keys")
     run = load_run(args.run_dir, args.checkpoint)
     overrides = (data_overrides(args.data) if args.data else []) + list(args.overrides)
-    result, ds = evaluate_run(run, overrides)
-    print(f"{run.run_dir} (checkpoint step {run.step}) on {ds.description}: {result['count']} validation images")
+    result, ds = evaluate_run(run, overrides, tta=args.tta)
+    tta = f", test-time augmentation over {len(result['views'])} views" if args.tta else ""
+    print(f"{run.run_dir} (checkpoint step {run.step}{tta}) on {ds.description}: {result['count']} validation images")
     correct = int(result["confusion"].trace())
-    print(f"accuracy: {result['accuracy']:.4f} ({correct}/{result['count']})  loss: {result['loss']:.4f}")
-    print("per-class accuracy:")
+    print(f"accuracy: {result['accuracy']:.4f} ({correct}/{result['count']})  balanced accuracy: "
+          f"{result['balanced_accuracy']:.4f}  loss: {result['loss']:.4f}")
+    print("per-class accuracy (recall):")
     for name, acc, total in zip(ds.classes, result["per_class_accuracy"], result["confusion"].sum(1)):
         print(f"  {name:<16} {'-' if acc is None else f'{acc:.4f}':>7}  ({int(total)} images)")
     print("confusion matrix (rows: true class, columns: predicted):")
@@ -265,6 +273,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per device batch (default: 64)")
     p.add_argument("--checkpoint", default="best", metavar="WHICH",
                    help="best (default), latest, or a step number")
+    p.add_argument("--tta", action="store_true", help=_TTA_HELP)
     p.set_defaults(func=_run_predict)
 
 
@@ -293,7 +302,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     log_lines_off_a_terminal()
     run = load_run(args.run_dir, args.checkpoint)
     preds, stats = timed(predict_files(run, expand_sources(args.images), top_k=args.top_k,
-                                       batch_size=args.batch_size, workers=args.workers or None))
+                                       batch_size=args.batch_size, workers=args.workers or None, tta=args.tta))
     if sys.stderr.isatty() and args.out:  # a progress bar on a terminal; the total is not known up front
         from tqdm import tqdm
 

@@ -11,7 +11,6 @@ suggests the nearest valid one, so a typo never silently becomes a new option.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -29,20 +28,18 @@ from pydantic import (
     model_validator,
 )
 
+from cnnpipe.config_errors import ConfigError, describe, short, suggest
+
 __all__ = [
-    "ConfigError", "Config", "DataConfig", "AugmentConfig", "TrainConfig",
-    "OptimizerConfig", "PretrainedConfig", "PRESETS", "BACKBONES", "LAYER_TYPES", "load_config", "dump_config",
-    "parse_overrides", "validate_layers", "default_config_path", "config_from_dict",
+    "ConfigError", "Config", "DataConfig", "AugmentConfig", "RandomResizedCropConfig", "TrainConfig",
+    "EarlyStoppingConfig", "OptimizerConfig", "PretrainedConfig", "PRESETS", "BACKBONES", "LAYER_TYPES",
+    "load_config", "dump_config", "parse_overrides", "validate_layers", "default_config_path", "config_from_dict",
 ]
 
 PRESETS = ("simple_cnn", "lenet5", "vgg_small", "resnet_small")
 # timm architectures cnnpipe rebuilds exactly (cnnpipe.models.backbones); pretrained weights load into them
 BACKBONES = ("resnet18", "resnet34", "resnet50", "test_resnet",
              "convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano", "convnext_tiny", "test_convnext")
-
-
-class ConfigError(ValueError):
-    """A config mistake: names the dotted key, the value and what was expected."""
 
 
 class _Schema(BaseModel):
@@ -128,12 +125,12 @@ def validate_layers(layers: Sequence[Any], *, where: str = "model") -> tuple[dic
             raise ConfigError(f"{at}: got {layer!r}; expected a mapping with a 'type' key")
         kind = layer.get("type")
         if kind not in _LAYER_SCHEMAS:
-            hint = _suggest(str(kind), LAYER_TYPES)
+            hint = suggest(str(kind), LAYER_TYPES)
             raise ConfigError(f"{at}.type: got {kind!r}; expected one of {', '.join(LAYER_TYPES)}{hint}")
         try:
             spec = _LAYER_SCHEMAS[kind].model_validate(dict(layer))
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, _LAYER_SCHEMAS[kind], prefix=at, sep=".")) from None
+            raise ConfigError(describe(exc, _LAYER_SCHEMAS[kind], prefix=at, sep=".")) from None
         out.append(spec.model_dump())
     names = [d["name"] for d in out if d["name"] is not None]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -163,9 +160,44 @@ class DataConfig(_Schema):
     cache_dir: str | None = None        # folder and tfds caches (default ~/.cache/cnnpipe)
 
 
+class RandomResizedCropConfig(_Schema):
+    # torchvision's RandomResizedCrop: a crop of `scale` x the area and `ratio` (w/h) aspect, resized back
+    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.08, 1.0)
+    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (3 / 4, 4 / 3)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RandomResizedCropConfig:
+        for key in ("scale", "ratio"):
+            lo, hi = getattr(self, key)
+            if lo > hi:
+                raise ConfigError(f"augment.random_resized_crop.{key}: got [{lo:g}, {hi:g}]; expected [low, high]")
+        return self
+
+
+Strength = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
 class AugmentConfig(_Schema):
-    flip: StrictBool = False            # random horizontal flip, on device
-    crop_padding: NonNegInt = 0         # padded random crop, on device (0 = off)
+    # every op runs on the device on raw integer pixels, any bit depth and plane count, each
+    # image with its own draw; 0 / false / null is off (cnnpipe.training.augment)
+    flip: StrictBool = False            # random horizontal flip (p = 0.5)
+    vflip: StrictBool = False           # random vertical flip (p = 0.5)
+    rot90: StrictBool = False           # random multiple of 90 degrees (square images)
+    crop_padding: NonNegInt = 0         # padded random crop (zeros), pixels per side
+    random_resized_crop: RandomResizedCropConfig | None = None
+    brightness: Strength = 0.0          # x * U(1 - b, 1 + b)
+    contrast: Strength = 0.0            # (x - plane mean) * U(1 - c, 1 + c) + plane mean
+    gamma: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0   # peak * (x / peak) ** U(1-g, 1+g)
+    noise: Strength = 0.0               # Gaussian, std = noise x the plane's peak in the image
+    random_erasing: Strength = 0.0      # probability of erasing a rectangle (timm's reprob) with noise
+    mixup: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0   # Beta(alpha, alpha) blend with another image
+    cutmix: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0  # Beta(alpha, alpha) pasted box
+
+
+class EarlyStoppingConfig(_Schema):
+    metric: Literal["val_loss", "val_accuracy", "balanced_accuracy"] = "val_loss"
+    patience: PosInt = 5                # epochs without an improvement before the run stops
+    min_delta: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0   # smaller changes are no improvement
 
 
 class TrainConfig(_Schema):
@@ -179,6 +211,17 @@ class TrainConfig(_Schema):
     log_every_steps: PosInt = 20
     num_devices: NonNegInt = 0          # 0 = all local devices
     probe_feature_maps: StrictBool = False   # feature maps of a probe image to TensorBoard
+    # imbalance: loss weight per class (auto: inverse frequency, mean 1), and/or class-balanced batches
+    class_weights: Literal["auto"] | dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    early_stopping: EarlyStoppingConfig | None = None   # stop when the metric stops improving; keep the best
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_names(cls, value: Any) -> Any:
+        # YAML reads a folder named 3 as the int 3: class names are strings
+        return {str(k): v for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
 class OptimizerConfig(_Schema):
@@ -217,7 +260,7 @@ class Config(_Schema):
         if isinstance(value, str):
             if value not in PRESETS + BACKBONES:
                 raise ConfigError(f"model: got {value!r}; expected a preset ({', '.join(PRESETS)}), a backbone "
-                                  f"({', '.join(BACKBONES)}) or a list of layers{_suggest(value, PRESETS + BACKBONES)}")
+                                  f"({', '.join(BACKBONES)}) or a list of layers{suggest(value, PRESETS + BACKBONES)}")
             return value
         return validate_layers(value)
 
@@ -309,9 +352,9 @@ def parse_overrides(overrides: Sequence[str], raw: dict[str, Any]) -> dict[str, 
                 node = node[int(part)]
             else:
                 raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth]) or 'config'} has no key "
-                                  f"{part!r} (it is {_short(node)}); cannot set {here}")
+                                  f"{part!r} (it is {short(node)}); cannot set {here}")
             if not isinstance(node, (dict, list)):
-                raise ConfigError(f"--set {item!r}: {here} is {_short(node)}, not a mapping; "
+                raise ConfigError(f"--set {item!r}: {here} is {short(node)}, not a mapping; "
                                   f"cannot set {key}")
         last = parts[-1]
         if isinstance(node, list):
@@ -339,95 +382,7 @@ def _validate(raw: dict[str, Any], *, source: str, set_keys: Mapping[str, str]) 
     except ConfigError as exc:   # raised by our own validators outside pydantic's wrapping
         raise ConfigError(f"{source}: {exc}") from None
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc, Config, set_keys=set_keys)}") from None
-
-
-def _describe(exc: ValidationError, schema: type[BaseModel], *, prefix: str = "",
-              sep: str = "", set_keys: Mapping[str, str] = {}) -> str:
-    """One readable line per problem, joined with '; ' (no pydantic dump)."""
-    lines = []
-    for err in exc.errors(include_url=False):
-        loc = [p for p in err["loc"] if not _is_union_tag(p)]
-        key = prefix + (sep if prefix and loc else "") + _dotted(loc)
-        origin = next((f" (from --set {v!r})" for k, v in set_keys.items()
-                       if key == k or key.startswith(k + ".") or k.startswith(key + ".")), "")
-        kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
-        if kind == "extra_forbidden":
-            valid = _fields_at(schema, loc[:-1])
-            parent = key[: len(key) - len(str(loc[-1]))]
-            hint = _suggest(str(loc[-1]), valid, prefix=parent)
-            lines.append(f"unknown key {key!r}{origin}{hint or ''}"
-                         f"{'' if hint else '; valid keys here: ' + ', '.join(valid)}")
-            continue
-        if kind == "value_error" and isinstance(ctx.get("error"), ConfigError):
-            lines.append(f"{ctx['error']}{origin}")
-            continue
-        if kind == "missing" and loc and isinstance(loc[-1], int):
-            parent = key.rsplit("[", 1)[0]
-            lines.append(f"{parent}: got {_short(value)}{origin}; expected more items (item {loc[-1]} is missing)")
-            continue
-        if kind == "missing":
-            lines.append(f"{key}: missing; this key is required")
-            continue
-        lines.append(f"{key}: got {_short(value)}{origin}; expected {_expected(kind, ctx, err['msg'])}")
-    # a union (e.g. `model`) reports each branch; keep the first line per key
-    seen, unique = set(), []
-    for line in lines:
-        head = line.split(":")[0]
-        if head not in seen:
-            seen.add(head)
-            unique.append(line)
-    return "; ".join(unique)
-
-
-def _expected(kind: str, ctx: Mapping[str, Any], msg: str) -> str:
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-    if kind in bounds and ctx:
-        bound = next(iter(ctx.values()))
-        what = "an integer" if isinstance(bound, int) else "a number"
-        return f"{what} {bounds[kind]} {bound:g}"
-    named = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
-             "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
-             "bool_parsing": "true or false", "string_type": "a string",
-             "tuple_type": "a list", "model_type": "a mapping of keys", "model_attributes_type":
-             "a mapping of keys"}
-    if kind == "literal_error":
-        return f"one of {ctx.get('expected', '?')}"
-    if kind == "too_short" or kind == "too_long":
-        return f"a list of {ctx.get('max_length', ctx.get('min_length'))} items" if "tuple" in msg else msg
-    return named.get(kind, msg[0].lower() + msg[1:] if msg else "a valid value")
-
-
-def _fields_at(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
-    for part in loc:
-        field = schema.model_fields.get(str(part)) if isinstance(part, str) else None
-        sub = getattr(field, "annotation", None) if field else None
-        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
-            return []
-        schema = sub
-    return list(schema.model_fields)
-
-
-def _suggest(word: str, choices: Sequence[str], *, prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {prefix + close[0]!r}?" if close else ""
-
-
-def _dotted(loc: Sequence[Any]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (("." if out else "") + str(part))
-    return out
-
-
-def _is_union_tag(part: Any) -> bool:
-    # pydantic puts the union branch ("str", "tuple[...]") into the location
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "none"))
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        raise ConfigError(f"{source}: {describe(exc, Config, set_keys=set_keys)}") from None
 
 
 def _deep_copy(value: Any) -> Any:

@@ -84,7 +84,7 @@ def test_unknown_top_level_key_suggests():
 
 def test_unknown_key_without_close_match_lists_valid_keys():
     msg = error_of({"augment": {"zzz": 1}})
-    assert "unknown key 'augment.zzz'" in msg and "flip, crop_padding" in msg
+    assert "unknown key 'augment.zzz'" in msg and "flip, vflip, rot90, crop_padding" in msg
 
 
 def test_wrong_type_names_key_value_and_expected():

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from cnnpipe.training.loop import EpochLoop, Position
+from cnnpipe.training.loop import EpochLoop, Monitor, Position
 from cnnpipe.training.runlog import MetricsSink, NonFiniteLossError, Stopwatch
 from cnnpipe.training.train import _bar_safe
 
@@ -85,12 +85,45 @@ def test_compile_seconds_count_overlapping_events_once():
     assert w.compile_seconds == pytest.approx(1.0, abs=0.01)
 
 
+def ev(accuracy=0.5, loss=1.0, balanced=0.5):
+    return {"accuracy": accuracy, "loss": loss, "balanced_accuracy": balanced}
+
+
 def test_position_round_trips_and_keeps_the_best_epoch():
     p = Position(step=10)
-    assert p.end_epoch(0.5) and (p.epoch, p.step_in_epoch, p.best_step) == (1, 0, 10)
+    assert p.end_epoch(ev(0.5)) and (p.epoch, p.step_in_epoch, p.best_step) == (1, 0, 10)
     p.step = 20
-    assert not p.end_epoch(0.4) and p.best_val_accuracy == 0.5 and p.best_step == 10
+    assert not p.end_epoch(ev(0.4)) and p.best_val_accuracy == 0.5 and p.best_step == 10
+    assert not p.stopped   # no early stopping by default, however long
     assert Position.from_dict({**p.as_dict(), "rng": [0, 1]}) == p
+    # a position saved before early stopping existed: its best was by val accuracy
+    old = Position.from_dict({"epoch": 2, "step_in_epoch": 0, "step": 20, "best_val_accuracy": 0.5, "best_step": 10})
+    assert not old.end_epoch(ev(0.45)) and old.best_step == 10
+
+
+def run_epochs(monitor, results):
+    p, epochs = Position(), 0
+    for i, r in enumerate(results):
+        p.step = 10 * (i + 1)
+        p.end_epoch(r, monitor)
+        epochs += 1
+        if p.stopped:
+            break
+    return p, epochs
+
+
+def test_early_stopping_counts_epochs_without_improvement_as_keras_does():
+    losses = [1.0, 0.9, 0.95, 0.91, 0.5]
+    p, epochs = run_epochs(Monitor("val_loss", 0.0, 2), [ev(loss=v) for v in losses])
+    assert epochs == 4 and p.stopped and p.best_step == 20 and p.best_value == 0.9 and p.wait == 2
+    # min_delta: +0.005 is no improvement for patience, yet the better checkpoint is still the best one
+    accs = [0.5, 0.505, 0.51, 0.9]
+    p, epochs = run_epochs(Monitor("val_accuracy", 0.01, 2), [ev(accuracy=v) for v in accs])
+    assert epochs == 3 and p.stopped and p.best_step == 30 and p.best_val_accuracy == 0.51
+    p, epochs = run_epochs(Monitor("balanced_accuracy", 0.0, 1), [ev(balanced=v) for v in (0.2, 0.3, 0.3)])
+    assert epochs == 3 and p.best_step == 20
+    p, epochs = run_epochs(Monitor("val_loss", 0.0, 3), [ev(loss=v) for v in (3, 2, 1, 0.5)])
+    assert epochs == 4 and not p.stopped and p.best_step == 40
 
 
 def fake_step(state, images, labels):

@@ -1,4 +1,4 @@
-"""The jitted train/eval steps, optimizers, augmentation and device sharding (cnnpipe.training.steps)."""
+"""The jitted train/eval steps, optimizers and device sharding (cnnpipe.training.steps); augmentation: test_augment."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from flax import nnx
 from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.models.cnn import build_model
 from cnnpipe.training.steps import (
-    augment_batch,
     create_train_state,
     make_eval_step,
     make_mesh,
@@ -210,29 +209,6 @@ def test_adam_first_step_matches_optax_reference():
     state, _ = step(state, *shard_batch(mesh, x, y))
     for a, b in zip(leaves(expected), leaves(state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-# ---------------------------------------------------------------- augmentation
-
-def test_flip_mirrors_some_images_exactly():
-    x = jnp.asarray(np.random.default_rng(0).integers(0, 255, (16, 4, 5, 1)), jnp.uint8)
-    out = np.asarray(augment_batch(x, jax.random.PRNGKey(1), flip=True, crop_padding=0))
-    flipped = [np.array_equal(o, np.asarray(i)[:, ::-1]) for o, i in zip(out, x)]
-    same = [np.array_equal(o, np.asarray(i)) for o, i in zip(out, x)]
-    assert all(f or s for f, s in zip(flipped, same))
-    assert 0 < sum(flipped) < 16
-    again = augment_batch(x, jax.random.PRNGKey(1), flip=True, crop_padding=0)
-    np.testing.assert_array_equal(out, again)
-
-
-def test_padded_crop_is_a_shifted_window_of_the_zero_padded_image():
-    x = jnp.arange(1, 1 + 8 * 4 * 4, dtype=jnp.int32).reshape(8, 4, 4, 1)
-    out = np.asarray(augment_batch(x, jax.random.PRNGKey(2), flip=False, crop_padding=1))
-    padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    for o, p in zip(out, padded):
-        windows = [p[i:i + 4, j:j + 4] for i in range(3) for j in range(3)]
-        assert any(np.array_equal(o, w) for w in windows)
-    assert out.shape == x.shape and out.dtype == x.dtype
 
 
 # ---------------------------------------------------------------- devices and precision

@@ -31,15 +31,31 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch), 0xDA7A]).permutation(n)
 
 
+def balanced_order(seed: int, epoch: int, labels: np.ndarray) -> np.ndarray:
+    """`len(labels)` indices drawn with replacement, each class equally likely (`train.sampler: balanced`).
+
+    Each image's chance is 1 / (classes present x its class's count), PyTorch's
+    ``WeightedRandomSampler`` with inverse-frequency weights; a pure function of
+    (seed, epoch, labels), so resume continues the same draw.
+    """
+    labels = np.asarray(labels, np.int64)
+    counts = np.bincount(labels)
+    p = 1.0 / (np.count_nonzero(counts) * counts[labels])
+    rng = np.random.default_rng([int(seed), int(epoch), 0xBA1A])
+    return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
+
+
 def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int, start_step: int = 0,
-                  rows: slice = slice(None)) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  rows: slice = slice(None), sampler: str = "shuffle") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled (images, labels) batches of exactly `batch_size`, from `start_step` of `epoch`.
 
     `rows` selects this process's part of every global batch (`mesh.process_rows`):
     only those images are read, and the parts of all processes, concatenated in
-    process order, are the single-process batch.
+    process order, are the single-process batch. `sampler` "balanced" draws the epoch
+    with `balanced_order` instead of a permutation.
     """
-    perm = epoch_permutation(seed, epoch, len(split))
+    perm = (balanced_order(seed, epoch, split.labels) if sampler == "balanced"
+            else epoch_permutation(seed, epoch, len(split)))
     for step in range(start_step, steps_per_epoch(len(split), batch_size)):
         idx = perm[step * batch_size:(step + 1) * batch_size][rows]
         # sorted reads are sequential on a memmap; the batch itself keeps `perm` order
@@ -122,4 +138,4 @@ class prefetch:  # noqa: N801 - used like a generator function
         self.close()
 
 
-__all__ = ["steps_per_epoch", "epoch_permutation", "train_batches", "eval_batches", "prefetch"]
+__all__ = ["steps_per_epoch", "epoch_permutation", "balanced_order", "train_batches", "eval_batches", "prefetch"]

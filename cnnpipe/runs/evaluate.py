@@ -41,11 +41,17 @@ def check_compatible(run: Run, ds: Dataset) -> None:
             raise ValueError(f"{ds.description}: {what} {have} do not match the run's {what} {want}")
 
 
-def evaluate_run(run: Run, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Dataset]:
-    """Evaluate `run` on the validation split of its data, or of the data `overrides` select."""
+def evaluate_run(run: Run, overrides: Sequence[str] = (), *, tta: bool = False) -> tuple[dict[str, Any], Dataset]:
+    """Evaluate `run` on the validation split of its data, or of the data `overrides` select.
+
+    `tta`: average the probabilities over the views `cnnpipe.training.augment.tta_views`
+    gives for the run's training augmentation (the result's "views" names them).
+    Returns `cnnpipe.training.metrics.evaluate_split`'s result (plus "views") and the data.
+    """
     from cnnpipe.config import config_from_dict
     from cnnpipe.datasets.sources import load_dataset
     from cnnpipe.training import steps
+    from cnnpipe.training.augment import tta_views
 
     cfg = run.cfg
     if overrides:
@@ -55,6 +61,7 @@ def evaluate_run(run: Run, overrides: Sequence[str] = ()) -> tuple[dict[str, Any
     mesh = steps.make_mesh(0)
     batch = -(-cfg.train.eval_batch_size // mesh.size) * mesh.size
     state = steps.replicate(mesh, run.state)
-    result = evaluate_split(steps.make_eval_step(run.graphdef, mesh), state, ds.val, batch, mesh,
+    views = tta_views(run.cfg.augment) if tta else ()
+    result = evaluate_split(steps.make_eval_step(run.graphdef, mesh, views), state, ds.val, batch, mesh,
                             ds.num_classes)
-    return result, ds
+    return {**result, "views": views}, ds

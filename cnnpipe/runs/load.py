@@ -54,17 +54,20 @@ class Run:
         """
         return prepare_for_run(path, self.info).pixels
 
-    def predict(self, x: Sequence[str | os.PathLike] | np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def predict(self, x: Sequence[str | os.PathLike] | np.ndarray, batch_size: int = 64,
+                tta: bool = False) -> np.ndarray:
         """Class probabilities (N, K) float32, K = len(classes), in `classes` order.
 
         `x` is an image path or a sequence of them (each prepared by `prepare`; an unreadable file
         raises) or raw pixels (N, H, W, C) in the store's units (uint8/uint16 values, any
         numeric dtype). For folders and files that may be bad, use `cnnpipe predict`
-        (`cnnpipe.runs.predict.predict_files`): it reports them instead.
+        (`cnnpipe.runs.predict.predict_files`): it reports them instead. `tta` averages over
+        the run's test-time augmentation views (`cnnpipe.training.augment.tta_views`).
         """
         from flax import nnx
 
-        from cnnpipe.training.steps import forward
+        from cnnpipe.training.augment import tta_views
+        from cnnpipe.training.steps import predict_probs
 
         want = (*tuple(self.info["size"]), int(self.info["channels"]))
         if isinstance(x, (str, os.PathLike)):
@@ -77,12 +80,13 @@ class Run:
         else:
             pixels = np.stack([self.prepare(p) for p in x]) if len(x) else np.zeros((0, *want))
         graphdef, state = nnx.split(self.model())
+        views = tta_views(self.cfg.augment) if tta else ()
         out = np.zeros((len(pixels), len(self.classes)), np.float32)
         batch = np.zeros((batch_size, *want), np.float32)  # one compiled shape, the last batch padded
         for start in range(0, len(pixels), batch_size):
             n = min(batch_size, len(pixels) - start)
             batch[:n] = pixels[start:start + n]
-            out[start:start + n] = np.asarray(forward(graphdef, (state,), batch.copy(), ())[0])[:n]
+            out[start:start + n] = np.asarray(predict_probs(graphdef, (state,), batch.copy(), views))[:n]
         return out
 
 

@@ -78,16 +78,19 @@ def _reason(path: str, res: Failure | NeedsUint16) -> str:
 
 
 def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size: int = 64,
-                  workers: int | None = None) -> Iterator[Prediction]:
+                  workers: int | None = None, tta: bool = False) -> Iterator[Prediction]:
     """A `Prediction` per path, in input order, streamed.
 
     Args:
       workers: preparing processes; None or 0 = every core, 1 = in this process.
       batch_size: images per device batch (the last one is padded, so the program compiles once).
+      tta: average the probabilities over the test-time augmentation views of the run
+        (`cnnpipe.training.augment.tta_views`).
     """
     from flax import nnx
 
-    from cnnpipe.training.steps import forward
+    from cnnpipe.training.augment import tta_views
+    from cnnpipe.training.steps import predict_probs
 
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
@@ -97,7 +100,8 @@ def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size:
     workers = int(workers) if workers else (os.cpu_count() or 1)
     pool = make_pool(workers) if workers > 1 else None
     try:
-        step = lambda x: forward(graphdef, (state,), put(x), ())[0]  # noqa: E731
+        views = tta_views(run.cfg.augment) if tta else ()
+        step = lambda x: predict_probs(graphdef, (state,), put(x), views)  # noqa: E731
         yield from _batched(_prepared(pool, paths, spec, workers), spec, step, run.classes, k, batch_size)
     finally:
         if pool is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +42,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from cnnpipe.training.checkpoint_errors import CorruptCheckpointError, _quiet_failed_reads, _reason
 from cnnpipe.training.compile_cache import quiet_cache_loads
 
-__all__ = ["Checkpoints", "CorruptCheckpointError", "NoCheckpointError", "flat_names"]
+__all__ = ["Checkpoints", "BEST_METRICS", "CorruptCheckpointError", "NoCheckpointError", "flat_names"]
 
 _ARRAY_ITEMS = ("params", "model_state", "opt_state")
 _LEGACY_ITEMS = ("state", "meta")
@@ -132,25 +133,32 @@ def _unflatten_like(like: Any, values: list[Any], where: Path) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
+# the metrics a checkpoint can be chosen by, and which way is better
+BEST_METRICS = {"val_accuracy": "max", "balanced_accuracy": "max", "val_loss": "min"}
+
+
 class Checkpoints:
     """The `checkpoints/` folder of a run (an Orbax `CheckpointManager`).
 
-    Keeps the `keep` most recent checkpoints and, besides them, the one with the
-    best validation accuracy (checkpoints saved with a `val_accuracy`).
+    Keeps the `keep` most recent checkpoints and, besides them, the best one by
+    `best_metric` (a key of `BEST_METRICS`: the run's early-stopping metric, else
+    validation accuracy) among those saved with metrics; of equals, the earliest.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, *, read_only: bool = False,
-                 asynchronous: bool = False) -> None:
+                 asynchronous: bool = False, best_metric: str = "val_accuracy") -> None:
         self.directory = Path(directory).absolute()
+        if best_metric not in BEST_METRICS:
+            raise ValueError(f"best_metric: got {best_metric!r}; expected one of {', '.join(BEST_METRICS)}")
+        self.best_metric = best_metric
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
-            policies.BestN(get_metric_fn=lambda m: m["val_accuracy"], reverse=False, n=1,
-                           keep_checkpoints_without_metrics=False),
+            policies.BestN(get_metric_fn=self._rank, reverse=False, n=1, keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=asynchronous, preservation_policy=policy,
             # best_fn makes Orbax write the metrics; `policy` alone decides what is kept
-            best_fn=lambda m: m["val_accuracy"], best_mode="max",
+            best_fn=lambda m: m.get("val_accuracy", 0.0), best_mode="max",
             cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only,
             # Orbax would read every step's metrics here and fail on a damaged one without
             # naming it: `best_step` reads them instead, one step at a time, when asked
@@ -164,6 +172,14 @@ class Checkpoints:
             self.best_step()  # a damaged one is named
             self._manager.reload()
 
+    def _rank(self, metrics: Mapping[str, Any]) -> tuple[float, int]:
+        """Higher is better: (the metric, signed so; earlier step first); a checkpoint without it ranks last."""
+        value = metrics.get(self.best_metric)
+        if value is None:
+            return (-math.inf, 0)
+        return (float(value) if BEST_METRICS[self.best_metric] == "max" else -float(value),
+                -int(metrics.get("step", 0)))
+
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
         return sorted(self._manager.all_steps())
@@ -173,7 +189,7 @@ class Checkpoints:
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The kept checkpoint with the highest validation accuracy (None if none has one)."""
+        """The kept checkpoint best by `best_metric` (None if none was saved with it)."""
         best = None
         for step in self.steps():
             try:
@@ -182,21 +198,26 @@ class Checkpoints:
                 raise self._damaged(step, f"metrics: {_reason(exc, self.directory / str(step))}") from None
             if not isinstance(metrics, Mapping):
                 raise self._damaged(step, f"metrics: a JSON object expected, got {type(metrics).__name__}")
-            acc = metrics.get("val_accuracy")
-            if acc is not None and (not isinstance(acc, (int, float)) or isinstance(acc, bool)):
-                raise self._damaged(step, f"metrics: val_accuracy is {acc!r}, not a number")
-            if acc is not None and (best is None or acc > best[0]):
-                best = (acc, step)
+            for key in BEST_METRICS:
+                value = metrics.get(key)
+                if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                    raise self._damaged(step, f"metrics: {key} is {value!r}, not a number")
+            if metrics.get(self.best_metric) is not None:
+                rank = self._rank({**metrics, "step": step})
+                if best is None or rank > best[0]:
+                    best = (rank, step)
         return None if best is None else best[1]
 
     def save(self, step: int, state: Any, position: dict[str, Any], *,
-             val_accuracy: float | None = None) -> None:
-        """Save a `TrainState` and the run `position` as checkpoint `step`.
+             val_accuracy: float | None = None, metrics: Mapping[str, float] | None = None) -> None:
+        """Save a `TrainState` and the run `position` as checkpoint `step`, with its validation
+        `metrics` (keys of `BEST_METRICS`; `val_accuracy=` alone is short for that one), if evaluated.
 
         Synchronous unless the manager is asynchronous; then the call returns once the
         arrays are copied, and the previous save (if still writing) is waited for first.
         """
-        metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
+        metrics = {**({} if val_accuracy is None else {"val_accuracy": val_accuracy}), **(metrics or {})}
+        metrics = {k: float(v) for k, v in metrics.items()} | {"step": int(step)} if metrics else None
         rng = np.asarray(jax.random.key_data(state.rng) if _is_key(state.rng) else state.rng)
         position = {**position, "rng": rng.tolist(), "rng_dtype": str(rng.dtype)}
         items = {name: ocp.args.StandardSave(_flatten(getattr(state, name))) for name in _ARRAY_ITEMS
@@ -361,6 +382,10 @@ class Checkpoints:
         flat = restored["state"]
         state = _unflatten_like(like, [flat[k] for k in sorted(flat)], self.directory / str(step))
         return state, dict(restored["meta"]), step
+
+    def wait(self) -> None:
+        """Wait for a save in flight to be complete on disk."""
+        self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Finish pending work (saves in flight, deletions) and release the manager."""

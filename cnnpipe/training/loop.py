@@ -1,7 +1,8 @@
 """One epoch of training, and where a run is: the parts `train_and_evaluate` wires together.
 
-`Position` is the run's place (epoch, step in epoch, step, best accuracy so far),
-saved with every checkpoint and restored on resume. `EpochLoop.run` feeds one
+`Position` is the run's place (epoch, step in epoch, step, best checkpoint so far,
+early stopping's count), saved with every checkpoint and restored on resume;
+`Monitor` is the metric that ranks checkpoints and stops a run early. `EpochLoop.run` feeds one
 epoch's batches to the train step, hands the metrics to a `MetricsSink`, logs every
 `log_every` steps with the window's images/s, and saves mid-epoch checkpoints.
 """
@@ -16,19 +17,60 @@ from typing import Any
 
 from cnnpipe.training.runlog import MetricsSink, Stopwatch
 
-__all__ = ["Position", "EpochLoop"]
+__all__ = ["Monitor", "Position", "EpochLoop"]
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """The metric that picks a run's best checkpoint and, with `patience`, stops it early.
+
+    metric: "val_accuracy" (the default: no early stopping), "val_loss" or
+    "balanced_accuracy"; an improvement must beat the reference by more than
+    `min_delta` (Keras's ``EarlyStopping``); after `patience` epochs without one the
+    run stops (None: never).
+    """
+
+    metric: str = "val_accuracy"
+    min_delta: float = 0.0
+    patience: int | None = None
+
+    @classmethod
+    def of(cls, train_cfg: Any) -> Monitor:
+        """The monitor of a run's ``train`` config (its ``early_stopping``, if any)."""
+        es = train_cfg.early_stopping
+        return cls() if es is None else cls(es.metric, float(es.min_delta), int(es.patience))
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric == "val_loss"
+
+    def value(self, result: dict[str, Any]) -> float:
+        """The metric's value in an evaluation result (`cnnpipe.training.metrics.evaluate_split`)."""
+        return float(result[{"val_loss": "loss", "val_accuracy": "accuracy"}.get(self.metric, self.metric)])
+
+    def beats(self, value: float, reference: float | None, margin: float = 0.0) -> bool:
+        """Whether `value` is better than `reference` by more than `margin` (anything beats None)."""
+        if reference is None:
+            return True
+        return value < reference - margin if self.lower_is_better else value > reference + margin
 
 
 @dataclass
 class Position:
-    """Where a run is: `epoch` (0-based, the one being trained), `step_in_epoch`, `step` (total),
-    and the best validation accuracy so far with its step."""
+    """Where a run is: `epoch` (0-based, the one being trained), `step_in_epoch`, `step` (total);
+    the best checkpoint so far by the run's `Monitor` (`best_step`, its `best_value` and
+    `best_val_accuracy`); and early stopping's state: `reference` (the value an improvement
+    must beat by min_delta), `wait` (epochs since one) and `stopped` (the run ended early)."""
 
     epoch: int = 0
     step_in_epoch: int = 0
     step: int = 0
     best_val_accuracy: float | None = None
     best_step: int | None = None
+    best_value: float | None = None
+    reference: float | None = None
+    wait: int = 0
+    stopped: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form stored in a checkpoint's `position` item."""
@@ -37,13 +79,24 @@ class Position:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Position:
         """From a checkpoint's position (other keys, such as the rng key, are ignored)."""
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        pos = cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        if "best_value" not in d:   # saved before early stopping: its best was by val accuracy
+            pos.best_value = pos.reference = pos.best_val_accuracy
+        return pos
 
-    def end_epoch(self, val_accuracy: float) -> bool:
-        """Move to the next epoch's start; record `val_accuracy`; return whether it is the best so far."""
-        best = self.best_val_accuracy is None or val_accuracy > self.best_val_accuracy
+    def end_epoch(self, result: dict[str, Any], monitor: Monitor = Monitor()) -> bool:
+        """Move to the next epoch's start and record its evaluation `result`; return whether it is
+        the best so far. Sets `stopped` once `monitor.patience` epochs passed without an improvement."""
+        value = monitor.value(result)
+        best = monitor.beats(value, self.best_value)
         if best:
-            self.best_val_accuracy, self.best_step = val_accuracy, self.step
+            self.best_value, self.best_step = value, self.step
+            self.best_val_accuracy = float(result["accuracy"])
+        if monitor.beats(value, self.reference, monitor.min_delta):
+            self.reference, self.wait = value, 0
+        else:
+            self.wait += 1
+        self.stopped = monitor.patience is not None and self.wait >= monitor.patience
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         return best
 

@@ -14,7 +14,7 @@ import numpy as np
 from cnnpipe.datasets.batches import eval_batches, prefetch
 from cnnpipe.datasets.dataset import Split
 
-__all__ = ["confusion_matrix", "per_class_accuracy", "evaluate_split", "format_confusion"]
+__all__ = ["confusion_matrix", "per_class_accuracy", "balanced_accuracy", "evaluate_split", "format_confusion"]
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -30,9 +30,15 @@ def per_class_accuracy(cm: np.ndarray) -> list[float | None]:
     return [float(cm[i, i] / t) if t else None for i, t in enumerate(totals)]
 
 
+def balanced_accuracy(cm: np.ndarray) -> float:
+    """Mean recall over the classes that have examples (scikit-learn's ``balanced_accuracy_score``)."""
+    recalls = [r for r in per_class_accuracy(cm) if r is not None]
+    return float(np.mean(recalls)) if recalls else 0.0
+
+
 def evaluate_split(eval_step: Any, state: Any, split: Split, batch_size: int, mesh: Any,
                    num_classes: int) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix of `state` on `split`.
+    """Loss, accuracy, balanced accuracy, per-class accuracy (recall) and confusion matrix of `state` on `split`.
 
     Batches all have `batch_size` rows (the last one padded and masked), so the
     eval step compiles once.
@@ -57,7 +63,8 @@ def evaluate_split(eval_step: Any, state: Any, split: Split, batch_size: int, me
     predictions = np.concatenate(preds) if preds else np.zeros(0, np.int32)
     cm = confusion_matrix(split.labels, predictions, num_classes)
     return {"loss": loss_sum / max(count, 1.0), "accuracy": correct / max(count, 1.0), "count": int(count),
-            "per_class_accuracy": per_class_accuracy(cm), "confusion": cm, "predictions": predictions}
+            "balanced_accuracy": balanced_accuracy(cm), "per_class_accuracy": per_class_accuracy(cm),
+            "confusion": cm, "predictions": predictions}
 
 
 def format_confusion(cm: np.ndarray, classes: Sequence[str]) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from cnnpipe.files import atomic_path
 
-__all__ = ["plot_curves", "plot_confusion", "feature_grid", "probe_grids"]
+__all__ = ["plot_curves", "plot_confusion", "plot_augment", "display_rgb", "feature_grid", "probe_grids"]
 
 
 def _save_figure(fig: Any, path: Path) -> None:
@@ -71,6 +71,37 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLi
             for j in range(n):
                 ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
                         color="white" if cm[i, j] > top / 2 else "black")
+    _save_figure(fig, Path(path))
+
+
+def display_rgb(pixels: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """Raw pixels (..., C) as RGB floats in [0, 1] for display: each plane over its `peak` (C,)
+    (so 12-bit data in 16-bit files is not near black); 3 planes as RGB, any other count as their mean."""
+    x = np.clip(np.asarray(pixels, np.float32) / np.maximum(np.asarray(peak, np.float32), 1e-12), 0, 1)
+    return x if x.shape[-1] == 3 else np.repeat(x.mean(axis=-1, keepdims=True), 3, axis=-1)
+
+
+def plot_augment(original: np.ndarray, augmented: np.ndarray, titles: Sequence[str],
+                 path: str | os.PathLike) -> None:
+    """A grid of what the model sees: one row per image (N), the stored image then M augmented draws.
+
+    original: (N, H, W, C) raw pixels; augmented: (M, N, H, W, C), draw m of image n at [m, n];
+    titles: the M column titles. Each row is scaled by its stored image's per-plane peak,
+    so brightness, contrast and gamma changes show as they are.
+    """
+    from matplotlib.figure import Figure
+
+    n, m = original.shape[0], augmented.shape[0]
+    fig = Figure(figsize=(1.1 * (m + 1), 1.1 * n + 0.3))
+    for i in range(n):
+        peak = np.asarray(original[i], np.float32).max(axis=(0, 1))
+        for j, img in enumerate([original[i], *augmented[:, i]]):
+            ax = fig.add_subplot(n, m + 1, i * (m + 1) + j + 1)
+            ax.imshow(display_rgb(img, peak), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title("stored" if j == 0 else titles[j - 1], fontsize=7)
     _save_figure(fig, Path(path))
 
 

@@ -196,6 +196,7 @@ def restore_run_model(run_dir: str | os.PathLike, checkpoint: str = "best") -> t
     from cnnpipe.config import load_config
     from cnnpipe.training import steps
     from cnnpipe.training.checkpoint import Checkpoints
+    from cnnpipe.training.loop import Monitor
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -208,7 +209,8 @@ def restore_run_model(run_dir: str | os.PathLike, checkpoint: str = "best") -> t
     info = read_dataset_info(run_dir)
     # shapes only: every value comes from the checkpoint, so nothing is initialised or compiled
     graphdef, state = steps.split_model(model_for_run(cfg, info))  # parameters and model state: no optimizer
-    ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
+    # "best" is by the run's own metric (its early-stopping metric, else validation accuracy)
+    ckpts = Checkpoints(run_dir / "checkpoints", read_only=True, best_metric=Monitor.of(cfg.train).metric)
     try:
         if checkpoint == "best":
             step = ckpts.best_step() or ckpts.latest_step()

@@ -24,6 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.models.cnn import CNN
+from cnnpipe.training.augment import apply_view, augment_batch
+from cnnpipe.training.loss import mix_batch, mix_like, soft_targets, weighted_cross_entropy
 from cnnpipe.training.mesh import (
     DATA_AXIS,
     batch_spec,
@@ -36,10 +38,10 @@ from cnnpipe.training.mesh import (
     usable_cores,
 )
 
-__all__ = ["TrainState", "ModelState", "split_model", "abstract_train_state", "make_optimizer", "make_schedule", "make_mesh", "check_divisible", "create_train_state",
-           "make_train_step", "make_eval_step", "state_to_model", "forward", "shard_batch", "replicate",
-           "augment_batch", "batch_spec", "setup_cpu_devices", "usable_cores", "resolve_precision", "process_rows"]
-
+__all__ = ["TrainState", "ModelState", "split_model", "abstract_train_state", "make_optimizer", "make_schedule",
+           "make_mesh", "check_divisible", "create_train_state", "make_train_step", "make_eval_step",
+           "state_to_model", "forward", "predict_probs", "augmented_inputs", "shard_batch", "replicate", "batch_spec",
+           "setup_cpu_devices", "usable_cores", "resolve_precision", "process_rows"]
 
 
 # ---------------------------------------------------------------- optimizer
@@ -191,31 +193,35 @@ def forward(graphdef: Any, states: tuple[Any, ...], images: Any, names: Sequence
     return jax.nn.softmax(logits, axis=-1), feats
 
 
-# ---------------------------------------------------------------- augmentation
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def predict_probs(graphdef: Any, states: tuple[Any, ...], images: Any, views: Sequence[str] = ()) -> jax.Array:
+    """Class probabilities (N, classes) float32 of a split model in eval mode (states as `forward`'s),
+    averaged over test-time augmentation `views` (a hashable tuple; () is the images as they are)."""
+    model = nnx.merge(graphdef, *states)
+    model.eval()
+    if len(views) > 1:
+        return _average_views(model, images, views)
+    return jax.nn.softmax(model(images), axis=-1)
 
-def augment_batch(images: jax.Array, key: jax.Array, *, flip: bool, crop_padding: int) -> jax.Array:
-    """Random horizontal flip and padded random crop of a whole NHWC batch, on device.
 
-    Each image gets its own draw; padding is zeros (black) in raw pixel units. Same key,
-    same result.
-    """
-    if not flip and not crop_padding:
-        return images
-    k_flip, k_crop = jax.random.split(key)
-    n, h, w, _ = images.shape
-    if flip:
-        mirror = jax.random.bernoulli(k_flip, 0.5, (n,))
-        images = jnp.where(mirror[:, None, None, None], images[:, :, ::-1, :], images)
-    if crop_padding:
-        p = int(crop_padding)
-        padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-        offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * p + 1)
-        images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
-            padded, offsets)
-    return images
+def _average_views(model: Any, images: jax.Array, views: Sequence[str]) -> jax.Array:
+    """Mean softmax of `model` over `views` of `images` (`cnnpipe.training.augment.VIEWS`)."""
+    total = 0.0
+    for view in views:
+        total = total + jax.nn.softmax(model(apply_view(images, view)).astype(jnp.float32), axis=-1)
+    return total / len(views)
 
 
 # ---------------------------------------------------------------- steps
+
+def augmented_inputs(images: jax.Array, rng: jax.Array, step: jax.Array, aug: AugmentConfig
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What train step `step` feeds the model: (augmented and mixed images, each image's mixing
+    share (N,), the dropout key), all from ``fold_in(rng, step)``. Also draws plots/augment.png."""
+    aug_key, mix_key, drop_key = jax.random.split(jax.random.fold_in(rng, step), 3)
+    images, lam = mix_batch(augment_batch(images, aug_key, aug), mix_key, mixup=aug.mixup, cutmix=aug.cutmix)
+    return images, lam, drop_key
+
 
 def resolve_precision(precision: str) -> str:
     """Check `train.precision`: "fp32", or "bf16" (bf16 compute, fp32 params) on every backend.
@@ -257,7 +263,8 @@ class _InFlightGuard:
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh, *,
-                    precision: str = "fp32", augment: AugmentConfig | None = None, frozen_backbone: Any = None
+                    precision: str = "fp32", augment: AugmentConfig | None = None, frozen_backbone: Any = None,
+                    class_weights: Any = None, label_smoothing: float = 0.0
                     ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """The one jitted train step: ``step(state, images, labels) -> (state, metrics)``.
 
@@ -267,6 +274,12 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     optimizer and batch-norm state unchanged (the step counter still advances) and
     reports nonfinite=True. The returned callable exposes the jitted function as `.jitted`
     and ``.compile(state, images, labels)`` to compile it ahead of the first call.
+
+    The step's key, ``fold_in(state.rng, state.step)``, splits into augmentation
+    (`cnnpipe.training.augment`, each image its own key), mixing and dropout keys.
+    `class_weights` (K,) weight the loss per class and `label_smoothing` softens the
+    targets (`cnnpipe.training.loss`); with neither, nor mixup/cutmix, the loss is plain
+    integer-label cross-entropy.
 
     `frozen_backbone` (the head mask of a split optimizer, see `make_optimizer`) makes
     the step of a frozen backbone: the model runs in eval mode (batch-norm statistics
@@ -278,6 +291,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     bf16 = resolve_precision(precision) == "bf16"
     replicated = NamedSharding(mesh, PartitionSpec())
     batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+    soft = weights is not None or label_smoothing > 0 or aug.mixup > 0 or aug.cutmix > 0
 
     def loss_fn(params, model_state, images, labels, dropout_key):
         if bf16:  # bf16 copies for compute; the gradient flows back to the fp32 params through the cast
@@ -289,31 +304,25 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
         if head is not None:
             model.eval()
         logits = model(images, rngs=nnx.Rngs(dropout=dropout_key))
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        if soft:  # labels: (integer labels, each image's mixing share)
+            classes, lam = labels
+            t = mix_like(soft_targets(classes, logits.shape[-1], label_smoothing), lam)
+            loss = weighted_cross_entropy(logits, t, None if weights is None else mix_like(weights[classes], lam))
+        else:
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         _, _, new_model_state = nnx.split(model, nnx.Param, ...)
         return loss, (logits, new_model_state)
 
     def step(state: TrainState, images: jax.Array, labels: jax.Array):
-        key = jax.random.fold_in(state.rng, state.step)
-        aug_key, drop_key = jax.random.split(key)
-        images = augment_batch(images, aug_key, flip=aug.flip, crop_padding=aug.crop_padding)
+        images, lam, drop_key = augmented_inputs(images, state.rng, state.step, aug)
         (loss, (logits, new_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.model_state, images, labels, drop_key)
+            state.params, state.model_state, images, (labels, lam) if soft else labels, drop_key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        if head is not None:   # the backbone stays exactly as it was, its optimizer state too
-            new_params = jax.tree.map(lambda m, a, b: a if m else b, head, new_params, state.params)
-            new_opt = {"head": new_opt["head"], "backbone": state.opt_state["backbone"]}
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        lr = _learning_rate(new_opt)
-        new_state = TrainState(params=keep(new_params, state.params),
-                               model_state=keep(new_ms, state.model_state),
-                               opt_state=keep(new_opt, state.opt_state),
-                               step=state.step + 1, rng=state.rng)
+        new_state = _update(state, grads, new_ms, finite, tx, head)
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-                   "grad_norm": grad_norm, "learning_rate": lr, "nonfinite": ~finite}
+                   "grad_norm": grad_norm, "learning_rate": _learning_rate(new_state.opt_state),
+                   "nonfinite": ~finite}
         return new_state, metrics
 
     jitted = jax.jit(step, in_shardings=(replicated, batched, batched),
@@ -330,6 +339,22 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     return train_step
 
 
+def _update(state: TrainState, grads: Any, new_model_state: Any, finite: jax.Array,
+            tx: optax.GradientTransformation, head: Any) -> TrainState:
+    """The state after one optimizer step; unchanged but for the step count when not `finite`.
+
+    With a frozen backbone (`head`, a mask) only the head's parameters and optimizer state move.
+    """
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    if head is not None:   # the backbone stays exactly as it was, its optimizer state too
+        new_params = jax.tree.map(lambda m, a, b: a if m else b, head, new_params, state.params)
+        new_opt = {"head": new_opt["head"], "backbone": state.opt_state["backbone"]}
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    return TrainState(params=keep(new_params, state.params), model_state=keep(new_model_state, state.model_state),
+                      opt_state=keep(new_opt, state.opt_state), step=state.step + 1, rng=state.rng)
+
+
 def _ahead_of_time(jitted: Any, impl: list[Any]) -> Callable[..., None]:
     """``compile(*args)``: compile `jitted` for these arguments (arrays or `batch_spec`s) now.
 
@@ -343,8 +368,11 @@ def _ahead_of_time(jitted: Any, impl: list[Any]) -> Callable[..., None]:
     return compile_now
 
 
-def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
+def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = ()) -> Callable[..., dict[str, jax.Array]]:
     """Jitted ``eval_step(state, images, labels, mask) -> {loss_sum, correct, count, predictions}``.
+
+    `views` (test-time augmentation, `cnnpipe.training.augment.tta_views`): the loss and
+    predictions are of the class probabilities averaged over these views of each image.
 
     `mask` (N,) is 1 for real rows and 0 for the padding of a short last batch, so every
     batch has the same shape and the step compiles once; sums count real rows only.
@@ -356,10 +384,15 @@ def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable[..., dict[str, jax.Arr
     def step(state: TrainState | ModelState, images, labels, mask):
         model = nnx.merge(graphdef, state.params, state.model_state)
         model.eval()
-        logits = model(images)
         m = mask.astype(jnp.float32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        pred = jnp.argmax(logits, -1).astype(jnp.int32)
+        if len(views) > 1:
+            probs = _average_views(model, images, views)
+            loss = -jnp.log(jnp.take_along_axis(probs, labels[:, None], -1)[:, 0])
+            pred = jnp.argmax(probs, -1).astype(jnp.int32)
+        else:
+            logits = model(images)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            pred = jnp.argmax(logits, -1).astype(jnp.int32)
         return {"loss_sum": jnp.sum(loss * m), "correct": jnp.sum((pred == labels) * m),
                 "count": jnp.sum(m), "predictions": pred}
 

@@ -34,7 +34,7 @@ from cnnpipe.datasets.batches import prefetch, steps_per_epoch, train_batches
 from cnnpipe.datasets.dataset import Dataset
 from cnnpipe.datasets.sources import load_dataset
 from cnnpipe.files import write_atomic
-from cnnpipe.training.loop import EpochLoop, Position
+from cnnpipe.training.loop import EpochLoop, Monitor, Position
 from cnnpipe.training.runlog import MetricsLog, MetricsSink, NonFiniteLossError, Stopwatch
 
 __all__ = ["train_and_evaluate", "NonFiniteLossError", "default_run_dir"]
@@ -95,6 +95,7 @@ class _Parts:
     steps_per_epoch: int
     init: Any = None          # cnnpipe.training.pretrained.Init: normalisation and first weights
     frozen_step: Any = None   # the train step of the first `pretrained.freeze_epochs` epochs
+    class_weights: Any = None  # (K,) loss weight per class, or None
 
 
 def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _Parts:
@@ -109,7 +110,9 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
 
     from cnnpipe.models.cnn import build_model, count_params
     from cnnpipe.training import distributed, steps
+    from cnnpipe.training.augment import check_augment
     from cnnpipe.training.compile_cache import quiet_cache_loads
+    from cnnpipe.training.loss import class_weight_vector
     from cnnpipe.training.pretrained import head_mask, resolve_pretrained
 
     tc, pre = cfg.train, cfg.pretrained
@@ -117,6 +120,8 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         # folder and tfds caches are built by the primary; the others then read them
         ds = distributed.primary_first(lambda: load_dataset(cfg.data, seed=cfg.seed), "data")
     with watch.phase("build"):
+        check_augment(cfg.augment, ds.size)
+        weights = class_weight_vector(tc.class_weights, ds.train.labels, ds.classes)
         # reads the weights once, so a bad file fails before any compile; a resumed run has
         # its weights in the checkpoint and its normalisation in dataset.json
         init = resolve_pretrained(cfg, ds, resumed_from)
@@ -137,9 +142,11 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         tx = steps.make_optimizer(cfg.optimizer, spe * tc.epochs, head=head,
                                   backbone_lr_scale=pre.backbone_lr_scale, freeze_steps=spe * pre.freeze_epochs)
         graphdef, abstract_state = steps.abstract_train_state(abstract, tx, mesh)
-        train_step = steps.make_train_step(graphdef, tx, mesh, precision=tc.precision, augment=cfg.augment)
-        frozen_step = steps.make_train_step(graphdef, tx, mesh, precision=tc.precision, augment=cfg.augment,
-                                            frozen_backbone=head) if pre.freeze_epochs else None
+        loss_args = dict(precision=tc.precision, augment=cfg.augment, class_weights=weights,
+                         label_smoothing=tc.label_smoothing)
+        train_step = steps.make_train_step(graphdef, tx, mesh, **loss_args)
+        frozen_step = steps.make_train_step(graphdef, tx, mesh, frozen_backbone=head,
+                                            **loss_args) if pre.freeze_epochs else None
         eval_step = steps.make_eval_step(graphdef, mesh)
 
     def initialise() -> Any:
@@ -154,7 +161,8 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         for done in _compile_ahead([train_step, frozen_step], eval_step, abstract_state, mesh, ds, cfg, pool):
             done.result()
         state = state.result()
-    return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe, init, frozen_step)
+    return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe, init, frozen_step,
+                  weights)
 
 
 def _compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any, ds: Dataset, cfg: Config,
@@ -216,6 +224,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         from cnnpipe.training import distributed
         from cnnpipe.training.checkpoint import Checkpoints
         from cnnpipe.training.compile_cache import enable_compile_cache
+        from cnnpipe.training.summary import finish_run
     watch.listen()
     primary = distributed.is_primary()
     if not primary:  # one process speaks for the run
@@ -243,15 +252,43 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         scale = f"; backbone at {pre.backbone_lr_scale:g}x the learning rate" if pre.backbone_lr_scale != 1.0 else ""
         log(f"pretrained: {pre.weights} (new {parts.ds.num_classes}-class head{plan}{scale}); "
             f"input normalisation from the {parts.init.normalization}")
-    ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, asynchronous=True)
+    if parts.class_weights is not None:
+        from cnnpipe.training.loss import describe_weights
+
+        log(f"class weights ({'auto: inverse frequency' if cfg.train.class_weights == 'auto' else 'given'}): "
+            f"{describe_weights(parts.class_weights, parts.ds.classes)}")
+    monitor = Monitor.of(cfg.train)
+    ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, asynchronous=True,
+                        best_metric=monitor.metric)
     try:
         pos = _restore(parts, ckpts, resume, run_dir, log)
-        result, counts = _train(cfg, parts, ckpts, pos, run_dir, resume, watch, log)
+        final, counts, remembered = _train(cfg, parts, ckpts, pos, run_dir, resume, watch, log)
+        with watch.phase("eval"):
+            final, result = _results(cfg, parts, ckpts, pos, final, remembered)
     finally:
         with watch.phase("checkpoints"):
             ckpts.close()  # waits for a save in flight: a finished checkpoint is never lost
         watch.stop()
-    return _finish(cfg, parts, run_dir, result, counts, pos, resume, watch, log, write=primary)
+    counts["class_weights"] = (None if parts.class_weights is None
+                               else dict(zip(parts.ds.classes, map(float, parts.class_weights))))
+    return finish_run(cfg, parts, run_dir, final, result, counts, pos, resume, watch, log, write=primary)
+
+
+def _results(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, final: dict[str, Any],
+             remembered: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the last evaluation, the run's result): the result is the best checkpoint's evaluation
+    with early stopping, else the last one; its "step" names the checkpoint."""
+    from cnnpipe.training.metrics import evaluate_split
+    from cnnpipe.training.summary import best_result
+
+    if not final:  # resumed a run that had already finished: evaluate its final state
+        final = evaluate_split(parts.eval_step, parts.state, parts.ds.val, cfg.train.eval_batch_size,
+                               parts.mesh, parts.ds.num_classes)
+    if cfg.train.early_stopping is not None:
+        best = best_result(parts, ckpts, pos, cfg, remembered)
+        if best is not None:
+            return final, {**best, "step": pos.best_step}
+    return final, {**final, "step": pos.step}
 
 
 def prefetch_depth(mesh: Any) -> int:
@@ -285,28 +322,30 @@ def _restore(parts: _Parts, ckpts: Any, resume: bool, run_dir: Path, log: Callab
 
 
 def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path, resume: bool,
-           watch: Stopwatch, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, int]]:
-    """Every remaining epoch: train, evaluate, checkpoint.
+           watch: Stopwatch, log: Callable[[str], None]
+           ) -> tuple[dict[str, Any], dict[str, Any], dict[int, dict[str, Any]]]:
+    """Every remaining epoch (until early stopping stops the run): train, evaluate, checkpoint.
 
-    Returns the last evaluation (empty if no epoch ran) and counts: images trained, non-finite steps.
+    Returns the last evaluation (empty if no epoch ran), counts (images trained,
+    non-finite steps) and {step: evaluation} of the best checkpoint if it was evaluated here.
     """
     from tqdm import tqdm
 
     from cnnpipe.training import distributed, steps
-    from cnnpipe.training.compile_cache import quiet_cache_loads
-    from cnnpipe.training.metrics import evaluate_split
 
     tc, ds, mesh = cfg.train, parts.ds, parts.mesh
-    primary = distributed.is_primary()
+    monitor = Monitor.of(tc)
     rows = steps.process_rows(mesh, tc.batch_size)  # this process reads only its rows of each batch
-    logger = MetricsLog(run_dir, pos.step if resume else None, enabled=primary)
+    logger = MetricsLog(run_dir, pos.step if resume else None, enabled=distributed.is_primary())
     bar = tqdm(total=parts.steps_per_epoch * tc.epochs, initial=pos.step, unit="step", dynamic_ncols=True,
-               leave=False, disable=not (primary and sys.stderr.isatty()))
+               leave=False, disable=not (distributed.is_primary() and sys.stderr.isatty()))
     say = _bar_safe(log, bar)
     last_ckpt = [ckpts.latest_step()]
 
-    def save(state: Any, at: Position, val_accuracy: float | None = None) -> None:
-        ckpts.save(at.step, state, at.as_dict(), val_accuracy=val_accuracy)
+    def save(state: Any, at: Position, result: dict[str, Any] | None = None) -> None:
+        metrics = None if result is None else {"val_accuracy": result["accuracy"], "val_loss": result["loss"],
+                                               "balanced_accuracy": result["balanced_accuracy"]}
+        ckpts.save(at.step, state, at.as_dict(), metrics=metrics)
         last_ckpt[0] = at.step
 
     sink = MetricsSink(logger.write, tc.max_nonfinite_steps,
@@ -314,82 +353,53 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
     loop = EpochLoop(parts.train_step, sink, watch, tc.batch_size, parts.steps_per_epoch, tc.log_every_steps,
                      tc.checkpoint_every_steps, save, None if bar.disable else bar)
     result: dict[str, Any] = {}
+    remembered: dict[int, dict[str, Any]] = {}
     try:
-        for epoch in range(pos.epoch, tc.epochs):
+        for epoch in range(pos.epoch, tc.epochs if not pos.stopped else pos.epoch):
             batches = prefetch((steps.shard_batch(mesh, x, y) for x, y in
                                 train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=epoch,
-                                              start_step=pos.step_in_epoch, rows=rows)),
+                                              start_step=pos.step_in_epoch, rows=rows, sampler=tc.sampler)),
                                size=prefetch_depth(mesh))
             # the first pretrained.freeze_epochs epochs train the head alone
             loop.train_step = parts.frozen_step if epoch < cfg.pretrained.freeze_epochs else parts.train_step
             with batches:
                 parts.state = loop.run(parts.state, batches, pos)
-            t_eval = time.perf_counter()
-            with watch.phase("eval"):
-                result = evaluate_split(parts.eval_step, parts.state, ds.val, tc.eval_batch_size, mesh,
-                                        ds.num_classes)
-            is_best = pos.end_epoch(result["accuracy"])
-            logger.write({"step": pos.step, "epoch": epoch + 1, "split": "val", "loss": result["loss"],
-                          "accuracy": result["accuracy"]})
-            eval_seconds = time.perf_counter() - t_eval
-            with watch.phase("checkpoints"):
-                save(parts.state, pos, result["accuracy"])
-            if tc.probe_feature_maps:
-                with quiet_cache_loads():
-                    _probe_feature_maps(logger.tb, parts.graphdef, parts.state, ds, pos.step)
-            say(f"epoch {epoch + 1}/{tc.epochs}: val loss {result['loss']:.4f}, val accuracy "
-                f"{result['accuracy']:.4f}{' (best)' if is_best else ''} [{eval_seconds:.1f}s eval]")
+            result, is_best = _end_epoch(cfg, parts, pos, monitor, logger, watch, save, say)
+            if is_best:
+                remembered = {pos.step: result}
+            if pos.stopped:
+                say(f"early stopping: {monitor.metric} has not improved by more than {monitor.min_delta:g} for "
+                    f"{monitor.patience} epoch(s); stopped after epoch {epoch + 1}/{tc.epochs}; the run's result "
+                    f"is its best checkpoint, step {pos.best_step} ({monitor.metric} {pos.best_value:.4f})")
+                break
     finally:
         bar.close()
         logger.close()
-    return result, {"images": loop.images_trained, "nonfinite": sink.nonfinite_total}
+    return result, {"images": loop.images_trained, "nonfinite": sink.nonfinite_total}, remembered
 
 
-def _finish(cfg: Config, parts: _Parts, run_dir: Path, result: dict[str, Any], counts: dict[str, int],
-            pos: Position, resume: bool, watch: Stopwatch, log: Callable[[str], None],
-            write: bool = True) -> dict[str, Any]:
-    """Plots and `summary.json` of a finished run (written by the primary alone); returns the summary."""
-    import jax
-
+def _end_epoch(cfg: Config, parts: _Parts, pos: Position, monitor: Monitor, logger: MetricsLog, watch: Stopwatch,
+               save: Callable[..., None], say: Callable[[str], None]) -> tuple[dict[str, Any], bool]:
+    """Evaluate the epoch just trained, log it, checkpoint it: (its evaluation, whether it is the best)."""
+    from cnnpipe.training.compile_cache import quiet_cache_loads
     from cnnpipe.training.metrics import evaluate_split
-    from cnnpipe.training.plots import plot_confusion, plot_curves
+    from cnnpipe.training.summary import probe_feature_maps
 
     tc, ds = cfg.train, parts.ds
-    if not result:  # resumed a run that had already finished: evaluate its final state
-        with watch.phase("eval"):
-            result = evaluate_split(parts.eval_step, parts.state, ds.val, tc.eval_batch_size, parts.mesh,
-                                    ds.num_classes)
-    if write:
-        with watch.phase("plots"):
-            plot_curves(run_dir / "metrics.jsonl", run_dir / "plots")
-            plot_confusion(result["confusion"], ds.classes, run_dir / "plots" / "confusion_matrix.png")
-    images = counts["images"]
-    step_seconds = watch.seconds.get("steps", 0.0)
-    timings = watch.report()
-    summary = {
-        "run_dir": str(run_dir), "final_val_accuracy": result["accuracy"], "final_val_loss": result["loss"],
-        "best_val_accuracy": pos.best_val_accuracy if pos.best_val_accuracy is not None else result["accuracy"],
-        "best_step": pos.best_step, "per_class_accuracy": dict(zip(ds.classes, result["per_class_accuracy"])),
-        "confusion_matrix": result["confusion"].tolist(), "param_count": parts.num_params,
-        "train_images_per_sec": images / step_seconds if images and step_seconds else None,
-        "compile_seconds": round(watch.compile_seconds, 3), "wall_seconds": timings["total"],
-        "seconds": timings, "steps": pos.step, "epochs": tc.epochs,
-        "nonfinite_steps": counts["nonfinite"], "devices": parts.mesh.size,
-        "processes": jax.process_count(), "resumed": bool(resume),
-    }
-    if write:
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log(f"done: val accuracy {summary['final_val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}), "
-        f"{summary['wall_seconds']:.1f}s wall, {summary['compile_seconds']:.1f}s compiling, "
-        + (f"{summary['train_images_per_sec']:.0f} train images/s" if summary["train_images_per_sec"]
-           else "train images/s not measured (no steps ran)") + f" -> {run_dir}")
-    return summary
-
-
-def _probe_feature_maps(tb: Any, graphdef: Any, state: Any, ds: Dataset, step: int) -> None:
-    """Feature maps of the first validation image to TensorBoard, one grid per spatial layer."""
-    from cnnpipe.training.plots import probe_grids
-    from cnnpipe.training.steps import state_to_model
-
-    for name, grid in probe_grids(state_to_model(graphdef, state), ds.val.images[0]).items():
-        tb.add_image(f"feature_maps/{name}", grid, step)
+    t_eval = time.perf_counter()
+    with watch.phase("eval"):
+        result = evaluate_split(parts.eval_step, parts.state, ds.val, tc.eval_batch_size, parts.mesh,
+                                ds.num_classes)
+    is_best = pos.end_epoch(result, monitor)
+    logger.write({"step": pos.step, "epoch": pos.epoch, "split": "val", "loss": result["loss"],
+                  "accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
+                  "per_class_recall": dict(zip(ds.classes, result["per_class_accuracy"]))})
+    eval_seconds = time.perf_counter() - t_eval
+    with watch.phase("checkpoints"):
+        save(parts.state, pos, result)
+    if tc.probe_feature_maps:
+        with quiet_cache_loads():
+            probe_feature_maps(logger.tb, parts.graphdef, parts.state, ds, pos.step)
+    say(f"epoch {pos.epoch}/{tc.epochs}: val loss {result['loss']:.4f}, val accuracy {result['accuracy']:.4f}, "
+        f"balanced {result['balanced_accuracy']:.4f}{' (best)' if is_best else ''} [{eval_seconds:.1f}s eval]")
+    return result, is_best

@@ -1,0 +1,271 @@
+"""Data augmentation on the device: batched ops on raw integer pixels of any bit depth and plane count.
+
+Every op takes and returns an (N, H, W, C) batch of the data's own dtype (uint8,
+uint16; floats pass through unclipped): intensities are computed in float32, which
+holds every uint16 value exactly, then rounded and clipped to the dtype's range, so
+16-bit data is never squeezed to 8 bits and an op at its identity setting returns
+its input bit for bit. Each image draws its own randomness from its own key,
+``fold_in(step key, index in the batch)`` and then the op's fixed id, so a draw
+depends only on the step (resume is exact) and switching one op on or off leaves
+the others' draws as they were.
+
+The ops run in a fixed order (the config only switches them): random resized crop,
+padded crop, horizontal flip, vertical flip, rot90, brightness, contrast, gamma,
+noise, random erasing; mixup and cutmix come after, in `cnnpipe.training.loss`,
+because they change the labels too. Intensity ops are relative to each image's own
+planes (a factor, the plane's mean or its peak), so one setting means the same for
+8-bit photographs, 16-bit and 12-bit-in-16-bit microscopy.
+
+Test-time augmentation (`tta_views`, `apply_view`) uses the same flips and
+rotations, so training and inference transform pixels with one piece of code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from cnnpipe.config import AugmentConfig
+
+__all__ = ["augment_batch", "is_active", "check_augment", "image_keys", "apply_op", "OP_NAMES",
+           "resized_crop", "adjust_brightness", "adjust_contrast", "adjust_gamma", "tta_views", "apply_view",
+           "VIEWS"]
+
+# timm's RandomErasing defaults: erased area 2% to 1/3 of the image, aspect 0.3 to 3.3
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_RATIO = (0.3, 1 / 0.3)
+_ATTEMPTS = 10   # torchvision's RandomResizedCrop and timm's RandomErasing try 10 boxes
+
+
+# ---------------------------------------------------------------- exact integer output
+
+def _to_dtype(x: jax.Array, dtype: Any) -> jax.Array:
+    """Float pixels back to `dtype`: rounded to nearest (half to even) and clipped to its range."""
+    if jnp.issubdtype(dtype, jnp.integer):
+        info = jnp.iinfo(dtype)
+        return jnp.clip(jnp.round(x), info.min, info.max).astype(dtype)
+    return x.astype(dtype)
+
+
+def _plane_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mean, std, peak) of each plane of one image (H, W, C) as float32 (1, 1, C); peak >= 1 unit."""
+    f = x.astype(jnp.float32)
+    peak = jnp.max(f, axis=(0, 1), keepdims=True)
+    return jnp.mean(f, axis=(0, 1), keepdims=True), jnp.std(f, axis=(0, 1), keepdims=True), \
+        jnp.where(peak > 0, peak, 1.0)
+
+
+# ---------------------------------------------------------------- parametrised ops (one image)
+
+def adjust_brightness(x: jax.Array, factor: jax.Array) -> jax.Array:
+    """`x` (H, W, C) times `factor` (torchvision's ColorJitter brightness); 1.0 is the identity."""
+    return _to_dtype(x.astype(jnp.float32) * factor, x.dtype)
+
+
+def adjust_contrast(x: jax.Array, factor: jax.Array) -> jax.Array:
+    """Each plane of `x` (H, W, C) stretched about its own mean by `factor`; 1.0 is the identity."""
+    mean, _, _ = _plane_stats(x)
+    return _to_dtype((x.astype(jnp.float32) - mean) * factor + mean, x.dtype)
+
+
+def adjust_gamma(x: jax.Array, gamma: jax.Array) -> jax.Array:
+    """``peak * (x / peak) ** gamma`` per plane of `x` (H, W, C), `peak` the plane's brightest value.
+
+    Relative to the image's own peak, not the dtype's maximum, so 12-bit data in a
+    16-bit file keeps its range; black stays black, the peak stays the peak; 1.0 is the identity.
+    """
+    _, _, peak = _plane_stats(x)
+    return _to_dtype(peak * (x.astype(jnp.float32) / peak) ** gamma, x.dtype)
+
+
+def resized_crop(x: jax.Array, top: jax.Array, left: jax.Array, h: jax.Array, w: jax.Array) -> jax.Array:
+    """The box (`top`, `left`, `h`, `w`) of `x` (H, W, C), bilinearly resized to (H, W).
+
+    Half-pixel centres with edges clamped to the box (PyTorch's
+    ``interpolate(mode="bilinear", align_corners=False)`` on the crop). Boxes are
+    never larger than the image, so this only magnifies and needs no antialiasing;
+    the whole image maps every output pixel onto one input pixel exactly (identity).
+    """
+    size_h, size_w = x.shape[0], x.shape[1]
+
+    def axis(start: jax.Array, length: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        pos = (jnp.arange(size, dtype=jnp.float32) + 0.5) * (length / size) - 0.5
+        pos = jnp.clip(pos, 0.0, length - 1.0)
+        lo = jnp.floor(pos)
+        frac = pos - lo
+        lo = lo.astype(jnp.int32)
+        hi = jnp.minimum(lo + 1, length.astype(jnp.int32) - 1)
+        return start + lo, start + hi, frac
+
+    y0, y1, fy = axis(top, h.astype(jnp.float32), size_h)
+    x0, x1, fx = axis(left, w.astype(jnp.float32), size_w)
+    f = x.astype(jnp.float32)
+    rows = f[y0] * (1 - fy)[:, None, None] + f[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return _to_dtype(out, x.dtype)
+
+
+# ---------------------------------------------------------------- random ops (one image, its key)
+
+def _box(key: jax.Array, size_h: int, size_w: int, area: tuple[float, float], ratio: tuple[float, float],
+         strict: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(found, top, left, h, w): the first of 10 random boxes of `area` x the image and aspect
+    `ratio` (w / h, log-uniform) that fits (`strict`: smaller than the image, timm's erasing rule)."""
+    k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
+    target = size_h * size_w * jax.random.uniform(k_area, (_ATTEMPTS,), minval=area[0], maxval=area[1])
+    aspect = jnp.exp(jax.random.uniform(k_ratio, (_ATTEMPTS,), minval=math.log(ratio[0]),
+                                        maxval=math.log(ratio[1])))
+    w = jnp.round(jnp.sqrt(target * aspect)).astype(jnp.int32)
+    h = jnp.round(jnp.sqrt(target / aspect)).astype(jnp.int32)
+    fits = (h >= 1) & (w >= 1) & ((h < size_h) & (w < size_w) if strict else (h <= size_h) & (w <= size_w))
+    first = jnp.argmax(fits)
+    found = jnp.any(fits)
+    h = jnp.where(found, h[first], size_h)
+    w = jnp.where(found, w[first], size_w)
+    top = jax.random.randint(k_top, (), 0, size_h - h + 1)
+    left = jax.random.randint(k_left, (), 0, size_w - w + 1)
+    return found, top, left, h, w
+
+
+def _random_resized_crop(x: jax.Array, key: jax.Array, cfg: Any) -> jax.Array:
+    # torchvision's RandomResizedCrop; after 10 misses it keeps the whole image
+    _, top, left, h, w = _box(key, x.shape[0], x.shape[1], tuple(cfg.scale), tuple(cfg.ratio), strict=False)
+    return resized_crop(x, top, left, h, w)
+
+
+def _padded_crop(x: jax.Array, key: jax.Array, pad: int) -> jax.Array:
+    padded = jnp.pad(x, ((pad, pad), (pad, pad), (0, 0)))
+    off = jax.random.randint(key, (2,), 0, 2 * pad + 1)
+    return jax.lax.dynamic_slice(padded, (off[0], off[1], 0), x.shape)
+
+
+def _hflip(x: jax.Array, key: jax.Array, _: Any) -> jax.Array:
+    return jnp.where(jax.random.bernoulli(key), x[:, ::-1], x)
+
+
+def _vflip(x: jax.Array, key: jax.Array, _: Any) -> jax.Array:
+    return jnp.where(jax.random.bernoulli(key), x[::-1], x)
+
+
+def _rot90(x: jax.Array, key: jax.Array, _: Any) -> jax.Array:
+    # np.rot90(x, k) as transpose and flips: k=1 transposed then flipped top-bottom, k=2 both flips,
+    # k=3 transposed then flipped left-right
+    k = jax.random.randint(key, (), 0, 4)
+    x = jnp.where(k % 2 == 1, jnp.swapaxes(x, 0, 1), x)
+    x = jnp.where((k == 1) | (k == 2), x[::-1], x)
+    return jnp.where(k >= 2, x[:, ::-1], x)
+
+
+def _brightness(x: jax.Array, key: jax.Array, b: float) -> jax.Array:
+    return adjust_brightness(x, jax.random.uniform(key, minval=1 - b, maxval=1 + b))
+
+
+def _contrast(x: jax.Array, key: jax.Array, c: float) -> jax.Array:
+    return adjust_contrast(x, jax.random.uniform(key, minval=1 - c, maxval=1 + c))
+
+
+def _gamma(x: jax.Array, key: jax.Array, g: float) -> jax.Array:
+    return adjust_gamma(x, jax.random.uniform(key, minval=1 - g, maxval=1 + g))
+
+
+def _noise(x: jax.Array, key: jax.Array, sigma: float) -> jax.Array:
+    _, _, peak = _plane_stats(x)
+    return _to_dtype(x.astype(jnp.float32) + sigma * peak * jax.random.normal(key, x.shape), x.dtype)
+
+
+def _random_erasing(x: jax.Array, key: jax.Array, p: float) -> jax.Array:
+    # timm's RandomErasing (mode "pixel"): a box filled with noise of the image's own plane statistics
+    k_apply, k_box, k_fill = jax.random.split(key, 3)
+    found, top, left, h, w = _box(k_box, x.shape[0], x.shape[1], ERASE_AREA, ERASE_RATIO, strict=True)
+    rows, cols = jnp.arange(x.shape[0])[:, None, None], jnp.arange(x.shape[1])[None, :, None]
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    mean, std, _ = _plane_stats(x)
+    fill = _to_dtype(mean + std * jax.random.normal(k_fill, x.shape), x.dtype)
+    return jnp.where(inside & found & jax.random.bernoulli(k_apply, p), fill, x)
+
+
+# name -> (fixed id for the key, op(image, key, setting)); the order is the order they run in
+_OPS: dict[str, tuple[int, Callable[[jax.Array, jax.Array, Any], jax.Array]]] = {
+    "random_resized_crop": (1, _random_resized_crop), "crop_padding": (2, _padded_crop),
+    "flip": (3, _hflip), "vflip": (4, _vflip), "rot90": (5, _rot90), "brightness": (6, _brightness),
+    "contrast": (7, _contrast), "gamma": (8, _gamma), "noise": (9, _noise), "random_erasing": (10, _random_erasing),
+}
+OP_NAMES = tuple(_OPS)
+
+
+def _on(value: Any) -> bool:
+    return value is not None and value is not False and value != 0
+
+
+def is_active(cfg: AugmentConfig) -> bool:
+    """Whether `cfg` changes any pixel (mixup and cutmix included)."""
+    return any(_on(getattr(cfg, name)) for name in (*OP_NAMES, "mixup", "cutmix"))
+
+
+def check_augment(cfg: AugmentConfig, size: tuple[int, int]) -> None:
+    """ValueError naming the key when `cfg` cannot run on images of `size` (H, W)."""
+    if cfg.rot90 and size[0] != size[1]:
+        raise ValueError(f"augment.rot90: needs square images; the data's size is {size[0]}x{size[1]} "
+                         "(set data.size to a square, or use augment.flip / augment.vflip)")
+
+
+def image_keys(key: jax.Array, n: int) -> jax.Array:
+    """One key per image of a batch of `n`: ``fold_in(key, i)``, independent of the batch's layout."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))
+
+
+def apply_op(name: str, images: jax.Array, keys: jax.Array, setting: Any) -> jax.Array:
+    """Op `name` (one of `OP_NAMES`) on a batch (N, H, W, C) with per-image `keys` (N, 2) at `setting`."""
+    op_id, op = _OPS[name]
+    return jax.vmap(lambda im, k: op(im, jax.random.fold_in(k, op_id), setting))(images, keys)
+
+
+def augment_batch(images: jax.Array, key: jax.Array, cfg: AugmentConfig) -> jax.Array:
+    """Every op `cfg` switches on, in order, over a batch (N, H, W, C); same key, same result.
+
+    Returns the batch in its own dtype and shape. Mixup and cutmix are not applied here
+    (`cnnpipe.training.loss.mix_batch`: they change the targets too).
+    """
+    keys = image_keys(key, images.shape[0])
+    for name in OP_NAMES:
+        setting = getattr(cfg, name)
+        if _on(setting):
+            images = apply_op(name, images, keys, setting)
+    return images
+
+
+# ---------------------------------------------------------------- test-time augmentation
+
+# each view of a batch (N, H, W, C); rotations are np.rot90's (counter-clockwise)
+VIEWS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "identity": lambda x: x,
+    "hflip": lambda x: x[:, :, ::-1],
+    "vflip": lambda x: x[:, ::-1],
+    "rot180": lambda x: x[:, ::-1, ::-1],
+    "rot90": lambda x: jnp.swapaxes(x, 1, 2)[:, ::-1],
+    "rot270": lambda x: jnp.swapaxes(x, 1, 2)[:, :, ::-1],
+    "transpose": lambda x: jnp.swapaxes(x, 1, 2),
+    "antitranspose": lambda x: jnp.swapaxes(x, 1, 2)[:, ::-1, ::-1],
+}
+
+
+def tta_views(cfg: AugmentConfig) -> tuple[str, ...]:
+    """The views test-time augmentation averages over, for a run trained with `cfg`.
+
+    Always the image and its mirror image; with vertical flips also those flipped
+    upside down; with rot90 all eight rotations and mirror images (the square's symmetries).
+    """
+    if cfg.rot90:
+        return tuple(VIEWS)
+    if cfg.vflip:
+        return ("identity", "hflip", "vflip", "rot180")
+    return ("identity", "hflip")
+
+
+def apply_view(images: jax.Array, view: str) -> jax.Array:
+    """`images` (N, H, W, C) seen as `view` (a key of `VIEWS`)."""
+    return VIEWS[view](images)

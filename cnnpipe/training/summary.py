@@ -1,0 +1,149 @@
+"""The end of a run: its result checkpoint, plots and `summary.json`; and what the model saw.
+
+`finish_run` writes the plots and the summary of a finished (or early-stopped) run.
+With early stopping the run's result is its best checkpoint: `best_result` evaluates
+it (from memory when that epoch ran in this process, else restored from disk), and
+the summary's per-class figures describe it. `augment_examples` draws the training
+augmentation exactly as the train step does (same keys, same code) for plots/augment.png.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnpipe.config import Config
+from cnnpipe.files import write_atomic
+from cnnpipe.training.loop import Monitor, Position
+
+__all__ = ["finish_run", "best_result", "augment_examples", "write_augment_plot", "probe_feature_maps"]
+
+_EXAMPLE_ROWS, _EXAMPLE_DRAWS = 6, 6
+
+
+def best_result(parts: Any, ckpts: Any, pos: Position, cfg: Config, remembered: dict[int, dict[str, Any]]
+                ) -> dict[str, Any] | None:
+    """The evaluation of the best checkpoint (`pos.best_step`), or None without one.
+
+    `remembered` maps steps evaluated in this process to their results; any other
+    step is restored from `ckpts` (parameters and model state only) and evaluated.
+    """
+    from cnnpipe.training.metrics import evaluate_split
+    from cnnpipe.training.steps import ModelState, replicate
+
+    if pos.best_step is None:
+        return None
+    if pos.best_step in remembered:
+        return remembered[pos.best_step]
+    ckpts.wait()   # the best may be the save still in flight
+    params, model_state, _ = ckpts.restore_model(parts.state.params, parts.state.model_state, pos.best_step)
+    state = replicate(parts.mesh, ModelState(params, model_state))
+    return evaluate_split(parts.eval_step, state, parts.ds.val, cfg.train.eval_batch_size, parts.mesh,
+                          parts.ds.num_classes)
+
+
+def augment_examples(images: np.ndarray, labels: np.ndarray, rng: Any, cfg: Config, steps: range
+                     ) -> np.ndarray:
+    """The first train batch as the train step at each of `steps` would augment it: (len(steps), N, H, W, C).
+
+    The train step's own code (`cnnpipe.training.steps.augmented_inputs`), mixup/cutmix
+    included, so what is shown is what the model gets.
+    """
+    import jax
+
+    from cnnpipe.training.steps import augmented_inputs
+
+    draw = jax.jit(lambda x, step: augmented_inputs(x, rng, step, cfg.augment)[0])
+
+    x = jax.device_put(np.asarray(images), jax.local_devices()[0])
+    return np.stack([np.asarray(draw(x, np.int32(s))) for s in steps])
+
+
+def write_augment_plot(parts: Any, cfg: Config, path: Path) -> None:
+    """plots/augment.png: the first training images, stored and as the first steps augmented them."""
+    import jax
+
+    from cnnpipe.datasets.batches import train_batches
+    from cnnpipe.training.plots import plot_augment
+
+    images, labels = next(iter(train_batches(parts.ds.train, cfg.train.batch_size, seed=cfg.seed, epoch=0,
+                                             sampler=cfg.train.sampler)))
+    rng = jax.random.PRNGKey(cfg.seed)   # the train state's key (create_train_state)
+    drawn = augment_examples(images, labels, rng, cfg, range(_EXAMPLE_DRAWS))[:, :_EXAMPLE_ROWS]
+    plot_augment(images[:_EXAMPLE_ROWS], drawn, [f"step {s + 1}" for s in range(_EXAMPLE_DRAWS)], path)
+
+
+def _summary(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], result: dict[str, Any],
+             counts: dict[str, int], pos: Position, resume: bool, watch: Any) -> dict[str, Any]:
+    import jax
+
+    ds, monitor = parts.ds, Monitor.of(cfg.train)
+    images, step_seconds = counts["images"], watch.seconds.get("steps", 0.0)
+    timings = watch.report()
+    es = cfg.train.early_stopping
+    return {
+        "run_dir": str(run_dir), "final_val_accuracy": final["accuracy"], "final_val_loss": final["loss"],
+        "best_val_accuracy": pos.best_val_accuracy if pos.best_val_accuracy is not None else final["accuracy"],
+        "best_step": pos.best_step, "best_metric": monitor.metric, "best_value": pos.best_value,
+        # the run's result: the best checkpoint with early stopping, else the last
+        "result_step": result.get("step", pos.step), "val_accuracy": result["accuracy"], "val_loss": result["loss"],
+        "balanced_accuracy": result["balanced_accuracy"],
+        "per_class_accuracy": dict(zip(ds.classes, result["per_class_accuracy"])),
+        "confusion_matrix": result["confusion"].tolist(),
+        "early_stopping": None if es is None else {**es.model_dump(), "stopped": pos.stopped,
+                                                    "epochs_run": pos.epoch},
+        "class_weights": counts.get("class_weights"), "param_count": parts.num_params,
+        "train_images_per_sec": images / step_seconds if images and step_seconds else None,
+        "compile_seconds": round(watch.compile_seconds, 3), "wall_seconds": timings["total"],
+        "seconds": timings, "steps": pos.step, "epochs": cfg.train.epochs,
+        "nonfinite_steps": counts["nonfinite"], "devices": parts.mesh.size,
+        "processes": jax.process_count(), "resumed": bool(resume),
+    }
+
+
+def finish_run(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], result: dict[str, Any],
+               counts: dict[str, Any], pos: Position, resume: bool, watch: Any, log: Callable[[str], None],
+               write: bool = True) -> dict[str, Any]:
+    """Plots and `summary.json` of a finished run (written by the primary alone); returns the summary.
+
+    `final` is the last evaluation, `result` the run's result (the best checkpoint's
+    evaluation with early stopping, else `final`; its "step" key names the checkpoint).
+    """
+    from cnnpipe.training.augment import is_active
+    from cnnpipe.training.plots import plot_confusion, plot_curves
+
+    if write:
+        with watch.phase("plots"):
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "plots")
+            plot_confusion(result["confusion"], parts.ds.classes, run_dir / "plots" / "confusion_matrix.png")
+            if is_active(cfg.augment):
+                write_augment_plot(parts, cfg, run_dir / "plots" / "augment.png")
+    summary = _summary(cfg, parts, run_dir, final, result, counts, pos, resume, watch)
+    if write:
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    chosen = (f"; result: checkpoint {summary['result_step']} (best {monitor_text(cfg, pos)}), val accuracy "
+              f"{summary['val_accuracy']:.4f}" if cfg.train.early_stopping is not None else "")
+    log(f"done: val accuracy {summary['final_val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}), "
+        f"balanced accuracy {summary['balanced_accuracy']:.4f}{chosen}, {summary['wall_seconds']:.1f}s wall, "
+        f"{summary['compile_seconds']:.1f}s compiling, "
+        + (f"{summary['train_images_per_sec']:.0f} train images/s" if summary["train_images_per_sec"]
+           else "train images/s not measured (no steps ran)") + f" -> {run_dir}")
+    return summary
+
+
+def monitor_text(cfg: Config, pos: Position) -> str:
+    """E.g. "val_loss 0.1234" for the run's monitored metric at its best checkpoint."""
+    return f"{Monitor.of(cfg.train).metric} {pos.best_value:.4f}" if pos.best_value is not None else "none"
+
+
+def probe_feature_maps(tb: Any, graphdef: Any, state: Any, ds: Any, step: int) -> None:
+    """Feature maps of the first validation image to TensorBoard, one grid per spatial layer."""
+    from cnnpipe.training.plots import probe_grids
+    from cnnpipe.training.steps import state_to_model
+
+    for name, grid in probe_grids(state_to_model(graphdef, state), ds.val.images[0]).items():
+        tb.add_image(f"feature_maps/{name}", grid, step)
