@@ -23,12 +23,18 @@ TINY = ["data.size=[16,16]", "data.num_train=96", "data.num_val=40", "train.batc
         "train.eval_batch_size=16", "train.epochs=2", "train.log_every_steps=2",
         "train.checkpoint_every_steps=4", "train.keep_checkpoints=10", "train.probe_feature_maps=true",
         "model=[{type: conv, filters: 4}, {type: relu}, {type: max_pool}, {type: flatten}]"]
+# every augmentation, mixing and loss option at once: the resume test then shows they resume exactly
+AUGMENTED = ["augment.flip=true", "augment.vflip=true", "augment.rot90=true", "augment.crop_padding=2",
+             "augment.random_resized_crop={scale: [0.5, 1.0]}", "augment.brightness=0.2", "augment.contrast=0.2",
+             "augment.gamma=0.2", "augment.noise=0.01", "augment.random_erasing=0.5", "augment.mixup=0.4",
+             "augment.cutmix=1.0", "train.label_smoothing=0.1", "train.class_weights=auto",
+             "train.sampler=balanced"]
 # conv 3x3x3->4 (+bias) = 112; pool -> 8x8x4 = 256 features; dense 256->6 (+bias) = 1542
 TINY_PARAMS = 112 + 1542
 
 
 def tiny_cfg(*extra: str):
-    return load_config(None, [*TINY, *extra])
+    return load_config(None, [*TINY, *AUGMENTED, *extra])
 
 
 def quiet(_: str) -> None:
@@ -71,7 +77,7 @@ def finished(tmp_path_factory):
 def test_run_directory_has_everything(finished):
     run_dir, summary, _, lines = finished
     for name in ("config.yaml", "dataset.json", "metrics.jsonl", "summary.json",
-                 "plots/loss.png", "plots/accuracy.png", "plots/confusion_matrix.png"):
+                 "plots/loss.png", "plots/accuracy.png", "plots/confusion_matrix.png", "plots/augment.png"):
         assert (run_dir / name).is_file(), name
     for png in (run_dir / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -99,6 +105,14 @@ def test_run_directory_has_everything(finished):
     assert any(f"{TINY_PARAMS:,} parameters" in line for line in lines)
     assert summary["final_val_accuracy"] == val[-1]["accuracy"]
     assert summary["best_val_accuracy"] == max(r["accuracy"] for r in val)
+    for r in val:   # balanced accuracy: the mean recall over the classes with images
+        recalls = [v for v in r["per_class_recall"].values() if v is not None]
+        assert set(r["per_class_recall"]) == set(SHAPE_CLASSES) and r["balanced_accuracy"] == pytest.approx(
+            np.mean(recalls))
+    assert summary["balanced_accuracy"] == val[-1]["balanced_accuracy"] and summary["result_step"] == 12
+    assert summary["early_stopping"] is None and summary["best_metric"] == "val_accuracy"
+    weights = np.array(list(summary["class_weights"].values()))  # auto: inverse frequency, mean 1
+    assert weights.mean() == pytest.approx(1.0) and any("class weights (auto" in line for line in lines)
     cm = np.array(summary["confusion_matrix"])
     assert cm.sum() == 40 and np.trace(cm) / 40 == pytest.approx(summary["final_val_accuracy"])
     for i, name in enumerate(SHAPE_CLASSES):
@@ -190,9 +204,9 @@ def test_nonfinite_loss_is_skipped_logged_and_stops_after_n(tmp_path, monkeypatc
     poison = {3, 7, 8, 9}  # global step numbers (1-based) whose batch is all NaN
     real = train_mod.train_batches
 
-    def poisoned(split, batch_size, *, seed, epoch, start_step=0, rows=slice(None)):
+    def poisoned(split, batch_size, *, seed, epoch, start_step=0, rows=slice(None), sampler="shuffle"):
         for i, (x, y) in enumerate(real(split, batch_size, seed=seed, epoch=epoch, start_step=start_step,
-                                        rows=rows)):
+                                        rows=rows, sampler=sampler)):
             x = x.astype(np.float32)  # the model takes floats holding raw values too
             if epoch * 6 + start_step + i + 1 in poison:
                 x[:] = np.nan

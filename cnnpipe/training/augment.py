@@ -79,7 +79,8 @@ def adjust_gamma(x: jax.Array, gamma: jax.Array) -> jax.Array:
     16-bit file keeps its range; black stays black, the peak stays the peak; 1.0 is the identity.
     """
     _, _, peak = _plane_stats(x)
-    return _to_dtype(peak * (x.astype(jnp.float32) / peak) ** gamma, x.dtype)
+    r = x.astype(jnp.float32) / peak
+    return _to_dtype(peak * jnp.sign(r) * jnp.abs(r) ** gamma, x.dtype)   # sign: float pixels may be < 0
 
 
 def resized_crop(x: jax.Array, top: jax.Array, left: jax.Array, h: jax.Array, w: jax.Array) -> jax.Array:
