@@ -32,8 +32,10 @@ def best_result(parts: Any, ckpts: Any, pos: Position, cfg: Config, remembered: 
     `remembered` maps steps evaluated in this process to their results; any other
     step is restored from `ckpts` (parameters and model state only) and evaluated.
     """
+    import dataclasses
+
     from cnnpipe.training.metrics import evaluate_split
-    from cnnpipe.training.steps import ModelState, replicate
+    from cnnpipe.training.steps import replicate
 
     if pos.best_step is None:
         return None
@@ -41,7 +43,8 @@ def best_result(parts: Any, ckpts: Any, pos: Position, cfg: Config, remembered: 
         return remembered[pos.best_step]
     ckpts.wait()   # the best may be the save still in flight
     params, model_state, _ = ckpts.restore_model(parts.state.params, parts.state.model_state, pos.best_step)
-    state = replicate(parts.mesh, ModelState(params, model_state))
+    # the eval step was compiled for a whole train state: the current one with the best parameters
+    state = replicate(parts.mesh, dataclasses.replace(parts.state, params=params, model_state=model_state))
     return evaluate_split(parts.eval_step, state, parts.ds.val, cfg.train.eval_batch_size, parts.mesh,
                           parts.ds.num_classes)
 
