@@ -230,3 +230,21 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(text)
     assert load_config(path) == cfg
+
+
+def test_the_packaged_default_lists_every_key_at_its_default():
+    import yaml
+
+    from cnnpipe.config import Config, default_config_path
+
+    raw = yaml.safe_load(default_config_path().read_text())
+
+    def missing(have, want, where=""):
+        for key, value in want.items():
+            if key not in have:
+                yield where + key
+            elif isinstance(value, dict) and isinstance(have[key], dict):
+                yield from missing(have[key], value, f"{where}{key}.")
+
+    assert list(missing(raw, Config().model_dump())) == []
+    assert load_config(default_config_path()) == Config()
