@@ -254,10 +254,14 @@ TWO_DEVICES = textwrap.dedent("""
     import json, sys
     import numpy as np, jax
     from flax import nnx
-    from cnnpipe.config import OptimizerConfig
+    from cnnpipe.config import AugmentConfig, OptimizerConfig, RandomResizedCropConfig
     from cnnpipe.models.cnn import build_model
     from cnnpipe.training.steps import *
     assert jax.device_count() == 2, jax.devices()
+    # every augmentation and loss option: per-image draws must not depend on how the batch is split
+    aug = AugmentConfig(flip=True, vflip=True, rot90=True, crop_padding=1, brightness=0.2, contrast=0.2,
+                        gamma=0.2, noise=0.02, random_erasing=0.5, mixup=0.4, cutmix=1.0,
+                        random_resized_crop=RandomResizedCropConfig(scale=(0.5, 1.0)))
     layers = %r
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 8).astype(np.int32)
@@ -270,7 +274,8 @@ TWO_DEVICES = textwrap.dedent("""
         mesh = make_mesh(n)
         graphdef, state = create_train_state(model, tx, 0)
         state = replicate(mesh, state)
-        step = make_train_step(graphdef, tx, mesh)
+        step = make_train_step(graphdef, tx, mesh, augment=aug, class_weights=np.array([1.0, 2.0, 0.5]),
+                               label_smoothing=0.1)
         xs, ys = shard_batch(mesh, x, y)
         for _ in range(4):
             state, m = step(state, xs, ys)
