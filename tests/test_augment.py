@@ -28,6 +28,7 @@ from cnnpipe.training.augment import (
     apply_op,
     augment_batch,
     image_keys,
+    pixel_normal,
     resized_crop,
     tta_views,
 )
@@ -159,6 +160,16 @@ def test_16bit_values_survive_every_op():
     cfg = AugmentConfig(**{k: v for k, v in ON.items()})
     out = np.asarray(augment_batch(jnp.asarray(x), jax.random.PRNGKey(0), cfg))
     assert out.dtype == np.uint16 and out.max() > 255 * 4 and len(np.unique(out)) > 1000
+
+
+def test_pixel_noise_is_standard_normal_and_keyed():
+    z = np.asarray(pixel_normal(jax.random.PRNGKey(0), (200, 200, 5)), np.float64).ravel()
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    for k, share in ((1, 0.6827), (2, 0.9545), (3, 0.9973)):   # the normal's mass within k std
+        assert abs(np.mean(np.abs(z) < k) - share) < 0.003
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.01   # neighbours independent
+    np.testing.assert_array_equal(pixel_normal(jax.random.PRNGKey(0), (3, 4)), pixel_normal(jax.random.PRNGKey(0), (3, 4)))
+    assert not np.array_equal(pixel_normal(jax.random.PRNGKey(0), (3, 4)), pixel_normal(jax.random.PRNGKey(1), (3, 4)))
 
 
 def test_augment_batch_at_defaults_is_the_identity():

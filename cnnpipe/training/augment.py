@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from cnnpipe.config import AugmentConfig
 
-__all__ = ["augment_batch", "is_active", "check_augment", "image_keys", "apply_op", "OP_NAMES",
+__all__ = ["augment_batch", "is_active", "check_augment", "image_keys", "apply_op", "OP_NAMES", "pixel_normal",
            "resized_crop", "adjust_brightness", "adjust_contrast", "adjust_gamma", "tta_views", "apply_view",
            "VIEWS"]
 
@@ -51,12 +51,47 @@ def _to_dtype(x: jax.Array, dtype: Any) -> jax.Array:
     return x.astype(dtype)
 
 
-def _plane_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(mean, std, peak) of each plane of one image (H, W, C) as float32 (1, 1, C); peak >= 1 unit."""
-    f = x.astype(jnp.float32)
-    peak = jnp.max(f, axis=(0, 1), keepdims=True)
-    return jnp.mean(f, axis=(0, 1), keepdims=True), jnp.std(f, axis=(0, 1), keepdims=True), \
-        jnp.where(peak > 0, peak, 1.0)
+def _peak(x: jax.Array) -> jax.Array:
+    """Each plane's brightest value in one image (H, W, C), float32 (1, 1, C), at least 1 unit.
+
+    The max runs over (H*W, C) rows in the pixels' own dtype: XLA:CPU reduces a uint8 image
+    that way 7x faster than over (H, W) in float32.
+    """
+    peak = jnp.max(x.reshape(-1, x.shape[-1]), axis=0).astype(jnp.float32).reshape(1, 1, -1)
+    return jnp.where(peak > 0, peak, 1.0)
+
+
+def _mean_std(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, std) of each plane of one image (H, W, C) as float32 (1, 1, C)."""
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    mean = jnp.mean(rows, axis=0)
+    std = jnp.sqrt(jnp.mean(jnp.square(rows - mean), axis=0))
+    return mean.reshape(1, 1, -1), std.reshape(1, 1, -1)
+
+
+def _fmix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: every input bit changes each output bit with probability ~1/2."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def pixel_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Standard normal float32 noise of `shape` for one image, from `key`.
+
+    Per-pixel noise is the one large random draw of augmentation, and jax's threefry
+    bits take ~30 ns a value on XLA:CPU (140 ms for a batch of 32 224x224x3 images).
+    Here the key gives two 32-bit seeds and a counter hashed with MurmurHash3's
+    finaliser gives the uniform bits (50x cheaper); the normal is then jax's own
+    transform of them, ``sqrt(2) * erfinv(u)`` with u uniform in (-1, 1).
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    count = jax.lax.iota(jnp.uint32, math.prod(shape))
+    bits = _fmix(_fmix(count * jnp.uint32(0x9E3779B1) + seed[0]) ^ seed[1])
+    u = ((bits >> 8).astype(jnp.float32) + 0.5) * (2.0 / (1 << 24)) - 1.0   # in (-1, 1), never an end
+    return (math.sqrt(2.0) * jax.lax.erf_inv(u)).reshape(shape)
 
 
 # ---------------------------------------------------------------- parametrised ops (one image)
@@ -68,7 +103,7 @@ def adjust_brightness(x: jax.Array, factor: jax.Array) -> jax.Array:
 
 def adjust_contrast(x: jax.Array, factor: jax.Array) -> jax.Array:
     """Each plane of `x` (H, W, C) stretched about its own mean by `factor`; 1.0 is the identity."""
-    mean, _, _ = _plane_stats(x)
+    mean, _ = _mean_std(x)
     return _to_dtype((x.astype(jnp.float32) - mean) * factor + mean, x.dtype)
 
 
@@ -78,9 +113,11 @@ def adjust_gamma(x: jax.Array, gamma: jax.Array) -> jax.Array:
     Relative to the image's own peak, not the dtype's maximum, so 12-bit data in a
     16-bit file keeps its range; black stays black, the peak stays the peak; 1.0 is the identity.
     """
-    _, _, peak = _plane_stats(x)
+    peak = _peak(x)
     r = x.astype(jnp.float32) / peak
-    return _to_dtype(peak * jnp.sign(r) * jnp.abs(r) ** gamma, x.dtype)   # sign: float pixels may be < 0
+    # |r| ** gamma as exp(gamma * log|r|): XLA:CPU's pow is 4x slower; the sign keeps float pixels < 0
+    powered = jnp.where(r != 0, jnp.exp(gamma * jnp.log(jnp.where(r != 0, jnp.abs(r), 1.0))), 0.0)
+    return _to_dtype(peak * jnp.sign(r) * powered, x.dtype)
 
 
 def resized_crop(x: jax.Array, top: jax.Array, left: jax.Array, h: jax.Array, w: jax.Array) -> jax.Array:
@@ -174,8 +211,7 @@ def _gamma(x: jax.Array, key: jax.Array, g: float) -> jax.Array:
 
 
 def _noise(x: jax.Array, key: jax.Array, sigma: float) -> jax.Array:
-    _, _, peak = _plane_stats(x)
-    return _to_dtype(x.astype(jnp.float32) + sigma * peak * jax.random.normal(key, x.shape), x.dtype)
+    return _to_dtype(x.astype(jnp.float32) + sigma * _peak(x) * pixel_normal(key, x.shape), x.dtype)
 
 
 def _random_erasing(x: jax.Array, key: jax.Array, p: float) -> jax.Array:
@@ -184,8 +220,8 @@ def _random_erasing(x: jax.Array, key: jax.Array, p: float) -> jax.Array:
     found, top, left, h, w = _box(k_box, x.shape[0], x.shape[1], ERASE_AREA, ERASE_RATIO, strict=True)
     rows, cols = jnp.arange(x.shape[0])[:, None, None], jnp.arange(x.shape[1])[None, :, None]
     inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-    mean, std, _ = _plane_stats(x)
-    fill = _to_dtype(mean + std * jax.random.normal(k_fill, x.shape), x.dtype)
+    mean, std = _mean_std(x)
+    fill = _to_dtype(mean + std * pixel_normal(k_fill, x.shape), x.dtype)
     return jnp.where(inside & found & jax.random.bernoulli(k_apply, p), fill, x)
 
 
