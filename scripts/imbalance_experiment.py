@@ -25,14 +25,16 @@ import numpy as np
 RARE_KEEP, VAL_PER_CLASS = 14, 40
 
 
-def write_digits_store(out: Path, split_seed: int = 0) -> Path:
-    """The imbalanced digits store (32x32 gray 8-bit); returns its path."""
+def write_digits_store(out: Path, split_seed: int = 0, raw: bool = False) -> Path:
+    """The imbalanced digits store (32x32 gray 8-bit); returns its path. `raw`: keep scikit-learn's
+    values 0-16 in the 8-bit images (as saving ``digits.images.astype(np.uint8)`` does) instead of 0-255."""
     from sklearn.datasets import load_digits
 
     from cnnpipe.datasets.store import StoreWriter, build_meta
 
     digits = load_digits()
-    images = np.kron(np.rint(digits.images * 255 / 16).astype(np.uint8), np.ones((4, 4), np.uint8))[..., None]
+    values = digits.images if raw else np.rint(digits.images * 255 / 16)
+    images = np.kron(values.astype(np.uint8), np.ones((4, 4), np.uint8))[..., None]
     labels = digits.target.astype(np.int32)
     rng = np.random.default_rng(split_seed)
     rows: dict[str, list[int]] = {"train": [], "val": []}
@@ -73,11 +75,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--raw-values", action="store_true", help="keep the digits' 0-16 values (default: 0-255)")
     args = parser.parse_args()
     variants = {"plain": [], "class_weights: auto": ["train.class_weights=auto"],
                 "sampler: balanced": ["train.sampler=balanced"]}
     with tempfile.TemporaryDirectory() as tmp:
-        store = write_digits_store(Path(tmp) / "digits")
+        store = write_digits_store(Path(tmp) / "digits", raw=args.raw_values)
         results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         for seed in args.seeds:
             for name, extra in variants.items():
@@ -85,7 +88,7 @@ def main() -> None:
                 results[name].append(r)
                 print(f"seed {seed} {name:<20} rare recall {r['rare']:.3f}  common recall {r['common']:.3f}  "
                       f"balanced accuracy {r['balanced']:.3f}  accuracy {r['accuracy']:.3f}", flush=True)
-    print(f"\nmedians over seeds {args.seeds} ({args.epochs} epochs):")
+    print(f"\nmedians over seeds {args.seeds} ({args.epochs} epochs, values 0-{16 if args.raw_values else 255}):")
     print("| variant | rare classes' mean recall | common classes' mean recall | balanced accuracy |")
     print("| --- | --- | --- | --- |")
     for name, rs in results.items():

@@ -252,3 +252,28 @@ def test_api_takes_one_path_and_lists_skip_blank_lines(run_dir, folder, tmp_path
     listing = tmp_path / "l.txt"
     listing.write_bytes(b"   \r\n" + os.fsencode(good[1]) + b"\r\n\t\n")
     assert list(expand_sources([f"@{listing}"])) == [good[1]]
+
+
+def test_tta_rows_are_the_mean_over_flipped_pixels_and_evaluate_agrees(run_dir, folder, tmp_path, capsys):
+    root, good = folder
+    out = tmp_path / "tta.jsonl"
+    assert main(["predict", str(run_dir), good[0], str(root / "notes.txt"), good[1], "--out", str(out),
+                 "--workers", "1", "--top-k", "6", "--tta"]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["error"] is None for r in rows] == [True, False, True]   # a bad file is still its own row
+    run = load_run(run_dir)
+    x = np.stack([run.prepare(good[0]), run.prepare(good[1])])
+    mean = (run.predict(x) + run.predict(x[:, :, ::-1])) / 2   # the run trained without vflip/rot90: 2 views
+    np.testing.assert_allclose(run.predict(x, tta=True), mean, atol=1e-6)
+    for row, want in zip([rows[0], rows[2]], mean):
+        got = {p["class"]: p["probability"] for p in row["predictions"]}
+        np.testing.assert_allclose([got[c] for c in run.classes], want, atol=1e-6)
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir), "--tta"]) == 0
+    text = capsys.readouterr().out
+    assert "test-time augmentation over 2 views" in text and "balanced accuracy:" in text
+    from cnnpipe.runs.evaluate import evaluate_run
+
+    result, ds = evaluate_run(run, tta=True)
+    probs = run.predict(ds.val.images, tta=True)
+    np.testing.assert_array_equal(result["predictions"], probs.argmax(-1))
