@@ -216,8 +216,8 @@ def _multi_process_exit(exc: BaseException, args: argparse.Namespace) -> int:
     return 1
 
 
-_TTA_HELP = ("test-time augmentation: average the probabilities over the image and its mirror image (and its "
-             "vertical flips or all 8 rotations and mirror images if the run trained with augment.vflip / rot90)")
+_TTA_HELP = ("test-time augmentation: average the probabilities over the flips and rotations the run trained "
+             "with (augment.flip, vflip, rot90)")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -236,7 +236,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from cnnpipe.runs.evaluate import data_overrides, evaluate_run
+    from cnnpipe.runs.evaluate import data_overrides, describe_views, evaluate_run
     from cnnpipe.runs.load import load_run
     from cnnpipe.training.metrics import format_confusion
 
@@ -246,7 +246,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, args.checkpoint)
     overrides = (data_overrides(args.data) if args.data else []) + list(args.overrides)
     result, ds = evaluate_run(run, overrides, tta=args.tta)
-    tta = f", test-time augmentation over {len(result['views'])} views" if args.tta else ""
+    tta = f", {describe_views(result['views'])}" if args.tta else ""
     print(f"{run.run_dir} (checkpoint step {run.step}{tta}) on {ds.description}: {result['count']} validation images")
     correct = int(result["confusion"].trace())
     print(f"accuracy: {result['accuracy']:.4f} ({correct}/{result['count']})  balanced accuracy: "

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -27,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from cnnpipe.config_errors import ConfigError, describe, short, suggest
 
@@ -47,6 +49,15 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _not_a_bool(value: Any) -> Any:
+    # YAML reads true/yes/on as booleans, and pydantic would take them as 1.0: `random_erasing: true`
+    # silently erased every image
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_a_bool)]   # a float, an int, never a bool
 PosInt = Annotated[StrictInt, Field(ge=1)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
 
@@ -75,13 +86,13 @@ class PoolLayer(_Layer):
 
 class BatchNormLayer(_Layer):
     type: Literal["batch_norm"]
-    momentum: Annotated[float, Field(gt=0, lt=1)] = 0.9
-    epsilon: Annotated[float, Field(gt=0)] = 1e-5
+    momentum: Annotated[Number, Field(gt=0.0, lt=1.0)] = 0.9
+    epsilon: Annotated[Number, Field(gt=0.0)] = 1e-5
 
 
 class DropoutLayer(_Layer):
     type: Literal["dropout"]
-    rate: Annotated[float, Field(ge=0, lt=1)]
+    rate: Annotated[Number, Field(ge=0.0, lt=1.0)]
 
 
 class DenseLayer(_Layer):
@@ -153,7 +164,7 @@ class DataConfig(_Schema):
     # folder, tfds; null: rgb (tfds: the dataset's own); native: each file's own planes (any count)
     channels: Literal["rgb", "gray", "native"] | None = None
     pages: Literal["first", "planes"] = "first"   # folder: multi-page TIFF, page 1 or every page a plane
-    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1   # folder
+    val_fraction: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.1   # folder
     bit_depth: Literal[8, 16] = 8       # shapes only
     num_train: PosInt = 4000            # shapes only
     num_val: PosInt = 400               # shapes only
@@ -162,8 +173,8 @@ class DataConfig(_Schema):
 
 class RandomResizedCropConfig(_Schema):
     # torchvision's RandomResizedCrop: a crop of `scale` x the area and `ratio` (w/h) aspect, resized back
-    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.08, 1.0)
-    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (3 / 4, 4 / 3)
+    scale: tuple[Annotated[Number, Field(gt=0.0, le=1.0)], Annotated[Number, Field(gt=0.0, le=1.0)]] = (0.08, 1.0)
+    ratio: tuple[Annotated[Number, Field(gt=0.0)], Annotated[Number, Field(gt=0.0)]] = (3 / 4, 4 / 3)
 
     @model_validator(mode="after")
     def _ordered(self) -> RandomResizedCropConfig:
@@ -174,7 +185,7 @@ class RandomResizedCropConfig(_Schema):
         return self
 
 
-Strength = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Strength = Annotated[Number, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class AugmentConfig(_Schema):
@@ -187,17 +198,17 @@ class AugmentConfig(_Schema):
     random_resized_crop: RandomResizedCropConfig | None = None
     brightness: Strength = 0.0          # x * U(1 - b, 1 + b)
     contrast: Strength = 0.0            # (x - plane mean) * U(1 - c, 1 + c) + plane mean
-    gamma: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0   # peak * (x / peak) ** U(1-g, 1+g)
+    gamma: Annotated[Number, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] = 0.0   # peak * (x / peak) ** U(1-g, 1+g)
     noise: Strength = 0.0               # Gaussian, std = noise x the plane's peak in the image
     random_erasing: Strength = 0.0      # probability of erasing a rectangle (timm's reprob) with noise
-    mixup: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0   # Beta(alpha, alpha) blend with another image
-    cutmix: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0  # Beta(alpha, alpha) pasted box
+    mixup: Annotated[Number, Field(ge=0.0, allow_inf_nan=False)] = 0.0   # Beta(alpha, alpha) blend with another image
+    cutmix: Annotated[Number, Field(ge=0.0, allow_inf_nan=False)] = 0.0  # Beta(alpha, alpha) pasted box
 
 
 class EarlyStoppingConfig(_Schema):
     metric: Literal["val_loss", "val_accuracy", "balanced_accuracy"] = "val_loss"
     patience: PosInt = 5                # epochs without an improvement before the run stops
-    min_delta: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0   # smaller changes are no improvement
+    min_delta: Annotated[Number, Field(ge=0.0, allow_inf_nan=False)] = 0.0   # smaller changes are no improvement
 
 
 class TrainConfig(_Schema):
@@ -212,9 +223,9 @@ class TrainConfig(_Schema):
     num_devices: NonNegInt = 0          # 0 = all local devices
     probe_feature_maps: StrictBool = False   # feature maps of a probe image to TensorBoard
     # imbalance: loss weight per class (auto: inverse frequency, mean 1), and/or class-balanced batches
-    class_weights: Literal["auto"] | dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    class_weights: Literal["auto"] | dict[str, Annotated[Number, Field(ge=0.0, allow_inf_nan=False)]] | None = None
     sampler: Literal["shuffle", "balanced"] = "shuffle"
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    label_smoothing: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
     early_stopping: EarlyStoppingConfig | None = None   # stop when the metric stops improving; keep the best
 
     @field_validator("class_weights", mode="before")
@@ -226,12 +237,12 @@ class TrainConfig(_Schema):
 
 class OptimizerConfig(_Schema):
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.001
+    learning_rate: Annotated[Number, Field(gt=0.0, allow_inf_nan=False)] = 0.001
     schedule: Literal["constant", "warmup_cosine"] = "constant"
     warmup_steps: NonNegInt = 0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9   # sgd
-    grad_clip: Annotated[float, Field(gt=0)] | None = None   # global-norm clip
+    weight_decay: Annotated[Number, Field(ge=0.0)] = 0.0
+    momentum: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.9   # sgd
+    grad_clip: Annotated[Number, Field(gt=0.0)] | None = None   # global-norm clip
 
 
 class PretrainedConfig(_Schema):
@@ -240,7 +251,7 @@ class PretrainedConfig(_Schema):
     weights: str | None = None
     freeze_epochs: NonNegInt = 0        # epochs training only the new head (backbone and its batch norm frozen)
     # backbone learning rate = this x optimizer's
-    backbone_lr_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    backbone_lr_scale: Annotated[Number, Field(gt=0.0, allow_inf_nan=False)] = 1.0
 
 
 class Config(_Schema):
@@ -313,7 +324,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
     set_keys = parse_overrides(overrides, raw)
-    return _validate(raw, source=str(path), set_keys=set_keys)
+    # with no file of the user's, name what they gave: --set keys on the packaged defaults
+    packaged = path.resolve() == default_config_path().resolve()
+    return _validate(raw, source="the default config" if packaged else str(path), set_keys=set_keys)
 
 
 def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (),

@@ -8,6 +8,7 @@ Kept apart from the schema (`cnnpipe.config`) so the schema module stays one job
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,9 +81,11 @@ def _fields_at(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     for part in loc:
         field = schema.model_fields.get(str(part)) if isinstance(part, str) else None
         sub = getattr(field, "annotation", None) if field else None
-        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+        # an optional block (`EarlyStoppingConfig | None`): the mapping's own schema
+        models = [t for t in (typing.get_args(sub) or (sub,)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not models:
             return []
-        schema = sub
+        schema = models[0]
     return list(schema.model_fields)
 
 

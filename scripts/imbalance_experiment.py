@@ -25,16 +25,23 @@ import numpy as np
 RARE_KEEP, VAL_PER_CLASS = 14, 40
 
 
-def write_digits_store(out: Path, split_seed: int = 0, raw: bool = False) -> Path:
-    """The imbalanced digits store (32x32 gray 8-bit); returns its path. `raw`: keep scikit-learn's
-    values 0-16 in the 8-bit images (as saving ``digits.images.astype(np.uint8)`` does) instead of 0-255."""
+def write_digits_store(out: Path, split_seed: int = 0, layout: str = "enlarge") -> Path:
+    """The imbalanced digits store (32x32 gray 8-bit, values 0-255); returns its path.
+
+    `layout`: "enlarge" scales each 8x8 digit 4x (nearest); "pad" centres it at 8x8 in a
+    black 32x32 image (``cnnpipe preprocess --resize pad`` of an 8x8 file does that), a harder task.
+    """
     from sklearn.datasets import load_digits
 
     from cnnpipe.datasets.store import StoreWriter, build_meta
 
     digits = load_digits()
-    values = digits.images if raw else np.rint(digits.images * 255 / 16)
-    images = np.kron(values.astype(np.uint8), np.ones((4, 4), np.uint8))[..., None]
+    values = np.rint(digits.images * 255 / 16).astype(np.uint8)
+    if layout == "pad":
+        images = np.zeros((len(values), 32, 32, 1), np.uint8)
+        images[:, 12:20, 12:20, 0] = values
+    else:
+        images = np.kron(values, np.ones((4, 4), np.uint8))[..., None]
     labels = digits.target.astype(np.int32)
     rng = np.random.default_rng(split_seed)
     rows: dict[str, list[int]] = {"train": [], "val": []}
@@ -75,12 +82,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--raw-values", action="store_true", help="keep the digits' 0-16 values (default: 0-255)")
+    parser.add_argument("--layout", choices=["enlarge", "pad"], default="enlarge",
+                        help="8x8 digits enlarged 4x (default) or centred in a black 32x32 image")
     args = parser.parse_args()
     variants = {"plain": [], "class_weights: auto": ["train.class_weights=auto"],
                 "sampler: balanced": ["train.sampler=balanced"]}
     with tempfile.TemporaryDirectory() as tmp:
-        store = write_digits_store(Path(tmp) / "digits", raw=args.raw_values)
+        store = write_digits_store(Path(tmp) / "digits", layout=args.layout)
         results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         for seed in args.seeds:
             for name, extra in variants.items():
@@ -88,7 +96,7 @@ def main() -> None:
                 results[name].append(r)
                 print(f"seed {seed} {name:<20} rare recall {r['rare']:.3f}  common recall {r['common']:.3f}  "
                       f"balanced accuracy {r['balanced']:.3f}  accuracy {r['accuracy']:.3f}", flush=True)
-    print(f"\nmedians over seeds {args.seeds} ({args.epochs} epochs, values 0-{16 if args.raw_values else 255}):")
+    print(f"\nmedians over seeds {args.seeds} ({args.epochs} epochs, layout {args.layout}):")
     print("| variant | rare classes' mean recall | common classes' mean recall | balanced accuracy |")
     print("| --- | --- | --- | --- |")
     for name, rs in results.items():

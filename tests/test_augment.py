@@ -249,9 +249,12 @@ def test_views_are_the_eight_symmetries_of_the_square_as_numpy_writes_them():
     for name, want in ref.items():
         np.testing.assert_array_equal(np.asarray(VIEWS[name](jnp.asarray(x))), want, err_msg=name)
     assert len({np.asarray(VIEWS[n](jnp.asarray(x))).tobytes() for n in VIEWS}) == 8
-    assert tta_views(AugmentConfig()) == ("identity", "hflip")
-    assert tta_views(AugmentConfig(vflip=True)) == ("identity", "hflip", "vflip", "rot180")
-    assert len(tta_views(AugmentConfig(rot90=True))) == 8
+    assert tta_views(AugmentConfig()) == ("identity",)   # nothing the run did not learn
+    assert tta_views(AugmentConfig(flip=True)) == ("identity", "hflip")
+    assert tta_views(AugmentConfig(vflip=True)) == ("identity", "vflip")
+    assert tta_views(AugmentConfig(flip=True, vflip=True)) == ("identity", "hflip", "vflip", "rot180")
+    assert tta_views(AugmentConfig(rot90=True)) == ("identity", "rot90", "rot180", "rot270")
+    assert len(tta_views(AugmentConfig(rot90=True, vflip=True))) == 8
 
 
 def test_tta_on_a_model_symmetric_by_construction_equals_no_tta():
@@ -261,7 +264,7 @@ def test_tta_on_a_model_symmetric_by_construction_equals_no_tta():
     graphdef, state = nnx.split(model)
     x = np.random.default_rng(0).integers(0, 255, (5, 6, 6, 3)).astype(np.float32)
     plain = np.asarray(predict_probs(graphdef, (state,), x, ()))
-    for cfg in (AugmentConfig(), AugmentConfig(rot90=True)):
+    for cfg in (AugmentConfig(flip=True), AugmentConfig(rot90=True, flip=True)):
         np.testing.assert_allclose(np.asarray(predict_probs(graphdef, (state,), x, tta_views(cfg))), plain,
                                    rtol=1e-6, atol=1e-7)
     # a model that sees position does change under TTA (the check above is not vacuous)
@@ -269,4 +272,4 @@ def test_tta_on_a_model_symmetric_by_construction_equals_no_tta():
     graphdef, state = nnx.split(build_model(conv, in_channels=3, num_classes=4, input_size=(6, 6), bit_depth=8,
                                             rngs=nnx.Rngs(0)))
     assert not np.allclose(predict_probs(graphdef, (state,), x, ()),
-                           predict_probs(graphdef, (state,), x, tta_views(AugmentConfig(rot90=True))))
+                           predict_probs(graphdef, (state,), x, tta_views(AugmentConfig(rot90=True, flip=True))))

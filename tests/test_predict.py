@@ -16,7 +16,9 @@ from cnnpipe.cli import main
 from cnnpipe.datasets.shapes import make_shapes
 from cnnpipe.datasets.workers import KILL_ENV
 from cnnpipe.images.formats import display_path, path_from_display
+from cnnpipe.runs.evaluate import evaluate_run
 from cnnpipe.runs.load import load_run
+from cnnpipe.runs.predict import predict_files
 
 SETTINGS = ["data.size=[16,16]", "data.num_train=96", "data.num_val=32", "train.batch_size=16",
             "train.eval_batch_size=16", "train.epochs=1"]
@@ -256,24 +258,25 @@ def test_api_takes_one_path_and_lists_skip_blank_lines(run_dir, folder, tmp_path
 
 def test_tta_rows_are_the_mean_over_flipped_pixels_and_evaluate_agrees(run_dir, folder, tmp_path, capsys):
     root, good = folder
-    out = tmp_path / "tta.jsonl"
-    assert main(["predict", str(run_dir), good[0], str(root / "notes.txt"), good[1], "--out", str(out),
-                 "--workers", "1", "--top-k", "6", "--tta"]) == 0
-    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [r["error"] is None for r in rows] == [True, False, True]   # a bad file is still its own row
     run = load_run(run_dir)
     x = np.stack([run.prepare(good[0]), run.prepare(good[1])])
-    mean = (run.predict(x) + run.predict(x[:, :, ::-1])) / 2   # the run trained without vflip/rot90: 2 views
+    # the run trained without flips: TTA has the image alone, so it changes nothing
+    np.testing.assert_array_equal(run.predict(x, tta=True), run.predict(x))
+    # as if it had trained with horizontal flips (the weights do not matter to what TTA averages)
+    run.cfg = run.cfg.model_copy(update={"augment": run.cfg.augment.model_copy(update={"flip": True})})
+    mean = (run.predict(x) + run.predict(x[:, :, ::-1])) / 2
     np.testing.assert_allclose(run.predict(x, tta=True), mean, atol=1e-6)
+    rows = [list(predict_files(run, [good[0], str(root / "notes.txt"), good[1]], top_k=6, workers=1, tta=True))]
+    rows = rows[0]
+    assert [r.error is None for r in rows] == [True, False, True]   # a bad file is still its own row
     for row, want in zip([rows[0], rows[2]], mean):
-        got = {p["class"]: p["probability"] for p in row["predictions"]}
+        got = dict(row.top)
         np.testing.assert_allclose([got[c] for c in run.classes], want, atol=1e-6)
+    result, ds = evaluate_run(run, tta=True)
+    assert result["views"] == ("identity", "hflip")
+    np.testing.assert_array_equal(result["predictions"], run.predict(ds.val.images, tta=True).argmax(-1))
     capsys.readouterr()
     assert main(["evaluate", str(run_dir), "--tta"]) == 0
     text = capsys.readouterr().out
-    assert "test-time augmentation over 2 views" in text and "balanced accuracy:" in text
-    from cnnpipe.runs.evaluate import evaluate_run
-
-    result, ds = evaluate_run(run, tta=True)
-    probs = run.predict(ds.val.images, tta=True)
-    np.testing.assert_array_equal(result["predictions"], probs.argmax(-1))
+    assert "test-time augmentation over 1 view (the run trained without flips or rotations)" in text
+    assert "balanced accuracy:" in text

@@ -162,3 +162,32 @@ def test_epoch_lines_clear_the_progress_bar_instead_of_splitting_it(monkeypatch)
     pieces = [p.strip() for p in term.getvalue().replace("\r", "\n").split("\n")]
     assert "epoch 3/10: val loss 0.1" in pieces
     assert "]epoch" not in term.getvalue()
+
+
+def test_a_resumed_sink_logs_and_stops_as_an_uninterrupted_one():
+    losses = [1.0, 2.0, math.nan, 4.0, math.nan, math.nan]
+
+    def feed(s, items):
+        for step, loss in items:
+            s.push(step, 0, metrics(loss))
+
+    whole, out = sink(max_nonfinite=3)
+    feed(whole, enumerate(losses[:4], 1))
+    whole.flush(4, 0, None)
+    first, _ = sink(max_nonfinite=3)
+    feed(first, enumerate(losses[:3], 1))
+    first.settle()   # a checkpoint after step 3
+    again, out2 = sink(max_nonfinite=3)
+    again.resume(first.window())
+    feed(again, [(4, losses[3])])
+    again.flush(4, 0, None)
+    assert out[-1] == out2[-1] and out[-1]["loss"] == pytest.approx(7 / 3)
+    # the non-finite run continues across the resume: steps 5, 6 and then 7 stop both
+    for s in (whole, again):
+        feed(s, [(5, math.nan), (6, math.nan)])
+    again.settle()   # a checkpoint after step 6
+    first2, _ = sink(max_nonfinite=3)
+    first2.resume(again.window())
+    with pytest.raises(NonFiniteLossError, match="steps 5-7"):
+        first2.push(7, 0, metrics(math.nan))
+        first2.settle()

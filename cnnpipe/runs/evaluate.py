@@ -14,7 +14,7 @@ from cnnpipe.datasets.dataset import Dataset
 from cnnpipe.runs.load import Run
 from cnnpipe.training.metrics import evaluate_split
 
-__all__ = ["data_overrides", "evaluate_run", "check_compatible"]
+__all__ = ["data_overrides", "evaluate_run", "check_compatible", "describe_views"]
 
 
 def data_overrides(spec: str) -> list[str]:
@@ -65,3 +65,10 @@ def evaluate_run(run: Run, overrides: Sequence[str] = (), *, tta: bool = False) 
     result = evaluate_split(steps.make_eval_step(run.graphdef, mesh, views), state, ds.val, batch, mesh,
                             ds.num_classes)
     return {**result, "views": views}, ds
+
+
+def describe_views(views: Sequence[str]) -> str:
+    """E.g. "test-time augmentation over 2 views (identity, hflip)" for evaluate's header."""
+    if len(views) <= 1:
+        return "test-time augmentation over 1 view (the run trained without flips or rotations)"
+    return f"test-time augmentation over {len(views)} views ({', '.join(views)})"

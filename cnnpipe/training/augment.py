@@ -291,16 +291,20 @@ VIEWS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def tta_views(cfg: AugmentConfig) -> tuple[str, ...]:
-    """The views test-time augmentation averages over, for a run trained with `cfg`.
+    """The views test-time augmentation averages over: the flips and rotations the run trained with.
 
-    Always the image and its mirror image; with vertical flips also those flipped
-    upside down; with rot90 all eight rotations and mirror images (the square's symmetries).
+    The image itself; its mirror image with ``flip``; upside down with ``vflip`` (both:
+    also turned 180 degrees); the four rotations with ``rot90``, and their mirror images
+    too when it also trained with a flip (the square's 8 symmetries). A run trained with
+    none of them has the image alone: a view it never learned (a mirrored letter) could
+    change the class, which is why a user turns a flip off.
     """
+    flips = [f for f, on in (("hflip", cfg.flip), ("vflip", cfg.vflip)) if on]
     if cfg.rot90:
-        return tuple(VIEWS)
-    if cfg.vflip:
+        return tuple(VIEWS) if flips else ("identity", "rot90", "rot180", "rot270")
+    if len(flips) == 2:
         return ("identity", "hflip", "vflip", "rot180")
-    return ("identity", "hflip")
+    return ("identity", *flips)
 
 
 def apply_view(images: jax.Array, view: str) -> jax.Array:

@@ -10,6 +10,7 @@ epoch's batches to the train step, hands the metrics to a `MetricsSink`, logs ev
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,8 +50,11 @@ class Monitor:
         return float(result[{"val_loss": "loss", "val_accuracy": "accuracy"}.get(self.metric, self.metric)])
 
     def beats(self, value: float, reference: float | None, margin: float = 0.0) -> bool:
-        """Whether `value` is better than `reference` by more than `margin` (anything beats None)."""
-        if reference is None:
+        """Whether `value` is better than `reference` by more than `margin`; a non-finite value
+        (a diverged epoch's NaN loss) never is, and any finite value beats None or a non-finite one."""
+        if not math.isfinite(value):
+            return False
+        if reference is None or not math.isfinite(reference):
             return True
         return value < reference - margin if self.lower_is_better else value > reference + margin
 
@@ -58,9 +62,9 @@ class Monitor:
 @dataclass
 class Position:
     """Where a run is: `epoch` (0-based, the one being trained), `step_in_epoch`, `step` (total);
-    the best checkpoint so far by the run's `Monitor` (`best_step`, its `best_value` and
-    `best_val_accuracy`); and early stopping's state: `reference` (the value an improvement
-    must beat by min_delta), `wait` (epochs since one) and `stopped` (the run ended early)."""
+    the highest validation accuracy so far (`best_val_accuracy`); the best checkpoint so far by
+    the run's `Monitor` (`best_step`, its `best_value`); and early stopping's state: `reference`
+    (the value an improvement must beat by min_delta), `wait` (epochs since one) and `stopped`."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -71,6 +75,7 @@ class Position:
     reference: float | None = None
     wait: int = 0
     stopped: bool = False
+    log_window: dict[str, Any] | None = None   # `MetricsSink.window()` when saved mid-window
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form stored in a checkpoint's `position` item."""
@@ -87,11 +92,12 @@ class Position:
     def end_epoch(self, result: dict[str, Any], monitor: Monitor = Monitor()) -> bool:
         """Move to the next epoch's start and record its evaluation `result`; return whether it is
         the best so far. Sets `stopped` once `monitor.patience` epochs passed without an improvement."""
-        value = monitor.value(result)
+        value, accuracy = monitor.value(result), float(result["accuracy"])
         best = monitor.beats(value, self.best_value)
         if best:
             self.best_value, self.best_step = value, self.step
-            self.best_val_accuracy = float(result["accuracy"])
+        if self.best_val_accuracy is None or accuracy > self.best_val_accuracy:   # the highest, whatever the metric
+            self.best_val_accuracy = accuracy
         if monitor.beats(value, self.reference, monitor.min_delta):
             self.reference, self.wait = value, 0
         else:

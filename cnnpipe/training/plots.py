@@ -93,6 +93,8 @@ def plot_augment(original: np.ndarray, augmented: np.ndarray, titles: Sequence[s
 
     n, m = original.shape[0], augmented.shape[0]
     fig = Figure(figsize=(1.1 * (m + 1), 1.1 * n + 0.3))
+    if original.shape[-1] != 3:   # display_rgb shows any other plane count as the planes' mean
+        fig.suptitle(f"shown: the mean of the {original.shape[-1]} planes, each over its peak", fontsize=7)
     for i in range(n):
         peak = np.asarray(original[i], np.float32).max(axis=(0, 1))
         for j, img in enumerate([original[i], *augmented[:, i]]):

@@ -92,7 +92,9 @@ class MetricsLog:
         """Append one record (it must have "step"); numeric fields also go to TensorBoard."""
         if self._file is None:
             return
-        self._file.write(json.dumps(record) + "\n")
+        # a diverged evaluation's NaN loss is written as null: every line stays standard JSON
+        line = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self._file.write(json.dumps(line) + "\n")
         self._file.flush()
         prefix = record.get("split", "train")
         for key, value in record.items():
@@ -125,6 +127,17 @@ class MetricsSink:
         self._lr = math.nan
         self._run_start = self._run_len = 0
         self.nonfinite_total = 0
+
+    def window(self) -> dict[str, Any]:
+        """The unlogged part of the log window and the current run of non-finite steps, as JSON
+        (saved with a checkpoint, so a resumed run logs and stops exactly as an uninterrupted one)."""
+        return {**self._sums, "run_start": self._run_start, "run_len": self._run_len}
+
+    def resume(self, window: dict[str, Any] | None) -> None:
+        """Continue from a saved `window` (None: a fresh one)."""
+        if window:
+            self._sums = {k: window[k] for k in ("loss", "accuracy", "n")}
+            self._run_start, self._run_len = int(window["run_start"]), int(window["run_len"])
 
     def push(self, step: int, epoch: int, metrics: Any) -> None:
         """Queue `metrics` (device scalars) of `step`; read the previous step's."""

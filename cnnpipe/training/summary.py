@@ -10,6 +10,7 @@ augmentation exactly as the train step does (same keys, same code) for plots/aug
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,17 +126,32 @@ def finish_run(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], re
             plot_confusion(result["confusion"], parts.ds.classes, run_dir / "plots" / "confusion_matrix.png")
             if is_active(cfg.augment):
                 write_augment_plot(parts, cfg, run_dir / "plots" / "augment.png")
-    summary = _summary(cfg, parts, run_dir, final, result, counts, pos, resume, watch)
+    summary = _finite(_summary(cfg, parts, run_dir, final, result, counts, pos, resume, watch))
     if write:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    chosen = (f"; result: checkpoint {summary['result_step']} (best {monitor_text(cfg, pos)}), val accuracy "
-              f"{summary['val_accuracy']:.4f}" if cfg.train.early_stopping is not None else "")
-    log(f"done: val accuracy {summary['final_val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}), "
-        f"balanced accuracy {summary['balanced_accuracy']:.4f}{chosen}, {summary['wall_seconds']:.1f}s wall, "
-        f"{summary['compile_seconds']:.1f}s compiling, "
-        + (f"{summary['train_images_per_sec']:.0f} train images/s" if summary["train_images_per_sec"]
-           else "train images/s not measured (no steps ran)") + f" -> {run_dir}")
+    speed = (f"{summary['train_images_per_sec']:.0f} train images/s" if summary["train_images_per_sec"]
+             else "train images/s not measured (no steps ran)")
+    if cfg.train.early_stopping is not None:   # the result is the best checkpoint, not the last epoch
+        head = (f"done: the run's result is checkpoint {summary['result_step']} (best {monitor_text(cfg, pos)}): "
+                f"val accuracy {result['accuracy']:.4f}, balanced accuracy {result['balanced_accuracy']:.4f}; "
+                f"last epoch: val accuracy {final['accuracy']:.4f}")
+    else:
+        head = (f"done: val accuracy {final['accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}), "
+                f"balanced accuracy {final['balanced_accuracy']:.4f}")
+    log(f"{head}, {summary['wall_seconds']:.1f}s wall, {summary['compile_seconds']:.1f}s compiling, {speed} "
+        f"-> {run_dir}")
     return summary
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities (a diverged run's loss) as None: summary.json stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def monitor_text(cfg: Config, pos: Position) -> str:

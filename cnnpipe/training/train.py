@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cnnpipe.config import Config, dump_config, load_config
 from cnnpipe.datasets.batches import prefetch, steps_per_epoch, train_batches
 from cnnpipe.datasets.dataset import Dataset
@@ -252,6 +254,10 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         scale = f"; backbone at {pre.backbone_lr_scale:g}x the learning rate" if pre.backbone_lr_scale != 1.0 else ""
         log(f"pretrained: {pre.weights} (new {parts.ds.num_classes}-class head{plan}{scale}); "
             f"input normalisation from the {parts.init.normalization}")
+    counts = np.bincount(parts.ds.train.labels, minlength=parts.ds.num_classes)
+    if not counts.all():   # e.g. a class whose only image went to the validation split
+        log(f"warning: no training images of class {', '.join(c for c, n in zip(parts.ds.classes, counts) if not n)}; "
+            "the model cannot learn it (class weights and the balanced sampler cannot help)")
     if parts.class_weights is not None:
         from cnnpipe.training.loss import describe_weights
 
@@ -314,7 +320,8 @@ def _restore(parts: _Parts, ckpts: Any, resume: bool, run_dir: Path, log: Callab
         state, saved, _ = ckpts.restore(parts.state)
         parts.state = replicate(parts.mesh, state)  # every leaf placed as the compiled steps expect
         pos = Position.from_dict(saved)
-        log(f"resuming from checkpoint {pos.step} (epoch {pos.epoch + 1}, step {pos.step_in_epoch})")
+        log(f"resuming from checkpoint {pos.step} (epoch {pos.epoch + 1}, step {pos.step_in_epoch})" if not pos.stopped
+            else f"early stopping already ended this run after epoch {pos.epoch}; nothing left to train")
         return pos
     if resume:
         log(f"{run_dir}: no complete checkpoint yet; starting from step 0")
@@ -345,11 +352,13 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
     def save(state: Any, at: Position, result: dict[str, Any] | None = None) -> None:
         metrics = None if result is None else {"val_accuracy": result["accuracy"], "val_loss": result["loss"],
                                                "balanced_accuracy": result["balanced_accuracy"]}
+        at.log_window = sink.window()   # the stop rule settled every step before a save
         ckpts.save(at.step, state, at.as_dict(), metrics=metrics)
         last_ckpt[0] = at.step
 
     sink = MetricsSink(logger.write, tc.max_nonfinite_steps,
                        lambda: str(run_dir / "checkpoints" / str(last_ckpt[0])) if last_ckpt[0] is not None else "none")
+    sink.resume(pos.log_window)
     loop = EpochLoop(parts.train_step, sink, watch, tc.batch_size, parts.steps_per_epoch, tc.log_every_steps,
                      tc.checkpoint_every_steps, save, None if bar.disable else bar)
     result: dict[str, Any] = {}
