@@ -169,6 +169,9 @@ class DataConfig(_Schema):
     num_train: PosInt = 4000            # shapes only
     num_val: PosInt = 400               # shapes only
     cache_dir: str | None = None        # folder and tfds caches (default ~/.cache/cnnpipe)
+    # the training split's pixels placed on the devices once (batches gathered there): auto = when
+    # it fits in 40% of the free device memory (a CPU: of the host's available memory)
+    on_device: Literal["auto"] | StrictBool = "auto"
 
 
 class RandomResizedCropConfig(_Schema):

@@ -13,8 +13,8 @@ from PIL import Image
 from cnnpipe.config import load_config
 from cnnpipe.datasets.shapes import SHAPE_CLASSES, make_shapes
 from cnnpipe.runs.load import load_run
+from cnnpipe.training import feed as feed_mod
 from cnnpipe.training import steps as steps_mod
-from cnnpipe.training import train as train_mod
 from cnnpipe.training.metrics import confusion_matrix
 from cnnpipe.training.train import NonFiniteLossError, train_and_evaluate
 
@@ -194,6 +194,18 @@ def test_resume_continues_exactly(finished, tmp_path):
     assert strip(read_metrics(copy)) == strip(read_metrics(run_dir))
 
 
+def test_host_batches_train_exactly_as_device_resident_data(finished, tmp_path):
+    run_dir, summary, _, lines = finished
+    assert any("training data on the devices" in line for line in lines)   # auto: the tiny split fits
+    host = train_and_evaluate(tiny_cfg("data.on_device=false"), tmp_path / "host", log=quiet)
+    assert host["final_val_loss"] == summary["final_val_loss"]
+    a, b = load_run(run_dir, "latest"), load_run(tmp_path / "host", "latest")
+    for x, y in zip(leaves(a.state), leaves(b.state)):
+        np.testing.assert_array_equal(x, y)   # same batches, same augmentation draws, bit for bit on CPU
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "host")) == strip(read_metrics(run_dir))
+
+
 def test_checkpoints_present_without_resume_is_an_error(finished):
     run_dir = finished[0]
     with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
@@ -202,7 +214,7 @@ def test_checkpoints_present_without_resume_is_an_error(finished):
 
 def test_nonfinite_loss_is_skipped_logged_and_stops_after_n(tmp_path, monkeypatch):
     poison = {3, 7, 8, 9}  # global step numbers (1-based) whose batch is all NaN
-    real = train_mod.train_batches
+    real = feed_mod.train_batches
 
     def poisoned(split, batch_size, *, seed, epoch, start_step=0, rows=slice(None), sampler="shuffle"):
         for i, (x, y) in enumerate(real(split, batch_size, seed=seed, epoch=epoch, start_step=start_step,
@@ -212,10 +224,10 @@ def test_nonfinite_loss_is_skipped_logged_and_stops_after_n(tmp_path, monkeypatc
                 x[:] = np.nan
             yield x, y
 
-    monkeypatch.setattr(train_mod, "train_batches", poisoned)
+    monkeypatch.setattr(feed_mod, "train_batches", poisoned)
     run_dir = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError) as err:
-        train_and_evaluate(tiny_cfg("train.max_nonfinite_steps=3"), run_dir, log=quiet)
+        train_and_evaluate(tiny_cfg("train.max_nonfinite_steps=3", "data.on_device=false"), run_dir, log=quiet)
     msg = str(err.value)
     assert "non-finite for 3 steps in a row (steps 7-9)" in msg
     assert f"Last good checkpoint: {run_dir / 'checkpoints' / '8'}" in msg

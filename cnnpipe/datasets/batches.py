@@ -45,6 +45,16 @@ def balanced_order(seed: int, epoch: int, labels: np.ndarray) -> np.ndarray:
     return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
 
 
+def epoch_order(labels: np.ndarray, batch_size: int, *, seed: int, epoch: int, sampler: str = "shuffle"
+                ) -> np.ndarray:
+    """The rows of every train batch of `epoch`, (steps, batch_size) int64: the permutation (or, with
+    `sampler` "balanced", `balanced_order`) cut into full batches. The one order of the host and device paths."""
+    n = len(labels)
+    perm = balanced_order(seed, epoch, labels) if sampler == "balanced" else epoch_permutation(seed, epoch, n)
+    steps = steps_per_epoch(n, batch_size)
+    return perm[:steps * batch_size].reshape(steps, batch_size)
+
+
 def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int, start_step: int = 0,
                   rows: slice = slice(None), sampler: str = "shuffle") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled (images, labels) batches of exactly `batch_size`, from `start_step` of `epoch`.
@@ -54,11 +64,10 @@ def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int, start
     process order, are the single-process batch. `sampler` "balanced" draws the epoch
     with `balanced_order` instead of a permutation.
     """
-    perm = (balanced_order(seed, epoch, split.labels) if sampler == "balanced"
-            else epoch_permutation(seed, epoch, len(split)))
-    for step in range(start_step, steps_per_epoch(len(split), batch_size)):
-        idx = perm[step * batch_size:(step + 1) * batch_size][rows]
-        # sorted reads are sequential on a memmap; the batch itself keeps `perm` order
+    batches = epoch_order(split.labels, batch_size, seed=seed, epoch=epoch, sampler=sampler)
+    for step in range(start_step, len(batches)):
+        idx = batches[step][rows]
+        # sorted reads are sequential on a memmap; the batch itself keeps the epoch's order
         order = np.argsort(idx, kind="stable")
         images = np.empty((len(idx), *split.images.shape[1:]), split.images.dtype)
         images[order] = split.images[idx[order]]
@@ -138,4 +147,4 @@ class prefetch:  # noqa: N801 - used like a generator function
         self.close()
 
 
-__all__ = ["steps_per_epoch", "epoch_permutation", "balanced_order", "train_batches", "eval_batches", "prefetch"]
+__all__ = ["steps_per_epoch", "epoch_permutation", "balanced_order", "epoch_order", "train_batches", "eval_batches", "prefetch"]

@@ -133,8 +133,7 @@ class EpochLoop:
         t0 = window = time.perf_counter()
         steps_in_window, saving, first = 0, 0.0, pos.step_in_epoch
         for i in range(pos.step_in_epoch, self.steps_per_epoch):
-            images, labels = next(batches)
-            state, metrics = self.train_step(state, images, labels)
+            state, metrics = self.train_step(state, *next(batches))
             pos.step, pos.step_in_epoch = pos.step + 1, i + 1
             self.sink.push(pos.step, pos.epoch, metrics)
             steps_in_window += 1

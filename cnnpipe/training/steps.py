@@ -264,22 +264,22 @@ class _InFlightGuard:
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh, *,
                     precision: str = "fp32", augment: AugmentConfig | None = None, frozen_backbone: Any = None,
-                    class_weights: Any = None, label_smoothing: float = 0.0
-                    ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]:
+                    class_weights: Any = None, label_smoothing: float = 0.0, resident: bool = False
+                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The one jitted train step: ``step(state, images, labels) -> (state, metrics)``.
 
-    `images` are raw pixels (N, H, W, C) and `labels` int (N,), ideally already placed
-    with `shard_batch`. The state is donated. Metrics (device scalars): loss, accuracy,
-    grad_norm, learning_rate, nonfinite. A non-finite loss or gradient keeps params,
-    optimizer and batch-norm state unchanged (the step counter still advances) and
-    reports nonfinite=True. The returned callable exposes the jitted function as `.jitted`
-    and ``.compile(state, images, labels)`` to compile it ahead of the first call.
+    `images` are raw pixels (N, H, W, C) and `labels` int (N,), placed with `shard_batch`;
+    the state is donated. Metrics (device scalars): loss, accuracy, grad_norm, learning_rate,
+    nonfinite. A non-finite loss or gradient keeps params, optimizer and batch-norm state
+    (the step counter still advances). `.jitted` is the jitted function, `.compile(...)`
+    compiles it ahead of the first call.
 
-    The step's key, ``fold_in(state.rng, state.step)``, splits into augmentation
-    (`cnnpipe.training.augment`, each image its own key), mixing and dropout keys.
-    `class_weights` (K,) weight the loss per class and `label_smoothing` softens the
-    targets (`cnnpipe.training.loss`); with neither, nor mixup/cutmix, the loss is plain
-    integer-label cross-entropy.
+    Augmentation, mixing and dropout draw from ``fold_in(state.rng, state.step)``
+    (`augmented_inputs`). `class_weights` (K,) and `label_smoothing` shape the loss
+    (`cnnpipe.training.loss`); without them or mixing it is integer-label cross-entropy.
+
+    `resident`: the step takes ``(state, images, labels, order, i)``, the split on the devices
+    (`cnnpipe.training.resident`) and an epoch's (steps, batch) order, and gathers batch `i`.
 
     `frozen_backbone` (the head mask of a split optimizer, see `make_optimizer`) makes
     the step of a frozen backbone: the model runs in eval mode (batch-norm statistics
@@ -325,18 +325,34 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
                    "nonfinite": ~finite}
         return new_state, metrics
 
-    jitted = jax.jit(step, in_shardings=(replicated, batched, batched),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
+    if resident:   # (state, the split's images, its labels, the epoch's order, step in epoch)
+        jitted = jax.jit(_gathering(step, batched), donate_argnums=0, out_shardings=(replicated, replicated),
+                         in_shardings=(replicated, replicated, replicated,
+                                       NamedSharding(mesh, PartitionSpec(None, DATA_AXIS)), replicated))
+    else:
+        jitted = jax.jit(step, in_shardings=(replicated, batched, batched),
+                         out_shardings=(replicated, replicated), donate_argnums=0)
     guard = _InFlightGuard(mesh)
     impl: list[Any] = [jitted]
 
-    def train_step(state: TrainState, images: Any, labels: Any):
-        check_divisible(mesh, images.shape[0])
-        return guard(impl[0](state, images, labels))
+    def train_step(state: TrainState, *batch: Any):
+        check_divisible(mesh, batch[2].shape[1] if resident else batch[0].shape[0])
+        return guard(impl[0](state, *batch))
 
     train_step.jitted = jitted  # type: ignore[attr-defined]
     train_step.compile = _ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
     return train_step
+
+
+def _gathering(step: Callable[..., Any], batched: NamedSharding) -> Callable[..., Any]:
+    """`step` on a batch gathered on the device: ``(state, images, labels, order, i)`` trains on rows
+    ``order[i]`` of the device-resident split (`cnnpipe.training.resident`)."""
+    def gathered(state: TrainState, images: jax.Array, labels: jax.Array, order: jax.Array, i: jax.Array):
+        idx = jax.lax.dynamic_index_in_dim(order, i, keepdims=False)
+        take = lambda a: jax.lax.with_sharding_constraint(jnp.take(a, idx, axis=0), batched)  # noqa: E731
+        return step(state, take(images), take(labels))
+
+    return gathered
 
 
 def _update(state: TrainState, grads: Any, new_model_state: Any, finite: jax.Array,

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 
 from cnnpipe.config import Config, dump_config, load_config
-from cnnpipe.datasets.batches import prefetch, steps_per_epoch, train_batches
+from cnnpipe.datasets.batches import steps_per_epoch
 from cnnpipe.datasets.dataset import Dataset
 from cnnpipe.datasets.sources import load_dataset
 from cnnpipe.files import write_atomic
+from cnnpipe.training.feed import compile_ahead, epoch_batches
 from cnnpipe.training.loop import EpochLoop, Monitor, Position
 from cnnpipe.training.runlog import MetricsLog, MetricsSink, NonFiniteLossError, Stopwatch
 
@@ -98,6 +99,8 @@ class _Parts:
     init: Any = None          # cnnpipe.training.pretrained.Init: normalisation and first weights
     frozen_step: Any = None   # the train step of the first `pretrained.freeze_epochs` epochs
     class_weights: Any = None  # (K,) loss weight per class, or None
+    resident: Any = None       # cnnpipe.training.resident.ResidentSplit: the training split on the devices
+    resident_reason: str = ""  # why it is (not) there, for the log
 
 
 def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _Parts:
@@ -116,6 +119,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
     from cnnpipe.training.compile_cache import quiet_cache_loads
     from cnnpipe.training.loss import class_weight_vector
     from cnnpipe.training.pretrained import head_mask, resolve_pretrained
+    from cnnpipe.training.resident import place_split, resident_decision
 
     tc, pre = cfg.train, cfg.pretrained
     with watch.phase("data"):
@@ -144,8 +148,9 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         tx = steps.make_optimizer(cfg.optimizer, spe * tc.epochs, head=head,
                                   backbone_lr_scale=pre.backbone_lr_scale, freeze_steps=spe * pre.freeze_epochs)
         graphdef, abstract_state = steps.abstract_train_state(abstract, tx, mesh)
+        resident, why = resident_decision(cfg.data.on_device, ds.train.images.nbytes + ds.train.labels.nbytes, mesh)
         loss_args = dict(precision=tc.precision, augment=cfg.augment, class_weights=weights,
-                         label_smoothing=tc.label_smoothing)
+                         label_smoothing=tc.label_smoothing, resident=resident)
         train_step = steps.make_train_step(graphdef, tx, mesh, **loss_args)
         frozen_step = steps.make_train_step(graphdef, tx, mesh, frozen_backbone=head,
                                             **loss_args) if pre.freeze_epochs else None
@@ -160,32 +165,15 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
 
     with watch.phase("compile"), quiet_cache_loads(), ThreadPoolExecutor(3) as pool:
         state = pool.submit(initialise)
-        for done in _compile_ahead([train_step, frozen_step], eval_step, abstract_state, mesh, ds, cfg, pool):
+        # the split goes to the devices while the steps compile (a store is read from disk here)
+        placed = pool.submit(place_split, ds.train.images, ds.train.labels, mesh) if resident else None
+        for done in compile_ahead([train_step, frozen_step], eval_step, abstract_state, mesh, ds, cfg, pool,
+                                   resident):
             done.result()
         state = state.result()
+        placed = placed.result() if placed is not None else None
     return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe, init, frozen_step,
-                  weights)
-
-
-def _compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any, ds: Dataset, cfg: Config,
-                   pool: ThreadPoolExecutor) -> list[Future]:
-    """Submit the train steps' (None ones skipped) and eval step's compiles for `state` (abstract)
-    and batches like the loop's.
-
-    The abstract batches take their shapes and dtypes from a first batch of each kind,
-    so they are exactly what the loop will pass.
-    """
-    from cnnpipe.datasets.batches import eval_batches
-    from cnnpipe.training.mesh import batch_spec
-
-    tc = cfg.train  # the first global batch of each kind (rows of every process): the compiled shapes
-    train_batch = next(iter(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0)), None)
-    eval_batch = next(iter(eval_batches(ds.val, tc.eval_batch_size)), None)
-    jobs = []
-    for step, batch in [*((s, train_batch) for s in train_steps), (eval_step, eval_batch)]:
-        if batch is not None and step is not None:
-            jobs.append(pool.submit(step.compile, state, *[batch_spec(mesh, a.shape, a.dtype) for a in batch]))
-    return jobs
+                  weights, placed, why)
 
 
 def _bar_safe(log: Callable[[str], None], bar: Any) -> Callable[[str], None]:
@@ -246,7 +234,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     log(f"run {run_dir}: {parts.ds.description}, {len(parts.ds.train)} train / {len(parts.ds.val)} val images, "
         f"{parts.ds.num_classes} classes")
     log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {parts.num_params:,} parameters; "
-        f"{parts.mesh.size} device(s) ({jax.devices()[0].platform}){processes}")
+        f"{parts.mesh.size} device(s) ({jax.devices()[0].platform}){processes}; training data "
+        f"{'on the devices' if parts.resident is not None else 'from the host'} ({parts.resident_reason})")
     pre = cfg.pretrained
     if pre.weights is not None:
         plan = (f"; head alone for {pre.freeze_epochs} epoch(s), then the backbone too" if pre.freeze_epochs
@@ -297,17 +286,6 @@ def _results(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, final: dict[
     return final, {**final, "step": pos.step}
 
 
-def prefetch_depth(mesh: Any) -> int:
-    """Batches prepared ahead of the step: 2 on CPU, 8 on accelerators.
-
-    On an H200 the reference CNN at batch 256 (0.9 ms a step) trained at 0.63x its
-    resident-batch rate with 2 batches ahead and 0.86x with 8 (benchmarks/bench_accel.py):
-    the host copy jitters more than a short step can absorb. On CPU the step is the
-    bottleneck and 2 is enough (0.98x).
-    """
-    return 2 if mesh.devices.flat[0].platform == "cpu" else 8
-
-
 def _silent(_line: str) -> None:
     """The log of processes other than the primary."""
 
@@ -340,7 +318,7 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
 
     from cnnpipe.training import distributed, steps
 
-    tc, ds, mesh = cfg.train, parts.ds, parts.mesh
+    tc, mesh = cfg.train, parts.mesh
     monitor = Monitor.of(tc)
     rows = steps.process_rows(mesh, tc.batch_size)  # this process reads only its rows of each batch
     logger = MetricsLog(run_dir, pos.step if resume else None, enabled=distributed.is_primary())
@@ -365,14 +343,11 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
     remembered: dict[int, dict[str, Any]] = {}
     try:
         for epoch in range(pos.epoch, tc.epochs if not pos.stopped else pos.epoch):
-            batches = prefetch((steps.shard_batch(mesh, x, y) for x, y in
-                                train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=epoch,
-                                              start_step=pos.step_in_epoch, rows=rows, sampler=tc.sampler)),
-                               size=prefetch_depth(mesh))
+            batches = epoch_batches(cfg, parts, epoch, pos.step_in_epoch, rows)
             # the first pretrained.freeze_epochs epochs train the head alone
             loop.train_step = parts.frozen_step if epoch < cfg.pretrained.freeze_epochs else parts.train_step
-            with batches:
-                parts.state = loop.run(parts.state, batches, pos)
+            with batches as steps_args:
+                parts.state = loop.run(parts.state, steps_args, pos)
             result, is_best = _end_epoch(cfg, parts, pos, monitor, logger, watch, save, say)
             if is_best:
                 remembered = {pos.step: result}
