@@ -22,7 +22,7 @@ __all__ = ["epoch_batches", "compile_ahead", "prefetch_depth"]
 
 
 def compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any, ds: Dataset, cfg: Config,
-                   pool: ThreadPoolExecutor, resident: bool = False) -> list[Future]:
+                  pool: ThreadPoolExecutor, resident: bool = False) -> list[Future]:
     """Submit the train steps' (None ones skipped) and eval step's compiles for `state` (abstract)
     and batches like the loop's.
 
