@@ -27,7 +27,7 @@ import numpy as np
 from cnnpipe.files import atomic_path, write_atomic
 from cnnpipe.images.formats import display_path
 from cnnpipe.inspect import featuremaps as fm
-from cnnpipe.training.plots import feature_grid
+from cnnpipe.training.plots import display_rgb, feature_grid
 
 __all__ = ["inspect_images", "inspect_run", "write_report", "plot_planes", "plot_feature_maps", "plot_kernels",
            "plot_grad_cam", "plot_attribution", "save_figure", "DPI"]
@@ -163,13 +163,6 @@ def plot_kernels(kernels: np.ndarray, planes: Sequence[str], layer: str) -> Any:
     return fig
 
 
-def _display_rgb(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
-    x = np.asarray(pixels, np.float32) / ((1 << bit_depth) - 1)
-    if x.shape[-1] == 3:
-        return x
-    return np.repeat(x.mean(axis=-1, keepdims=True), 3, axis=-1)
-
-
 def plot_heat(heat: np.ndarray, title: str) -> Any:
     """The Grad-CAM map (0..1) alone, with its colour bar."""
     return _image_with_bar(np.asarray(heat), title, cmap="jet", vmin=0, vmax=1)[0]
@@ -178,7 +171,7 @@ def plot_heat(heat: np.ndarray, title: str) -> Any:
 def plot_grad_cam(pixels: np.ndarray, heat: np.ndarray, bit_depth: int, title: str) -> Any:
     """The image (full-scale display) with the Grad-CAM map (0..1) over it."""
     fig, ax, _ = _image_with_bar(np.asarray(heat), title, cmap="jet", alpha=0.45, vmin=0, vmax=1, zorder=2)
-    ax.imshow(_display_rgb(pixels, bit_depth), interpolation="nearest", zorder=1)
+    ax.imshow(display_rgb(pixels, (1 << bit_depth) - 1), interpolation="nearest", zorder=1)
     return fig
 
 
