@@ -37,14 +37,14 @@ def compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any,
     from cnnpipe.training.mesh import DATA_AXIS, batch_spec
 
     tc = cfg.train  # the first global batch of each kind (rows of every process): the compiled shapes
-    train_batch = next(iter(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0)), None)
-    if resident and train_batch is not None:
+    if resident:   # no host batch to read: the step takes the placed split itself
         spec = lambda shape, dtype, *axes: jax.ShapeDtypeStruct(  # noqa: E731
             shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(*axes)))
         n, steps = len(ds.train), steps_per_epoch(len(ds.train), tc.batch_size)
         train_args = [spec(ds.train.images.shape, ds.train.images.dtype), spec((n,), "int32"),
                       spec((steps, tc.batch_size), "int32", None, DATA_AXIS), spec((), "int32")]
     else:
+        train_batch = next(iter(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0)), None)
         train_args = [batch_spec(mesh, a.shape, a.dtype) for a in train_batch] if train_batch is not None else None
     eval_batch = next(iter(eval_batches(ds.val, tc.eval_batch_size)), None)
     jobs = [pool.submit(step.compile, state, *train_args) for step in train_steps

@@ -21,7 +21,7 @@ from typing import Any
 
 from cnnpipe.files import write_atomic
 
-__all__ = ["MetricsLog", "MetricsSink", "NonFiniteLossError", "Stopwatch", "tensorboard_writer"]
+__all__ = ["MetricsLog", "MetricsSink", "NonFiniteLossError", "Stopwatch", "tensorboard_writer", "json_safe"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +62,18 @@ class _NoWriter:
         return lambda *args, **kwargs: None
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities (a diverged run's loss) as None, in nested dicts and lists too:
+    metrics.jsonl and summary.json stay standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class MetricsLog:
     """metrics.jsonl (truncated to `resume_step` on resume, emptied otherwise) plus TensorBoard scalars.
 
@@ -92,9 +104,7 @@ class MetricsLog:
         """Append one record (it must have "step"); numeric fields also go to TensorBoard."""
         if self._file is None:
             return
-        # a diverged evaluation's NaN loss is written as null: every line stays standard JSON
-        line = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        self._file.write(json.dumps(line) + "\n")
+        self._file.write(json.dumps(json_safe(record)) + "\n")
         self._file.flush()
         prefix = record.get("split", "train")
         for key, value in record.items():

@@ -10,7 +10,6 @@ augmentation exactly as the train step does (same keys, same code) for plots/aug
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 from cnnpipe.config import Config
 from cnnpipe.files import write_atomic
 from cnnpipe.training.loop import Monitor, Position
+from cnnpipe.training.runlog import json_safe
 
 __all__ = ["finish_run", "best_result", "augment_examples", "write_augment_plot", "probe_feature_maps"]
 
@@ -50,8 +50,7 @@ def best_result(parts: Any, ckpts: Any, pos: Position, cfg: Config, remembered: 
                           parts.ds.num_classes)
 
 
-def augment_examples(images: np.ndarray, labels: np.ndarray, rng: Any, cfg: Config, steps: range
-                     ) -> np.ndarray:
+def augment_examples(images: np.ndarray, rng: Any, cfg: Config, steps: range) -> np.ndarray:
     """The first train batch as the train step at each of `steps` would augment it: (len(steps), N, H, W, C).
 
     The train step's own code (`cnnpipe.training.steps.augmented_inputs`), mixup/cutmix
@@ -74,10 +73,10 @@ def write_augment_plot(parts: Any, cfg: Config, path: Path) -> None:
     from cnnpipe.datasets.batches import train_batches
     from cnnpipe.training.plots import plot_augment
 
-    images, labels = next(iter(train_batches(parts.ds.train, cfg.train.batch_size, seed=cfg.seed, epoch=0,
+    images, _ = next(iter(train_batches(parts.ds.train, cfg.train.batch_size, seed=cfg.seed, epoch=0,
                                              sampler=cfg.train.sampler)))
     rng = jax.random.PRNGKey(cfg.seed)   # the train state's key (create_train_state)
-    drawn = augment_examples(images, labels, rng, cfg, range(_EXAMPLE_DRAWS))[:, :_EXAMPLE_ROWS]
+    drawn = augment_examples(images, rng, cfg, range(_EXAMPLE_DRAWS))[:, :_EXAMPLE_ROWS]
     plot_augment(images[:_EXAMPLE_ROWS], drawn, [f"step {s + 1}" for s in range(_EXAMPLE_DRAWS)], path)
 
 
@@ -100,7 +99,8 @@ def _summary(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], resu
         "confusion_matrix": result["confusion"].tolist(),
         "early_stopping": None if es is None else {**es.model_dump(), "stopped": pos.stopped,
                                                     "epochs_run": pos.epoch},
-        "class_weights": counts.get("class_weights"), "param_count": parts.num_params,
+        "class_weights": None if parts.class_weights is None
+        else dict(zip(ds.classes, map(float, parts.class_weights))), "param_count": parts.num_params,
         "train_images_per_sec": images / step_seconds if images and step_seconds else None,
         "compile_seconds": round(watch.compile_seconds, 3), "wall_seconds": timings["total"],
         "seconds": timings, "steps": pos.step, "epochs": cfg.train.epochs,
@@ -126,7 +126,7 @@ def finish_run(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], re
             plot_confusion(result["confusion"], parts.ds.classes, run_dir / "plots" / "confusion_matrix.png")
             if is_active(cfg.augment):
                 write_augment_plot(parts, cfg, run_dir / "plots" / "augment.png")
-    summary = _finite(_summary(cfg, parts, run_dir, final, result, counts, pos, resume, watch))
+    summary = json_safe(_summary(cfg, parts, run_dir, final, result, counts, pos, resume, watch))
     if write:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     speed = (f"{summary['train_images_per_sec']:.0f} train images/s" if summary["train_images_per_sec"]
@@ -141,17 +141,6 @@ def finish_run(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], re
     log(f"{head}, {summary['wall_seconds']:.1f}s wall, {summary['compile_seconds']:.1f}s compiling, {speed} "
         f"-> {run_dir}")
     return summary
-
-
-def _finite(value: Any) -> Any:
-    """`value` with NaN and infinities (a diverged run's loss) as None: summary.json stays standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def monitor_text(cfg: Config, pos: Position) -> str:

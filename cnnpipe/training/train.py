@@ -243,9 +243,9 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         scale = f"; backbone at {pre.backbone_lr_scale:g}x the learning rate" if pre.backbone_lr_scale != 1.0 else ""
         log(f"pretrained: {pre.weights} (new {parts.ds.num_classes}-class head{plan}{scale}); "
             f"input normalisation from the {parts.init.normalization}")
-    counts = np.bincount(parts.ds.train.labels, minlength=parts.ds.num_classes)
-    if not counts.all():   # e.g. a class whose only image went to the validation split
-        log(f"warning: no training images of class {', '.join(c for c, n in zip(parts.ds.classes, counts) if not n)}; "
+    per_class = np.bincount(parts.ds.train.labels, minlength=parts.ds.num_classes)
+    if not per_class.all():   # e.g. a class whose only image went to the validation split
+        log(f"warning: no training images of class {', '.join(c for c, n in zip(parts.ds.classes, per_class) if not n)}; "
             "the model cannot learn it (class weights and the balanced sampler cannot help)")
     if parts.class_weights is not None:
         from cnnpipe.training.loss import describe_weights
@@ -264,8 +264,6 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         with watch.phase("checkpoints"):
             ckpts.close()  # waits for a save in flight: a finished checkpoint is never lost
         watch.stop()
-    counts["class_weights"] = (None if parts.class_weights is None
-                               else dict(zip(parts.ds.classes, map(float, parts.class_weights))))
     return finish_run(cfg, parts, run_dir, final, result, counts, pos, resume, watch, log, write=primary)
 
 
