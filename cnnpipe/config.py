@@ -223,6 +223,8 @@ class TrainConfig(_Schema):
     keep_checkpoints: PosInt = 3
     max_nonfinite_steps: PosInt = 5     # that many non-finite losses in a row stop the run
     log_every_steps: PosInt = 20
+    # train steps per call with the data on the devices (one program loops over them); auto: ~0.2 s of steps
+    steps_per_dispatch: Literal["auto"] | PosInt = "auto"
     num_devices: NonNegInt = 0          # 0 = all local devices
     probe_feature_maps: StrictBool = False   # feature maps of a probe image to TensorBoard
     # imbalance: loss weight per class (auto: inverse frequency, mean 1), and/or class-balanced batches

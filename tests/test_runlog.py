@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from cnnpipe.training.dispatch import Chunks
 from cnnpipe.training.loop import EpochLoop, Monitor, Position
 from cnnpipe.training.runlog import MetricsSink, NonFiniteLossError, Stopwatch
 from cnnpipe.training.train import _bar_safe
@@ -126,25 +127,45 @@ def test_early_stopping_counts_epochs_without_improvement_as_keras_does():
     assert epochs == 4 and not p.stopped and p.best_step == 40
 
 
-def fake_step(state, images, labels):
+def fake_step(state, i, n):
     return state + 1, metrics(float(state))
 
 
-def test_epoch_loop_logs_every_k_steps_checkpoints_mid_epoch_and_resumes_mid_epoch():
+def fake_steps(state, i, n, k=4):
+    """`n` steps in one call, metrics as (k,) arrays (dispatch.repeating's form)."""
+    losses = np.zeros(k, np.float32)
+    losses[:n] = np.arange(state, state + n)
+    return state + n, {"loss": losses, "accuracy": np.full(k, 0.5, np.float32),
+                       "learning_rate": np.full(k, 1e-3, np.float32), "nonfinite": np.zeros(k, bool)}
+
+
+def one_call(i, n):
+    return (i, n)
+
+
+@pytest.mark.parametrize("step, chunks", [(fake_step, Chunks(1, auto=False)), (fake_steps, Chunks(4, auto=False)),
+                                          (fake_steps, Chunks(4, auto=True))])
+def test_epoch_loop_logs_every_k_steps_checkpoints_mid_epoch_and_resumes_mid_epoch(step, chunks):
     s, out = sink()
-    saves = []
-    loop = EpochLoop(fake_step, s, Stopwatch(), batch_size=8, steps_per_epoch=10, log_every=4,
-                     checkpoint_every=3, save=lambda st, pos: saves.append((pos.step, pos.step_in_epoch, st)))
-    batches = iter([(None, None)] * 10)
+    saves, calls = [], []
+    loop = EpochLoop(lambda st, i, n: (calls.append((i, n)), step(st, i, n))[1], s, Stopwatch(), batch_size=8,
+                     steps_per_epoch=10, log_every=4, checkpoint_every=3,
+                     save=lambda st, pos: saves.append((pos.step, pos.step_in_epoch, st)), chunks=chunks)
     pos = Position()
-    state = loop.run(0, batches, pos)
+    state = loop.run(0, one_call, pos)
     assert state == 10 and (pos.step, pos.step_in_epoch) == (10, 10)
     assert [r["step"] for r in out] == [4, 8, 10]                 # every 4 steps and the epoch's last
     assert [r["loss"] for r in out] == [1.5, 5.5, 8.5]            # window averages of losses 0..9
     assert saves == [(3, 3, 3), (6, 6, 6), (9, 9, 9)]             # the epoch's end is the caller's
     assert loop.images_trained == 80
+    # no call runs past a log line (4, 8), a checkpoint (3, 6, 9) or the epoch's end
+    bounds = [(i, i + n) for i, n in calls]
+    assert bounds[0][0] == 0 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and bounds[-1][1] == 10
+    assert not any(i < e < j for i, j in bounds for e in (3, 4, 6, 8, 9))
+    if chunks.k == 4 and not chunks.auto:
+        assert calls == [(0, 3), (3, 1), (4, 2), (6, 2), (8, 1), (9, 1)]
     resumed = Position(epoch=1, step_in_epoch=6, step=16)
-    loop.run(16, iter([(None, None)] * 4), resumed)
+    loop.run(16, one_call, resumed)
     assert (resumed.step, resumed.step_in_epoch) == (20, 10) and loop.images_trained == 80 + 32
 
 
@@ -191,3 +212,17 @@ def test_a_resumed_sink_logs_and_stops_as_an_uninterrupted_one():
     with pytest.raises(NonFiniteLossError, match="steps 5-7"):
         first2.push(7, 0, metrics(math.nan))
         first2.settle()
+
+
+def test_a_call_of_several_steps_is_logged_and_stopped_step_by_step():
+    s, out = sink(max_nonfinite=3)
+    losses = np.array([1.0, np.nan, 3.0, np.nan, 0, 0], np.float32)   # steps 1-4 of a (6,) buffer, n = 4
+    s.push(4, 0, {"loss": losses, "accuracy": np.full(6, 0.5, np.float32),
+                  "learning_rate": np.full(6, 1e-3, np.float32), "nonfinite": ~np.isfinite(losses)}, 4)
+    s.flush(4, 0, None)
+    assert [(r["step"], r.get("nonfinite", False)) for r in out] == [(2, True), (4, True), (4, False)]
+    assert out[-1]["loss"] == pytest.approx(2.0)   # the finite steps 1 and 3
+    bad = np.full(6, np.nan, np.float32)
+    with pytest.raises(NonFiniteLossError, match="steps 4-6"):   # step 4 began the run; the third stops it, mid-call
+        s.push(10, 0, {"loss": bad, "accuracy": bad, "learning_rate": bad, "nonfinite": np.ones(6, bool)}, 6)
+        s.settle()

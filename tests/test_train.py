@@ -196,14 +196,22 @@ def test_resume_continues_exactly(finished, tmp_path):
 
 def test_host_batches_train_exactly_as_device_resident_data(finished, tmp_path):
     run_dir, summary, _, lines = finished
-    assert any("training data on the devices" in line for line in lines)   # auto: the tiny split fits
+    assert any("training data on the devices" in line and "up to 2 steps per call" in line for line in lines)
     host = train_and_evaluate(tiny_cfg("data.on_device=false"), tmp_path / "host", log=quiet)
-    assert host["final_val_loss"] == summary["final_val_loss"]
-    a, b = load_run(run_dir, "latest"), load_run(tmp_path / "host", "latest")
+    one = train_and_evaluate(tiny_cfg("train.steps_per_dispatch=1"), tmp_path / "one", log=quiet)
+    assert host["final_val_loss"] == one["final_val_loss"]
+    a, b, c = (load_run(d, "latest") for d in (tmp_path / "one", tmp_path / "host", run_dir))
     for x, y in zip(leaves(a.state), leaves(b.state)):
         np.testing.assert_array_equal(x, y)   # same batches, same augmentation draws, bit for bit on CPU
     strip = lambda rs: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rs]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "host")) == strip(read_metrics(run_dir))
+    assert strip(read_metrics(tmp_path / "host")) == strip(read_metrics(tmp_path / "one"))
+    # two steps per call: one program loops over them; XLA fuses its body differently from the
+    # one-step program, so the run is the same up to float rounding (test_dispatch: bit for bit
+    # however the steps are split into calls)
+    for x, y in zip(leaves(c.state), leaves(b.state)):
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+    assert summary["final_val_loss"] == pytest.approx(host["final_val_loss"], rel=1e-4)
+    assert summary["final_val_accuracy"] == host["final_val_accuracy"]
 
 
 def test_checkpoints_present_without_resume_is_an_error(finished):

@@ -9,6 +9,7 @@ ahead in a thread (`cnnpipe.datasets.batches.prefetch`). Both follow
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -22,13 +23,14 @@ __all__ = ["epoch_batches", "compile_ahead", "prefetch_depth"]
 
 
 def compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any, ds: Dataset, cfg: Config,
-                  pool: ThreadPoolExecutor, resident: bool = False) -> list[Future]:
+                  pool: ThreadPoolExecutor, resident: bool = False, steps_per_dispatch: int = 1) -> list[Future]:
     """Submit the train steps' (None ones skipped) and eval step's compiles for `state` (abstract)
     and batches like the loop's.
 
     The abstract batches take their shapes and dtypes from a first batch of each kind,
     so they are exactly what the loop will pass; a resident train step takes the whole
-    split, the epoch's order and a step number (`cnnpipe.training.resident`).
+    split, the epoch's order and a step number (`cnnpipe.training.resident`), and the
+    number of steps to run when it runs several per call.
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
@@ -43,6 +45,7 @@ def compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any,
         n, steps = len(ds.train), steps_per_epoch(len(ds.train), tc.batch_size)
         train_args = [spec(ds.train.images.shape, ds.train.images.dtype), spec((n,), "int32"),
                       spec((steps, tc.batch_size), "int32", None, DATA_AXIS), spec((), "int32")]
+        train_args += [spec((), "int32")] if steps_per_dispatch > 1 else []   # the steps to run
     else:
         train_batch = next(iter(train_batches(ds.train, tc.batch_size, seed=cfg.seed, epoch=0)), None)
         train_args = [batch_spec(mesh, a.shape, a.dtype) for a in train_batch] if train_batch is not None else None
@@ -66,10 +69,12 @@ def prefetch_depth(mesh: Any) -> int:
 
 
 def epoch_batches(cfg: Config, parts: Any, epoch: int, start: int, rows: slice) -> Any:
-    """The train step's arguments for each remaining step of `epoch`, as a context manager.
+    """A context manager giving ``args(i, n)``: the train step's arguments for steps ``i .. i + n - 1``
+    of `epoch` (from step `start` on, in order).
 
-    Device-resident data: the split, the epoch's order (placed once) and the step
-    number; otherwise host batches gathered and placed a few steps ahead in a thread.
+    Device-resident data: the split, the epoch's order (placed once) and the first step
+    (and `n`, for a step running several per call, `cnnpipe.training.dispatch`);
+    otherwise the next host batch (n is 1), gathered and placed a few steps ahead in a thread.
     """
     from cnnpipe.datasets.batches import epoch_order
     from cnnpipe.training import steps
@@ -79,9 +84,24 @@ def epoch_batches(cfg: Config, parts: Any, epoch: int, start: int, rows: slice) 
     if parts.resident is not None:
         order = place_order(epoch_order(parts.ds.train.labels, tc.batch_size, seed=cfg.seed, epoch=epoch,
                                         sampler=tc.sampler), mesh)
-        split = parts.resident
-        return contextlib.nullcontext(iter([(split.images, split.labels, order, np.int32(i))
-                                            for i in range(start, parts.steps_per_epoch)]))
-    return prefetch((steps.shard_batch(mesh, x, y) for x, y in
+        split, many = parts.resident, parts.steps_per_dispatch > 1
+
+        def resident_args(i: int, n: int) -> tuple[Any, ...]:
+            return (split.images, split.labels, order, np.int32(i)) + ((np.int32(n),) if many else ())
+
+        return contextlib.nullcontext(resident_args)
+    host = prefetch((steps.shard_batch(mesh, x, y) for x, y in
                      train_batches(parts.ds.train, tc.batch_size, seed=cfg.seed, epoch=epoch, start_step=start,
                                    rows=rows, sampler=tc.sampler)), size=prefetch_depth(mesh))
+    return _host_args(host)
+
+
+@contextlib.contextmanager
+def _host_args(prefetched: Any) -> Iterator[Callable[[int, int], tuple[Any, ...]]]:
+    """``args(i, n)`` over prefetched host batches: the next one (one step per call)."""
+    with prefetched as batches:
+        def host_args(i: int, n: int) -> tuple[Any, ...]:
+            assert n == 1, "host batches train one step per call"
+            return next(batches)
+
+        yield host_args

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cnnpipe.training.dispatch import Chunks
 from cnnpipe.training.runlog import MetricsSink, Stopwatch
 
 __all__ = ["Monitor", "Position", "EpochLoop"]
@@ -126,24 +127,32 @@ class EpochLoop:
     checkpoint_every: int = 0
     save: Callable[[Any, Position], None] | None = None
     bar: Any = None
+    chunks: Chunks = dataclasses.field(default_factory=lambda: Chunks(1, auto=False))   # steps per call
     images_trained: int = 0  # over every `run`: the run's train images/s is this over the "steps" phase
 
-    def run(self, state: Any, batches: Iterator[tuple[Any, Any]], pos: Position) -> Any:
-        """Train from `pos` to the end of its epoch; advances `pos`; returns the new state."""
+    def run(self, state: Any, batches: Callable[[int, int], tuple[Any, ...]], pos: Position) -> Any:
+        """Train from `pos` to the end of its epoch; advances `pos`; returns the new state.
+
+        `batches(i, n)`: the train step's arguments for steps ``i .. i + n - 1`` of the epoch
+        (`cnnpipe.training.feed.epoch_batches`); `n` is 1 unless `chunks` allows more per call.
+        """
         t0 = window = time.perf_counter()
         steps_in_window, saving, first = 0, 0.0, pos.step_in_epoch
-        for i in range(pos.step_in_epoch, self.steps_per_epoch):
-            state, metrics = self.train_step(state, *next(batches))
-            pos.step, pos.step_in_epoch = pos.step + 1, i + 1
-            self.sink.push(pos.step, pos.epoch, metrics)
-            steps_in_window += 1
+        many = self.chunks.k > 1
+        while pos.step_in_epoch < self.steps_per_epoch:
+            n = self.chunks.next(self._to_event(pos))
+            state, metrics = self.train_step(state, *batches(pos.step_in_epoch, n))
+            pos.step, pos.step_in_epoch = pos.step + n, pos.step_in_epoch + n
+            self.sink.push(pos.step, pos.epoch, metrics, n if many else None)
+            steps_in_window += n
             if self.bar is not None:
-                self.bar.update(1)
-            last = i == self.steps_per_epoch - 1
+                self.bar.update(n)
+            last = pos.step_in_epoch == self.steps_per_epoch
             if pos.step % self.log_every == 0 or last:
+                self.sink.settle()   # waits for the window's last step: the window's time is its steps'
                 now = time.perf_counter()
-                ips = steps_in_window * self.batch_size / (now - window)
-                record = self.sink.flush(pos.step, pos.epoch, ips)
+                self.chunks.measured(steps_in_window, now - window)
+                record = self.sink.flush(pos.step, pos.epoch, steps_in_window * self.batch_size / (now - window))
                 if record is not None and self.bar is not None:
                     self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
                 window, steps_in_window = time.perf_counter(), 0
@@ -157,3 +166,10 @@ class EpochLoop:
         self.watch.add("checkpoints", saving)
         self.watch.add("steps", time.perf_counter() - t0 - saving)
         return state
+
+    def _to_event(self, pos: Position) -> int:
+        """Steps from `pos` to the next log line, mid-epoch checkpoint or epoch end, whichever is first."""
+        left = [self.steps_per_epoch - pos.step_in_epoch, self.log_every - pos.step % self.log_every]
+        if self.checkpoint_every:
+            left.append(self.checkpoint_every - pos.step % self.checkpoint_every)
+        return min(left)

@@ -132,7 +132,7 @@ class MetricsSink:
     def __init__(self, write: Callable[[dict[str, Any]], None], max_nonfinite: int,
                  last_checkpoint: Callable[[], str]) -> None:
         self._write, self._max, self._last_checkpoint = write, max_nonfinite, last_checkpoint
-        self._pending: tuple[int, int, Any] | None = None
+        self._pending: tuple[int, int, Any, int | None] | None = None
         self._sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
         self._lr = math.nan
         self._run_start = self._run_len = 0
@@ -149,10 +149,11 @@ class MetricsSink:
             self._sums = {k: window[k] for k in ("loss", "accuracy", "n")}
             self._run_start, self._run_len = int(window["run_start"]), int(window["run_len"])
 
-    def push(self, step: int, epoch: int, metrics: Any) -> None:
-        """Queue `metrics` (device scalars) of `step`; read the previous step's."""
+    def push(self, step: int, epoch: int, metrics: Any, n: int | None = None) -> None:
+        """Queue `metrics` (device scalars) of `step`; read the previous call's. With `n`, the metrics
+        are (K,) arrays of one call's steps ``step - n + 1 .. step`` (`cnnpipe.training.dispatch`)."""
         self._read_pending()
-        self._pending = (step, epoch, metrics)
+        self._pending = (step, epoch, metrics, n)
 
     def flush(self, step: int, epoch: int, images_per_sec: float | None) -> dict[str, Any] | None:
         """Read the pending step and write the window's average as `step`'s record (None if empty)."""
@@ -175,9 +176,14 @@ class MetricsSink:
             return
         import jax
 
-        step, epoch, metrics = self._pending
+        step, epoch, metrics, n = self._pending
         self._pending = None
-        self._handle(step, epoch, jax.device_get(metrics))
+        metrics = jax.device_get(metrics)
+        if n is None:
+            self._handle(step, epoch, metrics)
+            return
+        for j in range(n):   # the call's steps in order: the stop rule counts each
+            self._handle(step - n + 1 + j, epoch, {k: v[j] for k, v in metrics.items()})
 
     def _handle(self, step: int, epoch: int, m: dict[str, Any]) -> None:
         self._lr = float(m["learning_rate"])

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.models.cnn import CNN
 from cnnpipe.training.augment import apply_view, augment_batch
+from cnnpipe.training.dispatch import InFlightGuard, ahead_of_time, gathering, repeating
 from cnnpipe.training.loss import mix_batch, mix_like, soft_targets, weighted_cross_entropy
 from cnnpipe.training.mesh import (
     DATA_AXIS,
@@ -238,34 +239,10 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-class _InFlightGuard:
-    """At most one call in flight on a multi-device CPU mesh.
-
-    XLA:CPU runs each device's part of a call on a shared thread pool (one thread per
-    core) and its all-reduce waits for every device's part. With several calls queued,
-    the pool can fill up with parts of later calls waiting on a part that has no thread
-    left: jax 0.10.1 then aborts the process after 40 s ("Termination timeout for all
-    reduce"). 300 unsynchronised train steps on 2 devices reproduced it; waiting for the
-    previous call before returning the next keeps the pipelining and never hung, at the
-    same speed.
-    """
-
-    def __init__(self, mesh: Mesh):
-        self.active = mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
-        self.last: Any = None
-
-    def __call__(self, out: Any) -> Any:
-        if self.active:
-            if self.last is not None:
-                jax.block_until_ready(self.last)
-            self.last = out[1] if isinstance(out, tuple) else out   # metrics; the state is donated later
-        return out
-
-
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh, *,
                     precision: str = "fp32", augment: AugmentConfig | None = None, frozen_backbone: Any = None,
-                    class_weights: Any = None, label_smoothing: float = 0.0, resident: bool = False
-                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+                    class_weights: Any = None, label_smoothing: float = 0.0, resident: bool = False,
+                    steps_per_dispatch: int = 1) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The one jitted train step: ``step(state, images, labels) -> (state, metrics)``.
 
     `images` are raw pixels (N, H, W, C) and `labels` int (N,), placed with `shard_batch`;
@@ -280,6 +257,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
 
     `resident`: the step takes ``(state, images, labels, order, i)``, the split on the devices
     (`cnnpipe.training.resident`) and an epoch's (steps, batch) order, and gathers batch `i`.
+    With `steps_per_dispatch` K > 1 too, it takes ``(state, images, labels, order, start, n)``
+    and runs steps ``start .. start + n - 1`` (n <= K) in one call, each metric a (K,) array
+    (`cnnpipe.training.dispatch.repeating`).
 
     `frozen_backbone` (the head mask of a split optimizer, see `make_optimizer`) makes
     the step of a frozen backbone: the model runs in eval mode (batch-norm statistics
@@ -325,14 +305,18 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
                    "nonfinite": ~finite}
         return new_state, metrics
 
-    if resident:   # (state, the split's images, its labels, the epoch's order, step in epoch)
-        jitted = jax.jit(_gathering(step, batched), donate_argnums=0, out_shardings=(replicated, replicated),
-                         in_shardings=(replicated, replicated, replicated,
-                                       NamedSharding(mesh, PartitionSpec(None, DATA_AXIS)), replicated))
+    order_sharding = NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+    if resident and steps_per_dispatch > 1:   # (..., first step in epoch, steps to run): `dispatch.repeating`
+        jitted = jax.jit(repeating(gathering(step, batched), steps_per_dispatch), donate_argnums=0,
+                         in_shardings=(replicated,) * 3 + (order_sharding, replicated, replicated),
+                         out_shardings=(replicated, replicated))
+    elif resident:   # (state, the split's images, its labels, the epoch's order, step in epoch)
+        jitted = jax.jit(gathering(step, batched), donate_argnums=0, out_shardings=(replicated, replicated),
+                         in_shardings=(replicated,) * 3 + (order_sharding, replicated))
     else:
         jitted = jax.jit(step, in_shardings=(replicated, batched, batched),
                          out_shardings=(replicated, replicated), donate_argnums=0)
-    guard = _InFlightGuard(mesh)
+    guard = InFlightGuard(mesh)
     impl: list[Any] = [jitted]
 
     def train_step(state: TrainState, *batch: Any):
@@ -340,19 +324,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
         return guard(impl[0](state, *batch))
 
     train_step.jitted = jitted  # type: ignore[attr-defined]
-    train_step.compile = _ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
+    train_step.compile = ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
     return train_step
-
-
-def _gathering(step: Callable[..., Any], batched: NamedSharding) -> Callable[..., Any]:
-    """`step` on a batch gathered on the device: ``(state, images, labels, order, i)`` trains on rows
-    ``order[i]`` of the device-resident split (`cnnpipe.training.resident`)."""
-    def gathered(state: TrainState, images: jax.Array, labels: jax.Array, order: jax.Array, i: jax.Array):
-        idx = jax.lax.dynamic_index_in_dim(order, i, keepdims=False)
-        take = lambda a: jax.lax.with_sharding_constraint(jnp.take(a, idx, axis=0), batched)  # noqa: E731
-        return step(state, take(images), take(labels))
-
-    return gathered
 
 
 def _update(state: TrainState, grads: Any, new_model_state: Any, finite: jax.Array,
@@ -369,19 +342,6 @@ def _update(state: TrainState, grads: Any, new_model_state: Any, finite: jax.Arr
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     return TrainState(params=keep(new_params, state.params), model_state=keep(new_model_state, state.model_state),
                       opt_state=keep(new_opt, state.opt_state), step=state.step + 1, rng=state.rng)
-
-
-def _ahead_of_time(jitted: Any, impl: list[Any]) -> Callable[..., None]:
-    """``compile(*args)``: compile `jitted` for these arguments (arrays or `batch_spec`s) now.
-
-    Later calls use the compiled executable, so the first step does not stop to
-    compile; train and eval steps can compile at once in threads (XLA releases the
-    GIL while compiling). Arguments of another shape then raise instead of recompiling.
-    """
-    def compile_now(*args: Any) -> None:
-        impl[0] = jitted.lower(*args).compile()
-
-    return compile_now
 
 
 def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = ()) -> Callable[..., dict[str, jax.Array]]:
@@ -413,7 +373,7 @@ def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = ()) -> Call
                 "count": jnp.sum(m), "predictions": pred}
 
     jitted = jax.jit(step, in_shardings=(replicated, batched, batched, batched), out_shardings=replicated)
-    guard = _InFlightGuard(mesh)
+    guard = InFlightGuard(mesh)
     impl: list[Any] = [jitted]
 
     def eval_step(state: TrainState, images: Any, labels: Any, mask: Any):
@@ -421,5 +381,5 @@ def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = ()) -> Call
         return guard(impl[0](state, images, labels, mask))
 
     eval_step.jitted = jitted  # type: ignore[attr-defined]
-    eval_step.compile = _ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
+    eval_step.compile = ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
     return eval_step

@@ -101,6 +101,7 @@ class _Parts:
     class_weights: Any = None  # (K,) loss weight per class, or None
     resident: Any = None       # cnnpipe.training.resident.ResidentSplit: the training split on the devices
     resident_reason: str = ""  # why it is (not) there, for the log
+    steps_per_dispatch: int = 1  # the most train steps one call runs (`cnnpipe.training.dispatch`)
 
 
 def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _Parts:
@@ -117,6 +118,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
     from cnnpipe.training import distributed, steps
     from cnnpipe.training.augment import check_augment
     from cnnpipe.training.compile_cache import quiet_cache_loads
+    from cnnpipe.training.dispatch import max_chunk
     from cnnpipe.training.loss import class_weight_vector
     from cnnpipe.training.pretrained import head_mask, resolve_pretrained
     from cnnpipe.training.resident import place_split, resident_decision
@@ -149,8 +151,9 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
                                   backbone_lr_scale=pre.backbone_lr_scale, freeze_steps=spe * pre.freeze_epochs)
         graphdef, abstract_state = steps.abstract_train_state(abstract, tx, mesh)
         resident, why = resident_decision(cfg.data.on_device, ds.train.images.nbytes + ds.train.labels.nbytes, mesh)
+        k = max_chunk(tc.steps_per_dispatch, resident, spe, tc.log_every_steps, tc.checkpoint_every_steps)
         loss_args = dict(precision=tc.precision, augment=cfg.augment, class_weights=weights,
-                         label_smoothing=tc.label_smoothing, resident=resident)
+                         label_smoothing=tc.label_smoothing, resident=resident, steps_per_dispatch=k)
         train_step = steps.make_train_step(graphdef, tx, mesh, **loss_args)
         frozen_step = steps.make_train_step(graphdef, tx, mesh, frozen_backbone=head,
                                             **loss_args) if pre.freeze_epochs else None
@@ -168,12 +171,12 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         # the split goes to the devices while the steps compile (a store is read from disk here)
         placed = pool.submit(place_split, ds.train.images, ds.train.labels, mesh) if resident else None
         for done in compile_ahead([train_step, frozen_step], eval_step, abstract_state, mesh, ds, cfg, pool,
-                                   resident):
+                                   resident, k):
             done.result()
         state = state.result()
         placed = placed.result() if placed is not None else None
     return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe, init, frozen_step,
-                  weights, placed, why)
+                  weights, placed, why, k)
 
 
 def _bar_safe(log: Callable[[str], None], bar: Any) -> Callable[[str], None]:
@@ -235,7 +238,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         f"{parts.ds.num_classes} classes")
     log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {parts.num_params:,} parameters; "
         f"{parts.mesh.size} device(s) ({jax.devices()[0].platform}){processes}; training data "
-        f"{'on the devices' if parts.resident is not None else 'from the host'} ({parts.resident_reason})")
+        f"{'on the devices' if parts.resident is not None else 'from the host'} ({parts.resident_reason})"
+        + (f"; up to {parts.steps_per_dispatch} steps per call" if parts.steps_per_dispatch > 1 else ""))
     pre = cfg.pretrained
     if pre.weights is not None:
         plan = (f"; head alone for {pre.freeze_epochs} epoch(s), then the backbone too" if pre.freeze_epochs
@@ -315,6 +319,7 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
     from tqdm import tqdm
 
     from cnnpipe.training import distributed, steps
+    from cnnpipe.training.dispatch import Chunks
 
     tc, mesh = cfg.train, parts.mesh
     monitor = Monitor.of(tc)
@@ -336,7 +341,8 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
                        lambda: str(run_dir / "checkpoints" / str(last_ckpt[0])) if last_ckpt[0] is not None else "none")
     sink.resume(pos.log_window)
     loop = EpochLoop(parts.train_step, sink, watch, tc.batch_size, parts.steps_per_epoch, tc.log_every_steps,
-                     tc.checkpoint_every_steps, save, None if bar.disable else bar)
+                     tc.checkpoint_every_steps, save, None if bar.disable else bar,
+                     Chunks(parts.steps_per_dispatch, auto=tc.steps_per_dispatch == "auto"))
     result: dict[str, Any] = {}
     remembered: dict[int, dict[str, Any]] = {}
     try:
@@ -344,8 +350,8 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
             batches = epoch_batches(cfg, parts, epoch, pos.step_in_epoch, rows)
             # the first pretrained.freeze_epochs epochs train the head alone
             loop.train_step = parts.frozen_step if epoch < cfg.pretrained.freeze_epochs else parts.train_step
-            with batches as steps_args:
-                parts.state = loop.run(parts.state, steps_args, pos)
+            with batches as step_args:
+                parts.state = loop.run(parts.state, step_args, pos)
             result, is_best = _end_epoch(cfg, parts, pos, monitor, logger, watch, save, say)
             if is_best:
                 remembered = {pos.step: result}

@@ -1,0 +1,136 @@
+"""How jitted steps are called: compiled ahead, one call in flight on CPU meshes, several steps per call.
+
+A train step called once per batch pays a Python dispatch and a host read of its
+metrics every step; on an accelerator whose step takes a millisecond that is a
+visible share of the run. With the training split on the devices
+(`cnnpipe.training.resident`) the step needs nothing from the host but a step number,
+so `repeating` runs up to K of them in one program (a `lax.fori_loop` whose trip count
+is an argument: one compile serves every chunk length) and returns each step's
+metrics. `Chunks` decides each call's length: never past the next log line,
+checkpoint or epoch end (so those keep their meaning), and with
+``train.steps_per_dispatch: auto`` about `TARGET_SECONDS` of work, measured from the
+steps already run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+__all__ = ["InFlightGuard", "ahead_of_time", "gathering", "repeating", "max_chunk", "Chunks", "TARGET_SECONDS"]
+
+# auto: a call's length in seconds of steps. Long enough that the per-call cost (a Python
+# dispatch, a host read of the metrics) is under 1% of it; short enough that the progress bar
+# moves and Ctrl-C answers within a fraction of a second.
+TARGET_SECONDS = 0.2
+
+
+class InFlightGuard:
+    """At most one call in flight on a multi-device CPU mesh.
+
+    XLA:CPU runs each device's part of a call on a shared thread pool (one thread per
+    core) and its all-reduce waits for every device's part. With several calls queued,
+    the pool can fill up with parts of later calls waiting on a part that has no thread
+    left: jax 0.10.1 then aborts the process after 40 s ("Termination timeout for all
+    reduce"). 300 unsynchronised train steps on 2 devices reproduced it; waiting for the
+    previous call before returning the next keeps the pipelining and never hung, at the
+    same speed.
+    """
+
+    def __init__(self, mesh: Mesh):
+        self.active = mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
+        self.last: Any = None
+
+    def __call__(self, out: Any) -> Any:
+        if self.active:
+            if self.last is not None:
+                jax.block_until_ready(self.last)
+            self.last = out[1] if isinstance(out, tuple) else out   # metrics; the state is donated later
+        return out
+
+
+def ahead_of_time(jitted: Any, impl: list[Any]) -> Callable[..., None]:
+    """``compile(*args)``: compile `jitted` for these arguments (arrays or `batch_spec`s) now, into `impl[0]`.
+
+    Later calls use the compiled executable, so the first step does not stop to
+    compile; train and eval steps can compile at once in threads (XLA releases the
+    GIL while compiling). Arguments of another shape then raise instead of recompiling.
+    """
+    def compile_now(*args: Any) -> None:
+        impl[0] = jitted.lower(*args).compile()
+
+    return compile_now
+
+
+def gathering(step: Callable[..., Any], batched: NamedSharding) -> Callable[..., Any]:
+    """`step` on a batch gathered on the device: ``(state, images, labels, order, i)`` trains on rows
+    ``order[i]`` of the device-resident split (`cnnpipe.training.resident`)."""
+    def gathered(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, i: jax.Array):
+        idx = jax.lax.dynamic_index_in_dim(order, i, keepdims=False)
+        take = lambda a: jax.lax.with_sharding_constraint(jnp.take(a, idx, axis=0), batched)  # noqa: E731
+        return step(state, take(images), take(labels))
+
+    return gathered
+
+
+def repeating(gathered: Callable[..., Any], k: int) -> Callable[..., Any]:
+    """``(state, images, labels, order, start, n) -> (state, metrics)``: `gathered` for steps
+    ``start .. start + n - 1`` of the epoch's `order` in one program (1 <= n <= k).
+
+    Each metric comes back as a (k,) array whose first `n` entries are the steps' own;
+    the rest are zeros. The loop body is the one-step program's step, so every step
+    computes what it computes called alone (bit for bit on CPU: tested).
+    """
+    def repeated(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, start: jax.Array,
+                 n: jax.Array):
+        shapes = jax.eval_shape(gathered, state, images, labels, order, start)[1]
+        buffer = jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shapes)
+
+        def body(j: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+            st, buf = carry
+            st, metrics = gathered(st, images, labels, order, start + j)
+            return st, jax.tree.map(lambda b, m: b.at[j].set(m), buf, metrics)
+
+        return jax.lax.fori_loop(0, n, body, (state, buffer))
+
+    return repeated
+
+
+def max_chunk(steps_per_dispatch: int | str, resident: bool, steps_per_epoch: int, log_every: int,
+              checkpoint_every: int) -> int:
+    """K, the most steps one call may run: 1 for host batches (each is its own copy), else the
+    configured count or (auto) up to the next event, whichever is less."""
+    if not resident:
+        return 1
+    events = min(steps_per_epoch, log_every, checkpoint_every or steps_per_epoch)
+    return max(1, min(events, steps_per_dispatch if isinstance(steps_per_dispatch, int) else events))
+
+
+class Chunks:
+    """Each call's number of steps: up to `k`, never past the next event (log line, checkpoint,
+    epoch end); with `auto`, about `TARGET_SECONDS` of steps, from the step time measured so far
+    (the first call of a run is one step, then each call may double)."""
+
+    def __init__(self, k: int, auto: bool):
+        self.k, self.auto = k, auto
+        self.step_seconds: float | None = None
+        self.reached = 0   # the longest call so far
+
+    def measured(self, steps: int, seconds: float) -> None:
+        """Record that `steps` steps took `seconds` of wall time (a window between two host reads)."""
+        if steps > 0 and seconds > 0:
+            self.step_seconds = seconds / steps
+
+    def next(self, to_event: int) -> int:
+        """The next call's step count, given `to_event` steps to the next event (>= 1)."""
+        n = min(self.k, to_event)
+        if self.auto:
+            timed = self.k if self.step_seconds is None else max(1, math.floor(TARGET_SECONDS / self.step_seconds))
+            n = min(n, timed, max(1, 2 * self.reached))
+        self.reached = max(self.reached, n)
+        return n
