@@ -17,6 +17,8 @@ store's arrays for the same epochs (batch 64, Adam 1e-3, evaluation every epoch)
     .venv/bin/python benchmarks/bench_e2e.py                # digits, 15 epochs, 3 rounds
     .venv/bin/python benchmarks/bench_e2e.py --default      # + the default `cnnpipe train`
     .venv/bin/python benchmarks/bench_e2e.py --data shapes  # no scikit-learn: the shapes data as PNGs
+    .venv/bin/python benchmarks/bench_e2e.py --variant host:data.on_device=false \
+        --variant one:train.steps_per_dispatch=1             # + warm runs with config overrides
 """
 
 from __future__ import annotations
@@ -105,7 +107,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--default", action="store_true", help="also time the default `cnnpipe train` (shapes)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="also time warm runs with these config overrides, e.g. host:data.on_device=false")
     args = ap.parse_args()
+    variants = {v.split(":", 1)[0]: [a for kv in v.split(":", 1)[1].split(",") for a in ("--set", kv)]
+                for v in args.variant}
     has_torch = not args.no_torch
     if has_torch:
         try:
@@ -120,7 +126,10 @@ def main() -> int:
         timed([sys.executable, "-m", "cnnpipe.cli", "preprocess", str(work / "images"), str(store), "--size", "32",
                "--channels", "gray", "--seed", "0"], dict(os.environ), work)
         train_args = ["--set", "data.source=store", "--set", f"data.path={store}", "--set", f"train.epochs={args.epochs}"]
-        runs: dict[str, list[dict]] = {"cold": [], "warm": [], "torch": [], "default cold": [], "default warm": []}
+        runs: dict[str, list[dict]] = {"cold": [], "warm": [], "torch": [], "default cold": [], "default warm": [],
+                                       **{name: [] for name in variants}}
+        for name, extra in variants.items():   # an untimed first run fills the variant's compilation cache
+            cnnpipe_run(train_args + extra, work / f"vcache-{name}", work, f"{name}-first")
         for r in range(args.rounds):
             cache = work / f"cache-{r}"
             runs["cold"].append(cnnpipe_run(train_args, cache, work, f"cold{r}"))
@@ -129,6 +138,8 @@ def main() -> int:
             runs["warm"].append(cnnpipe_run(train_args, cache, work, f"warm{r}"))
             if has_torch:
                 runs["torch"].append(torch_run(store, args.epochs, work))
+            for name, extra in variants.items():
+                runs[name].append(cnnpipe_run(train_args + extra, work / f"vcache-{name}", work, f"{name}{r}"))
             if args.default:
                 dcache = work / f"dcache-{r}"
                 runs["default cold"].append(cnnpipe_run([], dcache, work, f"dcold{r}"))

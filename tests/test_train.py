@@ -22,6 +22,7 @@ from cnnpipe.training.train import NonFiniteLossError, train_and_evaluate
 TINY = ["data.size=[16,16]", "data.num_train=96", "data.num_val=40", "train.batch_size=16",
         "train.eval_batch_size=16", "train.epochs=2", "train.log_every_steps=2",
         "train.checkpoint_every_steps=4", "train.keep_checkpoints=10", "train.probe_feature_maps=true",
+        "train.steps_per_dispatch=2",   # auto is 1 on a CPU (dispatch.max_chunk): the multi-step program on purpose
         "model=[{type: conv, filters: 4}, {type: relu}, {type: max_pool}, {type: flatten}]"]
 # every augmentation, mixing and loss option at once: the resume test then shows they resume exactly
 AUGMENTED = ["augment.flip=true", "augment.vflip=true", "augment.rot90=true", "augment.crop_padding=2",

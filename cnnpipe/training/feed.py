@@ -39,9 +39,9 @@ def compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any,
     from cnnpipe.training.mesh import DATA_AXIS, batch_spec
 
     tc = cfg.train  # the first global batch of each kind (rows of every process): the compiled shapes
+    spec = lambda shape, dtype, *axes: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(*axes)))
     if resident:   # no host batch to read: the step takes the placed split itself
-        spec = lambda shape, dtype, *axes: jax.ShapeDtypeStruct(  # noqa: E731
-            shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(*axes)))
         n, steps = len(ds.train), steps_per_epoch(len(ds.train), tc.batch_size)
         train_args = [spec(ds.train.images.shape, ds.train.images.dtype), spec((n,), "int32"),
                       spec((steps, tc.batch_size), "int32", None, DATA_AXIS), spec((), "int32")]
@@ -52,7 +52,12 @@ def compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any,
     eval_batch = next(iter(eval_batches(ds.val, tc.eval_batch_size)), None)
     jobs = [pool.submit(step.compile, state, *train_args) for step in train_steps
             if step is not None and train_args is not None]
-    if eval_batch is not None:
+    if eval_batch is not None and resident:   # the validation split on the devices: one program over it
+        batches = (-(-len(ds.val) // tc.eval_batch_size), tc.eval_batch_size)
+        eval_args = [spec(ds.val.images.shape, ds.val.images.dtype), spec((len(ds.val),), "int32"),
+                     spec(batches, "int32", None, DATA_AXIS), spec(batches, "int32", None, DATA_AXIS)]
+        jobs.append(pool.submit(eval_step.compile, state, *eval_args))
+    elif eval_batch is not None:
         jobs.append(pool.submit(eval_step.compile, state, *[batch_spec(mesh, a.shape, a.dtype) for a in eval_batch]))
     return jobs
 

@@ -14,7 +14,8 @@ import numpy as np
 from cnnpipe.datasets.batches import eval_batches, prefetch
 from cnnpipe.datasets.dataset import Split
 
-__all__ = ["confusion_matrix", "per_class_accuracy", "balanced_accuracy", "evaluate_split", "format_confusion"]
+__all__ = ["confusion_matrix", "per_class_accuracy", "balanced_accuracy", "evaluate_split", "evaluate_resident",
+           "format_confusion"]
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -47,21 +48,35 @@ def evaluate_split(eval_step: Any, state: Any, split: Split, batch_size: int, me
 
     from cnnpipe.training.mesh import process_rows, shard_batch
 
-    loss_sum, correct, count = 0.0, 0.0, 0.0
-    preds, pending = [], []
+    pending = []
     rows = process_rows(mesh, batch_size)   # this process's rows of every batch (all of them in one process)
     with prefetch((shard_batch(mesh, x, y, m) for x, y, m in eval_batches(split, batch_size, rows=rows)),
                   size=2) as batches:
         for images, labels, mask in batches:
             pending.append(eval_step(state, images, labels, mask))
-    for i, out in enumerate(pending):
-        out = jax.device_get(out)   # replicated: every process has the whole batch's results
-        loss_sum += float(out["loss_sum"])
-        correct += float(out["correct"])
-        count += float(out["count"])
-        preds.append(np.asarray(out["predictions"])[:len(split) - i * batch_size])  # padding is at the end
-    predictions = np.concatenate(preds) if preds else np.zeros(0, np.int32)
-    cm = confusion_matrix(split.labels, predictions, num_classes)
+    outs = [jax.device_get(out) for out in pending]   # replicated: every process has the whole batch's results
+    sums = [[float(out[k]) for out in outs] for k in ("loss_sum", "correct", "count")]
+    return _result(*sums, [np.asarray(out["predictions"]) for out in outs], split.labels, num_classes)
+
+
+def evaluate_resident(eval_step: Any, state: Any, placed: Any, labels: np.ndarray, num_classes: int
+                      ) -> dict[str, Any]:
+    """`evaluate_split`'s result for a split on the devices (`cnnpipe.training.resident.place_eval`),
+    evaluated in one program (`cnnpipe.training.steps.make_eval_step(resident=True)`); `labels`: the
+    split's labels on the host. The batches and their order are `evaluate_split`'s."""
+    import jax
+
+    out = jax.device_get(eval_step(state, placed.split.images, placed.split.labels, placed.order, placed.mask))
+    sums = [[float(v) for v in out[k]] for k in ("loss_sum", "correct", "count")]
+    return _result(*sums, list(np.asarray(out["predictions"])), labels, num_classes)
+
+
+def _result(loss_sums: list[float], corrects: list[float], counts: list[float], predictions: list[np.ndarray],
+            labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The evaluation of per-batch sums (added in order, in float64) and predictions (padding at the end)."""
+    loss_sum, correct, count = (float(sum(v, 0.0)) for v in (loss_sums, corrects, counts))
+    predictions = np.concatenate(predictions)[:len(labels)] if predictions else np.zeros(0, np.int32)
+    cm = confusion_matrix(labels, predictions, num_classes)
     return {"loss": loss_sum / max(count, 1.0), "accuracy": correct / max(count, 1.0), "count": int(count),
             "balanced_accuracy": balanced_accuracy(cm), "per_class_accuracy": per_class_accuracy(cm),
             "confusion": cm, "predictions": predictions}

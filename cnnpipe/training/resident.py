@@ -22,8 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cnnpipe.training.mesh import DATA_AXIS, process_rows
 
-__all__ = ["RESIDENT_SHARE", "ResidentSplit", "memory_budget", "resident_decision", "place_split",
-           "place_order"]
+__all__ = ["RESIDENT_SHARE", "ResidentSplit", "ResidentEval", "memory_budget", "resident_decision", "place_split",
+           "place_order", "place_eval", "eval_order"]
 
 # the share of a device's free memory (a CPU host's available memory) the training split may take:
 # the rest is for the model, its activations and the optimizer
@@ -39,6 +39,16 @@ class ResidentSplit:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+@dataclass
+class ResidentEval:
+    """A split to evaluate on the devices: `split`, and its (batches, batch) row `order` and
+    `mask` (1 for real rows, 0 for the short last batch's padding), placed as a batch is."""
+
+    split: ResidentSplit
+    order: jax.Array
+    mask: jax.Array
 
 
 def memory_budget(device: Any) -> int | None:
@@ -95,3 +105,18 @@ def place_order(order: np.ndarray, mesh: Any) -> jax.Array:
         return jax.device_put(order, sharding)
     rows = process_rows(mesh, order.shape[1])
     return jax.make_array_from_process_local_data(sharding, order[:, rows], order.shape)
+
+
+def eval_order(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, mask), each (ceil(n / batch_size), batch_size) int32: the rows of `n` in order in
+    batches, the last one padded with the last row (mask 0): `cnnpipe.datasets.batches.eval_batches`'s
+    batches (which pad with zeros; padding is masked out of every sum)."""
+    batches = -(-n // batch_size)
+    rows = np.arange(batches * batch_size, dtype=np.int32).reshape(batches, batch_size)
+    return np.minimum(rows, n - 1), (rows < n).astype(np.int32)
+
+
+def place_eval(images: np.ndarray, labels: np.ndarray, batch_size: int, mesh: Any) -> ResidentEval:
+    """A non-empty split placed for `cnnpipe.training.steps.make_eval_step(resident=True)`."""
+    order, mask = eval_order(len(labels), batch_size)
+    return ResidentEval(place_split(images, labels, mesh), place_order(order, mesh), place_order(mask, mesh))

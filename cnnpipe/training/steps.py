@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.models.cnn import CNN
 from cnnpipe.training.augment import apply_view, augment_batch
-from cnnpipe.training.dispatch import InFlightGuard, ahead_of_time, gathering, repeating
+from cnnpipe.training.dispatch import InFlightGuard, ahead_of_time, jit_train_step
 from cnnpipe.training.loss import mix_batch, mix_like, soft_targets, weighted_cross_entropy
 from cnnpipe.training.mesh import (
     DATA_AXIS,
@@ -269,8 +269,6 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     aug = augment or AugmentConfig()
     head = frozen_backbone
     bf16 = resolve_precision(precision) == "bf16"
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
     soft = weights is not None or label_smoothing > 0 or aug.mixup > 0 or aug.cutmix > 0
 
@@ -305,17 +303,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
                    "nonfinite": ~finite}
         return new_state, metrics
 
-    order_sharding = NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
-    if resident and steps_per_dispatch > 1:   # (..., first step in epoch, steps to run): `dispatch.repeating`
-        jitted = jax.jit(repeating(gathering(step, batched), steps_per_dispatch), donate_argnums=0,
-                         in_shardings=(replicated,) * 3 + (order_sharding, replicated, replicated),
-                         out_shardings=(replicated, replicated))
-    elif resident:   # (state, the split's images, its labels, the epoch's order, step in epoch)
-        jitted = jax.jit(gathering(step, batched), donate_argnums=0, out_shardings=(replicated, replicated),
-                         in_shardings=(replicated,) * 3 + (order_sharding, replicated))
-    else:
-        jitted = jax.jit(step, in_shardings=(replicated, batched, batched),
-                         out_shardings=(replicated, replicated), donate_argnums=0)
+    jitted = jit_train_step(step, mesh, resident, steps_per_dispatch)
     guard = InFlightGuard(mesh)
     impl: list[Any] = [jitted]
 
@@ -344,7 +332,8 @@ def _update(state: TrainState, grads: Any, new_model_state: Any, finite: jax.Arr
                       opt_state=keep(new_opt, state.opt_state), step=state.step + 1, rng=state.rng)
 
 
-def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = ()) -> Callable[..., dict[str, jax.Array]]:
+def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = (), resident: bool = False
+                   ) -> Callable[..., dict[str, jax.Array]]:
     """Jitted ``eval_step(state, images, labels, mask) -> {loss_sum, correct, count, predictions}``.
 
     `views` (test-time augmentation, `cnnpipe.training.augment.tta_views`): the loss and
@@ -353,6 +342,11 @@ def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = ()) -> Call
     `mask` (N,) is 1 for real rows and 0 for the padding of a short last batch, so every
     batch has the same shape and the step compiles once; sums count real rows only.
     `predictions` (N,) are argmax classes for every row (padding included).
+
+    `resident`: one program over a whole split on the devices, ``(state, images, labels,
+    order, mask)`` with the (batches, batch) `order` and `mask` of
+    `cnnpipe.training.resident.place_eval`; each output gains a leading batch axis
+    (sums per batch, so the host adds them up as it adds up the batches' sums).
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
@@ -372,14 +366,32 @@ def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = ()) -> Call
         return {"loss_sum": jnp.sum(loss * m), "correct": jnp.sum((pred == labels) * m),
                 "count": jnp.sum(m), "predictions": pred}
 
-    jitted = jax.jit(step, in_shardings=(replicated, batched, batched, batched), out_shardings=replicated)
+    if resident:
+        jitted = jax.jit(_over_batches(step, batched), out_shardings=replicated,
+                         in_shardings=(replicated,) * 3 + (NamedSharding(mesh, PartitionSpec(None, DATA_AXIS)),) * 2)
+    else:
+        jitted = jax.jit(step, in_shardings=(replicated, batched, batched, batched), out_shardings=replicated)
     guard = InFlightGuard(mesh)
     impl: list[Any] = [jitted]
 
-    def eval_step(state: TrainState, images: Any, labels: Any, mask: Any):
-        check_divisible(mesh, images.shape[0], "eval batch size")
-        return guard(impl[0](state, images, labels, mask))
+    def eval_step(state: TrainState, *args: Any):
+        check_divisible(mesh, args[2].shape[1] if resident else args[0].shape[0], "eval batch size")
+        return guard(impl[0](state, *args))
 
     eval_step.jitted = jitted  # type: ignore[attr-defined]
     eval_step.compile = ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
     return eval_step
+
+
+def _over_batches(step: Callable[..., Any], batched: NamedSharding) -> Callable[..., Any]:
+    """`step` over every batch of a device-resident split in one program (`lax.map`): rows
+    ``order[b]`` of `images` and `labels`, masked by ``mask[b]``; outputs stacked per batch."""
+    def over(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, mask: jax.Array):
+        def one(idx_mask: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
+            idx, m = idx_mask
+            take = lambda a: jax.lax.with_sharding_constraint(jnp.take(a, idx, axis=0), batched)  # noqa: E731
+            return step(state, take(images), take(labels), jax.lax.with_sharding_constraint(m, batched))
+
+        return jax.lax.map(one, (order, mask))
+
+    return over

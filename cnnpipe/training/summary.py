@@ -35,7 +35,6 @@ def best_result(parts: Any, ckpts: Any, pos: Position, cfg: Config, remembered: 
     """
     import dataclasses
 
-    from cnnpipe.training.metrics import evaluate_split
     from cnnpipe.training.steps import replicate
 
     if pos.best_step is None:
@@ -46,8 +45,7 @@ def best_result(parts: Any, ckpts: Any, pos: Position, cfg: Config, remembered: 
     params, model_state, _ = ckpts.restore_model(parts.state.params, parts.state.model_state, pos.best_step)
     # the eval step was compiled for a whole train state: the current one with the best parameters
     state = replicate(parts.mesh, dataclasses.replace(parts.state, params=params, model_state=model_state))
-    return evaluate_split(parts.eval_step, state, parts.ds.val, cfg.train.eval_batch_size, parts.mesh,
-                          parts.ds.num_classes)
+    return parts.evaluate(state)
 
 
 def augment_examples(images: np.ndarray, rng: Any, cfg: Config, steps: range) -> np.ndarray:

@@ -102,6 +102,17 @@ class _Parts:
     resident: Any = None       # cnnpipe.training.resident.ResidentSplit: the training split on the devices
     resident_reason: str = ""  # why it is (not) there, for the log
     steps_per_dispatch: int = 1  # the most train steps one call runs (`cnnpipe.training.dispatch`)
+    resident_val: Any = None   # cnnpipe.training.resident.ResidentEval: the validation split on the devices
+    eval_batch_size: int = 0
+
+    def evaluate(self, state: Any) -> dict[str, Any]:
+        """`state`'s evaluation on the validation split (`cnnpipe.training.metrics.evaluate_split`'s
+        result): one program over the split on the devices, or host batches."""
+        from cnnpipe.training.metrics import evaluate_resident, evaluate_split
+
+        if self.resident_val is not None:
+            return evaluate_resident(self.eval_step, state, self.resident_val, self.ds.val.labels, self.ds.num_classes)
+        return evaluate_split(self.eval_step, state, self.ds.val, self.eval_batch_size, self.mesh, self.ds.num_classes)
 
 
 def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _Parts:
@@ -121,7 +132,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
     from cnnpipe.training.dispatch import max_chunk
     from cnnpipe.training.loss import class_weight_vector
     from cnnpipe.training.pretrained import head_mask, resolve_pretrained
-    from cnnpipe.training.resident import place_split, resident_decision
+    from cnnpipe.training.resident import place_eval, place_split, resident_decision
 
     tc, pre = cfg.train, cfg.pretrained
     with watch.phase("data"):
@@ -150,14 +161,17 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         tx = steps.make_optimizer(cfg.optimizer, spe * tc.epochs, head=head,
                                   backbone_lr_scale=pre.backbone_lr_scale, freeze_steps=spe * pre.freeze_epochs)
         graphdef, abstract_state = steps.abstract_train_state(abstract, tx, mesh)
-        resident, why = resident_decision(cfg.data.on_device, ds.train.images.nbytes + ds.train.labels.nbytes, mesh)
-        k = max_chunk(tc.steps_per_dispatch, resident, spe, tc.log_every_steps, tc.checkpoint_every_steps)
+        resident, why = resident_decision(cfg.data.on_device, sum(a.nbytes for split in (ds.train, ds.val)
+                                                                  for a in (split.images, split.labels)), mesh)
+        resident_val = resident and len(ds.val) > 0   # the validation split goes with it
+        k = max_chunk(tc.steps_per_dispatch, resident, spe, tc.log_every_steps, tc.checkpoint_every_steps,
+                      mesh.devices.flat[0].platform)
         loss_args = dict(precision=tc.precision, augment=cfg.augment, class_weights=weights,
                          label_smoothing=tc.label_smoothing, resident=resident, steps_per_dispatch=k)
         train_step = steps.make_train_step(graphdef, tx, mesh, **loss_args)
         frozen_step = steps.make_train_step(graphdef, tx, mesh, frozen_backbone=head,
                                             **loss_args) if pre.freeze_epochs else None
-        eval_step = steps.make_eval_step(graphdef, mesh)
+        eval_step = steps.make_eval_step(graphdef, mesh, resident=resident_val)
 
     def initialise() -> Any:
         model = nnx.jit(make)()
@@ -170,13 +184,16 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         state = pool.submit(initialise)
         # the split goes to the devices while the steps compile (a store is read from disk here)
         placed = pool.submit(place_split, ds.train.images, ds.train.labels, mesh) if resident else None
+        placed_val = pool.submit(place_eval, ds.val.images, ds.val.labels, tc.eval_batch_size,
+                                 mesh) if resident_val else None
         for done in compile_ahead([train_step, frozen_step], eval_step, abstract_state, mesh, ds, cfg, pool,
                                    resident, k):
             done.result()
         state = state.result()
         placed = placed.result() if placed is not None else None
+        placed_val = placed_val.result() if placed_val is not None else None
     return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe, init, frozen_step,
-                  weights, placed, why, k)
+                  weights, placed, why, k, placed_val, tc.eval_batch_size)
 
 
 def _bar_safe(log: Callable[[str], None], bar: Any) -> Callable[[str], None]:
@@ -239,7 +256,9 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {parts.num_params:,} parameters; "
         f"{parts.mesh.size} device(s) ({jax.devices()[0].platform}){processes}; training data "
         f"{'on the devices' if parts.resident is not None else 'from the host'} ({parts.resident_reason})"
-        + (f"; up to {parts.steps_per_dispatch} steps per call" if parts.steps_per_dispatch > 1 else ""))
+        + (f"; up to {parts.steps_per_dispatch} steps per call" if parts.steps_per_dispatch > 1 else "")
+        + ("; note: XLA:CPU runs convolution gradients in a multi-step call far slower (steps_per_dispatch: auto "
+           "is 1 on a CPU)" if parts.steps_per_dispatch > 1 and parts.mesh.devices.flat[0].platform == "cpu" else ""))
     pre = cfg.pretrained
     if pre.weights is not None:
         plan = (f"; head alone for {pre.freeze_epochs} epoch(s), then the backbone too" if pre.freeze_epochs
@@ -275,12 +294,10 @@ def _results(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, final: dict[
              remembered: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the last evaluation, the run's result): the result is the best checkpoint's evaluation
     with early stopping, else the last one; its "step" names the checkpoint."""
-    from cnnpipe.training.metrics import evaluate_split
     from cnnpipe.training.summary import best_result
 
     if not final:  # resumed a run that had already finished: evaluate its final state
-        final = evaluate_split(parts.eval_step, parts.state, parts.ds.val, cfg.train.eval_batch_size,
-                               parts.mesh, parts.ds.num_classes)
+        final = parts.evaluate(parts.state)
     if cfg.train.early_stopping is not None:
         best = best_result(parts, ckpts, pos, cfg, remembered)
         if best is not None:
@@ -370,14 +387,12 @@ def _end_epoch(cfg: Config, parts: _Parts, pos: Position, monitor: Monitor, logg
                save: Callable[..., None], say: Callable[[str], None]) -> tuple[dict[str, Any], bool]:
     """Evaluate the epoch just trained, log it, checkpoint it: (its evaluation, whether it is the best)."""
     from cnnpipe.training.compile_cache import quiet_cache_loads
-    from cnnpipe.training.metrics import evaluate_split
     from cnnpipe.training.summary import probe_feature_maps
 
     tc, ds = cfg.train, parts.ds
     t_eval = time.perf_counter()
     with watch.phase("eval"):
-        result = evaluate_split(parts.eval_step, parts.state, ds.val, tc.eval_batch_size, parts.mesh,
-                                ds.num_classes)
+        result = parts.evaluate(parts.state)
     is_best = pos.end_epoch(result, monitor)
     logger.write({"step": pos.step, "epoch": pos.epoch, "split": "val", "loss": result["loss"],
                   "accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
