@@ -25,13 +25,14 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from cnnpipe.fdcapture import stderr_lines
 from cnnpipe.files import default_cache_dir
 
-__all__ = ["compile_cache_dir", "enable_compile_cache", "quiet_cache_loads", "ENV_VAR"]
+__all__ = ["compile_cache_dir", "enable_compile_cache", "quiet_cache_loads", "run_once", "ENV_VAR"]
 
 ENV_VAR = "CNNPIPE_COMPILE_CACHE"
 _OFF = ("off", "none", "0", "false", "no")
@@ -104,3 +105,17 @@ def _pass_on(lines: list[str]) -> None:
     for line in lines:
         if not _FALSE_ALARM.search(line):
             print(line, file=sys.stderr)
+
+
+def run_once(fn: Callable[[], Any]) -> Any:
+    """``fn()`` (no arguments, returning arrays) as one jitted program compiled with XLA's backend
+    optimisations off.
+
+    For programs a run calls once, such as the model's initialiser: their compile time is
+    all that matters. The default CNN's initialiser and optimizer state took 1.9 s to
+    compile on a 2-core CPU, 0.5 s at optimisation level 0, and ran in 3 and 10 ms.
+    Integer work (threefry random bits) is exact either way; float rounding may differ.
+    """
+    import jax
+
+    return jax.jit(fn).lower().compile(compiler_options={"xla_backend_optimization_level": 0})()

@@ -73,12 +73,12 @@ def ahead_of_time(jitted: Any, impl: list[Any]) -> Callable[..., None]:
 def gathering(step: Callable[..., Any], batched: NamedSharding) -> Callable[..., Any]:
     """`step` on a batch gathered on the device: ``(state, images, labels, order, i)`` trains on rows
     ``order[i]`` of the device-resident split (`cnnpipe.training.resident`)."""
-    def gathered(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, i: jax.Array):
+    def step_on_gathered(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, i: jax.Array):
         idx = jax.lax.dynamic_index_in_dim(order, i, keepdims=False)
         take = lambda a: jax.lax.with_sharding_constraint(jnp.take(a, idx, axis=0), batched)  # noqa: E731
         return step(state, take(images), take(labels))
 
-    return gathered
+    return step_on_gathered
 
 
 def repeating(gathered: Callable[..., Any], k: int) -> Callable[..., Any]:
@@ -89,7 +89,7 @@ def repeating(gathered: Callable[..., Any], k: int) -> Callable[..., Any]:
     the rest are zeros. The loop body is the one-step program's step, so every step
     computes what it computes called alone (bit for bit on CPU: tested).
     """
-    def repeated(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, start: jax.Array,
+    def steps_repeated(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, start: jax.Array,
                  n: jax.Array):
         shapes = jax.eval_shape(gathered, state, images, labels, order, start)[1]
         buffer = jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shapes)
@@ -101,7 +101,7 @@ def repeating(gathered: Callable[..., Any], k: int) -> Callable[..., Any]:
 
         return jax.lax.fori_loop(0, n, body, (state, buffer))
 
-    return repeated
+    return steps_repeated
 
 
 def jit_train_step(step: Callable[..., Any], mesh: Mesh, resident: bool, k: int) -> Any:

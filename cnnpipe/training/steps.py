@@ -386,7 +386,7 @@ def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = (), residen
 def _over_batches(step: Callable[..., Any], batched: NamedSharding) -> Callable[..., Any]:
     """`step` over every batch of a device-resident split in one program (`lax.map`): rows
     ``order[b]`` of `images` and `labels`, masked by ``mask[b]``; outputs stacked per batch."""
-    def over(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, mask: jax.Array):
+    def eval_step_over_batches(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, mask: jax.Array):
         def one(idx_mask: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
             idx, m = idx_mask
             take = lambda a: jax.lax.with_sharding_constraint(jnp.take(a, idx, axis=0), batched)  # noqa: E731
@@ -394,4 +394,4 @@ def _over_batches(step: Callable[..., Any], batched: NamedSharding) -> Callable[
 
         return jax.lax.map(one, (order, mask))
 
-    return over
+    return eval_step_over_batches

@@ -128,7 +128,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
     from cnnpipe.models.cnn import build_model, count_params
     from cnnpipe.training import distributed, steps
     from cnnpipe.training.augment import check_augment
-    from cnnpipe.training.compile_cache import quiet_cache_loads
+    from cnnpipe.training.compile_cache import quiet_cache_loads, run_once
     from cnnpipe.training.dispatch import max_chunk
     from cnnpipe.training.loss import class_weight_vector
     from cnnpipe.training.pretrained import head_mask, resolve_pretrained
@@ -173,11 +173,13 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
                                             **loss_args) if pre.freeze_epochs else None
         eval_step = steps.make_eval_step(graphdef, mesh, resident=resident_val)
 
-    def initialise() -> Any:
-        model = nnx.jit(make)()
-        if init.copy is not None:
+    def initialise() -> Any:   # one program, compiled for speed of compiling (it runs once)
+        if init.copy is None:
+            state = run_once(lambda: steps.create_train_state(make(), tx, cfg.seed)[1])
+        else:   # pretrained weights are copied into the initialised model, then the optimizer starts
+            model = nnx.merge(nnx.graphdef(abstract), run_once(lambda: nnx.state(make())))
             init.copy(model)
-        _, state = steps.create_train_state(model, tx, cfg.seed)
+            _, state = steps.create_train_state(model, tx, cfg.seed)
         return jax.block_until_ready(steps.replicate(mesh, state))
 
     with watch.phase("compile"), quiet_cache_loads(), ThreadPoolExecutor(3) as pool:
