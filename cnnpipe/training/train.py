@@ -122,13 +122,12 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
     abstract state from `nnx.eval_shape`), so compiling them does not wait for the
     initialiser, itself one jitted program instead of one per layer initialiser.
     """
-    import jax
     from flax import nnx
 
     from cnnpipe.models.cnn import build_model, count_params
     from cnnpipe.training import distributed, steps
     from cnnpipe.training.augment import check_augment
-    from cnnpipe.training.compile_cache import quiet_cache_loads, run_once
+    from cnnpipe.training.compile_cache import quiet_cache_loads
     from cnnpipe.training.dispatch import max_chunk
     from cnnpipe.training.loss import class_weight_vector
     from cnnpipe.training.pretrained import head_mask, resolve_pretrained
@@ -173,14 +172,8 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
                                             **loss_args) if pre.freeze_epochs else None
         eval_step = steps.make_eval_step(graphdef, mesh, resident=resident_val)
 
-    def initialise() -> Any:   # one program, compiled for speed of compiling (it runs once)
-        if init.copy is None:
-            state = run_once(lambda: steps.create_train_state(make(), tx, cfg.seed)[1])
-        else:   # pretrained weights are copied into the initialised model, then the optimizer starts
-            model = nnx.merge(nnx.graphdef(abstract), run_once(lambda: nnx.state(make())))
-            init.copy(model)
-            _, state = steps.create_train_state(model, tx, cfg.seed)
-        return jax.block_until_ready(steps.replicate(mesh, state))
+    def initialise() -> Any:
+        return _initial_state(make, abstract, init, tx, cfg.seed, mesh)
 
     with watch.phase("compile"), quiet_cache_loads(), ThreadPoolExecutor(3) as pool:
         state = pool.submit(initialise)
@@ -196,6 +189,23 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         placed_val = placed_val.result() if placed_val is not None else None
     return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe, init, frozen_step,
                   weights, placed, why, k, placed_val, tc.eval_batch_size)
+
+
+def _initial_state(make: Callable[[], Any], abstract: Any, init: Any, tx: Any, seed: int, mesh: Any) -> Any:
+    """The first train state, placed: one program, compiled for speed of compiling (it runs once)."""
+    import jax
+    from flax import nnx
+
+    from cnnpipe.training import steps
+    from cnnpipe.training.compile_cache import run_once
+
+    if init.copy is None:
+        state = run_once(lambda: steps.create_train_state(make(), tx, seed)[1])
+    else:   # pretrained weights are copied into the initialised model, then the optimizer starts
+        model = nnx.merge(nnx.graphdef(abstract), run_once(lambda: nnx.state(make())))
+        init.copy(model)
+        _, state = steps.create_train_state(model, tx, seed)
+    return jax.block_until_ready(steps.replicate(mesh, state))
 
 
 def _bar_safe(log: Callable[[str], None], bar: Any) -> Callable[[str], None]:
@@ -231,11 +241,12 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     """
     watch = Stopwatch()
     with watch.phase("imports"):
-        import jax
+        import jax  # noqa: F401 - its import time is the "imports" phase's
 
         from cnnpipe.training import distributed
         from cnnpipe.training.checkpoint import Checkpoints
         from cnnpipe.training.compile_cache import enable_compile_cache
+        from cnnpipe.training.plots import import_in_background
         from cnnpipe.training.summary import finish_run
     watch.listen()
     primary = distributed.is_primary()
@@ -252,6 +263,30 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     parts = _build(cfg, watch, run_dir if resume and has_checkpoints else None)
     cfg = resolve_data(cfg, parts.ds)
     _prepare_run_dir(cfg, run_dir, parts.ds, resume, write=primary, normalization=parts.init.info())
+    _log_start(cfg, parts, run_dir, log)
+    monitor = Monitor.of(cfg.train)
+    ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, asynchronous=True,
+                        best_metric=monitor.metric)
+    # the plots' matplotlib imports while the run trains (joined before anything else runs after it)
+    plotting = import_in_background() if primary else None
+    try:
+        pos = _restore(parts, ckpts, resume, run_dir, log)
+        final, counts, remembered = _train(cfg, parts, ckpts, pos, run_dir, resume, watch, log)
+        with watch.phase("eval"):
+            final, result = _results(cfg, parts, ckpts, pos, final, remembered)
+    finally:
+        with watch.phase("checkpoints"):
+            ckpts.close()  # waits for a save in flight: a finished checkpoint is never lost
+        if plotting is not None:
+            plotting.join()
+        watch.stop()
+    return finish_run(cfg, parts, run_dir, final, result, counts, pos, resume, watch, log, write=primary)
+
+
+def _log_start(cfg: Config, parts: _Parts, run_dir: Path, log: Callable[[str], None]) -> None:
+    """The run's first lines: data, model, devices, where the training data lives, fine-tuning, weights."""
+    import jax
+
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     log(f"run {run_dir}: {parts.ds.description}, {len(parts.ds.train)} train / {len(parts.ds.val)} val images, "
         f"{parts.ds.num_classes} classes")
@@ -277,19 +312,6 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
 
         log(f"class weights ({'auto: inverse frequency' if cfg.train.class_weights == 'auto' else 'given'}): "
             f"{describe_weights(parts.class_weights, parts.ds.classes)}")
-    monitor = Monitor.of(cfg.train)
-    ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, asynchronous=True,
-                        best_metric=monitor.metric)
-    try:
-        pos = _restore(parts, ckpts, resume, run_dir, log)
-        final, counts, remembered = _train(cfg, parts, ckpts, pos, run_dir, resume, watch, log)
-        with watch.phase("eval"):
-            final, result = _results(cfg, parts, ckpts, pos, final, remembered)
-    finally:
-        with watch.phase("checkpoints"):
-            ckpts.close()  # waits for a save in flight: a finished checkpoint is never lost
-        watch.stop()
-    return finish_run(cfg, parts, run_dir, final, result, counts, pos, resume, watch, log, write=primary)
 
 
 def _results(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, final: dict[str, Any],
