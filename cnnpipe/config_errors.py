@@ -48,8 +48,16 @@ def describe(exc: ValidationError, schema: type[BaseModel], *, prefix: str = "",
         if kind == "missing":
             lines.append(f"{key}: missing; this key is required")
             continue
-        lines.append(f"{key}: got {short(value)}{origin}; expected {_expected(kind, ctx, err['msg'])}")
-    # a union (e.g. `model`) reports each branch; keep the first line per key
+        expected = _expected(kind, ctx, err["msg"])
+        if lines and lines[-1].startswith(f"{key}: got ") and not kind.startswith("model"):
+            # the next branch of a union (`auto | an integer`): one line, the branches joined by "or"
+            first = lines[-1].rsplit("; expected ", 1)
+            single = first[1].startswith("one of '") and first[1].count("'") == 2   # one literal, e.g. 'auto'
+            lines[-1] = f"{first[0]}; expected {first[1].removeprefix('one of ') if single else first[1]}" \
+                        f" or {expected.removeprefix('one of ')}"
+            continue
+        lines.append(f"{key}: got {short(value)}{origin}; expected {expected}")
+    # a union of mappings and lists (e.g. `model`) reports each branch; keep the first line per key
     seen, unique = set(), []
     for line in lines:
         head = line.split(":")[0]
@@ -68,7 +76,7 @@ def _expected(kind: str, ctx: Mapping[str, Any], msg: str) -> str:
     named = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
              "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
              "bool_parsing": "true or false", "string_type": "a string",
-             "tuple_type": "a list", "model_type": "a mapping of keys", "model_attributes_type":
+             "tuple_type": "a list", "dict_type": "a mapping", "model_type": "a mapping of keys", "model_attributes_type":
              "a mapping of keys"}
     if kind == "literal_error":
         return f"one of {ctx.get('expected', '?')}"
@@ -103,7 +111,8 @@ def _dotted(loc: Sequence[Any]) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts the union branch ("str", "tuple[...]") into the location
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "none"))
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none", "constrained-int",
+                                                             "constrained-float"))
 
 
 def short(value: Any) -> str:

@@ -248,3 +248,14 @@ def test_the_packaged_default_lists_every_key_at_its_default():
 
     assert list(missing(raw, Config().model_dump())) == []
     assert load_config(default_config_path()) == Config()
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"train": {"steps_per_dispatch": 0}}, "train.steps_per_dispatch: got 0; expected 'auto' or an integer >= 1"),
+    ({"train": {"steps_per_dispatch": "fast"}}, "train.steps_per_dispatch: got 'fast'; expected 'auto' or an integer"),
+    ({"train": {"steps_per_dispatch": True}}, "train.steps_per_dispatch: got True; expected 'auto' or an integer"),
+    ({"data": {"on_device": "yes"}}, "data.on_device: got 'yes'; expected 'auto' or true or false"),
+    ({"train": {"class_weights": "x"}}, "train.class_weights: got 'x'; expected 'auto' or a mapping"),
+])
+def test_a_union_of_a_word_and_a_type_names_both_in_one_line(raw, expected):
+    assert error_of(raw) == f"config: {expected}"
