@@ -219,8 +219,12 @@ def test_store_without_validation_split_is_an_error(tmp_path):
 
     src = write_shapes_folder(tmp_path / "src", per_class=3)
     preprocess(src, tmp_path / "store", size=(16, 16), val_fraction=0.0, workers=1)
-    with pytest.raises(ValueError, match="no validation split"):
+    with pytest.raises(ValueError, match=r"no validation images \(images per split: train 9\); "
+                       "preprocess it with a validation fraction > 0"):
         store_dataset(tmp_path / "store")
+    # a folder: the hint names the config key, not a preprocess step the user never ran
+    with pytest.raises(ValueError, match=r"data.val_fraction is 0 and no image of .* fell into the validation"):
+        folder_dataset(src, size=(16, 16), val_fraction=0.0, cache_dir=tmp_path / "cache")
 
 
 def test_folder_source_caches_by_contents_and_settings(tmp_path, monkeypatch):

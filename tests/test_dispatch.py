@@ -12,7 +12,7 @@ from flax import nnx
 from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.datasets.batches import epoch_order
 from cnnpipe.models.cnn import build_model
-from cnnpipe.training.dispatch import TARGET_SECONDS, Chunks, max_chunk
+from cnnpipe.training.dispatch import TARGET_SECONDS, Chunks, describe, max_chunk
 from cnnpipe.training.resident import place_order, place_split
 from cnnpipe.training.steps import create_train_state, make_mesh, make_optimizer, make_train_step, replicate
 
@@ -100,3 +100,12 @@ def test_auto_chunks_ramp_up_then_follow_the_step_time():
     assert c.next(20) == 1
     fixed = Chunks(6, auto=False)
     assert [fixed.next(t) for t in (20, 20, 4)] == [6, 6, 4]
+
+
+def test_the_log_says_when_an_explicit_count_is_capped_or_does_not_apply():
+    assert describe("auto", 1, True, "cpu") == ""
+    assert describe("auto", 20, True, "gpu") == "; up to 20 steps per call"
+    assert describe(4, 1, False, "gpu") == "; train.steps_per_dispatch 4 does not apply to host batches (one step per call)"
+    assert describe(4, 1, True, "gpu").startswith("; one step per call (train.steps_per_dispatch 4, capped by the log")
+    assert describe(100, 3, True, "gpu").startswith("; up to 3 steps per call (train.steps_per_dispatch 100, capped")
+    assert "XLA:CPU" in describe(2, 2, True, "cpu")

@@ -80,18 +80,23 @@ class Dataset:
 
 
 
-def store_dataset(path: str | os.PathLike) -> Dataset:
-    """A `cnnpipe preprocess` store: train split + its "val" (or else "test") split, memory-mapped."""
+def store_dataset(path: str | os.PathLike, no_val_hint: str = "preprocess it with a validation fraction > 0"
+                  ) -> Dataset:
+    """A `cnnpipe preprocess` store: train split + its "val" (or else "test") split, memory-mapped.
+
+    Raises ValueError, naming the store and each split's size, when a split is empty;
+    `no_val_hint` says what to do about an empty validation split.
+    """
     from cnnpipe.datasets.store import load_store
 
     store = load_store(path)
     # counts come from meta.json; Store.labels checks each loaded array against them
     val_name = next((s for s in ("val", "test") if s in store.splits and store.count(s)), None)
+    sizes = ", ".join(f"{s} {store.count(s)}" for s in store.splits) or "none"
     if "train" not in store.splits or not store.count("train"):
-        raise ValueError(f"{store.path}: store has no train images (splits: {', '.join(store.splits)})")
+        raise ValueError(f"{store.path}: store has no train images (images per split: {sizes})")
     if val_name is None:
-        raise ValueError(f"{store.path}: store has no validation split (splits: {', '.join(store.splits)}); "
-                         "preprocess it with a validation fraction > 0")
+        raise ValueError(f"{store.path}: no validation images (images per split: {sizes}); {no_val_hint}")
     train = Split(store.images("train"), store.labels("train"))
     val = Split(store.images(val_name), store.labels(val_name), tuple(store.sources(val_name)) or None)
     names = store.meta.get("channel_names")

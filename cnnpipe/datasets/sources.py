@@ -102,7 +102,9 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
         except ValueError:
             if not (out / "meta.json").is_file():  # not merely another process finishing first
                 raise
-    return dataclasses.replace(store_dataset(out), description=f"folder {root} (cache {out})", resize=resize)
+    hint = (f"data.val_fraction is {val_fraction:g} and no image of {root} fell into the validation split "
+            "(drawn per file): raise it or add images")
+    return dataclasses.replace(store_dataset(out, hint), description=f"folder {root} (cache {out})", resize=resize)
 
 
 __all__ = ["load_dataset", "folder_cache_key", "folder_dataset"]

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnnpipe.training.mesh import DATA_AXIS
 
-__all__ = ["InFlightGuard", "ahead_of_time", "gathering", "repeating", "jit_train_step", "max_chunk", "Chunks",
+__all__ = ["InFlightGuard", "ahead_of_time", "gathering", "repeating", "jit_train_step", "max_chunk", "describe", "Chunks",
            "TARGET_SECONDS"]
 
 # auto: a call's length in seconds of steps. Long enough that the per-call cost (a Python
@@ -139,6 +139,20 @@ def max_chunk(steps_per_dispatch: int | str, resident: bool, steps_per_epoch: in
     if isinstance(steps_per_dispatch, int):
         return max(1, min(events, steps_per_dispatch))
     return 1 if platform == "cpu" else events
+
+
+def describe(setting: int | str, k: int, resident: bool, platform: str) -> str:
+    """The run log's words on steps per call (empty for one step per call as configured)."""
+    asked = setting if isinstance(setting, int) else None
+    if asked is not None and asked > 1 and not resident:
+        return f"; train.steps_per_dispatch {asked} does not apply to host batches (one step per call)"
+    capped = (f" (train.steps_per_dispatch {asked}, capped by the log interval, checkpoint interval or epoch length)"
+              if asked is not None and asked > k else "")
+    if k == 1:
+        return f"; one step per call{capped}" if capped else ""
+    slow = ("; note: XLA:CPU runs convolution gradients in a multi-step call far slower (auto is 1 on a CPU)"
+            if platform == "cpu" else "")
+    return f"; up to {k} steps per call{capped}{slow}"
 
 
 class Chunks:

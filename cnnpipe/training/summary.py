@@ -116,6 +116,7 @@ def finish_run(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], re
     evaluation with early stopping, else `final`; its "step" key names the checkpoint).
     """
     from cnnpipe.training.augment import is_active
+    from cnnpipe.training.compile_cache import quiet_cache_loads
     from cnnpipe.training.plots import plot_confusion, plot_curves
 
     if write:
@@ -123,7 +124,8 @@ def finish_run(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], re
             plot_curves(run_dir / "metrics.jsonl", run_dir / "plots")
             plot_confusion(result["confusion"], parts.ds.classes, run_dir / "plots" / "confusion_matrix.png")
             if is_active(cfg.augment):
-                write_augment_plot(parts, cfg, run_dir / "plots" / "augment.png")
+                with quiet_cache_loads():   # the augmentation program, from the compile cache on a warm run
+                    write_augment_plot(parts, cfg, run_dir / "plots" / "augment.png")
     summary = json_safe(_summary(cfg, parts, run_dir, final, result, counts, pos, resume, watch))
     if write:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -245,7 +245,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
 
         from cnnpipe.training import distributed
         from cnnpipe.training.checkpoint import Checkpoints
-        from cnnpipe.training.compile_cache import enable_compile_cache
+        from cnnpipe.training.compile_cache import enable_compile_cache, quiet_cache_loads
         from cnnpipe.training.plots import import_in_background
         from cnnpipe.training.summary import finish_run
     watch.listen()
@@ -270,7 +270,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     # the plots' matplotlib imports while the run trains (joined before anything else runs after it)
     plotting = import_in_background() if primary else None
     try:
-        pos = _restore(parts, ckpts, resume, run_dir, log)
+        with quiet_cache_loads():   # restoring runs small cached programs (dtype conversions)
+            pos = _restore(parts, ckpts, resume, run_dir, log)
         final, counts, remembered = _train(cfg, parts, ckpts, pos, run_dir, resume, watch, log)
         with watch.phase("eval"):
             final, result = _results(cfg, parts, ckpts, pos, final, remembered)
@@ -287,15 +288,16 @@ def _log_start(cfg: Config, parts: _Parts, run_dir: Path, log: Callable[[str], N
     """The run's first lines: data, model, devices, where the training data lives, fine-tuning, weights."""
     import jax
 
+    from cnnpipe.training.dispatch import describe
+
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     log(f"run {run_dir}: {parts.ds.description}, {len(parts.ds.train)} train / {len(parts.ds.val)} val images, "
         f"{parts.ds.num_classes} classes")
     log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {parts.num_params:,} parameters; "
         f"{parts.mesh.size} device(s) ({jax.devices()[0].platform}){processes}; training data "
         f"{'on the devices' if parts.resident is not None else 'from the host'} ({parts.resident_reason})"
-        + (f"; up to {parts.steps_per_dispatch} steps per call" if parts.steps_per_dispatch > 1 else "")
-        + ("; note: XLA:CPU runs convolution gradients in a multi-step call far slower (steps_per_dispatch: auto "
-           "is 1 on a CPU)" if parts.steps_per_dispatch > 1 and parts.mesh.devices.flat[0].platform == "cpu" else ""))
+        + describe(cfg.train.steps_per_dispatch, parts.steps_per_dispatch, parts.resident is not None,
+                   parts.mesh.devices.flat[0].platform))
     pre = cfg.pretrained
     if pre.weights is not None:
         plan = (f"; head alone for {pre.freeze_epochs} epoch(s), then the backbone too" if pre.freeze_epochs
