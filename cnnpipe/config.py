@@ -223,7 +223,8 @@ class TrainConfig(_Schema):
     keep_checkpoints: PosInt = 3
     max_nonfinite_steps: PosInt = 5     # that many non-finite losses in a row stop the run
     log_every_steps: PosInt = 20
-    # train steps per call with the data on the devices (one program loops over them); auto: ~0.2 s of steps
+    # train steps per call with the data on the devices (one program loops over them); auto: ~0.2 s of
+    # steps, 1 on a CPU (cnnpipe.training.dispatch.max_chunk)
     steps_per_dispatch: Literal["auto"] | PosInt = "auto"
     num_devices: NonNegInt = 0          # 0 = all local devices
     probe_feature_maps: StrictBool = False   # feature maps of a probe image to TensorBoard
