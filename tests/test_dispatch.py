@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -109,3 +114,24 @@ def test_the_log_says_when_an_explicit_count_is_capped_or_does_not_apply():
     assert describe(4, 1, True, "gpu").startswith("; one step per call (train.steps_per_dispatch 4, capped by the log")
     assert describe(100, 3, True, "gpu").startswith("; up to 3 steps per call (train.steps_per_dispatch 100, capped")
     assert "XLA:CPU" in describe(2, 2, True, "cpu")
+
+
+def test_several_steps_per_call_on_two_devices_match_one_device():
+    """The loop body's all-reduce on a 2-device CPU mesh (one call in flight, `dispatch.InFlightGuard`)."""
+    code = (f"import sys, json, numpy as np, jax; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from test_dispatch import _run\nfrom cnnpipe.config import AugmentConfig\n"
+            "rng = np.random.default_rng(0)\ny = rng.integers(0, 3, 64).astype(np.int32)\n"
+            "x = (rng.integers(0, 4000, (64, 8, 8, 2)) + 20000 * y[:, None, None, None]).astype(np.uint16)\n"
+            "st, m, _ = _run(8, [3, 5], AugmentConfig(flip=True, crop_padding=2, mixup=0.4), x, y)\n"
+            "print(json.dumps({'devices': len(jax.devices()), 'loss': [float(v['loss']) for v in m],\n"
+            "  'params': [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(st.params)]}))\n")
+    runs = []
+    for count in (1, 2):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert [r["devices"] for r in runs] == [1, 2]
+    np.testing.assert_allclose(runs[0]["loss"], runs[1]["loss"], rtol=1e-5)
+    for a, b in zip(runs[0]["params"], runs[1]["params"]):   # only float summation order differs
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
