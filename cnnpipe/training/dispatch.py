@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnnpipe.training.mesh import DATA_AXIS
 
-__all__ = ["InFlightGuard", "ahead_of_time", "gathering", "repeating", "jit_train_step", "max_chunk", "describe", "Chunks",
+__all__ = ["InFlightGuard", "ahead_of_time", "take_rows", "gathering", "repeating", "jit_train_step", "max_chunk", "describe", "Chunks",
            "TARGET_SECONDS"]
 
 # auto: a call's length in seconds of steps. Long enough that the per-call cost (a Python
@@ -70,13 +70,17 @@ def ahead_of_time(jitted: Any, impl: list[Any]) -> Callable[..., None]:
     return compile_now
 
 
+def take_rows(a: jax.Array, idx: jax.Array, batched: NamedSharding) -> jax.Array:
+    """Rows `idx` of a device-resident array, placed as a batch is (split over "data")."""
+    return jax.lax.with_sharding_constraint(jnp.take(a, idx, axis=0), batched)
+
+
 def gathering(step: Callable[..., Any], batched: NamedSharding) -> Callable[..., Any]:
     """`step` on a batch gathered on the device: ``(state, images, labels, order, i)`` trains on rows
     ``order[i]`` of the device-resident split (`cnnpipe.training.resident`)."""
     def step_on_gathered(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, i: jax.Array):
         idx = jax.lax.dynamic_index_in_dim(order, i, keepdims=False)
-        take = lambda a: jax.lax.with_sharding_constraint(jnp.take(a, idx, axis=0), batched)  # noqa: E731
-        return step(state, take(images), take(labels))
+        return step(state, take_rows(images, idx, batched), take_rows(labels, idx, batched))
 
     return step_on_gathered
 
@@ -86,8 +90,9 @@ def repeating(gathered: Callable[..., Any], k: int) -> Callable[..., Any]:
     ``start .. start + n - 1`` of the epoch's `order` in one program (1 <= n <= k).
 
     Each metric comes back as a (k,) array whose first `n` entries are the steps' own;
-    the rest are zeros. The loop body is the one-step program's step, so every step
-    computes what it computes called alone (bit for bit on CPU: tested).
+    the rest are zeros. Every step runs the same loop body, so how steps are split into
+    calls changes nothing, bit for bit; XLA compiles that body apart from the one-step
+    program, so the two agree up to float rounding (both tested).
     """
     def steps_repeated(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, start: jax.Array,
                  n: jax.Array):

@@ -37,9 +37,6 @@ class ResidentSplit:
     images: jax.Array
     labels: jax.Array
 
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
 
 @dataclass
 class ResidentEval:
@@ -73,12 +70,12 @@ def resident_decision(mode: Any, nbytes: int, mesh: Any) -> tuple[bool, str]:
     """
     if mode is False:
         return False, "data.on_device is false"
+    if mode is True:
+        return True, "data.on_device is true"
     local = mesh.local_devices
     cpu = local[0].platform == "cpu"
     need = nbytes * (len(local) if cpu else 1)
     budget = memory_budget(local[0])
-    if mode is True:
-        return True, "data.on_device is true"
     if budget is None:
         return False, "the devices do not report their memory"
     limit = int(RESIDENT_SHARE * budget)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.models.cnn import CNN
 from cnnpipe.training.augment import apply_view, augment_batch
-from cnnpipe.training.dispatch import InFlightGuard, ahead_of_time, jit_train_step
+from cnnpipe.training.dispatch import InFlightGuard, ahead_of_time, jit_train_step, take_rows
 from cnnpipe.training.loss import mix_batch, mix_like, soft_targets, weighted_cross_entropy
 from cnnpipe.training.mesh import (
     DATA_AXIS,
@@ -389,8 +389,8 @@ def _over_batches(step: Callable[..., Any], batched: NamedSharding) -> Callable[
     def eval_step_over_batches(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, mask: jax.Array):
         def one(idx_mask: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
             idx, m = idx_mask
-            take = lambda a: jax.lax.with_sharding_constraint(jnp.take(a, idx, axis=0), batched)  # noqa: E731
-            return step(state, take(images), take(labels), jax.lax.with_sharding_constraint(m, batched))
+            return step(state, take_rows(images, idx, batched), take_rows(labels, idx, batched),
+                        jax.lax.with_sharding_constraint(m, batched))
 
         return jax.lax.map(one, (order, mask))
 
