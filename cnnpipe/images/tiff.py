@@ -7,7 +7,7 @@ Routes, chosen from the first page's tags before decoding:
   (JPEG 8/12-bit, JPEG 2000, JPEG XL, JPEG-LS, WebP, Zstandard, LZMA, LERC, ...).
 - 9-15-bit gray and RGB (packed 10/12/14-bit, 12-bit JPEG): tifffile; values are
   kept as stored in uint16 (a 12-bit sample stays 0..4095).
-- Palette: indices through the colour map with tifffile. TIFF colour maps hold
+- Palette (1/2/4/8-bit indices): indices through the colour map with tifffile. TIFF colour maps hold
   16-bit entries; a map whose entries are all 8-bit values scaled by 256 or 257
   gives 8-bit RGB (entry >> 8, as Pillow reads it), any other map gives 16-bit RGB
   with the entries exactly.
@@ -85,15 +85,17 @@ def decode_tiff(data: bytes, source: str | None, max_pixels: int | None, pages: 
             raise DecodeError(source, f"corrupt TIFF: broken page chain ({broken[0]}) after page {count}")
         stack = _pages_as_planes(tif, source, max_pixels, pages) if count > 1 else None
         if stack is not None:
-            arr, names = stack
+            arr, names, warnings = stack
             return Decoded(_invert(arr, info.bits) if info.photometric == _MINISWHITE else arr, names,
-                           info.orientation)
-        notes = (f"{count} pages; page 1 kept",) if count > 1 else ()
+                           info.orientation, notes=warnings)
         _check_supported(info, source)
-        _check_complete([first], len(data), source)
+        overshoot = _check_complete([first], len(data), source)
+        notes = ((f"{count} pages; page 1 kept",) if count > 1 else ()) + overshoot
         if info.photometric == _PALETTE and info.spp == 1:
             return Decoded(*_palette(first, source), info.orientation, notes=notes)
-        if info.photometric in (_MINISWHITE, _MINISBLACK, _RGB) and info.bits > 8 and info.bits != 16:
+        # libtiff refuses a strip whose byte count runs past the file's end; tifffile reads what is there
+        if info.photometric in (_MINISWHITE, _MINISBLACK, _RGB) and info.bits >= 8 and (
+                info.bits not in (8, 16) or overshoot):
             return _finish(_tifffile_pixels(first, source), info, source, notes)
     if info.photometric not in (_MINISWHITE, _MINISBLACK, _RGB) or info.bits < 8:
         arr, names, applied = pillow_pixels(data, source, "TIFF", max_pixels)
@@ -186,26 +188,55 @@ def _libtiff_pixels(data: bytes, source: str | None, info: _Page) -> np.ndarray:
         return _tifffile_pixels(tif.pages.first, source)
 
 
-def _check_complete(pages: Any, size: int, source: str | None) -> None:
-    """DecodeError (corrupt) when a strip or tile of `pages` lies beyond the file's end.
+def _check_complete(pages: Any, size: int, source: str | None) -> tuple[str, ...]:
+    """DecodeError (corrupt) when a strip or tile of `pages` lies beyond the file's end; else the warnings.
 
     Decoders fill what is missing with gray instead of failing (tifffile, libjpeg),
-    so a truncated file is recognised from its own byte counts before decoding.
+    so a truncated file is recognised from its own byte counts before decoding. An
+    uncompressed strip or tile whose byte count overshoots the file while every byte
+    the image needs from it is present (rows x row bytes, as TIFF 6.0 lays them out)
+    decodes, as in libtiff, Pillow and tifffile, with a warning; a compressed one
+    cannot be checked that way and stays truncated.
     """
+    warnings: list[str] = []
     for n, page in enumerate(pages, 1):
         for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
-            if count and offset + count > size:
-                raise DecodeError(source, f"truncated TIFF: page {n}, {'tile' if page.is_tiled else 'strip'} "
-                                          f"{k} ends at byte {offset + count}, the file has {size} bytes")
+            if not count or offset + count <= size:
+                continue
+            part = f"page {n}, {'tile' if page.is_tiled else 'strip'} {k}"
+            needed = _uncompressed_bytes(page, k)
+            if needed is None or offset + needed > size:
+                raise DecodeError(source, f"truncated TIFF: {part} ends at byte {offset + count}, the file has "
+                                          f"{size} bytes")
+            warnings.append(f"{part}: its byte count ({count}) runs past the end of the file ({size} bytes); "
+                            f"the {needed} bytes the image needs are present and were read")
+    return tuple(warnings)
 
 
-def _tifffile_pixels(page: Any, source: str | None) -> np.ndarray:
+def _uncompressed_bytes(page: Any, k: int) -> int | None:
+    """The bytes uncompressed strip or tile `k` of `page` holds (rows padded to whole bytes); None if compressed."""
+    if int(page.compression) != 1:
+        return None
+    samples = 1 if int(page.planarconfig) == 2 else int(page.samplesperpixel)
+    bits = int(page.bitspersample) * samples
+    if page.is_tiled:
+        return int(page.tilelength) * -(-int(page.tilewidth) * bits // 8)
+    height, rows = int(page.imagelength), int(page.rowsperstrip) or int(page.imagelength)
+    per_plane = -(-height // min(rows, height))
+    first_row = (k % per_plane) * rows
+    return max(0, min(rows, height - first_row)) * -(-int(page.imagewidth) * bits // 8)
+
+
+def _tifffile_pixels(page: Any, source: str | None, indices: bool = False) -> np.ndarray:
+    """A page's samples through tifffile; `indices`: palette indices, where 1-bit ones (bool) become uint8 0/1."""
     try:
         arr = page.asarray()
     except MemoryError:
         raise
     except Exception as exc:
         raise DecodeError(source, f"corrupt TIFF data: {_clean(reason_of(exc))}") from None
+    if indices and arr.dtype == np.bool_:  # tifffile gives 1-bit samples as bool; as indices they are 0 and 1
+        arr = arr.view(np.uint8)
     if arr.dtype not in (np.uint8, np.uint16):
         raise DecodeError(source, f"unsupported: TIFF decoded to {arr.dtype} samples", kind="unsupported")
     return arr
@@ -244,7 +275,7 @@ def _finish(arr: np.ndarray, info: _Page, source: str | None, notes: tuple[str, 
 def _palette(page: Any, source: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
     """Palette indices through the colour map: 8-bit RGB for 8-bit maps, else exact 16-bit RGB."""
     cmap = page.colormap
-    index = _tifffile_pixels(page, source)
+    index = _tifffile_pixels(page, source, indices=True)
     if cmap is None or cmap.ndim != 2 or cmap.shape[0] != 3:
         raise DecodeError(source, "corrupt TIFF: palette image without a 3-row colour map")
     if index.ndim == 3:
@@ -260,18 +291,19 @@ def _palette(page: Any, source: str | None) -> tuple[np.ndarray, tuple[str, ...]
 
 
 def _pages_as_planes(tif: Any, source: str | None, max_pixels: int | None, pages: str
-                     ) -> tuple[np.ndarray, tuple[str, ...]] | None:
+                     ) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]] | None:
     """Pages that are planes: an ImageJ/OME channel stack ("CYX"), or every page with ``pages="planes"``.
 
     Channel names come from the file (OME-XML channel names, ImageJ labels) when there
-    is one per channel, else "S0".."Sn". Returns None when page 1 alone is to be read.
+    is one per channel, else "S0".."Sn". Returns (pixels (H, W, C), names, warnings), or None when
+    page 1 alone is to be read.
     """
     series = tif.series[0]
     if series.axes == "CYX" and series.dtype in (np.uint8, np.uint16):
         c, h, w = (int(n) for n in series.shape)
         check_pixels(source, w, h, max_pixels, samples=c)
-        _check_complete(series.pages, tif.filehandle.size, source)
-        return np.ascontiguousarray(series.asarray().transpose(1, 2, 0)), _channel_names(tif, c)
+        warnings = _check_complete(series.pages, tif.filehandle.size, source)
+        return np.ascontiguousarray(series.asarray().transpose(1, 2, 0)), _channel_names(tif, c), warnings
     if pages != "planes":
         return None
     def describe(page: Any) -> str:
@@ -288,9 +320,9 @@ def _pages_as_planes(tif: Any, source: str | None, max_pixels: int | None, pages
                                       + "; pages are read as planes only when every page is 8- or 16-bit gray "
                                       "with one sample and all share shape and type", kind="planes")
     check_pixels(source, int(first.imagewidth), int(first.imagelength), max_pixels, samples=len(tif.pages))
-    _check_complete(tif.pages, tif.filehandle.size, source)
+    warnings = _check_complete(tif.pages, tif.filehandle.size, source)
     arr = np.stack([_tifffile_pixels(p, source) for p in tif.pages], axis=-1)
-    return arr, tuple(f"S{i}" for i in range(arr.shape[-1]))
+    return arr, tuple(f"S{i}" for i in range(arr.shape[-1])), warnings
 
 
 def _channel_names(tif: Any, c: int) -> tuple[str, ...]:
