@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 EXIT_USAGE = 2  # bad input (a file, key or value): one line on stderr, no traceback
@@ -87,10 +88,11 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     from cnnpipe.datasets.report import format_summary
 
     log_lines_off_a_terminal()
+    t0 = time.perf_counter()
     store = preprocess(args.src, args.out, size=args.size, resize=args.resize, val_fraction=args.val_fraction,
                        test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
                        channels=args.channels, overwrite=args.overwrite, pages=args.pages)
-    print(format_summary(store))
+    print(format_summary(store, elapsed_s=time.perf_counter() - t0))
     return 0
 
 

@@ -343,18 +343,29 @@ def _huge_png_header() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
 
 
-def test_every_kind_is_reported_with_its_kind_and_report_json_is_byte_identical(tmp_path):
+def _store_files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_every_kind_is_reported_with_its_kind_and_the_store_is_byte_identical_for_any_worker_count(tmp_path):
     expect = _every_kind_folder(tmp_path / "src")
-    first = preprocess(tmp_path / "src", tmp_path / "one", size=6, workers=1)
-    second = preprocess(tmp_path / "src", tmp_path / "two", size=6, workers=1)
-    assert (first.path / "report.json").read_bytes() == (second.path / "report.json").read_bytes()
+    # warnings (page 1 kept), a duplicate and a second, 16-bit-free store with a validation split
+    (tmp_path / "src/b/stack.tif").write_bytes(_tiff(RNG.integers(0, 256, (3, 5, 6), dtype=np.uint8),
+                                                      photometric="minisblack", metadata=None))
+    (tmp_path / "src/b/copy.png").write_bytes((tmp_path / "src/a/ok0.png").read_bytes())
+    first = preprocess(tmp_path / "src", tmp_path / "one", size=6, workers=1, val_fraction=0.3)
+    second = preprocess(tmp_path / "src", tmp_path / "two", size=6, workers=2, val_fraction=0.3)
+    files = _store_files(first.path)
+    assert {"meta.json", "report.json", "train/images.npy", "val/images.npy"} <= set(files)
+    assert files == _store_files(second.path)  # every file, byte for byte: timings are not content
+    assert first.report["counts"]["files_with_warnings"] == 1 and first.report["counts"]["duplicate_groups"] == 1
     kinds = {s["path"]: s["kind"] for s in first.report["skipped"]}
     assert kinds == expect
     reasons = " ".join(s["reason"] for s in first.report["skipped"])
     assert " at 0x" not in reasons and "/tmp/pytest" not in reasons.replace(str(tmp_path), "")
     # every skipped file was 16-bit or more by its header, or unreadable; none decides the dtype
     assert first.dtype == np.uint8 and first.bit_depth == 8
-    assert "elapsed_s" in first.meta and "elapsed_s" not in first.report
+    assert "elapsed_s" not in first.meta and "elapsed_s" not in first.report
 
 
 def test_skipped_high_bit_depth_files_never_make_an_8bit_store_16bit(tmp_path):

@@ -15,9 +15,9 @@ import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tiff_craft import Page, craft_tiff
 
 from cnnpipe.images.decode import DecodeError, read_image
-from tiff_craft import Page, craft_tiff
 
 _PALETTE, _MINISBLACK = 3, 1
 

@@ -32,7 +32,6 @@ import errno
 import logging
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -180,7 +179,6 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
         classes, a class without a single usable image, bad settings.
       OSError: the output cannot be written (the error names the path); nothing is left behind.
     """
-    t0 = time.perf_counter()
     if workers is not None and int(workers) < 0:
         raise PreprocessError(f"workers: expected a positive number (or 0 for every core), got {workers!r}")
     settings = Settings(parse_size(size), resize, channels, val_fraction, test_fraction, seed,
@@ -195,7 +193,7 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
         raise PreprocessError(f"SRC: no image files found in {src_p} (expected SRC/<class>/<image> or "
                               f"SRC/<train|val|test>/<class>/<image>; {len(scan.skipped)} entries skipped)")
     with _pool_started_early(settings.workers, len(scan.candidates)) as pool:
-        build = _Build(scan, settings, src_p, out_p, t0)
+        build = _Build(scan, settings, src_p, out_p)
         build.probe()
         build.pool = pool()
         if settings.channels == "native":
@@ -248,7 +246,6 @@ class _Build:
     settings: Settings
     src: Path
     out: Path
-    t0: float
     pool: Any = None
     ok: list[Candidate] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
@@ -389,7 +386,7 @@ class _Build:
                           else ["L"], splits=splits, counts=counts,
                           mean=mean, std=std, stats_split=stats_split or "all", layout=self.scan.layout,
                           resize=s.resize, source=display_path(self.src.absolute()), num_images=sum(stored.values()),
-                          image_path_version=IMAGE_PATH_VERSION, elapsed_s=round(time.perf_counter() - self.t0, 3),
+                          image_path_version=IMAGE_PATH_VERSION,
                           **s.split_config())
         return meta, report
 

@@ -74,8 +74,10 @@ def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], 
     }
 
 
-def format_summary(store: Store) -> str:
-    """A short human summary of a store: images per split and class, skipped files, duplicates, time."""
+def format_summary(store: Store, elapsed_s: float | None = None) -> str:
+    """A short human summary of a store: images per split and class, skipped files, duplicates and, when
+    given, the time it took (`elapsed_s`: timings are not part of the store, which reruns reproduce byte for
+    byte)."""
     meta, report = store.meta, store.report
     h, w = store.size
     lines = [f"{display_path(store.path)}: {meta['num_images']} images, {len(store.classes)} classes, "
@@ -95,7 +97,6 @@ def format_summary(store: Store) -> str:
         lines.append(f"stored with warnings (pixels kept): {rc['files_with_warnings']} files")
     lines.append(f"duplicates: {rc['duplicate_groups']} groups, {rc['duplicate_files']} files, "
                  f"{rc['cross_split_duplicate_groups']} crossing splits")
-    elapsed = meta.get("elapsed_s", report.get("elapsed_s"))  # stores before 0.2 kept it in report.json
-    lines.append((f"done in {elapsed:.1f} s; " if elapsed is not None else "")
+    lines.append((f"done in {elapsed_s:.1f} s; " if elapsed_s is not None else "")
                  + f"details in {display_path(store.path / 'report.json')}")
     return "\n".join(lines)
