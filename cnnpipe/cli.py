@@ -8,6 +8,7 @@ Each sub-command registers itself through one `_add_<name>` function listed in
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -301,9 +302,14 @@ def _run_predict(args: argparse.Namespace) -> int:
                        f"{args.batch_size} and {args.workers}")
     if not any(os.path.exists(s[1:] if s.startswith("@") else s) for s in args.images):
         raise FileNotFoundError(f"{args.images[0]}: no input exists (give image files, folders or @LIST files)")
+    sources = expand_sources(args.images)
+    first = next(sources, None)
+    if first is None:
+        raise CLIError("no input file found: " + "; ".join(
+            f"{s}: {'lists no path' if s.startswith('@') else 'is an empty folder'}" for s in args.images))
     log_lines_off_a_terminal()
     run = load_run(args.run_dir, args.checkpoint)
-    preds, stats = timed(predict_files(run, expand_sources(args.images), top_k=args.top_k,
+    preds, stats = timed(predict_files(run, itertools.chain([first], sources), top_k=args.top_k,
                                        batch_size=args.batch_size, workers=args.workers or None, tta=args.tta))
     if sys.stderr.isatty() and args.out:  # a progress bar on a terminal; the total is not known up front
         from tqdm import tqdm
@@ -313,7 +319,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         for pred in preds:
             writer.write(pred)
     print(summary_line(int(stats["done"]), int(stats["failed"]), stats["seconds"]), file=sys.stderr)
-    return 0
+    return 1 if stats["failed"] else 0  # every file has its row; 1 says some rows are errors
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

@@ -138,7 +138,7 @@ def test_predict_refuses_16bit_image_for_8bit_run(run, tmp_path, capsys):
     images, _ = make_shapes(1, size=(16, 16), seed=0, split="val")
     big = tmp_path / "16bit.png"
     big.write_bytes(imagecodecs.png_encode(images[0].astype(np.uint16) * 257))
-    assert main(["predict", str(run_dir), str(big)]) == 0  # a batch job: the file gets its reason
+    assert main(["predict", str(run_dir), str(big)]) == 1  # a batch job: the file gets its reason, exit 1
     out = capsys.readouterr()
     assert out.out.startswith(f"{big}: error: {big}: 16-bit image") and "8-bit" in out.out
     assert "predicted 0 files, 1 failed" in out.err

@@ -107,7 +107,7 @@ def test_evaluate_predict_and_inspect_take_the_planes_and_refuse_others(trained,
     capsys.readouterr()
     rgb = root / "rgb.png"
     Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(rgb)
-    assert main(["predict", run, str(rgb)]) == 0  # a batch job: the file gets its reason, the run goes on
+    assert main(["predict", run, str(rgb)]) == 1  # a batch job: the file gets its reason, the run goes on
     out = capsys.readouterr().out.strip()
     assert len(out.splitlines()) == 1 and out.startswith(f"{rgb}: error: ")
     assert "image has 3 plane(s) R/G/B at 8-bit; the model expects 5 plane(s) at 16-bit, 24x24" in out

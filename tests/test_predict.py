@@ -67,8 +67,8 @@ def test_a_folder_with_bad_files_gives_every_file_once_with_the_single_file_prob
     listing.write_bytes(os.fsencode(good[0]) + b"\n# a comment\n\n" + os.fsencode(missing) + b"\n")
     out = tmp_path / "preds.jsonl"
     assert main(["predict", str(run_dir), str(root), f"@{listing}", "--out", str(out), "--workers", "2",
-                 "--batch-size", "3", "--top-k", "6"]) == 0
-    assert "predicted 9 files, 3 failed" in capsys.readouterr().err
+                 "--batch-size", "3", "--top-k", "6"]) == 1  # written, with failed files
+    assert capsys.readouterr().err.splitlines()[-1].startswith("predicted 9 files, 3 failed")
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     paths = [path_from_display(r["path"]) for r in rows]
     walked = sorted(good + [str(root / "notes.txt"), str(root / "sub" / "empty.png")],
@@ -89,7 +89,7 @@ def test_csv_has_an_error_column_and_rows_in_input_order(run_dir, folder, tmp_pa
     root, good = folder
     files = [good[2], str(root / "notes.txt"), good[1]]
     out = tmp_path / "p.csv"
-    assert main(["predict", str(run_dir), *files, "--out", str(out), "--workers", "1", "--top-k", "2"]) == 0
+    assert main(["predict", str(run_dir), *files, "--out", str(out), "--workers", "1", "--top-k", "2"]) == 1
     rows = _csv_rows(out)
     assert [r["path"] for r in rows] == [good[2], good[2], str(root / "notes.txt"), good[1], good[1]]
     assert rows[2]["rank"] == "" and "not a recognised image" in rows[2]["error"]
@@ -126,7 +126,7 @@ def test_a_worker_that_dies_loses_no_row(run_dir, folder, tmp_path):
     env = {**os.environ, KILL_ENV: "img3.png"}
     proc = subprocess.run([sys.executable, "-m", "cnnpipe.cli", "predict", str(run_dir), str(root), "--out", str(out),
                            "--workers", "2", "--top-k", "1"], env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # the output is complete; 3 files failed
     rows = _csv_rows(out)
     assert len(rows) == 10  # 8 good + 2 bad files, one row each (top-1)
     (died,) = [r for r in rows if "img3.png" in r["path"]]
@@ -134,15 +134,38 @@ def test_a_worker_that_dies_loses_no_row(run_dir, folder, tmp_path):
     assert sum(1 for r in rows if not r["error"]) == len(good) - 1
 
 
-@pytest.mark.parametrize("case", ["no_input", "bad_out"])
-def test_no_input_or_an_unwritable_output_is_one_line_exit_2(run_dir, folder, tmp_path, capsys, case):
+@pytest.mark.parametrize("case", ["no_input", "bad_out", "empty_folder", "empty_list", "no_run"])
+def test_nothing_to_do_is_one_line_exit_2(run_dir, folder, tmp_path, capsys, case):
     root, good = folder
-    args = (["predict", str(run_dir), str(tmp_path / "nothing-here")] if case == "no_input"
-            else ["predict", str(run_dir), good[0], "--out", str(tmp_path / "no-dir" / "p.csv")])
+    (tmp_path / "empty folder" / ".hidden").mkdir(parents=True)  # only hidden entries: no input file
+    (tmp_path / "empty.txt").write_text("# nothing listed\n\n")
+    args = {"no_input": ["predict", str(run_dir), str(tmp_path / "nothing-here")],
+            "bad_out": ["predict", str(run_dir), good[0], "--out", str(tmp_path / "no-dir" / "p.csv")],
+            "empty_folder": ["predict", str(run_dir), str(tmp_path / "empty folder"), "--out", str(tmp_path / "p.csv")],
+            "empty_list": ["predict", str(run_dir), f"@{tmp_path / 'empty.txt'}", "--out", str(tmp_path / "p.csv")],
+            "no_run": ["predict", str(tmp_path / "no-run"), good[0], "--out", str(tmp_path / "p.csv")]}[case]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and ("nothing-here" in err or "no-dir" in err)
-    assert not list(tmp_path.glob("**/.p.csv.tmp*"))
+    named = {"no_input": "nothing-here", "bad_out": "no-dir", "empty_folder": "empty folder: is an empty folder",
+             "empty_list": "empty.txt", "no_run": "no-run"}[case]
+    assert len(err.splitlines()) == 1 and named in err, err
+    assert not (tmp_path / "p.csv").exists() and not list(tmp_path.glob("**/.p.csv.tmp*"))
+
+
+@pytest.mark.parametrize("case", ["all_good", "some_failed", "all_failed"])
+def test_exit_status_0_only_when_every_file_has_a_prediction(run_dir, folder, tmp_path, capsys, case):
+    root, good = folder
+    files = {"all_good": good[:2], "some_failed": [good[0], str(root / "notes.txt")],
+             "all_failed": [str(root / "notes.txt"), str(root / "sub" / "empty.png")]}[case]
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run_dir), *files, "--out", str(out), "--workers", "1", "--top-k", "1"]) == (
+        0 if case == "all_good" else 1)
+    rows = _csv_rows(out)
+    assert [path_from_display(r["path"]) for r in rows] == files  # every file has its row, in input order
+    failed = {"all_good": 0, "some_failed": 1, "all_failed": 2}[case]
+    assert sum(1 for r in rows if r["error"]) == failed
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"predicted {len(files) - failed} files, {failed} failed")
 
 
 # ---------------------------------------------------------------- export
@@ -211,7 +234,7 @@ def test_two_local_devices_give_the_one_device_probabilities(run_dir, folder, tm
         proc = subprocess.run([sys.executable, "-m", "cnnpipe.cli", "predict", str(run_dir), str(root), "--out",
                                str(out), "--workers", "1", "--batch-size", "3"], env=env, capture_output=True,
                               text=True, timeout=180)
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 1, proc.stderr  # the folder's two bad files
         outs[devices] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["path"] for r in outs[1]] == [r["path"] for r in outs[2]]
     for a, b in zip(outs[1], outs[2]):
