@@ -68,6 +68,7 @@ def test_early_stopping_stops_and_the_best_checkpoint_is_the_result(store, tmp_p
            if '"split": "val"' in line]
     assert len(val) == 3 and summary["steps"] == val[-1]["step"] == 3 * val[0]["step"]
     assert summary["early_stopping"]["stopped"] and summary["early_stopping"]["epochs_run"] == 3
+    assert summary["epochs"] == 3 and summary["epochs_configured"] == 10  # epochs run, and those asked for
     assert any(line.startswith("early stopping: val_loss has not improved by more than 10 for 2 epoch(s)")
                for line in lines)
     best = min(val, key=lambda r: (r["loss"], r["step"]))

@@ -101,7 +101,7 @@ def _summary(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], resu
         else dict(zip(ds.classes, map(float, parts.class_weights))), "param_count": parts.num_params,
         "train_images_per_sec": images / step_seconds if images and step_seconds else None,
         "compile_seconds": round(watch.compile_seconds, 3), "wall_seconds": timings["total"],
-        "seconds": timings, "steps": pos.step, "epochs": cfg.train.epochs,
+        "seconds": timings, "steps": pos.step, "epochs": pos.epoch, "epochs_configured": cfg.train.epochs,
         "nonfinite_steps": counts["nonfinite"], "devices": parts.mesh.size,
         "processes": jax.process_count(), "resumed": bool(resume),
     }
