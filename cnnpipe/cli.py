@@ -247,7 +247,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if bad:
         raise CLIError(f"--set {bad[0]!r}: evaluate only takes data.* keys")
     run = load_run(args.run_dir, args.checkpoint)
-    overrides = (data_overrides(args.data) if args.data else []) + list(args.overrides)
+    overrides = (data_overrides(args.data, run.info) if args.data else []) + list(args.overrides)
     result, ds = evaluate_run(run, overrides, tta=args.tta)
     tta = f", {describe_views(result['views'])}" if args.tta else ""
     print(f"{run.run_dir} (checkpoint step {run.step}{tta}) on {ds.description}: {result['count']} validation images")

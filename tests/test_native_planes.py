@@ -234,3 +234,54 @@ def test_a_folder_source_with_native_channels_trains_on_every_plane(tmp_path):
                         cache_dir=tmp_path / "cache")
     assert ds.channels == 5 and ds.plane_names == ("S0", "S1", "S2", "S3", "S4") and ds.bit_depth == 16
     assert ds.size == (12, 12) and len(ds.train) + len(ds.val) == 12
+
+
+# ---------------------------------------------------------------- a run takes its own files, any plane count
+
+@pytest.fixture(scope="module", params=[1, 3, 5])
+def native_run(request, tmp_path_factory):
+    """A run trained on a --channels native store of N-sample 16-bit TIFFs (1: L, 3: S0..S2, 5: S0..S4)."""
+    n = request.param
+    root = tmp_path_factory.mktemp(f"native{n}")
+    rng = np.random.default_rng(n)
+    for k, name in enumerate(CLASSES):
+        (root / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            img = five_plane_image(rng, k, 16)[..., :n]
+            tifffile.imwrite(root / "images" / name / f"{i}.tif", img[..., 0] if n == 1 else img,
+                             photometric="minisblack", planarconfig="contig")
+    assert main(["preprocess", str(root / "images"), str(root / "store"), "--size", "12", "--channels", "native",
+                 "--val-fraction", "0.3", "--workers", "1"]) == 0
+    cfg = load_config(None, ["data.source=store", f"data.path={root / 'store'}", "train.epochs=1",
+                             "train.batch_size=8", "train.eval_batch_size=8", "train.num_devices=1"])
+    train_and_evaluate(cfg, root / "run", log=lambda _: None)
+    return n, root
+
+
+def test_a_native_run_predicts_evaluates_inspects_and_exports_its_own_files(native_run, capsys, tmp_path):
+    from cnnpipe.runs.load import load_run
+
+    n, root = native_run
+    names = ["L"] if n == 1 else [f"S{i}" for i in range(n)]
+    store = load_store(root / "store")
+    assert store.meta["channel_names"] == names
+    run = load_run(root / "run")
+    # Run.prepare gives each stored file's row exactly (the one image path, tolerance 0)
+    for split in store.splits:
+        for rel, row in zip(store.sources(split), store.images(split)):
+            np.testing.assert_array_equal(run.prepare(root / "images" / rel), row)
+    files = sorted(str(p) for p in (root / "images").rglob("*.tif"))
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(root / "run"), str(root / "images"), "--out", str(out), "--workers", "1"]) == 0
+    rows = out.read_text().splitlines()[1:]
+    assert len(rows) == 3 * len(files) and all(r.endswith(",") for r in rows)  # top-3 rows each, no error
+    capsys.readouterr()
+    assert main(["evaluate", str(root / "run"), "--data", str(root / "images")]) == 0
+    assert "validation images" in capsys.readouterr().out
+    assert main(["inspect", str(root / "run"), files[0], "--out", str(tmp_path / "insp")]) == 0
+    page = json.loads((tmp_path / "insp" / "summary.json").read_text())
+    assert page["images"][0]["planes"] == names
+    assert main(["export", str(root / "run"), "--format", "stablehlo", "--out", str(tmp_path / "m.stablehlo")]) == 0
+    facts = json.loads((tmp_path / "m.stablehlo.json").read_text())
+    assert facts["planes"] == names and facts["channels"] == n
+    assert ("keep the file's own planes" in facts["preparation"]) == (n != 1)

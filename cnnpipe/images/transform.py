@@ -277,15 +277,24 @@ def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
 
 
 def spec_for_model(in_channels: int, bit_depth: int, size: Sequence[int], resize: str = "crop",
-                   pages: str = "first") -> ImageSpec:
-    """The `ImageSpec` of a model taking `in_channels` planes (3: RGB, 1: luma, else native)."""
-    channels = {3: "rgb", 1: "gray"}.get(int(in_channels), "native")
+                   pages: str = "first", planes: Sequence[str] | None = None) -> ImageSpec:
+    """The `ImageSpec` of a model taking `in_channels` planes named `planes` (its data's plane names).
+
+    Planes R, G, B give "rgb" (a gray file expanded, alpha dropped), L gives "gray" and any other
+    names "native" (the file's own planes, `in_channels` of them): a 3-band S0/S1/S2 model takes
+    3-band files as its store did, never as RGB. Without names (runs that did not record them):
+    3 planes are RGB, 1 is luma, other counts native.
+    """
+    if planes is not None and len(planes) == int(in_channels):
+        channels = {("R", "G", "B"): "rgb", ("L",): "gray"}.get(tuple(planes), "native")
+    else:
+        channels = {3: "rgb", 1: "gray"}.get(int(in_channels), "native")
     return ImageSpec((int(size[0]), int(size[1])), resize, channels, int(bit_depth),
                      None if channels != "native" else int(in_channels), "the model expects", pages)
 
 
 def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, size: Sequence[int],
-                  resize: str = "crop", pages: str = "first") -> InputImage:
+                  resize: str = "crop", pages: str = "first", planes: Sequence[str] | None = None) -> InputImage:
     """Read one image file and prepare it exactly as `cnnpipe preprocess` prepared the training data.
 
     Raises:
@@ -293,4 +302,5 @@ def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, 
       ValueError: the image cannot be matched to the model; the message says what it expects.
     """
     path = os.fspath(path)
-    return prepare_bytes(read_file(path), spec_for_model(in_channels, bit_depth, size, resize, pages), path)
+    return prepare_bytes(read_file(path), spec_for_model(in_channels, bit_depth, size, resize, pages, planes),
+                         path)

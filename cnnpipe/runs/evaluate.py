@@ -6,19 +6,23 @@ The metrics themselves are `cnnpipe.training.metrics`; the run comes from `cnnpi
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from cnnpipe.datasets.dataset import Dataset
-from cnnpipe.runs.load import Run
+from cnnpipe.runs.load import Run, spec_for_run
 from cnnpipe.training.metrics import evaluate_split
 
 __all__ = ["data_overrides", "evaluate_run", "check_compatible", "describe_views"]
 
 
-def data_overrides(spec: str) -> list[str]:
-    """`--data` for evaluate -> config overrides: a store dir, an image folder, "shapes" or "tfds:NAME"."""
+def data_overrides(spec: str, info: Mapping[str, Any] | None = None) -> list[str]:
+    """`--data` for evaluate -> config overrides: a store dir, an image folder, "shapes" or "tfds:NAME".
+
+    An image folder is prepared as the run's own data was (`info`, its dataset.json: size, resize,
+    planes by name and count, page mode), through `spec_for_run`, as predict prepares files.
+    """
     if spec == "shapes":
         return ["data.source=shapes"]
     if spec.startswith("tfds:"):
@@ -27,7 +31,12 @@ def data_overrides(spec: str) -> list[str]:
     if (path / "meta.json").is_file():
         return ["data.source=store", f"data.path={json.dumps(str(path))}"]
     if path.is_dir():
-        return ["data.source=folder", f"data.path={json.dumps(str(path))}"]
+        folder = ["data.source=folder", f"data.path={json.dumps(str(path))}"]
+        if info is None:
+            return folder
+        spec = spec_for_run(info)
+        return [*folder, f"data.size=[{spec.size[0]}, {spec.size[1]}]", f"data.resize={spec.resize}",
+                f"data.channels={spec.channels}", f"data.pages={spec.pages}"]
     raise FileNotFoundError(f"--data: {spec} is not a store, an image folder, 'shapes' or 'tfds:NAME'")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnpipe.files import atomic_path, write_atomic
-from cnnpipe.runs.load import Run
+from cnnpipe.runs.load import Run, spec_for_run
 
 __all__ = ["FORMATS", "export_model", "export_run", "preparation_info"]
 
@@ -31,10 +31,11 @@ _COMMON = ("decode every value exactly (no colour profile or gamma applied); app
            "scale to cover then centre-crop, pad = scale to fit then centre on zeros, stretch = scale each side; "
            "antialiased bicubic (Pillow's, with reducing_gap 2; 16-bit planes in float32, rounded); "
            "cnnpipe's Run.prepare(path) does all of this")
-_PREPARATION = {3: _COMMON.format(planes="drop alpha; a gray image gives R = G = B"),
-                1: _COMMON.format(planes="drop alpha; a colour image gives one luma plane (ITU-R 601, Pillow's "
-                                         "weights)"),
-                0: _COMMON.format(planes="keep the file's own planes (alpha too), which must number `channels`")}
+_PREPARATION = {"rgb": _COMMON.format(planes="drop alpha; a gray image gives R = G = B"),
+                "gray": _COMMON.format(planes="drop alpha; a colour image gives one luma plane (ITU-R 601, Pillow's "
+                                              "weights)"),
+                "native": _COMMON.format(planes="keep the file's own planes (alpha too), which must number "
+                                                "`channels`")}
 
 
 def preparation_info(run: Run, fmt: str) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def preparation_info(run: Run, fmt: str) -> dict[str, Any]:
             "size": list(info["size"]), "channels": int(info["channels"]), "planes": info.get("planes"),
             "bit_depth": int(info["bit_depth"]), "resize": info.get("resize") or "crop",
             "pages": info.get("pages") or "first", "image_path_version": IMAGE_PATH_VERSION,
-            "preparation": _PREPARATION.get(int(info["channels"]), _PREPARATION[0]),
+            "preparation": _PREPARATION[spec_for_run(info).channels],
             "onnx_input": "in_0 (N, H, W, C) float32" if fmt == "onnx" else None,
             "cnnpipe_version": cnnpipe.__version__, "checkpoint_step": run.step}
 

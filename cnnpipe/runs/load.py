@@ -109,12 +109,15 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> Run:
 
 
 def spec_for_run(info: Mapping[str, Any]) -> Any:
-    """The `ImageSpec` of a run's model (`info`: its dataset.json): size, planes, bit depth,
-    resize and page mode of its training data. Predict, inspect and `Run.prepare` all use it."""
+    """The `ImageSpec` of a run's model (`info`: its dataset.json): size, planes (by name and count),
+    bit depth, resize and page mode of its training data. Predict, inspect, evaluate on a folder,
+    export and `Run.prepare` all use it."""
     from cnnpipe.images.transform import spec_for_model
 
+    names = info.get("planes")
     return spec_for_model(int(info["channels"]), int(info["bit_depth"]), tuple(info["size"]),
-                          str(info.get("resize") or "crop"), str(info.get("pages") or "first"))
+                          str(info.get("resize") or "crop"), str(info.get("pages") or "first"),
+                          [str(n) for n in names] if isinstance(names, list) else None)
 
 
 def prepare_for_run(path: str | os.PathLike, info: Mapping[str, Any]) -> Any:
