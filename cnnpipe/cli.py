@@ -8,7 +8,6 @@ Each sub-command registers itself through one `_add_<name>` function listed in
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import time
@@ -251,8 +250,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result, ds = evaluate_run(run, overrides, tta=args.tta)
     tta = f", {describe_views(result['views'])}" if args.tta else ""
     print(f"{run.run_dir} (checkpoint step {run.step}{tta}) on {ds.description}: {result['count']} validation images")
-    correct = int(result["confusion"].trace())
-    print(f"accuracy: {result['accuracy']:.4f} ({correct}/{result['count']})  balanced accuracy: "
+    print(f"accuracy: {result['accuracy']:.4f} ({int(result['confusion'].trace())}/{result['count']})  balanced accuracy: "
           f"{result['balanced_accuracy']:.4f}  loss: {result['loss']:.4f}")
     print("per-class accuracy (recall):")
     for name, acc, total in zip(ds.classes, result["per_class_accuracy"], result["confusion"].sum(1)):
@@ -300,16 +298,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
         raise CLIError(f"--top-k and --batch-size must be >= 1 and --workers >= 0, got {args.top_k}, "
                        f"{args.batch_size} and {args.workers}")
-    if not any(os.path.exists(s[1:] if s.startswith("@") else s) for s in args.images):
-        raise FileNotFoundError(f"{args.images[0]}: no input exists (give image files, folders or @LIST files)")
-    sources = expand_sources(args.images)
-    first = next(sources, None)
-    if first is None:
-        raise CLIError("no input file found: " + "; ".join(
-            f"{s}: {'lists no path' if s.startswith('@') else 'is an empty folder'}" for s in args.images))
+    sources = expand_sources(args.images, nonempty=True)
     log_lines_off_a_terminal()
     run = load_run(args.run_dir, args.checkpoint)
-    preds, stats = timed(predict_files(run, itertools.chain([first], sources), top_k=args.top_k,
+    preds, stats = timed(predict_files(run, sources, top_k=args.top_k,
                                        batch_size=args.batch_size, workers=args.workers or None, tta=args.tta))
     if sys.stderr.isatty() and args.out:  # a progress bar on a terminal; the total is not known up front
         from tqdm import tqdm

@@ -12,6 +12,7 @@ its output row, so memory stays flat however many files there are.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import deque
@@ -41,13 +42,32 @@ class Prediction:
     error: str | None = None
 
 
-def expand_sources(sources: Iterable[str]) -> Iterator[str]:
+def expand_sources(sources: Sequence[str], nonempty: bool = False) -> Iterator[str]:
     """Every input file, in order: files as given, folders walked, ``@LIST`` files read (one path per line).
 
     A path that does not exist is yielded as it is: its row then says why it was not read.
     List files are read as bytes, so names that are not UTF-8 work; empty lines and lines
     starting with ``#`` are skipped; relative paths are relative to the working directory.
+
+    Raises:
+      FileNotFoundError: with `nonempty`, when no source exists.
+      ValueError: with `nonempty`, when the sources hold no file at all (empty folders, lists of
+        no path): one line naming each, raised before anything is predicted or written.
+      OSError: a list file cannot be read.
     """
+    files = _expand(sources)
+    if not nonempty:
+        return files
+    if not any(os.path.exists(s[1:] if s.startswith("@") else s) for s in sources):
+        raise FileNotFoundError(f"{sources[0]}: no input exists (give image files, folders or @LIST files)")
+    first = next(files, None)
+    if first is None:
+        raise ValueError("no input file found: " + "; ".join(
+            f"{s}: {'lists no path' if s.startswith('@') else 'is an empty folder'}" for s in sources))
+    return itertools.chain([first], files)
+
+
+def _expand(sources: Sequence[str]) -> Iterator[str]:
     for src in sources:
         if src.startswith("@") and len(src) > 1:
             with open(src[1:], "rb") as f:  # an unreadable list is an input error (exit 2)
