@@ -20,18 +20,20 @@ from cnnpipe.training.train import train_and_evaluate
 
 
 def run(model: str, source_images: int, source_epochs: int, target_images: int, target_epochs: int,
-        root: Path, log=lambda _line: None) -> dict[str, float]:
-    """{'scratch': val accuracy, 'transfer': val accuracy} of the target run (see the module docstring)."""
+        root: Path, log=lambda _line: None, size: int = 32) -> dict[str, float]:
+    """{'scratch': val accuracy, 'transfer': val accuracy} of the target run (see the module docstring);
+    images are `size` x `size` pixels."""
     common = {"model": model, "train": {"batch_size": 32, "eval_batch_size": 100, "num_devices": 1,
                                         "log_every_steps": 1000}}
-    source = config_from_dict({**common, "data": {"source": "shapes", "num_train": source_images, "num_val": 100},
+    source = config_from_dict({**common, "data": {"source": "shapes", "num_train": source_images, "num_val": 100,
+                                                  "size": [size, size]},
                                "train": {**common["train"], "epochs": source_epochs}})
     train_and_evaluate(source, root / "source", log=log)
     out = {}
     for label, weights in (("scratch", None), ("transfer", str(root / "source"))):
         cfg = config_from_dict({**common, "seed": 1, "pretrained": {"weights": weights},
                                 "data": {"source": "shapes", "bit_depth": 16, "num_train": target_images,
-                                         "num_val": 400},
+                                         "num_val": 400, "size": [size, size]},
                                 "train": {**common["train"], "epochs": target_epochs}})
         out[label] = train_and_evaluate(cfg, root / label, log=log)["final_val_accuracy"]
     return out
@@ -44,10 +46,11 @@ def main() -> None:
     ap.add_argument("--source-epochs", type=int, default=4)
     ap.add_argument("--target-images", type=int, default=60)
     ap.add_argument("--target-epochs", type=int, default=5)
+    ap.add_argument("--size", type=int, default=32, help="image height and width")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         acc = run(args.model, args.source_images, args.source_epochs, args.target_images, args.target_epochs,
-                  Path(tmp), log=print)
+                  Path(tmp), log=print, size=args.size)
     print(f"target val accuracy ({args.target_images} 16-bit training images, {args.target_epochs} epochs, "
           f"{args.model}): from scratch {acc['scratch']:.3f}, from the source run {acc['transfer']:.3f}, "
           f"margin {acc['transfer'] - acc['scratch']:+.3f}")

@@ -2,11 +2,13 @@
 
 `cnnpipe train` caches compiled steps under the user's cache directory; tests must
 neither read a cache left by earlier runs nor fill the user's, so the session gets
-its own (subprocesses inherit the environment variable).
+its own (subprocesses inherit the environment variable). Under pytest-xdist the
+workers of one session share it: a program one worker compiled (the tiny runs' train
+steps, say) is loaded by the others instead of compiled again. JAX keys each entry by
+the program and the compile settings, and recompiles an entry it cannot read.
 """
 
 import os
-import tempfile
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -18,15 +20,18 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cnnpipe")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _compile_cache_per_session():
-    with tempfile.TemporaryDirectory(prefix="cnnpipe-jax-cache-") as path:
-        old = os.environ.get("CNNPIPE_COMPILE_CACHE")
-        os.environ["CNNPIPE_COMPILE_CACHE"] = path
-        yield path
-        if old is None:
-            os.environ.pop("CNNPIPE_COMPILE_CACHE", None)
-        else:
-            os.environ["CNNPIPE_COMPILE_CACHE"] = old
+def _compile_cache_per_session(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    # an xdist worker's base temp is <session>/popen-gwN: the session's folder is shared by its workers
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-compile-cache"
+    path.mkdir(exist_ok=True)
+    old = os.environ.get("CNNPIPE_COMPILE_CACHE")
+    os.environ["CNNPIPE_COMPILE_CACHE"] = str(path)
+    yield str(path)
+    if old is None:
+        os.environ.pop("CNNPIPE_COMPILE_CACHE", None)
+    else:
+        os.environ["CNNPIPE_COMPILE_CACHE"] = old
 
 
 @pytest.fixture(autouse=True)

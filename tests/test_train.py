@@ -38,6 +38,12 @@ def tiny_cfg(*extra: str):
     return load_config(None, [*TINY, *AUGMENTED, *extra])
 
 
+def plain_cfg(*extra: str):
+    """TINY without augmentation: for tests of data sources and guards, where compiling every
+    augmentation op (~5 s, and ~4 s more for plots/augment.png on a 2-core CPU) checks nothing."""
+    return load_config(None, [*TINY, *extra])
+
+
 def quiet(_: str) -> None:
     pass
 
@@ -236,7 +242,7 @@ def test_nonfinite_loss_is_skipped_logged_and_stops_after_n(tmp_path, monkeypatc
     monkeypatch.setattr(feed_mod, "train_batches", poisoned)
     run_dir = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError) as err:
-        train_and_evaluate(tiny_cfg("train.max_nonfinite_steps=3", "data.on_device=false"), run_dir, log=quiet)
+        train_and_evaluate(plain_cfg("train.max_nonfinite_steps=3", "data.on_device=false"), run_dir, log=quiet)
     msg = str(err.value)
     assert "non-finite for 3 steps in a row (steps 7-9)" in msg
     assert f"Last good checkpoint: {run_dir / 'checkpoints' / '8'}" in msg
@@ -254,7 +260,7 @@ def test_nonfinite_loss_is_skipped_logged_and_stops_after_n(tmp_path, monkeypatc
 
 def test_tfds_source_smoke(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    cfg = tiny_cfg("data.source=tfds", "data.name=mnist", "train.epochs=1", f"data.cache_dir={tmp_path / 'cache'}")
+    cfg = plain_cfg("data.source=tfds", "data.name=mnist", "train.epochs=1", f"data.cache_dir={tmp_path / 'cache'}")
     with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
         summary = train_and_evaluate(cfg, tmp_path / "mnist", log=quiet)
     info = json.loads((tmp_path / "mnist" / "dataset.json").read_text())
@@ -278,13 +284,13 @@ def test_folder_and_store_sources_smoke(tmp_path):
     cache = tmp_path / "cache"
     extra = ["data.val_fraction=0.25", f"data.cache_dir={cache}", "train.epochs=1", "train.batch_size=8",
              "train.eval_batch_size=8"]
-    summary = train_and_evaluate(tiny_cfg("data.source=folder", f"data.path={src}", *extra),
+    summary = train_and_evaluate(plain_cfg("data.source=folder", f"data.path={src}", *extra),
                                  tmp_path / "folder_run", log=quiet)
     info = json.loads((tmp_path / "folder_run" / "dataset.json").read_text())
     assert info["classes"] == ["circle", "cross", "square"] and info["size"] == [16, 16]
     assert info["num_train"] + info["num_val"] == 48 and summary["steps"] == info["num_train"] // 8
     (store,) = list((cache / "folders").iterdir())  # the folder was preprocessed once, here
-    summary = train_and_evaluate(tiny_cfg("data.source=store", f"data.path={store}", *extra),
+    summary = train_and_evaluate(plain_cfg("data.source=store", f"data.path={store}", *extra),
                                  tmp_path / "store_run", log=quiet)
     assert json.loads((tmp_path / "store_run" / "dataset.json").read_text())["classes"] == info["classes"]
     assert sum(map(sum, summary["confusion_matrix"])) == info["num_val"]
