@@ -16,6 +16,9 @@ Routes, chosen from the first page's tags before decoding:
   planes named as the file names them; with ``pages="planes"`` any pages of one
   sample each and one shape and type are read as planes S0..Sn. Otherwise page 1
   is kept and the note says so ("3 pages; page 1 kept").
+- A strip or tile whose byte count runs past the end of the file is *truncated*, except
+  an uncompressed one whose needed bytes are all there: tifffile reads it (libtiff
+  refuses it), with a warning.
 - Refused as *unsupported*, naming the feature: float and signed samples, samples
   over 16 bits, compressions no codec here decodes, other photometric interpretations.
 """
