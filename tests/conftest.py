@@ -1,8 +1,9 @@
 """Test-session setup: JAX's persistent compilation cache lives in this session's temp dir.
 
-`cnnpipe train` caches compiled steps under the user's cache directory; tests must
-neither read a cache left by earlier runs nor fill the user's, so the session gets
-its own (subprocesses inherit the environment variable). Under pytest-xdist the
+`cnnpipe train` caches compiled steps, and folder and tfds sources their stores, under
+the user's cache directory; tests must neither read a cache left by earlier runs nor
+fill the user's, so the session gets its own (subprocesses inherit the environment
+variables). Under pytest-xdist the
 workers of one session share it: a program one worker compiled (the tiny runs' train
 steps, say) is loaded by the others instead of compiled again. JAX keys each entry by
 the program and the compile settings, and recompiles an entry it cannot read.
@@ -20,18 +21,21 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cnnpipe")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _compile_cache_per_session(tmp_path_factory):
+def _caches_per_session(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     # an xdist worker's base temp is <session>/popen-gwN: the session's folder is shared by its workers
-    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-compile-cache"
-    path.mkdir(exist_ok=True)
-    old = os.environ.get("CNNPIPE_COMPILE_CACHE")
-    os.environ["CNNPIPE_COMPILE_CACHE"] = str(path)
-    yield str(path)
-    if old is None:
-        os.environ.pop("CNNPIPE_COMPILE_CACHE", None)
-    else:
-        os.environ["CNNPIPE_COMPILE_CACHE"] = old
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    paths = {"CNNPIPE_COMPILE_CACHE": shared / "jax-compile-cache", "XDG_CACHE_HOME": base / "xdg-cache"}
+    old = {name: os.environ.get(name) for name in paths}
+    for name, path in paths.items():
+        path.mkdir(exist_ok=True)
+        os.environ[name] = str(path)
+    yield paths
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)
