@@ -246,3 +246,17 @@ def test_png_with_zero_size_and_bad_zlib_is_a_decode_error():
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"garbage") + chunk(b"IEND", b"")
     with pytest.raises(DecodeError, match="invalid image size 0x5"):
         read_image(data)
+
+
+def test_only_the_codecs_warnings_are_the_images_and_others_are_issued_again():
+    import warnings
+
+    from cnnpipe.images.formats import codec_messages
+
+    with pytest.warns(Warning) as seen, codec_messages() as notes:
+        warnings.warn("not about the image (another thread's, say)")
+        warnings.warn_explicit("unclosed file <x.png>", ResourceWarning, "/site-packages/PIL/Image.py", 1)
+        warnings.warn_explicit("Corrupt EXIF data", UserWarning, "/site-packages/PIL/TiffImagePlugin.py", 9)
+    assert notes == ["Corrupt EXIF data"]   # raised in a codec package: the image's
+    assert sorted(str(w.message) for w in seen) == ["not about the image (another thread's, say)",
+                                                     "unclosed file <x.png>"]   # issued again, not swallowed

@@ -6,6 +6,7 @@ the short text `cnnpipe preprocess` prints.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +30,9 @@ def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], 
     """The report.json mapping: counts, every skipped entry with its kind and reason, files stored with
     warnings (metadata or codec problems that cost no pixels), duplicate groups, empty class folders.
 
-    Deterministic: two runs over the same folder give the same mapping (timings are in
-    meta.json), and every path is in `display_path` form (names that are not UTF-8 escaped).
+    Deterministic: two runs over the same folder give the same mapping, however SRC was
+    spelled ("src", "./src", its absolute path): every path, reasons included, is relative to
+    SRC and in `display_path` form (names that are not UTF-8 escaped); timings are not in it.
     """
     by_hash: dict[str, list[Candidate]] = {}
     for c in ok:
@@ -51,7 +53,9 @@ def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], 
     # a class folder with no image in it is reported, not a class
     with_images = {(c.class_name, c.split if scan.layout == "splits" else None) for c in ok}
     empty = [display_path(rel) for rel, name, split in scan.class_dirs if (name, split) not in with_images]
-    skipped = sorted(scan.skipped, key=lambda s: s["path"])
+    prefix = display_path(os.path.join(src, ""))   # how every scanned path starts ("src/", "/data/src/")
+    skipped = sorted(({**s, "reason": s["reason"].removeprefix(prefix)} for s in scan.skipped),
+                     key=lambda s: s["path"])
     return {
         "source": display_path(src.absolute()),
         "layout": scan.layout,

@@ -144,6 +144,14 @@ def check_pixels(source: str | None, width: int, height: int, max_pixels: int | 
 _MAX_MESSAGES = 5
 # imagecodecs logs libpng/libtiff warnings ("PNG warning: tEXt: CRC error"); tifffile logs its own
 _CODEC_LOGGERS = ("imagecodecs", "tifffile")
+# Python warnings are caught process-wide: only those raised from these packages are the image's
+_CODEC_PACKAGES = ("PIL", "tifffile", "imagecodecs", "cnnpipe")
+
+
+def _from_codec(w: warnings.WarningMessage) -> bool:
+    """Whether a caught warning came from decoding (not from another thread or the garbage collector)."""
+    parts = os.path.normpath(w.filename or "").split(os.sep)
+    return not issubclass(w.category, ResourceWarning) and any(p in parts for p in _CODEC_PACKAGES)
 
 
 class _ListHandler(logging.Handler):
@@ -161,8 +169,10 @@ def codec_messages() -> Iterator[list[str]]:
 
     Yields a list that holds, after the block, the distinct messages (at most 5,
     one line each): C-level stderr output of libpng/libtiff/libjpeg, Python
-    warnings (Pillow's EXIF warnings) and imagecodecs'/tifffile's log records. File
-    descriptor 2 is process-wide, so blocks are serialised by a lock; cnnpipe
+    warnings raised in Pillow, tifffile, imagecodecs or cnnpipe (Pillow's EXIF
+    warnings) and imagecodecs'/tifffile's log records. Other warnings caught meanwhile
+    (another thread's, an unclosed file's ResourceWarning) are issued again, not kept.
+    File descriptor 2 is process-wide, so blocks are serialised by a lock; cnnpipe
     decodes in worker processes, not threads, so this costs no parallelism.
     """
     raw: list[str] = []
@@ -185,7 +195,10 @@ def codec_messages() -> Iterator[list[str]]:
                     lg.removeHandler(handler)
                     lg.propagate = prop
     finally:
-        for line in [*raw, *printed, *(str(w.message) for w in caught)]:
+        for w in caught:
+            if not _from_codec(w):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        for line in [*raw, *printed, *(str(w.message) for w in caught if _from_codec(w))]:
             line = " ".join(line.split())[:200]
             if line and line not in out and len(out) < _MAX_MESSAGES:
                 out.append(line)
