@@ -229,3 +229,13 @@ def test_sigkilled_preprocess_leaves_a_temporary_that_the_rerun_removes(tmp_path
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert _leftovers(tmp_path) == [] and load_store(tmp_path / "out")
+
+
+@pytest.mark.parametrize("size, shown", [("100000", "100000x100000 is 10,000,000,000 pixels"),
+                                         ("10000x9000", "10000x9000 is 90,000,000 pixels")])
+def test_a_size_no_image_may_have_is_refused_before_any_work(tmp_path, capsys, size, shown):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    assert main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--size", size]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"size: {shown} per image, over the 89,478,485-pixel limit" in err
+    assert not (tmp_path / "out").exists()

@@ -181,7 +181,7 @@ def test_prepare_image_follows_the_preprocess_rules(tmp_path):
     np.testing.assert_array_equal(im.pixels, np.repeat(gray[..., None], 3, -1).astype(np.uint16) * 257)
     assert any("x257" in n for n in im.notes) and any("expanded" in n for n in im.notes)
 
-    with pytest.raises(ValueError, match=r"gradient16.png: 16-bit image; the model expects 3 plane\(s\) at 8-bit"):
+    with pytest.raises(ValueError, match=r"gradient16.png: 16-bit image; the model expects 3 plane\(s\) R/G/B at 8-bit"):
         fm.prepare_image(EXAMPLE16, in_channels=3, bit_depth=8, size=size)
     with pytest.raises(ValueError, match=r"rgb.png: image has 3 plane\(s\) R/G/B at 8-bit; the model expects 4"):
         fm.prepare_image(tmp_path / "rgb.png", in_channels=4, bit_depth=8, size=size)
@@ -324,7 +324,7 @@ def test_cli_inspect_bad_input(tiny_run, tmp_path, capsys):
         rc, _, err = _cli(["inspect", str(tiny_run), path, *extra], capsys)
         assert rc == 2 and message in err and err.count("\n") == 1, err
     rc, _, err = _cli(["inspect", str(tiny_run), str(EXAMPLE16)], capsys)
-    assert rc == 2 and "the model expects 3 plane(s) at 8-bit" in err
+    assert rc == 2 and "the model expects 3 plane(s) R/G/B at 8-bit" in err
     bare = tmp_path / "bare_run"
     bare.mkdir()
     for name in ("config.yaml", "dataset.json"):

@@ -144,3 +144,19 @@ def test_prepare_bytes_refuses_what_it_cannot_match():
         prepare_bytes(sixteen, ImageSpec((4, 4)), "x.png")
     with pytest.raises(ValueError, match="x.png: image has 3 plane"):
         prepare_bytes(_png(np.zeros((4, 4, 3), np.uint8)), ImageSpec((4, 4), channels="native", planes=5), "x.png")
+
+
+def test_a_models_spec_follows_its_plane_names_then_its_plane_count():
+    from cnnpipe.images.transform import spec_for_model
+
+    by_names = {("R", "G", "B"): "rgb", ("L",): "gray", ("S0", "S1", "S2"): "native", ("R", "G", "B", "A"): "native",
+                ("L", "A"): "native", ("S0",): "native"}
+    for names, mode in by_names.items():
+        spec = spec_for_model(len(names), 16, (4, 5), planes=list(names))
+        assert spec.channels == mode and spec.num_planes == len(names), names
+    # runs that did not record names: 3 planes are RGB, 1 is luma, any other count native
+    assert [spec_for_model(n, 8, (4, 5)).channels for n in (1, 2, 3, 4, 5)] == ["gray", "native", "rgb", "native",
+                                                                                 "native"]
+    assert spec_for_model(3, 16, (4, 5)).describe() == "the model expects 3 plane(s) R/G/B at 16-bit, 4x5"
+    assert spec_for_model(3, 16, (4, 5), planes=["S0", "S1", "S2"]).describe() == \
+        "the model expects 3 plane(s) at 16-bit, 4x5"

@@ -48,6 +48,7 @@ from cnnpipe.datasets.progress import Progress
 from cnnpipe.datasets.report import build_report, reason_counts
 from cnnpipe.datasets.store import Store, StoreWriter, build_meta, check_output, exact_mean_std, load_store
 from cnnpipe.datasets.workers import chunks, make_pool, ordered_map
+from cnnpipe.images.decode import DEFAULT_MAX_PIXELS
 from cnnpipe.images.formats import display_path
 from cnnpipe.images.tiff import PAGE_MODES
 from cnnpipe.images.transform import IMAGE_PATH_VERSION, RESIZE_MODES, ImageSpec
@@ -85,6 +86,9 @@ def parse_size(size: int | str | Sequence[int]) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise PreprocessError(f"size: expected H or HxW with positive integers (e.g. 64 or 64x48), "
                               f"got {size!r}") from None
+    if hw[0] * hw[1] > DEFAULT_MAX_PIXELS:  # no decoded file may be that large either: refused before any work
+        raise PreprocessError(f"size: {hw[0]}x{hw[1]} is {hw[0] * hw[1]:,} pixels per image, over the "
+                              f"{DEFAULT_MAX_PIXELS:,}-pixel limit of a decoded image")
     return hw  # type: ignore[return-value]
 
 

@@ -152,8 +152,10 @@ class ImageSpec:
         return {"rgb": 3, "gray": 1}.get(self.channels) or int(self.planes or 0)
 
     def describe(self) -> str:
-        """E.g. "the model expects 3 plane(s) at 8-bit, 32x32"."""
-        return f"{self.target} {self.num_planes} plane(s) at {self.bit_depth}-bit, {self.size[0]}x{self.size[1]}"
+        """E.g. "the model expects 3 plane(s) R/G/B at 8-bit, 32x32" (native: the count alone)."""
+        names = {"rgb": " R/G/B", "gray": " L"}.get(self.channels, "")
+        return (f"{self.target} {self.num_planes} plane(s){names} at {self.bit_depth}-bit, "
+                f"{self.size[0]}x{self.size[1]}")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def expand_sources(sources: Sequence[str], nonempty: bool = False) -> Iterator[s
 
     A path that does not exist is yielded as it is: its row then says why it was not read.
     List files are read as bytes, so names that are not UTF-8 work; empty lines and lines
-    starting with ``#`` are skipped; relative paths are relative to the working directory.
+    starting with ``#`` (after any spaces) are skipped; relative paths are relative to the working directory.
 
     Raises:
       FileNotFoundError: with `nonempty`, when no source exists.
@@ -63,7 +63,8 @@ def expand_sources(sources: Sequence[str], nonempty: bool = False) -> Iterator[s
     first = next(files, None)
     if first is None:
         raise ValueError("no input file found: " + "; ".join(
-            f"{s}: {'lists no path' if s.startswith('@') else 'is an empty folder'}" for s in sources))
+            f"{s}: {'lists no path' if s.startswith('@') else 'holds no file (hidden ones are skipped)'}"
+            for s in sources))
     return itertools.chain([first], files)
 
 
@@ -73,7 +74,7 @@ def _expand(sources: Sequence[str]) -> Iterator[str]:
             with open(src[1:], "rb") as f:  # an unreadable list is an input error (exit 2)
                 for raw in f:
                     raw = raw.rstrip(b"\r\n")
-                    if raw.strip() and not raw.startswith(b"#"):
+                    if raw.strip() and not raw.lstrip().startswith(b"#"):
                         yield from _walk(os.fsdecode(raw))
         else:
             yield from _walk(src)
