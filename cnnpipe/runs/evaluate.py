@@ -34,9 +34,9 @@ def data_overrides(spec: str, info: Mapping[str, Any] | None = None) -> list[str
         folder = ["data.source=folder", f"data.path={json.dumps(str(path))}"]
         if info is None:
             return folder
-        spec = spec_for_run(info)
-        return [*folder, f"data.size=[{spec.size[0]}, {spec.size[1]}]", f"data.resize={spec.resize}",
-                f"data.channels={spec.channels}", f"data.pages={spec.pages}"]
+        run_spec = spec_for_run(info)
+        return [*folder, f"data.size=[{run_spec.size[0]}, {run_spec.size[1]}]", f"data.resize={run_spec.resize}",
+                f"data.channels={run_spec.channels}", f"data.pages={run_spec.pages}"]
     raise FileNotFoundError(f"--data: {spec} is not a store, an image folder, 'shapes' or 'tfds:NAME'")
 
 
