@@ -85,7 +85,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 def _run_preprocess(args: argparse.Namespace) -> int:
     from cnnpipe.datasets.preprocess import preprocess
     from cnnpipe.datasets.progress import log_lines_off_a_terminal
-    from cnnpipe.datasets.report import format_summary
+    from cnnpipe.datasets.report import failed_files, format_summary
 
     log_lines_off_a_terminal()
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
                        test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
                        channels=args.channels, overwrite=args.overwrite, pages=args.pages)
     print(format_summary(store, elapsed_s=time.perf_counter() - t0))
-    return 0
+    return 1 if failed_files(store.report) else 0  # the store is complete; 1 says some files are not in it
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -31,7 +31,7 @@ def _assert_rows_equal_predict_path(store, root, in_channels):
 
 def test_default_settings_store_every_valid_file_and_report_every_bad_one(messy, tmp_path, capsys):
     out = tmp_path / "store"
-    assert main(["preprocess", str(messy.root), str(out), "--size", "48"]) == 0
+    assert main(["preprocess", str(messy.root), str(out), "--size", "48"]) == 1   # stored, bad files reported
     store = load_store(out)
     stored = {rel for s in store.splits for rel in store.sources(s)}
     assert stored == set(messy.valid)

@@ -130,7 +130,7 @@ def test_a_folder_mixing_plane_counts_stores_the_majority_and_reports_the_rest(t
     for name in ("a", "b"):  # the minority: 16-bit RGB
         tifffile.imwrite(tmp_path / "src" / name / "rgb.tif", np.full((16, 16, 3), 7, np.uint16), photometric="rgb")
     assert main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--size", "16",
-                 "--channels", "native", "--workers", "1"]) == 0
+                 "--channels", "native", "--workers", "1"]) == 1   # stored; the two RGB files are reported
     store = load_store(tmp_path / "out")
     assert store.channels == 5 and sum(store.count(s) for s in store.splits) == 12
     skipped = [s for s in store.report["skipped"] if s["kind"] == "plane_count"]

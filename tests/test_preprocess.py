@@ -371,9 +371,10 @@ def test_cli(tmp_path, capsys):
     (src / "a" / "junk.png").write_bytes(b"")
     out = tmp_path / "out"
     assert main(["preprocess", str(src), str(out), "--size", "8x6", "--resize", "pad", "--workers", "1",
-                 "--val-fraction", "0", "--channels", "gray"]) == 0
+                 "--val-fraction", "0", "--channels", "gray"]) == 1   # the store is written; one file failed
     printed = capsys.readouterr().out
     assert "6 images, 2 classes, 8x6x1 uint8" in printed and "skipped 1 files (empty 1)" in printed
+    assert printed.strip().splitlines()[-1].startswith("done in ") and "; 1 input file(s) failed; " in printed
     store = load_store(out)
     assert store.size == (8, 6) and store.channels == 1 and len(store) == 6
     assert json.loads((out / "report.json").read_text())["skipped"][0]["path"] == "a/junk.png"
@@ -382,6 +383,18 @@ def test_cli(tmp_path, capsys):
     assert "already exists" in err and len(err.strip().splitlines()) == 1
     assert main(["preprocess", str(tmp_path / "nope"), str(out), "--size", "8"]) == 2
     assert "folder not found" in capsys.readouterr().err
+
+
+def test_files_skipped_by_design_are_not_failures(tmp_path, capsys):
+    src = tmp_path / "src"
+    _two_classes(src, n=3, size=(10, 10))
+    (src / "a" / ".hidden.png").write_bytes(b"")      # hidden, AppleDouble and loose files are ignored
+    (src / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    (src / "README.txt").write_text("about this data\n")
+    assert main(["preprocess", str(src), str(tmp_path / "out"), "--size", "8", "--workers", "1"]) == 0
+    assert "failed" not in capsys.readouterr().out
+    kinds = sorted(s["kind"] for s in load_store(tmp_path / "out").report["skipped"])
+    assert kinds == ["appledouble", "hidden", "outside_class"]
 
 
 def _jpeg(path, arr, orientation=None):

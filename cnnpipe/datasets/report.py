@@ -16,7 +16,17 @@ from cnnpipe.datasets.folders import Candidate, FolderScan
 from cnnpipe.datasets.store import Store
 from cnnpipe.images.formats import display_path
 
-__all__ = ["build_report", "format_summary", "reason_counts"]
+__all__ = ["build_report", "format_summary", "reason_counts", "failed_files", "IGNORED_KINDS"]
+
+# entries skipped by design, not inputs that failed: hidden and AppleDouble files, a folder reached
+# again through a link, loose files beside the class folders, sockets and other non-files
+IGNORED_KINDS = frozenset({"hidden", "appledouble", "symlink_repeat", "outside_class", "not_regular"})
+
+
+def failed_files(report: dict[str, Any]) -> int:
+    """How many entries of a store's report are input files that could not be used (decode errors,
+    unreadable files, broken links, wrong plane counts, ...): every skipped kind but `IGNORED_KINDS`."""
+    return sum(1 for s in report["skipped"] if s["kind"] not in IGNORED_KINDS)
 
 
 def reason_counts(skipped: Sequence[dict[str, str]]) -> str:
@@ -101,6 +111,8 @@ def format_summary(store: Store, elapsed_s: float | None = None) -> str:
         lines.append(f"stored with warnings (pixels kept): {rc['files_with_warnings']} files")
     lines.append(f"duplicates: {rc['duplicate_groups']} groups, {rc['duplicate_files']} files, "
                  f"{rc['cross_split_duplicate_groups']} crossing splits")
+    failed = failed_files(report)
     lines.append((f"done in {elapsed_s:.1f} s; " if elapsed_s is not None else "")
+                 + (f"{failed} input file(s) failed; " if failed else "")
                  + f"details in {display_path(store.path / 'report.json')}")
     return "\n".join(lines)
