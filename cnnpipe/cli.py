@@ -250,8 +250,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result, ds = evaluate_run(run, overrides, tta=args.tta)
     tta = f", {describe_views(result['views'])}" if args.tta else ""
     print(f"{run.run_dir} (checkpoint step {run.step}{tta}) on {ds.description}: {result['count']} validation images")
-    print(f"accuracy: {result['accuracy']:.4f} ({int(result['confusion'].trace())}/{result['count']})  balanced accuracy: "
-          f"{result['balanced_accuracy']:.4f}  loss: {result['loss']:.4f}")
+    print(f"accuracy: {result['accuracy']:.4f} ({result['confusion'].trace():.0f}/{result['count']})  balanced "
+          f"accuracy: {result['balanced_accuracy']:.4f}  loss: {result['loss']:.4f}")
     print("per-class accuracy (recall):")
     for name, acc, total in zip(ds.classes, result["per_class_accuracy"], result["confusion"].sum(1)):
         print(f"  {name:<16} {'-' if acc is None else f'{acc:.4f}':>7}  ({int(total)} images)")

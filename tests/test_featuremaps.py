@@ -181,7 +181,8 @@ def test_prepare_image_follows_the_preprocess_rules(tmp_path):
     np.testing.assert_array_equal(im.pixels, np.repeat(gray[..., None], 3, -1).astype(np.uint16) * 257)
     assert any("x257" in n for n in im.notes) and any("expanded" in n for n in im.notes)
 
-    with pytest.raises(ValueError, match=r"gradient16.png: 16-bit image; the model expects 3 plane\(s\) R/G/B at 8-bit"):
+    with pytest.raises(ValueError,
+                       match=r"gradient16.png: 16-bit image; the model expects 3 plane\(s\) R/G/B at 8-bit"):
         fm.prepare_image(EXAMPLE16, in_channels=3, bit_depth=8, size=size)
     with pytest.raises(ValueError, match=r"rgb.png: image has 3 plane\(s\) R/G/B at 8-bit; the model expects 4"):
         fm.prepare_image(tmp_path / "rgb.png", in_channels=4, bit_depth=8, size=size)

@@ -141,12 +141,14 @@ def test_nothing_to_do_is_one_line_exit_2(run_dir, folder, tmp_path, capsys, cas
     (tmp_path / "empty.txt").write_text("# nothing listed\n\n   # an indented comment\n")
     args = {"no_input": ["predict", str(run_dir), str(tmp_path / "nothing-here")],
             "bad_out": ["predict", str(run_dir), good[0], "--out", str(tmp_path / "no-dir" / "p.csv")],
-            "empty_folder": ["predict", str(run_dir), str(tmp_path / "empty folder"), "--out", str(tmp_path / "p.csv")],
+            "empty_folder": ["predict", str(run_dir), str(tmp_path / "empty folder"), "--out",
+                             str(tmp_path / "p.csv")],
             "empty_list": ["predict", str(run_dir), f"@{tmp_path / 'empty.txt'}", "--out", str(tmp_path / "p.csv")],
             "no_run": ["predict", str(tmp_path / "no-run"), good[0], "--out", str(tmp_path / "p.csv")]}[case]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    named = {"no_input": "nothing-here", "bad_out": "no-dir", "empty_folder": "empty folder: holds no file (hidden ones are skipped)",
+    named = {"no_input": "nothing-here", "bad_out": "no-dir",
+             "empty_folder": "empty folder: holds no file (hidden ones are skipped)",
              "empty_list": "empty.txt: lists no path", "no_run": "no-run"}[case]
     assert len(err.splitlines()) == 1 and named in err, err
     assert not (tmp_path / "p.csv").exists() and not list(tmp_path.glob("**/.p.csv.tmp*"))
