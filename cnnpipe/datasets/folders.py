@@ -3,43 +3,23 @@
 Nothing is read here but directory entries. Every entry that cannot become a
 candidate (hidden and AppleDouble files, broken links, symlink loops, loose
 files beside class folders, unreadable folders) is recorded with a reason, so
-the report accounts for every entry. The split of a file is a pure function of
-(seed, class, path relative to the class folder): the same on any machine,
-and adding files never moves old ones.
+the report accounts for every entry. Splits are drawn later, from the files'
+paths relative to their class folders (`cnnpipe.datasets.splits`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cnnpipe.datasets.splits import assign_split
 from cnnpipe.datasets.store import SPLIT_NAMES
 from cnnpipe.images.formats import display_path
 
-__all__ = ["Candidate", "FolderScan", "assign_split", "scan_folder", "skip", "split_order"]
-
-
-def assign_split(seed: int, class_name: str, relpath: str, val_fraction: float, test_fraction: float) -> str:
-    """The split of one file: a hash of (seed, class, relative path) mapped into [0, 1).
-
-    Uses blake2b rather than Python's `hash()` (salted per process) so it is the
-    same on every machine and run; each file's split depends on nothing else.
-    Names are hashed as bytes (`os.fsencode`), so a name that is not valid UTF-8
-    hashes like any other (valid UTF-8 names hash as before); the relative path is the
-    file system's own, the class name its `display_path` form (see `scan_folder`).
-    """
-    key = b"\x00".join((str(seed).encode(), os.fsencode(class_name), os.fsencode(relpath)))
-    digest = hashlib.blake2b(key, digest_size=8).digest()
-    u = int.from_bytes(digest, "big") / 2.0**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
+__all__ = ["Candidate", "FolderScan", "assign_split", "scan_folder", "skip", "split_order", "walk_files"]
 
 
 @dataclass(slots=True)  # one per file: keep the per-file bookkeeping small
@@ -51,6 +31,8 @@ class Candidate:
     split: str | None  # the folder's own split in the split layout
     digest: str = ""
     bit_depth: int = 8
+    group: str | None = None  # a label table's group (patient, slide, scene)
+    fold: int = -1  # cross-validation fold (0 to K-1) of a store made with folds, else -1
 
 
 @dataclass
@@ -77,7 +59,7 @@ def _skipped_dotfile(scan: FolderScan, entry: os.DirEntry, rel: str) -> bool:
     return False
 
 
-def _walk_files(root: Path, rel_root: str, scan: FolderScan, visited: set[tuple[int, int]],
+def walk_files(root: Path, rel_root: str, scan: FolderScan, visited: set[tuple[int, int]],
                 ancestors: tuple[tuple[int, int], ...]) -> Iterator[tuple[str, str]]:
     """Yield (absolute path, path relative to SRC) of regular files under `root`, sorted.
 
@@ -111,7 +93,7 @@ def _walk_files(root: Path, rel_root: str, scan: FolderScan, visited: set[tuple[
                 skip(scan, rel, "symlink_repeat", f"{display_path(entry.path)}: folder already scanned through another link")
                 continue
             visited.add(key)
-            yield from _walk_files(Path(entry.path), rel, scan, visited, ancestors + (key,))
+            yield from walk_files(Path(entry.path), rel, scan, visited, ancestors + (key,))
         elif stat.S_ISREG(st.st_mode):
             yield entry.path, rel
         else:
@@ -164,7 +146,7 @@ def scan_folder(src: Path) -> FolderScan:
             # display form, the folder itself is still walked by its real path
             class_name = display_path(entry.name)
             scan.class_dirs.append((rel, class_name, split))
-            for path, frel in _walk_files(Path(entry.path), rel, scan, visited, ancestors + (key,)):
+            for path, frel in walk_files(Path(entry.path), rel, scan, visited, ancestors + (key,)):
                 class_rel = frel[len(rel) + 1:]
                 scan.candidates.append(Candidate(path, frel, class_rel, class_name, split))
     return scan

@@ -28,7 +28,6 @@ path (numpy, Pillow, imagecodecs), never jax.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import sys
@@ -42,16 +41,18 @@ from typing import Any
 import numpy as np
 
 from cnnpipe.datasets.convert import Failure, NeedsUint16, Prepared, convert_items, probe_file, worker_died
-from cnnpipe.datasets.folders import Candidate, FolderScan, assign_split, scan_folder, skip, split_order
+from cnnpipe.datasets.folders import Candidate, FolderScan, scan_folder, skip, split_order
 from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
+from cnnpipe.datasets.preprocess_settings import PreprocessError, Settings, check_paths, parse_size
 from cnnpipe.datasets.progress import Progress
 from cnnpipe.datasets.report import build_report, reason_counts
-from cnnpipe.datasets.store import Store, StoreWriter, build_meta, check_output, exact_mean_std, load_store
+from cnnpipe.datasets.splits import kfold, split_files
+from cnnpipe.datasets.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, exact_mean_std, load_store
+from cnnpipe.datasets.table_scan import LabelTable, scan_table
+from cnnpipe.datasets.tables import find_metadata
 from cnnpipe.datasets.workers import chunks, make_pool, ordered_map
-from cnnpipe.images.decode import DEFAULT_MAX_PIXELS
 from cnnpipe.images.formats import display_path
-from cnnpipe.images.tiff import PAGE_MODES
-from cnnpipe.images.transform import IMAGE_PATH_VERSION, RESIZE_MODES, ImageSpec
+from cnnpipe.images.transform import IMAGE_PATH_VERSION, ImageSpec
 
 __all__ = ["PreprocessError", "Settings", "preprocess", "parse_size"]
 
@@ -61,99 +62,11 @@ _PROBE_CHUNK = 64
 _CONVERT_CHUNK = 8
 
 
-class PreprocessError(ValueError):
-    """Bad input to `preprocess` (missing folder, no images, one class, bad setting)."""
-
-
-# ---------------------------------------------------------------- settings
-
-def parse_size(size: int | str | Sequence[int]) -> tuple[int, int]:
-    """`32`, `"32"`, `"32x48"` or `(32, 48)` -> (H, W), both positive."""
-    try:
-        if isinstance(size, str):
-            parts = size.lower().replace(" ", "").split("x")
-            if len(parts) not in (1, 2):
-                raise ValueError
-            hw = tuple(int(p) for p in parts)
-        elif isinstance(size, (int, np.integer)):
-            hw = (int(size),)
-        else:
-            hw = tuple(int(s) for s in size)
-        if len(hw) == 1:
-            hw = hw * 2
-        if len(hw) != 2 or min(hw) <= 0:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise PreprocessError(f"size: expected H or HxW with positive integers (e.g. 64 or 64x48), "
-                              f"got {size!r}") from None
-    if hw[0] * hw[1] > DEFAULT_MAX_PIXELS:  # no decoded file may be that large either: refused before any work
-        raise PreprocessError(f"size: {hw[0]}x{hw[1]} is {hw[0] * hw[1]:,} pixels per image, over the "
-                              f"{DEFAULT_MAX_PIXELS:,}-pixel limit of a decoded image")
-    return hw  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How a folder becomes a store (see `preprocess` for each field); validated by `check`."""
-
-    size: tuple[int, int]
-    resize: str = "crop"
-    channels: str = "rgb"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
-    seed: int = 0
-    workers: int = 1
-    overwrite: bool = False
-    progress: bool = False
-    pages: str = "first"
-
-    def check(self) -> None:
-        """PreprocessError naming the first bad setting."""
-        for name, v in (("val_fraction", self.val_fraction), ("test_fraction", self.test_fraction)):
-            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
-                raise PreprocessError(f"{name}: expected a number in [0, 1), got {v!r}")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise PreprocessError(f"val_fraction + test_fraction must be below 1 (no train images left), "
-                                  f"got {self.val_fraction} + {self.test_fraction}")
-        if self.resize not in RESIZE_MODES:
-            raise PreprocessError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
-        if self.channels not in ("rgb", "gray", "native"):
-            raise PreprocessError(f"channels: expected 'rgb', 'gray' or 'native', got {self.channels!r}")
-        if self.pages not in PAGE_MODES:
-            raise PreprocessError(f"pages: expected 'first' or 'planes', got {self.pages!r}")
-
-    def spec(self, dtype: str, planes: int | None = None) -> ImageSpec:
-        """The image spec every stored row matches (`planes`: the count of a native store)."""
-        return ImageSpec(self.size, self.resize, self.channels, 16 if dtype == "uint16" else 8, planes,
-                         pages=self.pages)
-
-    def split_config(self) -> dict[str, Any]:
-        return {"seed": self.seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
-                "pages": self.pages}
-
-
-def _check_paths(src: Path, out: Path) -> None:
-    if not src.exists():
-        raise PreprocessError(f"SRC: folder not found: {src}")
-    if not src.is_dir():
-        raise PreprocessError(f"SRC: not a folder: {src}")
-    rs, ro = src.resolve(), out.resolve()
-    if ro == rs or rs in ro.parents or ro in rs.parents:
-        raise PreprocessError(f"OUT ({out}) must not be SRC ({src}), inside it, or contain it")
-    # fail before any work if OUT cannot be made: its nearest existing ancestor must be a writable folder
-    ancestor = out.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "not a folder, so OUT cannot be created under it", str(ancestor))
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, "Permission denied (cannot create OUT here)", str(ancestor))
-
-
 def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | Sequence[int],
                resize: str = "crop", val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0,
                workers: int | None = None, channels: str = "rgb", overwrite: bool = False,
-               progress: bool | None = None, pages: str = "first") -> Store:
+               progress: bool | None = None, pages: str = "first", labels: str | os.PathLike | LabelTable | None = None,
+               split: str | None = None, folds: int | None = None) -> Store:
     """Decode an image folder once into a dataset store at `out` and return it.
 
     Args:
@@ -163,9 +76,15 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
       out: the store directory; must not exist unless `overwrite`.
       size: target H or (H, W) / "HxW".
       resize: "crop" (cover, centre crop), "pad" (fit, zero padding) or "stretch".
-      val_fraction, test_fraction: share of each class assigned to val/test by
-        a hash of (seed, class, relative path).
+      val_fraction, test_fraction: share of each class assigned to val/test (`split`).
       seed: split seed.
+      labels: a label table (CSV, TSV, JSON Lines, Parquet: `cnnpipe.datasets.tables`) naming each
+        image's class, a path or a `LabelTable` with its columns; SRC is then any folder of images.
+        None: class folders, or SRC's Hugging Face metadata.csv|jsonl|parquet (a `file_name` column).
+      split: "stratified", "group" or "hash" (`cnnpipe.datasets.splits`); None: "group" with a group
+        column, else "stratified". A train/val/test layout or a split column is kept as given.
+      folds: K-fold cross-validation: the non-test files dealt into K folds (stratified, grouped with
+        a group column), recorded in train/folds.npy; `data.fold` then picks the validation fold.
       workers: decoding processes; None or 0 = every core, 1 = in this process.
       channels: "rgb" (3 planes), "gray" (1 luma plane) or "native" (each file's own planes,
         e.g. five fluorescence channels; the count most files have, the others skipped and
@@ -180,28 +99,36 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
 
     Raises:
       PreprocessError (a ValueError): SRC missing, no images, fewer than two
-        classes, a class without a single usable image, bad settings.
+        classes, a class without a single usable image, bad settings; TableError (a ValueError):
+        a label table that cannot be used (naming it and the row or column); SplitError (a
+        ValueError): more folds than a class has images or than there are groups.
       OSError: the output cannot be written (the error names the path); nothing is left behind.
     """
     if workers is not None and int(workers) < 0:
         raise PreprocessError(f"workers: expected a positive number (or 0 for every core), got {workers!r}")
+    src_p, out_p = Path(src), Path(out)
+    if labels is None and src_p.is_dir() and (found := find_metadata(src_p)) is not None:
+        labels = found  # the Hugging Face imagefolder convention
+    table = labels if isinstance(labels, LabelTable) or labels is None else LabelTable(os.fspath(labels))
     settings = Settings(parse_size(size), resize, channels, val_fraction, test_fraction, seed,
                         int(workers) if workers else (os.cpu_count() or 1), overwrite,
-                        sys.stderr.isatty() if progress is None else bool(progress), pages)
+                        sys.stderr.isatty() if progress is None else bool(progress), pages, table, split, folds)
     settings.check()
-    src_p, out_p = Path(src), Path(out)
-    _check_paths(src_p, out_p)
+    check_paths(src_p, out_p)
     check_output(out_p.absolute(), overwrite)
-    scan = scan_folder(src_p)
+    scan, table_record = scan_table(src_p, table) if table is not None else (scan_folder(src_p), None)
     if not scan.candidates:
-        raise PreprocessError(f"SRC: no image files found in {src_p} (expected SRC/<class>/<image> or "
-                              f"SRC/<train|val|test>/<class>/<image>; {len(scan.skipped)} entries skipped)")
+        where = (f"no row of {display_path(table.path)} names an image file under {src_p}" if table is not None
+                 else f"no image files found in {src_p} (expected SRC/<class>/<image> or "
+                      "SRC/<train|val|test>/<class>/<image>")
+        raise PreprocessError(f"SRC: {where}; {len(scan.skipped)} entries skipped ({reason_counts(scan.skipped)})")
     with _pool_started_early(settings.workers, len(scan.candidates)) as pool:
-        build = _Build(scan, settings, src_p, out_p)
+        build = _Build(scan, settings, src_p, out_p, table=table_record)
         build.probe()
         build.pool = pool()
         if settings.channels == "native":
             build.probe_planes()
+        build.assign_splits()
         build.confirm_dtype()
         while True:
             try:
@@ -255,6 +182,9 @@ class _Build:
     classes: list[str] = field(default_factory=list)
     dtype: str = "uint8"
     planes: PlaneCount | None = None  # a native store's plane count and names
+    table: dict[str, Any] | None = None  # the label table's record (meta.json "labels")
+    method: str = "stratified"  # how the files were split (meta.json "split")
+    folds: int | None = None
 
     def probe(self) -> None:
         """Pass 1: keep files whose first bytes are an image; fix classes, splits and dtype."""
@@ -277,10 +207,37 @@ class _Build:
                                   f"recognised image ({reason_counts(scan.skipped)})")
         if len(self.classes) < 2:
             raise PreprocessError(f"SRC: only one class ({self.classes[0]!r}) in {self.src}; a classifier "
-                                  "needs at least two class folders")
-        for cand in self.ok:
-            if cand.split is None:
-                cand.split = assign_split(s.seed, cand.class_name, cand.class_rel, s.val_fraction, s.test_fraction)
+                                  f"needs at least two {'labels' if self.table else 'class folders'}")
+
+    def assign_splits(self) -> None:
+        """Each usable file's split and fold: as a train/val/test layout or a split or fold column gives
+        them, else by the split method (`cnnpipe.datasets.splits`); with folds, non-test files are "train"."""
+        s, ok = self.settings, self.ok
+        keys, labels = [c.class_rel for c in ok], [c.class_name for c in ok]
+        groups = [c.group or "" for c in ok] if s.method() == "group" else None
+        if any(c.fold >= 0 for c in ok):   # a fold column
+            self.method, self.folds = "column", 1 + max(c.fold for c in ok)
+            if s.folds and s.folds != self.folds:
+                raise PreprocessError(f"folds: {s.folds} asked for, but the fold column holds {self.folds} folds")
+            for c in ok:
+                c.split = "test" if c.split == "test" else "train"
+            return
+        if all(c.split is not None for c in ok):   # a train/val/test layout or a split column
+            self.method = "folders" if self.scan.layout == "splits" else "column"
+            if s.folds:
+                rest = [i for i, c in enumerate(ok) if c.split != "test"]
+                folds = kfold([keys[i] for i in rest], [labels[i] for i in rest], s.folds, s.seed,
+                              [groups[i] for i in rest] if groups else None)
+                for i, f in zip(rest, folds):
+                    ok[i].split, ok[i].fold = "train", int(f)
+                self.folds = s.folds
+            return
+        self.method = s.method()
+        splits, folds = split_files(keys, labels, method=self.method, val_fraction=s.val_fraction,
+                                    test_fraction=s.test_fraction, seed=s.seed, groups=groups, folds=s.folds)
+        for i, c in enumerate(ok):
+            c.split, c.fold = splits[i], -1 if folds is None else int(folds[i])
+        self.folds = s.folds
 
     def probe_planes(self) -> None:
         """`--channels native`: the plane count most files have; skip (and report) the others."""
@@ -318,11 +275,13 @@ class _Build:
             results.close()
 
     def _splits(self) -> list[str]:
-        splits = split_order(self.scan)
-        if self.scan.layout == "classes":
-            cfg = self.settings.split_config()
-            splits = [s for s in splits if s == "train" or cfg[f"{s}_fraction"] > 0]
-        return splits
+        if self.scan.layout == "splits":
+            return split_order(self.scan)
+        if self.method == "column":   # as the table gives them
+            return [s for s in SPLIT_NAMES if s == "train" or any(c.split == s for c in self.ok)]
+        fractions = {"val": 0.0 if self.folds else self.settings.val_fraction,
+                     "test": self.settings.test_fraction}
+        return [s for s in SPLIT_NAMES if s == "train" or fractions[s] > 0]
 
     def write(self) -> Store:
         """Pass 2: prepare every usable file in the workers and stream the rows into a new store."""
@@ -334,11 +293,12 @@ class _Build:
         spec = self.settings.spec(self.dtype, self.planes.count if self.planes else None)
         stats_split = "train" if capacity.get("train") else None  # None: every split (no train images)
         jobs = chunks([(c.path, stats_split in (None, c.split), spec) for c in todo], _CONVERT_CHUNK)
-        acc = _Accumulator(spec.num_planes, splits)
+        acc = _Accumulator(spec.num_planes, splits, self.folds or 0)
         bar = Progress(self.settings.progress, len(todo), "decoding")
         with StoreWriter(self.out, overwrite=self.settings.overwrite) as writer:
             for s in splits:
-                writer.create_split(s, capacity.get(s, 0), spec.size, spec.num_planes, self.dtype)
+                writer.create_split(s, capacity.get(s, 0), spec.size, spec.num_planes, self.dtype,
+                                    folds=bool(self.folds) and s == "train")
             results = (r for chunk in ordered_map(self.pool, convert_items, jobs, 4 * self.settings.workers,
                                                   on_death=worker_died) for r in chunk)
             for cand, res in zip(todo, results):
@@ -363,7 +323,7 @@ class _Build:
                                              f"{img.dtype}, expected {want} {self.dtype}", "corrupt")))
             return False
         cand.digest = res.digest
-        writer.append(cand.split, img, label, display_path(cand.rel))
+        writer.append(cand.split, img, label, display_path(cand.rel), fold=cand.fold)
         acc.add(cand, res)
         return True
 
@@ -383,33 +343,60 @@ class _Build:
         mean, std = exact_mean_std(acc.sums, acc.sumsq, acc.n_pix)
         counts = {s: {"total": sum(acc.per_class[s].values()),
                       "per_class": {c: acc.per_class[s][c] for c in self.classes}} for s in splits}
-        report = build_report(self.scan, self.ok, counts, self.src, acc.warnings)
+        report = build_report(self.scan, self.ok, counts, self.src, acc.warnings, self.table)
         s = self.settings
         meta = build_meta(classes=self.classes, dtype=self.dtype, size=s.size,
                           channel_names=list(self.planes.names) if self.planes else ["R", "G", "B"] if n_ch == 3
                           else ["L"], splits=splits, counts=counts,
                           mean=mean, std=std, stats_split=stats_split or "all", layout=self.scan.layout,
                           resize=s.resize, source=display_path(self.src.absolute()), num_images=sum(stored.values()),
-                          image_path_version=IMAGE_PATH_VERSION,
-                          **s.split_config())
+                          image_path_version=IMAGE_PATH_VERSION, **s.split_config(),
+                          split={"method": self.method, "seed": s.seed, "val_fraction": s.val_fraction,
+                                 "test_fraction": s.test_fraction, "folds": self.folds,
+                                 "group_col": self.table.get("group_col") if self.table else None},
+                          labels=self.table, folds=acc.fold_record(self.classes) if self.folds else None)
         return meta, report
 
 
 class _Accumulator:
-    """Per-class counts, exact integer channel sums, failures and warnings of the rows stored so far."""
+    """Per-class counts, exact integer channel sums (per fold too), failures and warnings of the rows stored."""
 
-    def __init__(self, planes: int, splits: list[str]) -> None:
+    def __init__(self, planes: int, splits: list[str], folds: int = 0) -> None:
         self.planes = planes
         self.sums, self.sumsq, self.n_pix = [0] * planes, [0] * planes, 0
         self.per_class: dict[str, Counter] = {s: Counter() for s in splits}
+        self.per_fold = [Counter() for _ in range(folds)]
+        self.fold_sums = [([0] * planes, [0] * planes, [0]) for _ in range(folds)]
         self.failed: list[tuple[Candidate, Failure]] = []
         self.warnings: list[dict[str, Any]] = []
 
     def add(self, cand: Candidate, res: Prepared) -> None:
         self.per_class[cand.split][cand.class_name] += 1
+        if cand.fold >= 0:
+            self.per_fold[cand.fold][cand.class_name] += 1
         if res.warnings:
             self.warnings.append({"path": display_path(cand.rel), "warnings": list(res.warnings)})
         if res.sums is not None:
+            n = res.pixels.shape[0] * res.pixels.shape[1]
             self.sums = [a + b for a, b in zip(self.sums, res.sums)]
             self.sumsq = [a + b for a, b in zip(self.sumsq, res.sumsq)]
-            self.n_pix += res.pixels.shape[0] * res.pixels.shape[1]
+            self.n_pix += n
+            if cand.fold >= 0:
+                sums, sumsq, count = self.fold_sums[cand.fold]
+                sums[:] = [a + b for a, b in zip(sums, res.sums)]
+                sumsq[:] = [a + b for a, b in zip(sumsq, res.sumsq)]
+                count[0] += n
+
+    def fold_record(self, classes: list[str]) -> dict[str, Any]:
+        """meta.json "folds": K, images per fold and class, and each fold's training statistics (every
+        other fold's pixels: what a run validating on that fold normalises with, exactly)."""
+        mean, std = [], []
+        for i in range(len(self.fold_sums)):
+            sums, sumsq, n = self.sums[:], self.sumsq[:], self.n_pix
+            held_sums, held_sumsq, held_n = self.fold_sums[i]
+            m, s = exact_mean_std([a - b for a, b in zip(sums, held_sums)],
+                                  [a - b for a, b in zip(sumsq, held_sumsq)], n - held_n[0])
+            mean.append(m)
+            std.append(s)
+        return {"k": len(self.fold_sums), "per_class": [{c: f[c] for c in classes} for f in self.per_fold],
+                "train_mean": mean, "train_std": std}

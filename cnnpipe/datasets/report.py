@@ -19,8 +19,10 @@ from cnnpipe.images.formats import display_path
 __all__ = ["build_report", "format_summary", "reason_counts", "failed_files", "IGNORED_KINDS"]
 
 # entries skipped by design, not inputs that failed: hidden and AppleDouble files, a folder reached
-# again through a link, loose files beside the class folders, sockets and other non-files
-IGNORED_KINDS = frozenset({"hidden", "appledouble", "symlink_repeat", "outside_class", "not_regular"})
+# again through a link, loose files beside the class folders, sockets and other non-files; a label
+# table's files it does not list, rows naming a file again with the same label, empty rows
+IGNORED_KINDS = frozenset({"hidden", "appledouble", "symlink_repeat", "outside_class", "not_regular",
+                           "no_row", "duplicate_row", "empty_row"})
 
 
 def failed_files(report: dict[str, Any]) -> int:
@@ -36,7 +38,7 @@ def reason_counts(skipped: Sequence[dict[str, str]]) -> str:
 
 
 def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], src: Path,
-                 warnings: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+                 warnings: Sequence[dict[str, Any]] = (), table: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report.json mapping: counts, every skipped entry with its kind and reason, files stored with
     warnings (metadata or codec problems that cost no pixels), duplicate groups, empty class folders.
 
@@ -69,8 +71,10 @@ def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], 
     return {
         "source": display_path(src.absolute()),
         "layout": scan.layout,
+        "labels": table,
         "counts": {
-            "files_found": len(scan.candidates),
+            "files_found": len(scan.candidates),   # with a label table: files its rows name
+            **({"table_rows": table["rows"]} if table else {}),
             "images_stored": sum(v["total"] for v in counts.values()),
             "skipped": len(skipped),
             "skipped_by_kind": dict(Counter(s["kind"] for s in skipped).most_common()),
@@ -103,8 +107,18 @@ def format_summary(store: Store, elapsed_s: float | None = None) -> str:
                                                      for s in store.splits))
     lines.append(f"  {'total':<{width}}  " + "  ".join(f"{meta['counts'][s]['total']:>7}" for s in store.splits))
     rc = report["counts"]
+    folds = meta.get("folds")
+    if folds:
+        lines.append(f"  folds (data.fold 0-{folds['k'] - 1}): "
+                     + ", ".join(str(sum(f.values())) for f in folds["per_class"]) + " train images each")
+    split = meta.get("split") or {}
+    table = report.get("labels")
+    if table or split:
+        lines.append((f"labels: {display_path(table['table'])} ({table['rows']} rows, paths {table['path_col']!r}, "
+                      f"labels {table['label_col']!r}); " if table else "")
+                     + f"split: {split.get('method', 'hash')}")
     kinds = ", ".join(f"{k} {v}" for k, v in rc["skipped_by_kind"].items())
-    lines.append(f"skipped {rc['skipped']} files" + (f" ({kinds})" if kinds else "")
+    lines.append(f"skipped {rc['skipped']} {'files or rows' if table else 'files'}" + (f" ({kinds})" if kinds else "")
                  + (f"; empty class folders: {', '.join(report['empty_class_folders'])}"
                     if report["empty_class_folders"] else ""))
     if rc.get("files_with_warnings"):

@@ -7,6 +7,7 @@ Layout of a store directory::
     OUT/<split>/images.npy    (N, H, W, C) uint8 or uint16, read memory-mapped
     OUT/<split>/labels.npy    (N,) int32 class indices into meta["classes"]
     OUT/<split>/sources.json  the N source files (relative to SRC), row order
+    OUT/train/folds.npy       (N,) int8 cross-validation fold of each row (a store made with --folds)
 
 A store is complete or absent: `StoreWriter` builds it in a hidden temporary
 directory beside OUT and renames it into place only once everything is written.
@@ -126,6 +127,18 @@ class Store:
         """(N,) int32 class indices of `split`."""
         return self._array(split, "labels.npy", (), np.dtype(np.int32), mmap=False)
 
+    @property
+    def num_folds(self) -> int | None:
+        """K of a store made with --folds, else None."""
+        folds = self.meta.get("folds")
+        return int(folds["k"]) if isinstance(folds, dict) else None
+
+    def folds(self, split: str = "train") -> np.ndarray:
+        """(N,) int8 cross-validation fold of each row of `split` (a store made with --folds)."""
+        if self.num_folds is None:
+            raise ValueError(f"{self.path}: this store has no cross-validation folds (preprocess it with --folds K)")
+        return self._array(split, "folds.npy", (), np.dtype(np.int8), mmap=False)
+
     def sources(self, split: str) -> list[str]:
         """The source file of each row of `split` (path relative to SRC), or [] if not recorded."""
         path = self._check_split(split) / "sources.json"
@@ -243,6 +256,7 @@ class StoreWriter:
         self._images: dict[str, _RowStream] = {}
         self._labels: dict[str, _RowStream] = {}
         self._sources: dict[str, list[str]] = {}
+        self._folds: dict[str, _RowStream] = {}
         self.committed = False
 
     def __enter__(self) -> StoreWriter:
@@ -252,20 +266,24 @@ class StoreWriter:
         self.close()
 
     def create_split(self, split: str, capacity: int, size: tuple[int, int], channels: int,
-                     dtype: np.dtype | str) -> None:
-        """Start (at most `capacity`) rows of (H, W, C) images and int32 labels for `split`."""
+                     dtype: np.dtype | str, folds: bool = False) -> None:
+        """Start (at most `capacity`) rows of (H, W, C) images and int32 labels for `split` (and int8 folds)."""
         d = self.tmp / split
         d.mkdir()
         self._images[split] = _RowStream(d / "images.npy", capacity, (int(size[0]), int(size[1]), int(channels)),
                                          np.dtype(dtype))
         self._labels[split] = _RowStream(d / "labels.npy", capacity, (), np.dtype(np.int32))
         self._sources[split] = []
+        if folds:
+            self._folds[split] = _RowStream(d / "folds.npy", capacity, (), np.dtype(np.int8))
 
-    def append(self, split: str, image: np.ndarray, label: int, source: str = "") -> int:
-        """Write one (H, W, C) image, its label and source name as the next row of `split`."""
+    def append(self, split: str, image: np.ndarray, label: int, source: str = "", fold: int = -1) -> int:
+        """Write one (H, W, C) image, its label, source name (and fold) as the next row of `split`."""
         i = self._images[split].n
         self._images[split].write(image)
         self._labels[split].write(np.asarray(label, np.int32))
+        if split in self._folds:
+            self._folds[split].write(np.asarray(fold, np.int8))
         self._sources[split].append(source)
         return i
 
@@ -274,6 +292,8 @@ class StoreWriter:
 
     def commit(self, meta: Mapping[str, Any], report: Mapping[str, Any]) -> Path:
         """Finish the arrays (cut unused rows), write meta/report and rename the store into place."""
+        for stream in self._folds.values():
+            stream.close()
         for split in self._images:
             self._images[split].close()
             self._labels[split].close()
@@ -296,7 +316,7 @@ class StoreWriter:
 
     def close(self) -> None:
         """Drop the temporary directory unless the store was committed."""
-        for stream in (*self._images.values(), *self._labels.values()):
+        for stream in (*self._images.values(), *self._labels.values(), *self._folds.values()):
             stream.f.close()
         if not self.committed and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,213 @@
+"""A label table + an image folder -> the candidates `cnnpipe preprocess` stores, every row and file accounted for.
+
+A row names its file by a path relative to SRC (or to the table's folder), an absolute
+path, or an id without its extension (matched to the one file under SRC with that stem).
+Nothing is read here but the table and directory entries. Each row that cannot become a
+candidate is recorded with a kind and reason (`folders.skip`), as is each file under SRC
+that no row names; the run goes on. Only a table that cannot be used at all stops it
+(`TableError`): unreadable or malformed, no rows, a column that is not there, a label
+column with one class, a group column with one group.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnnpipe.datasets.folders import Candidate, FolderScan, skip, walk_files
+from cnnpipe.datasets.tables import PATH_COLUMNS, Table, TableError, pick_column, read_table
+from cnnpipe.images.formats import display_path, path_from_display
+
+__all__ = ["LabelTable", "scan_table", "SPLIT_VALUES"]
+
+# what a split column may say (case-insensitive); a column of booleans is fastai's `is_valid`
+SPLIT_VALUES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                "dev": "val", "test": "test", "testing": "test"}
+_BOOLEANS = {"true": "val", "false": "train", "1": "val", "0": "train", "yes": "val", "no": "train"}
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    """Where labels come from: a table and its columns (None: the default column, or no such column)."""
+
+    path: str
+    path_col: str | None = None
+    label_col: str | None = None
+    split_col: str | None = None
+    group_col: str | None = None
+    fold_col: str | None = None
+
+    def record(self, table: Table, cols: dict[str, str | None]) -> dict[str, Any]:
+        """What meta.json records of the table: its path, the columns used and its row count."""
+        return {"table": display_path(Path(self.path).absolute()), **{f"{k}_col": v for k, v in cols.items()},
+                "rows": len(table)}
+
+
+def _columns(table: Table, spec: LabelTable) -> dict[str, str | None]:
+    cols = {"path": pick_column(table, spec.path_col, "--path-col", PATH_COLUMNS),
+            "label": pick_column(table, spec.label_col, "--label-col", ("label",))}
+    for key, name in (("split", spec.split_col), ("group", spec.group_col), ("fold", spec.fold_col)):
+        cols[key] = pick_column(table, name, f"--{key}-col") if name is not None else None
+    where = display_path(table.path)
+    labels = {v for v in table.columns[cols["label"]] if v is not None}
+    if len(labels) < 2:
+        raise TableError(f"{where}: label column {cols['label']!r} holds "
+                         f"{'one class (' + repr(next(iter(labels))) + ')' if labels else 'no labels'}; "
+                         "a classifier needs at least two")
+    if cols["group"] is not None and len({v for v in table.columns[cols["group"]] if v is not None}) < 2:
+        raise TableError(f"{where}: group column {cols['group']!r} holds one group; grouping needs at least two")
+    return cols
+
+
+class _Files:
+    """SRC's regular files by relative path and by path without its extension (for ids)."""
+
+    def __init__(self, src: Path, scan: FolderScan, exclude: Path) -> None:
+        self.src = src
+        self.by_rel: dict[str, str] = {}
+        self.by_stem: dict[str, list[str]] = defaultdict(list)
+        skip_real = os.path.realpath(exclude)
+        root_st = os.stat(src)
+        for path, rel in walk_files(src, "", scan, {(root_st.st_dev, root_st.st_ino)}, ((root_st.st_dev, root_st.st_ino),)):
+            if os.path.realpath(path) == skip_real:
+                continue  # the table itself (a metadata.csv inside SRC) is not an image without a row
+            self.by_rel[rel] = path
+            self.by_stem[posixpath.splitext(rel)[0]].append(rel)
+
+    def find(self, value: str, table_dir: Path) -> tuple[str, str] | tuple[None, str]:
+        """(absolute path, path relative to SRC) of the file `value` names, or (None, why not)."""
+        tries = [value]
+        if "\\" in value:   # a Windows path, or cnnpipe's own escaped form of a name that is not UTF-8
+            tries += [value.replace("\\", "/"), path_from_display(value)]
+        for v in tries:
+            if os.path.isabs(v):
+                if os.path.isfile(v):
+                    return v, self._rel(v)
+                continue
+            rel = posixpath.normpath(v)
+            if rel in self.by_rel:
+                return self.by_rel[rel], rel
+            beside = table_dir / v
+            if table_dir.resolve() != self.src.resolve() and beside.is_file():
+                return str(beside), self._rel(str(beside))
+            stems = self.by_stem.get(rel, [])
+            if len(stems) == 1:
+                return self.by_rel[stems[0]], stems[0]
+            if len(stems) > 1:
+                return None, f"ambiguous id: {len(stems)} files have this name ({', '.join(map(display_path, stems[:3]))})"
+        return None, "no such file under SRC or beside the table"
+
+    def _rel(self, path: str) -> str:
+        return os.path.relpath(path, self.src).replace(os.sep, "/")
+
+
+@dataclass
+class _Row:
+    index: int
+    path: str
+    rel: str
+    values: tuple[str, str | None, str | None, int]  # label, split, group, fold
+
+
+def _split_of(value: str | None, column: list[str | None]) -> str | None:
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if all(x is None or x.strip().lower() in _BOOLEANS for x in column):
+        return _BOOLEANS[v]
+    return SPLIT_VALUES.get(v)
+
+
+def _row(table: Table, cols: dict[str, str | None], i: int, files: _Files, folds: dict[str, int],
+         scan: FolderScan, seen: set[str]) -> _Row | None:
+    """Row `i` as a `_Row`, or None after recording why it cannot be used."""
+    def value(key: str) -> str | None:
+        return table.columns[cols[key]][i] if cols[key] is not None else None
+
+    where, path = table.where(i), value("path")
+    if all(v is None for col in table.columns.values() for v in (col[i],)):
+        skip(scan, where, "empty_row", f"{where}: an empty row")
+        return None
+    if path is None:
+        skip(scan, where, "empty_path", f"{where}: no file named in column {cols['path']!r}")
+        return None
+    found, rel_or_why = files.find(path, table.path.parent)
+    if found is not None:
+        seen.add(os.path.normpath(found))  # named by a row, used or not: never also "not in the table"
+    checks = ((found is None, "missing_file", f"{display_path(path)}: {rel_or_why}"),
+              (value("label") is None, "empty_label", f"{display_path(path)}: empty label ({cols['label']!r})"),
+              (cols["split"] is not None and _split_of(value("split"), table.columns[cols["split"]]) is None,
+               "bad_split", f"{display_path(path)}: split {value('split')!r} is not train, val(id/idation) or test"),
+              (cols["group"] is not None and value("group") is None, "empty_group",
+               f"{display_path(path)}: empty group ({cols['group']!r})"),
+              (cols["fold"] is not None and value("fold") not in folds, "bad_fold",
+               f"{display_path(path)}: fold {value('fold')!r} is not an integer"))
+    for bad, kind, reason in checks:
+        if bad:
+            skip(scan, where, kind, f"{where}: {reason}")
+            return None
+    split = _split_of(value("split"), table.columns[cols["split"]]) if cols["split"] else None
+    fold = folds[value("fold")] if cols["fold"] else -1  # type: ignore[index]
+    return _Row(i, found, rel_or_why, (display_path(value("label")), split, value("group"), fold))  # type: ignore[arg-type]
+
+
+def _fold_numbers(table: Table, col: str | None) -> dict[str, int]:
+    """A fold column's integer values -> fold 0 to K-1 in numeric order ("1".."5" -> 0..4)."""
+    if col is None:
+        return {}
+    values = {}
+    for v in table.columns[col]:
+        if v is not None:
+            try:
+                values[v] = int(v.strip())
+            except ValueError:
+                pass
+    order = sorted(set(values.values()))
+    return {v: order.index(n) for v, n in values.items()}
+
+
+def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]:
+    """The candidates a label table names under SRC, and what meta.json records of the table.
+
+    Every row becomes a candidate or a skipped entry (missing_file, empty_label, bad_split,
+    empty_group, bad_fold, conflicting_labels; duplicate_row and empty_row are noted, not
+    failures); every file under SRC that no row names is skipped as ``no_row``. Candidates
+    are in path order, whatever the table's row order.
+
+    Raises:
+      TableError: the table cannot be used (see the module doc). OSError: it cannot be read.
+    """
+    table = read_table(spec.path)
+    cols = _columns(table, spec)
+    scan = FolderScan(layout="table")
+    files = _Files(src, scan, table.path)
+    folds = _fold_numbers(table, cols["fold"])
+    by_file: dict[str, list[_Row]] = defaultdict(list)
+    named: set[str] = set()
+    for i in range(len(table)):
+        row = _row(table, cols, i, files, folds, scan, named)
+        if row is not None:
+            by_file[os.path.normpath(row.path)].append(row)
+    for rows in by_file.values():
+        first = rows[0]
+        if any(r.values != first.values for r in rows):
+            listed = "; ".join(f"{table.row_names[r.index]}: {r.values[0]!r}" for r in rows[:4])
+            for r in rows:
+                skip(scan, table.where(r.index), "conflicting_labels",
+                     f"{table.where(r.index)}: {display_path(first.rel)} is listed {len(rows)} times with different "
+                     f"labels, splits, groups or folds ({listed})")
+            continue
+        for r in rows[1:]:
+            skip(scan, table.where(r.index), "duplicate_row",
+                 f"{table.where(r.index)}: {display_path(r.rel)} is listed again (as {table.row_names[first.index]})")
+        label, split, group, fold = first.values
+        scan.candidates.append(Candidate(first.path, first.rel, first.rel, label, split, group=group, fold=fold))
+    for rel, path in files.by_rel.items():
+        if os.path.normpath(path) not in named:
+            skip(scan, rel, "no_row", f"{display_path(rel)}: not in the label table {display_path(table.path.name)}")
+    scan.candidates.sort(key=lambda c: c.rel)
+    return scan, spec.record(table, cols)

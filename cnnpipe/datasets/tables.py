@@ -1,0 +1,205 @@
+"""Label tables: CSV, TSV, JSON Lines and Parquet files read into columns of text.
+
+CSV/TSV and Parquet are read with pyarrow (one C++ reader for all of them: quoted
+fields, CRLF, a UTF-8 byte-order mark and blank lines handled as Excel and pandas
+write them); CSV cells are read as bytes, so a path that is not valid UTF-8 (a
+Latin-1 file name written by a Latin-1 tool) still names its file exactly. JSON Lines
+are read line by line with Python's `json`: pyarrow's JSON reader refuses a column
+whose type changes between rows (``1`` then ``"01"``), which a label column may do.
+
+Every value becomes text as written (``"01"`` stays ``"01"``: a label is a name,
+never a number parsed and printed again) or None when empty. Errors are one line
+naming the table and the row, line or column (`TableError`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnnpipe.images.formats import display_path
+
+__all__ = ["TABLE_SUFFIXES", "PATH_COLUMNS", "HF_METADATA", "Table", "TableError", "read_table",
+           "find_metadata", "pick_column"]
+
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                  ".parquet": "parquet", ".pq": "parquet"}
+# the path column when --path-col is not given: the first of these the table has (Hugging Face's
+# imagefolder `file_name`, fastai's and Keras's usual names, Kaggle's `id`)
+PATH_COLUMNS = ("file_name", "path", "filename", "image", "id")
+HF_METADATA = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+
+
+class TableError(ValueError):
+    """A label table that cannot be used: unreadable, malformed, empty, or a column that is not there."""
+
+
+@dataclass
+class Table:
+    """A label table's columns as text: ``columns[name][i]`` is row i's value (None if empty).
+
+    `where(i)` names row i for messages: ``row N`` as a spreadsheet numbers it (the header
+    is row 1) for CSV, TSV and Parquet, ``line N`` for JSON Lines.
+    """
+
+    path: Path
+    columns: dict[str, list[str | None]]
+    row_names: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.columns)
+
+    def __len__(self) -> int:
+        return len(self.row_names)
+
+    def where(self, i: int) -> str:
+        return f"{display_path(self.path)} {self.row_names[i]}"
+
+
+def _text(v: Any) -> str | None:
+    """A cell as text, None when empty: bytes as the file system would name them, numbers as written."""
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "surrogateescape")
+    elif isinstance(v, bool):
+        v = "true" if v else "false"
+    elif not isinstance(v, str):
+        v = str(v)
+    return v if v != "" else None
+
+
+def _read_csv(path: Path, delimiter: str) -> Table:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    bad: list[Any] = []
+
+    def invalid(row: Any) -> str:
+        bad.append(row)
+        return "skip"
+
+    parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=invalid)
+    read = pacsv.ReadOptions(use_threads=False)  # row numbers of malformed rows are only known single-threaded
+    names = pacsv.open_csv(path, read_options=read, parse_options=parse).schema.names
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise TableError(f"{display_path(path)}: column {dup!r} appears twice in the header")
+    convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=False,
+                                   quoted_strings_can_be_null=False)
+    table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    if bad:
+        row = bad[0]
+        at = f"row {row.number}" if row.number is not None else "a row"
+        raise TableError(f"{display_path(path)} {at}: expected {row.expected_columns} columns, got "
+                         f"{row.actual_columns} ({row.text[:60]!r})")
+    columns = {n: [_text(v) for v in table.column(n).to_pylist()] for n in names}
+    return Table(path, columns, [f"row {i + 2}" for i in range(table.num_rows)])
+
+
+def _read_jsonl(path: Path) -> Table:
+    columns: dict[str, list[str | None]] = {}
+    rows: list[str] = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", "surrogateescape").lstrip("\ufeff").strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TableError(f"{display_path(path)} line {n}: not JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise TableError(f"{display_path(path)} line {n}: expected a JSON object, got {type(rec).__name__}")
+            for key in rec:
+                columns.setdefault(key, [None] * len(rows))
+            for key, col in columns.items():
+                v = rec.get(key)
+                col.append(_text(json.dumps(v) if isinstance(v, (dict, list)) else v))
+            rows.append(f"line {n}")
+    return Table(path, columns, rows)
+
+
+def _read_parquet(path: Path) -> Table:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    columns = {n: [_text(v) for v in table.column(n).to_pylist()] for n in table.column_names}
+    return Table(path, columns, [f"row {i + 2}" for i in range(table.num_rows)])
+
+
+def read_table(path: str | os.PathLike) -> Table:
+    """Read a label table (format by suffix: `TABLE_SUFFIXES`).
+
+    Returns:
+      A `Table` of text columns in the file's column order.
+
+    Raises:
+      TableError: unknown suffix, a malformed row (naming its row or line), a header
+        naming a column twice, no rows.
+      OSError: the file cannot be read (the error names it).
+    """
+    p = Path(path)
+    kind = TABLE_SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise TableError(f"{display_path(p)}: unknown table format {p.suffix or '(no suffix)'!r}; expected "
+                         f"{', '.join(sorted(TABLE_SUFFIXES))}")
+    if not p.is_file():
+        raise FileNotFoundError(2, "label table not found", str(p))
+    import pyarrow as pa
+
+    try:
+        if kind == "jsonl":
+            table = _read_jsonl(p)
+        elif kind == "parquet":
+            table = _read_parquet(p)
+        else:
+            table = _read_csv(p, "," if kind == "csv" else "\t")
+    except (pa.ArrowException, UnicodeDecodeError) as exc:
+        text = " ".join(str(exc).split())
+        raise TableError(f"{display_path(p)}: cannot read this {kind} table ({text[:200]})") from None
+    if not len(table):
+        raise TableError(f"{display_path(p)}: the table has no rows (columns: {', '.join(table.names) or 'none'})")
+    return table
+
+
+def pick_column(table: Table, name: str | None, option: str, defaults: Sequence[str] = ()) -> str:
+    """The column `name`, or the first of `defaults` the table has.
+
+    Raises:
+      TableError: naming the table, the option and every column, with a did-you-mean.
+    """
+    if name is not None and name in table.columns:
+        return name
+    if name is None:
+        found = next((d for d in defaults if d in table.columns), None)
+        if found is not None:
+            return found
+        wanted = " or ".join(repr(d) for d in defaults)
+        raise TableError(f"{display_path(table.path)}: no {option} column ({wanted}); pass {option} NAME "
+                         f"(columns: {', '.join(table.names)})")
+    close = difflib.get_close_matches(name, table.names, n=1, cutoff=0.6) or [
+        n for n in table.names if n.lower() == name.lower()]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise TableError(f"{display_path(table.path)}: {option} {name!r}: no such column (columns: "
+                     f"{', '.join(table.names)}){hint}")
+
+
+def find_metadata(src: Path) -> Path | None:
+    """SRC's Hugging Face `imagefolder` metadata file (metadata.csv / .jsonl / .parquet with a
+    `file_name` column), or None."""
+    for name in HF_METADATA:
+        p = src / name
+        if p.is_file():
+            try:
+                if "file_name" in read_table(p).columns:
+                    return p
+            except (TableError, OSError):
+                return p  # a metadata file that cannot be read is an error to show, not a folder to walk
+    return None
