@@ -165,6 +165,18 @@ class DataConfig(_Schema):
     channels: Literal["rgb", "gray", "native"] | None = None
     pages: Literal["first", "planes"] = "first"   # folder: multi-page TIFF, page 1 or every page a plane
     val_fraction: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.1   # folder
+    # folder: labels from a table (CSV, TSV, JSON Lines, Parquet) instead of class folders, and its columns
+    # (null: path = the first of file_name, path, filename, image, id; label = label; no split/group/fold)
+    labels: str | None = None
+    path_col: str | None = None
+    label_col: str | None = None
+    split_col: str | None = None
+    group_col: str | None = None
+    fold_col: str | None = None
+    # folder: stratified (default), group (default with a group_col) or hash (cnnpipe.datasets.splits)
+    split: Literal["stratified", "group", "hash"] | None = None
+    folds: Annotated[StrictInt, Field(ge=2, le=100)] | None = None   # folder: deal the files into K folds
+    fold: NonNegInt | None = None       # store/folder made with folds: the validation fold (cnnpipe cv sets it)
     bit_depth: Literal[8, 16] = 8       # shapes only
     num_train: PosInt = 4000            # shapes only
     num_val: PosInt = 400               # shapes only

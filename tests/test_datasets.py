@@ -223,7 +223,7 @@ def test_store_without_validation_split_is_an_error(tmp_path):
                        "preprocess it with a validation fraction > 0"):
         store_dataset(tmp_path / "store")
     # a folder: the hint names the config key, not a preprocess step the user never ran
-    with pytest.raises(ValueError, match=r"data.val_fraction is 0 and no image of .* fell into the validation"):
+    with pytest.raises(ValueError, match=r"data.val_fraction is 0 and no image of .* is in the validation"):
         folder_dataset(src, size=(16, 16), val_fraction=0.0, cache_dir=tmp_path / "cache")
 
 

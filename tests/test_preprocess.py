@@ -239,11 +239,11 @@ def test_split_is_stable_and_deterministic(tmp_path):
     for cls in ("a", "b"):
         for i in range(24):
             png8(src / cls / f"{i:03d}.png", RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8))
-    kw = dict(size=(6, 8), val_fraction=0.3, test_fraction=0.2)
+    kw = dict(size=(6, 8), val_fraction=0.3, test_fraction=0.2, split="hash")
     first = _split_map(run(src, tmp_path / "s1", **kw))
     assert set(first.values()) == {"train", "val", "test"}
     assert _split_map(run(src, tmp_path / "s2", **kw)) == first
-    # each file's split is the hash of (seed, class, path in class) mapped into [0, 1)
+    # split="hash": each file's split is the hash of (seed, class, path in class) mapped into [0, 1)
     for rel, split in first.items():
         cls, name = rel.split("/", 1)
         u = int.from_bytes(hashlib.blake2b(f"0\x00{cls}\x00{name}".encode(), digest_size=8).digest(), "big") / 2**64
@@ -272,7 +272,7 @@ def test_duplicates_across_splits_and_classes(tmp_path):
     split_x = assign_split(0, "a", "x.png", 0.5, 0.0)
     name = next(f"copy{i}.png" for i in range(100) if assign_split(0, "b", f"copy{i}.png", 0.5, 0.0) != split_x)
     shutil.copy(img, src / "b" / name)
-    store = run(src, tmp_path / "out", val_fraction=0.5)
+    store = run(src, tmp_path / "out", val_fraction=0.5, split="hash")
     (dup,) = store.report["duplicates"]
     assert sorted(f["path"] for f in dup["files"]) == ["a/x.png", f"b/{name}"]
     assert dup["cross_split"] and dup["cross_class"]

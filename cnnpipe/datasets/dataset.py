@@ -31,6 +31,27 @@ class Split:
         return len(self.labels)
 
 
+class RowView:
+    """Rows `rows` (sorted) of an (N, ...) array or memmap, indexed like an array without copying it:
+    a cross-validation fold's training rows. `view[i]`, `view[a:b]`, `view[idx]` read only those rows."""
+
+    def __init__(self, base: Any, rows: np.ndarray) -> None:
+        self.base, self.rows = base, np.asarray(rows, np.int64)
+        self.shape = (len(self.rows), *base.shape[1:])
+        self.dtype = base.dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self.base[self.rows[key]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.base[self.rows]
+        return out if dtype is None else out.astype(dtype)
+
+
 DEFAULT_SIZE = (32, 32)  # (H, W) of shapes and folder images when data.size is not set
 MIN_STD = 1.0  # raw pixel units: one quantisation step at the data's bit depth
 
@@ -80,16 +101,23 @@ class Dataset:
 
 
 
-def store_dataset(path: str | os.PathLike, no_val_hint: str = "preprocess it with a validation fraction > 0"
-                  ) -> Dataset:
+def store_dataset(path: str | os.PathLike, no_val_hint: str = "preprocess it with a validation fraction > 0",
+                  fold: int | None = None) -> Dataset:
     """A `cnnpipe preprocess` store: train split + its "val" (or else "test") split, memory-mapped.
 
+    `fold` (a store made with --folds K): fold `fold` of the train split validates and the
+    other folds train, normalised with their own statistics (meta.json "folds").
+
     Raises ValueError, naming the store and each split's size, when a split is empty;
-    `no_val_hint` says what to do about an empty validation split.
+    `no_val_hint` says what to do about an empty validation split; naming data.fold when a
+    fold is asked of a store without folds, or none of a store with them, or it is out of range.
     """
     from cnnpipe.datasets.store import load_store
 
     store = load_store(path)
+    k = store.num_folds
+    if fold is not None or k is not None:
+        return _fold_dataset(store, fold)
     # counts come from meta.json; Store.labels checks each loaded array against them
     val_name = next((s for s in ("val", "test") if s in store.splits and store.count(s)), None)
     sizes = ", ".join(f"{s} {store.count(s)}" for s in store.splits) or "none"
@@ -99,11 +127,38 @@ def store_dataset(path: str | os.PathLike, no_val_hint: str = "preprocess it wit
         raise ValueError(f"{store.path}: no validation images (images per split: {sizes}); {no_val_hint}")
     train = Split(store.images("train"), store.labels("train"))
     val = Split(store.images(val_name), store.labels(val_name), tuple(store.sources(val_name)) or None)
+    return _dataset(store, train, val, tuple(store.mean), tuple(store.std), f"store {store.path}")
+
+
+def _dataset(store: Any, train: Split, val: Split, mean: tuple, std: tuple, description: str) -> Dataset:
     names = store.meta.get("channel_names")
-    return Dataset(store.classes, train, val, store.bit_depth, tuple(store.mean), tuple(store.std),
-                   f"store {store.path}", str(store.meta.get("resize", "crop")),
+    return Dataset(store.classes, train, val, store.bit_depth, mean, std, description,
+                   str(store.meta.get("resize", "crop")),
                    tuple(str(n) for n in names) if isinstance(names, list) and len(names) == store.channels else None,
                    str(store.meta.get("pages", "first")))
+
+
+def _fold_dataset(store: Any, fold: int | None) -> Dataset:
+    """Fold `fold` of a store's train split as validation, the other folds as training."""
+    k = store.num_folds
+    if k is None:
+        raise ValueError(f"data.fold: {store.path} has no cross-validation folds; preprocess it with "
+                         "--folds K (data.folds for a folder), or leave data.fold out")
+    if fold is None:
+        raise ValueError(f"data.fold: {store.path} holds {k} cross-validation folds; set data.fold "
+                         f"(0-{k - 1}) to pick the validation fold, or run them all with `cnnpipe cv`")
+    if not 0 <= fold < k:
+        raise ValueError(f"data.fold: got {fold}; {store.path} holds folds 0-{k - 1}")
+    folds = store.folds("train")
+    held = np.flatnonzero(folds == fold)
+    kept = np.flatnonzero(folds != fold)
+    images, labels = store.images("train"), store.labels("train")
+    sources = store.sources("train")
+    train = Split(RowView(images, kept), labels[kept])
+    val = Split(RowView(images, held), labels[held], tuple(sources[i] for i in held) if sources else None)
+    stats = store.meta["folds"]
+    return _dataset(store, train, val, tuple(stats["train_mean"][fold]), tuple(stats["train_std"][fold]),
+                    f"store {store.path} fold {fold} of {k}")
 
 
 def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -152,4 +207,4 @@ def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-__all__ = ["Split", "Dataset", "DEFAULT_SIZE", "MIN_STD", "store_dataset", "read_dataset_info"]
+__all__ = ["RowView", "Split", "Dataset", "DEFAULT_SIZE", "MIN_STD", "store_dataset", "read_dataset_info"]

@@ -36,13 +36,14 @@ def load_dataset(data: Any, seed: int = 0) -> Dataset:
     if source == "store":
         if not data.path:
             raise ValueError("data.path: required when data.source is 'store' (a `cnnpipe preprocess` output dir)")
-        return store_dataset(data.path)
+        return store_dataset(data.path, fold=data.fold)
     if source == "folder":
         if not data.path:
             raise ValueError("data.path: required when data.source is 'folder' (a folder of class sub-folders)")
         return folder_dataset(data.path, size=size, resize=data.resize,
                               channels=data.channels or "rgb", val_fraction=data.val_fraction,
-                              cache_dir=data.cache_dir, pages=data.pages)
+                              cache_dir=data.cache_dir, pages=data.pages, labels=_label_table(data),
+                              split=data.split, folds=data.folds, fold=data.fold)
     if source == "tfds":
         if not data.name:
             raise ValueError("data.name: required when data.source is 'tfds' (e.g. mnist, cifar10)")
@@ -54,40 +55,84 @@ def load_dataset(data: Any, seed: int = 0) -> Dataset:
     raise ValueError(f"data.source: unknown source {source!r}; expected one of shapes, store, folder, tfds")
 
 
-def folder_cache_key(folder: str | os.PathLike, settings: dict[str, Any]) -> tuple[str, int]:
+def _label_table(data: Any) -> Any:
+    """`data.labels` and its columns as a `LabelTable`, or None (class folders)."""
+    if not data.labels:
+        for key in ("path_col", "label_col", "split_col", "group_col", "fold_col"):
+            if getattr(data, key) is not None:
+                raise ValueError(f"data.{key}: only used with data.labels (a label table)")
+        return None
+    from cnnpipe.datasets.table_scan import LabelTable
+
+    return LabelTable(data.labels, data.path_col, data.label_col, data.split_col, data.group_col, data.fold_col)
+
+
+def folder_cache_key(folder: str | os.PathLike, settings: dict[str, Any], table: bool = False) -> tuple[str, int]:
     """(hash of the folder's listing (relative path, size, mtime) and the settings, file count).
 
     The listing is `cnnpipe preprocess`'s own scan, so the key covers exactly the
     files it would read: symlinked class folders are followed, and broken links,
-    hidden files and loops are left out as preprocess leaves them out.
+    hidden files and loops are left out as preprocess leaves them out. With a label
+    `table`, every file under the folder is listed (the table's bytes are in `settings`).
     """
-    from cnnpipe.datasets.folders import scan_folder
+    from cnnpipe.datasets.folders import FolderScan, scan_folder, walk_files
     from cnnpipe.images.transform import IMAGE_PATH_VERSION
 
     # the image path's version is part of the key: pixels from an older chain are never reused
     h = hashlib.sha256(json.dumps({**settings, "image_path": IMAGE_PATH_VERSION}, sort_keys=True).encode())
-    candidates = scan_folder(Path(folder)).candidates
-    for cand in candidates:
+    if table:
+        st = os.stat(folder)
+        listing = [rel for _, rel in walk_files(Path(folder), "", FolderScan("table"), {(st.st_dev, st.st_ino)},
+                                                ((st.st_dev, st.st_ino),))]
+    else:
+        listing = [c.rel for c in scan_folder(Path(folder)).candidates]
+    for rel in listing:
         try:
-            st = os.stat(cand.path)
+            st = os.stat(os.path.join(folder, rel))
         except OSError:  # gone since the scan: preprocess will report it
             continue
-        h.update(os.fsencode(cand.rel) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # name bytes: any name
-    return h.hexdigest()[:20], len(candidates)
+        h.update(os.fsencode(rel) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # name bytes: any name
+    return h.hexdigest()[:20], len(listing)
+
+
+def _table_settings(root: Path, labels: Any) -> tuple[Any, dict[str, Any]]:
+    """The label table to use (data.labels, or the folder's Hugging Face metadata file) and its cache-key part."""
+    from cnnpipe.datasets.table_scan import LabelTable
+    from cnnpipe.datasets.tables import find_metadata
+
+    if labels is None and (found := find_metadata(root)) is not None:
+        labels = LabelTable(str(found))
+    if labels is None:
+        return None, {}
+    try:
+        digest = hashlib.sha256(Path(labels.path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise FileNotFoundError(exc.errno, f"data.labels: cannot read the label table ({exc.strerror})",
+                                labels.path) from None
+    return labels, {"labels": {**dataclasses.asdict(labels), "path": digest}}
 
 
 def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: str = "crop",
                    channels: str = "rgb", val_fraction: float = 0.1,
-                   cache_dir: str | os.PathLike | None = None, pages: str = "first") -> Dataset:
-    """A raw image folder, preprocessed once into `cache_dir` and reused while unchanged."""
+                   cache_dir: str | os.PathLike | None = None, pages: str = "first", labels: Any = None,
+                   split: str | None = None, folds: int | None = None, fold: int | None = None) -> Dataset:
+    """A raw image folder, preprocessed once into `cache_dir` and reused while unchanged.
+
+    `labels` (a `LabelTable`), `split` and `folds` are `cnnpipe.datasets.preprocess.preprocess`'s;
+    `fold` picks the validation fold of a cache made with folds (`store_dataset`).
+    """
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"data.path: image folder not found: {root}")
     settings = {"size": [int(size[0]), int(size[1])], "resize": resize, "channels": channels,
-                "val_fraction": float(val_fraction), "seed": 0, "format": 1}
+                "val_fraction": float(val_fraction), "seed": 0, "format": 2}  # 2: stratified splits
     if pages != "first":  # only then part of the key, so existing caches stay valid
         settings["pages"] = pages
-    key, num_files = folder_cache_key(root, settings)
+    table, key_part = _table_settings(root, labels)
+    settings.update(key_part)
+    if split is not None or folds is not None:
+        settings.update(split=split, folds=folds)
+    key, num_files = folder_cache_key(root, settings, table=table is not None)
     out = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     out = out / "folders" / f"{root.resolve().name}-{key}"
     if not (out / "meta.json").is_file():
@@ -98,13 +143,14 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
         try:
             preprocess(root, out, size=tuple(settings["size"]), resize=resize, val_fraction=val_fraction,
                        seed=0, channels=channels, overwrite=False, workers=1 if num_files < 256 else None,
-                       pages=pages)
+                       pages=pages, labels=table, split=split, folds=folds)
         except ValueError:
             if not (out / "meta.json").is_file():  # not merely another process finishing first
                 raise
-    hint = (f"data.val_fraction is {val_fraction:g} and no image of {root} fell into the validation split "
-            "(drawn per file): raise it or add images")
-    return dataclasses.replace(store_dataset(out, hint), description=f"folder {root} (cache {out})", resize=resize)
+    hint = (f"data.val_fraction is {val_fraction:g} and no image of {root} is in the validation split: "
+            "raise it or add images")
+    return dataclasses.replace(store_dataset(out, hint, fold=fold), description=f"folder {root} (cache {out})",
+                               resize=resize)
 
 
 __all__ = ["load_dataset", "folder_cache_key", "folder_dataset"]
