@@ -40,6 +40,7 @@ class RowView:
         self.shape = (len(self.rows), *base.shape[1:])
         self.dtype = base.dtype
         self.ndim = len(self.shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def __len__(self) -> int:
         return len(self.rows)

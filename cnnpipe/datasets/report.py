@@ -110,7 +110,7 @@ def format_summary(store: Store, elapsed_s: float | None = None) -> str:
     folds = meta.get("folds")
     if folds:
         lines.append(f"  folds (data.fold 0-{folds['k'] - 1}): "
-                     + ", ".join(str(sum(f.values())) for f in folds["per_class"]) + " train images each")
+                     + ", ".join(str(sum(f.values())) for f in folds["per_class"]) + " images")
     split = meta.get("split") or {}
     table = report.get("labels")
     if table or split:

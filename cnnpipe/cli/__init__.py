@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 EXIT_USAGE = 2  # bad input (a file, key or value): one line on stderr, no traceback
@@ -20,80 +19,7 @@ class CLIError(Exception):
     """An error to report as one line on stderr with exit status 2."""
 
 
-def _add_decode(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("decode", help="show (and optionally save) the exact channel planes of one image")
-    p.add_argument("path", help="image file (PNG, TIFF, JPEG, BMP, WebP, GIF, JPEG 2000)")
-    p.add_argument("--save", metavar="OUT.npy", help="write the (C, H, W) array exactly as .npy")
-    p.add_argument("--channels", choices=["rgb", "native", "gray"], default="rgb",
-                   help="rgb: gray expands to three equal planes (default); native: the file's own planes; gray: one luma plane")
-    p.add_argument("--alpha", choices=["drop", "keep", "composite"], default="drop",
-                   help="what to do with an alpha plane (default: drop)")
-    p.add_argument("--max-pixels", type=int, default=None,
-                   help="decompression-bomb guard: refuse images with more pixels (default: %(default)s = library default)")
-    p.add_argument("--pages", choices=["first", "planes"], default="first",
-                   help="multi-page TIFF: first: page 1, noted as a warning (default); planes: every page a plane")
-    p.set_defaults(func=_run_decode)
-
-
-def _run_decode(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from cnnpipe.images.decode import DEFAULT_MAX_PIXELS, read_image
-    from cnnpipe.images.formats import display_path
-
-    planes = read_image(args.path, channels=args.channels, alpha=args.alpha, pages=args.pages,
-                        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
-    if args.save:  # first, so a bad OUT fails before anything is printed
-        np.save(args.save, planes.data)
-    print(f"{display_path(planes.source)}: {planes.width}x{planes.height}, {len(planes.channels)} planes, "
-          f"{planes.bit_depth}-bit ({planes.data.dtype})")
-    for name, plane in zip(planes.channels, planes.data):
-        print(f"  {name:<2} {plane.dtype}  min {int(plane.min()):>6}  max {int(plane.max()):>6}  "
-              f"mean {float(plane.mean(dtype=np.float64)):10.3f}")
-    for note in planes.warnings:
-        print(f"  warning: {note}")
-    if args.save:
-        print(f"saved {planes.data.shape} {planes.data.dtype} to {display_path(args.save)}")
-    return 0
-
-
-def _add_preprocess(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("preprocess", help="decode an image folder once into a dataset store",
-                       description="Decode SRC/<class>/**/<image> (or SRC/<train|val|test>/<class>/**/<image>) "
-                                   "into a store at OUT: per split images.npy (N, H, W, C) uint8/uint16 and "
-                                   "labels.npy, meta.json and report.json (every skipped file, duplicates).")
-    p.add_argument("src", metavar="SRC", help="image folder: one sub-folder per class (or per split, then class)")
-    p.add_argument("out", metavar="OUT", help="store directory to create")
-    p.add_argument("--size", required=True, metavar="H[xW]", help="target size, e.g. 64 or 64x48")
-    p.add_argument("--resize", choices=["crop", "pad", "stretch"], default="crop",
-                   help="crop: cover and centre-crop (default); pad: fit and zero-pad; stretch: exact size")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                   help="share of each class for the val split (default: %(default)s)")
-    p.add_argument("--test-fraction", type=float, default=0.0, metavar="F",
-                   help="share of each class for the test split (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="decoding processes (default: 0 = every core)")
-    p.add_argument("--channels", choices=["rgb", "gray", "native"], default="rgb",
-                   help="rgb: three planes (default); gray: one luma plane; native: each file's own planes")
-    p.add_argument("--pages", choices=["first", "planes"], default="first",
-                   help="multi-page TIFF: first: page 1, noted in report.json (default); planes: every page a plane")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT once the new one is complete")
-    p.set_defaults(func=_run_preprocess)
-
-
-def _run_preprocess(args: argparse.Namespace) -> int:
-    from cnnpipe.datasets.preprocess import preprocess
-    from cnnpipe.datasets.progress import log_lines_off_a_terminal
-    from cnnpipe.datasets.report import failed_files, format_summary
-
-    log_lines_off_a_terminal()
-    t0 = time.perf_counter()
-    store = preprocess(args.src, args.out, size=args.size, resize=args.resize, val_fraction=args.val_fraction,
-                       test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
-                       channels=args.channels, overwrite=args.overwrite, pages=args.pages)
-    print(format_summary(store, elapsed_s=time.perf_counter() - t0))
-    return 1 if failed_files(store.report) else 0  # the store is complete; 1 says some files are not in it
+from cnnpipe.cli.data import add_decode, add_preprocess  # noqa: E402  (after CLIError: none of it is needed there)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -220,6 +146,43 @@ def _multi_process_exit(exc: BaseException, args: argparse.Namespace) -> int:
 
 _TTA_HELP = ("test-time augmentation: average the probabilities over the flips and rotations the run trained "
              "with (augment.flip, vflip, rot90)")
+
+
+def _add_cv(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cv", help="k-fold cross-validation: one run per fold, then every metric's mean and std",
+                       description="Train CONFIG once per fold (data.fold = 0..K-1) into WORKDIR/fold-<i> (each a "
+                                   "normal run directory; rerun the command to resume) and write WORKDIR/cv.json. "
+                                   "The data: a store made with `preprocess --folds K`, or a folder (data.folds).")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config (default: the packaged default.yaml)")
+    p.add_argument("--folds", type=int, metavar="K", help="folds (a store's own count by default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--workdir", metavar="DIR", help="folder of the fold runs (default: runs/<config>-cv-<time>)")
+    p.add_argument("--compile-cache", metavar="DIR|off", help="as for cnnpipe train")
+    p.set_defaults(func=_run_cv)
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cnnpipe.config import load_config
+    from cnnpipe.runs.cv import fold_count, format_cv, run_cv
+    from cnnpipe.training.mesh import setup_cpu_devices
+    from cnnpipe.training.train import NonFiniteLossError, default_run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    fold_count(cfg, args.folds)  # a source without folds fails before jax starts
+    name = Path(args.config).stem if args.config else "default"
+    setup_cpu_devices(_cpu_device_count(cfg))
+    workdir = Path(args.workdir) if args.workdir else default_run_dir(f"{name}-cv")
+    try:
+        result = run_cv(cfg, args.folds, workdir, name=name, compile_cache=args.compile_cache)
+    except NonFiniteLossError as exc:
+        print(f"cnnpipe cv: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_cv(result))
+    print(f"-> {workdir / 'cv.json'}")
+    return 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -383,9 +346,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_decode,
-    _add_preprocess,
+    add_decode,
+    add_preprocess,
     _add_train,
+    _add_cv,
     _add_evaluate,
     _add_predict,
     _add_export,
@@ -444,7 +408,3 @@ def _one_line(exc: BaseException) -> str:
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.split())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
