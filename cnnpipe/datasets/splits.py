@@ -25,7 +25,7 @@ import hashlib
 import math
 import os
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -119,9 +119,13 @@ def _hold_out_groups(idx: list[int], labels: Sequence[str], groups: Sequence[str
                      seed: int) -> set[int]:
     """About `fraction` of `idx` by whole groups: one of ``round(1 / fraction)`` stratified group folds."""
     n_groups = len({groups[i] for i in idx})
-    if fraction <= 0 or n_groups < 2:
+    if fraction * len(idx) < 0.5 or n_groups < 2:   # under half an image: none, as `_take_counts` rounds
         return set()
     k = min(max(2, _round(1 / fraction)), n_groups)
+    if max(Counter(labels[i] for i in idx).values()) < k:
+        # scikit-learn refuses when every class is smaller than k: too few images to stratify, so
+        # the groups alone are dealt (one label for all)
+        labels = [""] * len(labels)
     folds = _group_folds(idx, labels, groups, k, seed)
     return {i for i, f in zip(idx, folds) if f == 0}
 

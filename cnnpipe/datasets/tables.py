@@ -43,8 +43,8 @@ class TableError(ValueError):
 class Table:
     """A label table's columns as text: ``columns[name][i]`` is row i's value (None if empty).
 
-    `where(i)` names row i for messages: ``row N`` as a spreadsheet numbers it (the header
-    is row 1) for CSV, TSV and Parquet, ``line N`` for JSON Lines.
+    `where(i)` names row i for reports: the table's file name and ``row N`` as a spreadsheet
+    numbers it (the header is row 1) for CSV, TSV and Parquet, ``line N`` for JSON Lines.
     """
 
     path: Path
@@ -59,7 +59,7 @@ class Table:
         return len(self.row_names)
 
     def where(self, i: int) -> str:
-        return f"{display_path(self.path)} {self.row_names[i]}"
+        return f"{display_path(self.path.name)} {self.row_names[i]}"  # the name alone: reports are relocatable
 
 
 def _text(v: Any) -> str | None:
