@@ -13,11 +13,15 @@
      cnnpipe: `preprocess(...)` on every core: scan, hash, decode exactly,
               resize, write the store (start-up of the worker pool included).
    Target: ratio >= 1.8 on a 2-core machine.
-2. Memory. Peak RSS of a fresh process running `preprocess` on folders of
+2. Labels from a table. The JPEG folder's files, flat in one folder (hard links)
+   with a labels.csv of ids without extensions, against the class tree, in
+   alternating timed blocks: the table path (read, match every row, report every
+   file) costs nothing next to decoding. Target: table / tree >= 0.95.
+3. Memory. Peak RSS of a fresh process running `preprocess` on folders of
    N and 10 N small JPEGs (N = 2,000), and the largest worker's peak. Target:
    the peak does not grow with the image count (the images stream to disk).
 
-Run:  .venv/bin/python benchmarks/bench_preprocess.py [--quick] [--rounds R] [--workers N]
+Run:  .venv/bin/python benchmarks/bench_preprocess.py [--quick] [--rounds R] [--workers N] [--only table]
 """
 
 from __future__ import annotations
@@ -124,6 +128,40 @@ def throughput(name: str, src: Path, work: Path, rounds: int, workers: int, vali
             "cnnpipe_img_s": allc, "ratio": allc / pil}
 
 
+def flat_with_table(tree: Path, out: Path) -> Path:
+    """tree/<class>/<file> as out/<file> (hard links) and out.csv (id without extension, label), rows shuffled."""
+    out.mkdir()
+    rows = []
+    for path in list_files(tree):
+        os.link(path, out / path.name)
+        rows.append(f"{path.stem},{path.parent.name}")
+    np.random.default_rng(0).shuffle(rows)
+    table = out.with_suffix(".csv")
+    table.write_text("id,label\n" + "\n".join(rows) + "\n")
+    return table
+
+
+def table_vs_tree(tree: Path, work: Path, rounds: int, workers: int) -> dict:
+    """Images/s of the class tree and of the same files labelled by a table, alternating; their ratio."""
+    table = flat_with_table(tree, work / "flat")
+    n = len(list_files(tree))
+    runs = {"tree": lambda out: preprocess(tree, out, size=TARGET, workers=workers, progress=False, overwrite=True),
+            "table": lambda out: preprocess(work / "flat", out, size=TARGET, workers=workers, progress=False,
+                                            overwrite=True, labels=table)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for name, fn in runs.items():   # warm-up, and both stores hold every image
+        assert len(fn(work / f"store-{name}")) == n
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn(work / f"store-{name}")
+            times[name].append(time.perf_counter() - t0)
+    tree_s, table_s = (n / statistics.median(times[k]) for k in ("tree", "table"))
+    print(f"table   {n:>5} files: class tree {tree_s:7.1f} img/s | labels.csv {table_s:7.1f} img/s  "
+          f"ratio {table_s / tree_s:4.2f}x (target >= 0.95x; medians of {rounds})", flush=True)
+    return {"case": "table", "tree_img_s": tree_s, "table_img_s": table_s, "ratio": table_s / tree_s}
+
+
 _MEM_CHILD = """
 import json, resource, sys, threading, time
 import psutil
@@ -180,6 +218,7 @@ def main() -> None:
     ap.add_argument("--n-png16", type=int, default=None, help="16-bit PNG files (default 1000, quick 150)")
     ap.add_argument("--n-messy", type=int, default=None, help="messy-folder images (default 1000, quick 150)")
     ap.add_argument("--mem-n", type=int, default=None, help="memory test: N vs 10 N images (default 2000, quick 500)")
+    ap.add_argument("--only", choices=["table"], help="run one part: table = labels.csv vs the class tree")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     n_jpeg = args.n_jpeg if args.n_jpeg is not None else (300 if args.quick else 2000)
@@ -192,6 +231,9 @@ def main() -> None:
         work = Path(tmp)
         t0 = time.perf_counter()
         make_folder(work / "jpeg8", n_jpeg, 0)
+        if args.only == "table":
+            table_vs_tree(work / "jpeg8", work, max(rounds, 5), args.workers)
+            return
         make_folder(work / "png16", 0, n_png)
         mixed = work / "mixed"
         for folder in ("jpeg8", "png16"):
@@ -204,6 +246,7 @@ def main() -> None:
               f"{len(messy.bad)} broken files", flush=True)
         rows = [throughput(name, work / name, work, rounds, args.workers) for name in ("jpeg8", "png16", "mixed")]
         rows.append(throughput("messy", work / "messy", work, rounds, args.workers, valid=len(messy.valid)))
+        rows.append(table_vs_tree(work / "jpeg8", work, max(rounds, 5), args.workers))
         mems = [memory(n, work, args.workers) for n in (mem_n, 10 * mem_n)]
     growth = mems[1]["parent_kib"] / mems[0]["parent_kib"]
     wgrowth = mems[1]["worker_kib"] / mems[0]["worker_kib"]

@@ -66,23 +66,29 @@ def _columns(table: Table, spec: LabelTable) -> dict[str, str | None]:
 class _Files:
     """SRC's regular files by relative path and by path without its extension (for ids)."""
 
-    def __init__(self, src: Path, scan: FolderScan, exclude: Path) -> None:
+    def __init__(self, src: Path, scan: FolderScan, exclude: Path, table_dir: Path) -> None:
         self.src = src
         self.by_rel: dict[str, str] = {}
         self.by_stem: dict[str, list[str]] = defaultdict(list)
-        skip_real = os.path.realpath(exclude)
+        # the table itself (a metadata.csv inside SRC) is not an image without a row
+        skip_rel = os.path.relpath(os.path.realpath(exclude), os.path.realpath(src)).replace(os.sep, "/")
+        self.table_dir = None if table_dir.resolve() == src.resolve() else table_dir  # resolved once, not per row
         root_st = os.stat(src)
         for path, rel in walk_files(src, "", scan, {(root_st.st_dev, root_st.st_ino)}, ((root_st.st_dev, root_st.st_ino),)):
-            if os.path.realpath(path) == skip_real:
-                continue  # the table itself (a metadata.csv inside SRC) is not an image without a row
-            self.by_rel[rel] = path
-            self.by_stem[posixpath.splitext(rel)[0]].append(rel)
+            if rel != skip_rel:
+                self.by_rel[rel] = path
+                self.by_stem[posixpath.splitext(rel)[0]].append(rel)
 
-    def find(self, value: str, table_dir: Path) -> tuple[str, str] | tuple[None, str]:
-        """(absolute path, path relative to SRC) of the file `value` names, or (None, why not)."""
+    def find(self, value: str) -> tuple[str, str] | tuple[None, str]:
+        """(absolute path, path relative to SRC) of the file `value` names, or (None, why not): a path
+        under SRC, an id (a path without its extension) under SRC, a path beside the table, an absolute path."""
         tries = [value]
         if "\\" in value:   # a Windows path, or cnnpipe's own escaped form of a name that is not UTF-8
-            tries += [value.replace("\\", "/"), path_from_display(value)]
+            tries.append(value.replace("\\", "/"))
+            try:
+                tries.append(path_from_display(value))
+            except UnicodeEncodeError:   # not a display form: it holds bytes that are not UTF-8 itself
+                pass
         for v in tries:
             if os.path.isabs(v):
                 if os.path.isfile(v):
@@ -91,14 +97,13 @@ class _Files:
             rel = posixpath.normpath(v)
             if rel in self.by_rel:
                 return self.by_rel[rel], rel
-            beside = table_dir / v
-            if table_dir.resolve() != self.src.resolve() and beside.is_file():
-                return str(beside), self._rel(str(beside))
             stems = self.by_stem.get(rel, [])
             if len(stems) == 1:
                 return self.by_rel[stems[0]], stems[0]
             if len(stems) > 1:
                 return None, f"ambiguous id: {len(stems)} files have this name ({', '.join(map(display_path, stems[:3]))})"
+            if self.table_dir is not None and (self.table_dir / v).is_file():
+                return str(self.table_dir / v), self._rel(str(self.table_dir / v))
         return None, "no such file under SRC or beside the table"
 
     def _rel(self, path: str) -> str:
@@ -135,7 +140,7 @@ def _row(table: Table, cols: dict[str, str | None], i: int, files: _Files, folds
     if path is None:
         skip(scan, where, "empty_path", f"{where}: no file named in column {cols['path']!r}")
         return None
-    found, rel_or_why = files.find(path, table.path.parent)
+    found, rel_or_why = files.find(path)
     if found is not None:
         seen.add(os.path.normpath(found))  # named by a row, used or not: never also "not in the table"
     checks = ((found is None, "missing_file", f"{display_path(path)}: {rel_or_why}"),
@@ -184,7 +189,7 @@ def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]
     table = read_table(spec.path)
     cols = _columns(table, spec)
     scan = FolderScan(layout="table")
-    files = _Files(src, scan, table.path)
+    files = _Files(src, scan, table.path, table.path.parent)
     folds = _fold_numbers(table, cols["fold"])
     by_file: dict[str, list[_Row]] = defaultdict(list)
     named: set[str] = set()
