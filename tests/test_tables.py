@@ -242,3 +242,24 @@ def test_read_table_keeps_text_as_written_and_names_rows(tmp_path):
     (tmp_path / "c.csv").write_text("id,id\n1,2\n")
     with pytest.raises(TableError, match=r"column 'id' appears twice"):
         read_table(tmp_path / "c.csv")
+
+
+def test_a_folder_source_takes_the_table_and_a_fold_and_keys_its_cache_on_the_table(tmp_path):
+    from cnnpipe.config import load_config
+    from cnnpipe.datasets.sources import load_dataset
+
+    src = tmp_path / "images"
+    files = sorted(folder(src, 12))
+    table = tmp_path / "t.tsv"
+    table.write_text("image\ty\n" + "".join(f"{rel}\t{'ab'[i % 2]}\n" for i, rel in enumerate(files)))
+    keys = ["data.source=folder", f"data.path={src}", f"data.labels={table}", "data.label_col=y", "data.size=[5,6]",
+            "data.folds=3", f"data.cache_dir={tmp_path / 'cache'}"]
+    ds = load_dataset(load_config(None, [*keys, "data.fold=2"]).data)
+    assert ds.classes == ["a", "b"] and (len(ds.train), len(ds.val)) == (8, 4)
+    assert ds.description.startswith(f"folder {src}, validating on fold 2 (cache ")
+    caches = list((tmp_path / "cache" / "folders").iterdir())
+    table.write_text("image\ty\n" + "".join(f"{rel}\t{'ba'[i % 2]}\n" for i, rel in enumerate(files)))
+    load_dataset(load_config(None, [*keys, "data.fold=0"]).data)   # new labels: a new cache, not the old one
+    assert len(list((tmp_path / "cache" / "folders").iterdir())) == len(caches) + 1
+    with pytest.raises(ValueError, match=r"data.path_col: only used with data.labels"):
+        load_dataset(load_config(None, ["data.source=folder", f"data.path={src}", "data.path_col=x"]).data)

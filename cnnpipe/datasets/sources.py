@@ -149,7 +149,8 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
                 raise
     hint = (f"data.val_fraction is {val_fraction:g} and no image of {root} is in the validation split: "
             "raise it or add images")
-    return dataclasses.replace(store_dataset(out, hint, fold=fold), description=f"folder {root} (cache {out})",
+    which = f", validating on fold {fold}" if fold is not None else ""
+    return dataclasses.replace(store_dataset(out, hint, fold=fold), description=f"folder {root}{which} (cache {out})",
                                resize=resize)
 
 
