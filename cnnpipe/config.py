@@ -185,6 +185,17 @@ class DataConfig(_Schema):
     # it fits in 40% of the free device memory (a CPU: of the host's available memory)
     on_device: Literal["auto"] | StrictBool = "auto"
 
+    @model_validator(mode="after")
+    def _keys_of_the_source(self) -> DataConfig:
+        """A key the source does not read is an error, not silently ignored (data.fold with shapes)."""
+        folder_only = ("labels", "path_col", "label_col", "split_col", "group_col", "fold_col", "split", "folds")
+        used = {"folder": (*folder_only, "fold"), "store": ("fold",)}.get(self.source, ())
+        for key in (*folder_only, "fold"):
+            if getattr(self, key) is not None and key not in used:
+                where = "data.source folder" if key in folder_only else "data.source store or folder"
+                raise ConfigError(f"data.{key}: only used with {where} (data.source is {self.source!r})")
+        return self
+
 
 class RandomResizedCropConfig(_Schema):
     # torchvision's RandomResizedCrop: a crop of `scale` x the area and `ratio` (w/h) aspect, resized back

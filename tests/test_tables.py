@@ -138,7 +138,7 @@ def test_every_row_and_file_is_accounted_for(tmp_path):
     ("name,label\na.png,x\n", {}, r"no --path-col column \('file_name' or 'path' or 'filename' or 'image' or 'id'\)"),
     ("path,label\nimg00.png,x\nimg01.png,x\n", {}, r"label column 'label' holds one class \('x'\)"),
     ("path,label,p\nimg00.png,x,1\nimg01.png,y,1\n", {"group_col": "p"}, r"group column 'p' holds one group"),
-    ("path,label\nimg00.png,x\nimg01.png,y,z\n", {}, r"t.csv row 3: expected 2 columns, got 3"),
+    ("path,label\nimg00.png,x\nimg01.png,y,z\n", {}, r"t.csv row 3: expected 2 columns \(','-separated\), got 3"),
 ])
 def test_a_table_that_cannot_be_used_is_one_line_naming_it(tmp_path, table, options, message):
     src = tmp_path / "images"

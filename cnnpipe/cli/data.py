@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 __all__ = ["add_decode", "add_preprocess"]
 
@@ -91,12 +92,17 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     from cnnpipe.datasets.progress import log_lines_off_a_terminal
     from cnnpipe.datasets.report import failed_files, format_summary
     from cnnpipe.datasets.table_scan import LabelTable
+    from cnnpipe.datasets.tables import find_metadata
 
     columns = {k: getattr(args, k) for k in ("path_col", "label_col", "split_col", "group_col", "fold_col")}
-    if args.labels is None and any(v is not None for v in columns.values()):
-        given = next(k for k, v in columns.items() if v is not None)
-        raise PreprocessError(f"--{given.replace('_', '-')}: only used with --labels TABLE")
-    labels = LabelTable(args.labels, **columns) if args.labels is not None else None
+    table = args.labels
+    if table is None and any(v is not None for v in columns.values()):   # the columns of SRC's metadata.csv?
+        table = find_metadata(Path(args.src)) if Path(args.src).is_dir() else None
+        if table is None:
+            given = next(k for k, v in columns.items() if v is not None)
+            raise PreprocessError(f"--{given.replace('_', '-')}: only used with --labels TABLE (or a Hugging Face "
+                                  "metadata.csv|jsonl|parquet in SRC)")
+    labels = LabelTable(str(table), **columns) if table is not None else None
     log_lines_off_a_terminal()
     t0 = time.perf_counter()
     store = preprocess(args.src, args.out, size=args.size, resize=args.resize, val_fraction=args.val_fraction,

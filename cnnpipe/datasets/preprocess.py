@@ -214,7 +214,7 @@ class _Build:
         them, else by the split method (`cnnpipe.datasets.splits`); with folds, non-test files are "train"."""
         s, ok = self.settings, self.ok
         keys, labels = [c.class_rel for c in ok], [c.class_name for c in ok]
-        groups = [c.group or "" for c in ok] if s.method() == "group" else None
+        groups = [c.group or "" for c in ok] if any(c.group is not None for c in ok) else None
         if any(c.fold >= 0 for c in ok):   # a fold column
             self.method, self.folds = "column", 1 + max(c.fold for c in ok)
             if s.folds and s.folds != self.folds:
@@ -222,22 +222,25 @@ class _Build:
             for c in ok:
                 c.split = "test" if c.split == "test" else "train"
             return
-        if all(c.split is not None for c in ok):   # a train/val/test layout or a split column
-            self.method = "folders" if self.scan.layout == "splits" else "column"
-            if s.folds:
-                rest = [i for i, c in enumerate(ok) if c.split != "test"]
-                folds = kfold([keys[i] for i in rest], [labels[i] for i in rest], s.folds, s.seed,
-                              [groups[i] for i in rest] if groups else None)
-                for i, f in zip(rest, folds):
-                    ok[i].split, ok[i].fold = "train", int(f)
-                self.folds = s.folds
-            return
         self.method = s.method()
-        splits, folds = split_files(keys, labels, method=self.method, val_fraction=s.val_fraction,
-                                    test_fraction=s.test_fraction, seed=s.seed, groups=groups, folds=s.folds)
-        for i, c in enumerate(ok):
-            c.split, c.fold = splits[i], -1 if folds is None else int(folds[i])
-        self.folds = s.folds
+        todo = [i for i, c in enumerate(ok) if c.split is None]
+        if len(todo) < len(ok):   # a train/val/test layout or a split column; files outside it split as asked
+            given_by = "column" if s.labels is not None and s.labels.split_col is not None else "folders"
+            self.method = given_by if not todo else f"{given_by}+{self.method}"
+        if todo:
+            pick = (lambda xs: [xs[i] for i in todo]) if len(todo) < len(ok) else (lambda xs: xs)
+            splits, _ = split_files(pick(keys), pick(labels), method=s.method(), val_fraction=s.val_fraction,
+                                    test_fraction=s.test_fraction, seed=s.seed,
+                                    groups=pick(groups) if groups else None)
+            for i, split in zip(todo, splits):
+                ok[i].split = split
+        if s.folds:
+            rest = [i for i, c in enumerate(ok) if c.split != "test"]
+            pick_rest = (lambda xs: [xs[i] for i in rest])
+            folds = kfold(pick_rest(keys), pick_rest(labels), s.folds, s.seed, pick_rest(groups) if groups else None)
+            for i, f in zip(rest, folds):
+                ok[i].split, ok[i].fold = "train", int(f)
+            self.folds = s.folds
 
     def probe_planes(self) -> None:
         """`--channels native`: the plane count most files have; skip (and report) the others."""
@@ -277,7 +280,7 @@ class _Build:
     def _splits(self) -> list[str]:
         if self.scan.layout == "splits":
             return split_order(self.scan)
-        if self.method == "column":   # as the table gives them
+        if self.method.startswith(("column", "folders")):   # as the table or the folders give them
             return [s for s in SPLIT_NAMES if s == "train" or any(c.split == s for c in self.ok)]
         fractions = {"val": 0.0 if self.folds else self.settings.val_fraction,
                      "test": self.settings.test_fraction}
@@ -344,6 +347,12 @@ class _Build:
         counts = {s: {"total": sum(acc.per_class[s].values()),
                       "per_class": {c: acc.per_class[s][c] for c in self.classes}} for s in splits}
         report = build_report(self.scan, self.ok, counts, self.src, acc.warnings, self.table)
+        if self.table and self.table.get("group_col"):   # a split column may put a group in two splits
+            splits_of: dict[str, set] = {}
+            for c in self.ok:
+                if c.digest:   # stored
+                    splits_of.setdefault(c.group, set()).add(c.split)
+            report["groups_in_two_splits"] = sorted(g for g, v in splits_of.items() if len(v) > 1)
         s = self.settings
         meta = build_meta(classes=self.classes, dtype=self.dtype, size=s.size,
                           channel_names=list(self.planes.names) if self.planes else ["R", "G", "B"] if n_ch == 3
@@ -351,11 +360,18 @@ class _Build:
                           mean=mean, std=std, stats_split=stats_split or "all", layout=self.scan.layout,
                           resize=s.resize, source=display_path(self.src.absolute()), num_images=sum(stored.values()),
                           image_path_version=IMAGE_PATH_VERSION, **s.split_config(),
-                          split={"method": self.method, "seed": s.seed, "val_fraction": s.val_fraction,
-                                 "test_fraction": s.test_fraction, "folds": self.folds,
-                                 "group_col": self.table.get("group_col") if self.table else None},
+                          split=self._split_record(),
                           labels=self.table, folds=acc.fold_record(self.classes) if self.folds else None)
         return meta, report
+
+
+    def _split_record(self) -> dict[str, Any]:
+        """meta.json "split": the method, and the fractions and seed only where they chose splits."""
+        s, chosen = self.settings, self.method not in ("column", "folders")
+        return {"method": self.method, "seed": s.seed if chosen or self.folds else None,
+                "val_fraction": s.val_fraction if chosen and not self.folds else None,
+                "test_fraction": s.test_fraction if chosen else None, "folds": self.folds,
+                "group_col": self.table.get("group_col") if self.table else None}
 
 
 class _Accumulator:

@@ -7,6 +7,7 @@ the short text `cnnpipe preprocess` prints.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,11 @@ def reason_counts(skipped: Sequence[dict[str, str]]) -> str:
     """E.g. "not_image: 3, empty: 1" (most common first), or "none"."""
     counts = Counter(s["kind"] for s in skipped)
     return ", ".join(f"{k}: {v}" for k, v in counts.most_common()) or "none"
+
+
+def _natural(text: str) -> list:
+    """Sort key that orders numbers by value: "t.csv row 23" before "t.csv row 202"."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", text)]
 
 
 def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], src: Path,
@@ -67,7 +73,7 @@ def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], 
     empty = [display_path(rel) for rel, name, split in scan.class_dirs if (name, split) not in with_images]
     prefix = display_path(os.path.join(src, ""))   # how every scanned path starts ("src/", "/data/src/")
     skipped = sorted(({**s, "reason": s["reason"].removeprefix(prefix)} for s in scan.skipped),
-                     key=lambda s: s["path"])
+                     key=lambda s: _natural(s["path"]))
     return {
         "source": display_path(src.absolute()),
         "layout": scan.layout,
@@ -108,15 +114,21 @@ def format_summary(store: Store, elapsed_s: float | None = None) -> str:
     lines.append(f"  {'total':<{width}}  " + "  ".join(f"{meta['counts'][s]['total']:>7}" for s in store.splits))
     rc = report["counts"]
     folds = meta.get("folds")
-    if folds:
-        lines.append(f"  folds (data.fold 0-{folds['k'] - 1}): "
-                     + ", ".join(str(sum(f.values())) for f in folds["per_class"]) + " images")
     split = meta.get("split") or {}
     table = report.get("labels")
+    if folds:
+        values = (table or {}).get("fold_values")
+        named = f" = column values {', '.join(map(str, values))}" if values else ""
+        lines.append(f"  folds (data.fold 0-{folds['k'] - 1}{named}): "
+                     + ", ".join(str(sum(f.values())) for f in folds["per_class"]) + " images")
     if table or split:
         lines.append((f"labels: {display_path(table['table'])} ({table['rows']} rows, paths {table['path_col']!r}, "
                       f"labels {table['label_col']!r}); " if table else "")
                      + f"split: {split.get('method', 'hash')}")
+    if report.get("groups_in_two_splits"):
+        crossing = report["groups_in_two_splits"]
+        lines.append(f"warning: {len(crossing)} groups ({table['group_col']!r}) are in two splits as the split "
+                     f"column gives them: {', '.join(crossing[:5])}{', ...' if len(crossing) > 5 else ''}")
     kinds = ", ".join(f"{k} {v}" for k, v in rc["skipped_by_kind"].items())
     lines.append(f"skipped {rc['skipped']} {'files or rows' if table else 'files'}" + (f" ({kinds})" if kinds else "")
                  + (f"; empty class folders: {', '.join(report['empty_class_folders'])}"

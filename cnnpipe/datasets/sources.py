@@ -57,14 +57,19 @@ def load_dataset(data: Any, seed: int = 0) -> Dataset:
 
 def _label_table(data: Any) -> Any:
     """`data.labels` and its columns as a `LabelTable`, or None (class folders)."""
-    if not data.labels:
-        for key in ("path_col", "label_col", "split_col", "group_col", "fold_col"):
-            if getattr(data, key) is not None:
-                raise ValueError(f"data.{key}: only used with data.labels (a label table)")
-        return None
     from cnnpipe.datasets.table_scan import LabelTable
+    from cnnpipe.datasets.tables import find_metadata
 
-    return LabelTable(data.labels, data.path_col, data.label_col, data.split_col, data.group_col, data.fold_col)
+    table = data.labels
+    if not table:
+        keys = [k for k in ("path_col", "label_col", "split_col", "group_col", "fold_col") if getattr(data, k)]
+        if not keys:
+            return None
+        table = find_metadata(Path(data.path)) if data.path and Path(data.path).is_dir() else None
+        if table is None:   # the columns of the folder's Hugging Face metadata, or of nothing
+            raise ValueError(f"data.{keys[0]}: only used with data.labels (a label table) or a Hugging Face "
+                             "metadata.csv|jsonl|parquet in data.path")
+    return LabelTable(str(table), data.path_col, data.label_col, data.split_col, data.group_col, data.fold_col)
 
 
 def folder_cache_key(folder: str | os.PathLike, settings: dict[str, Any], table: bool = False) -> tuple[str, int]:

@@ -12,8 +12,8 @@ inputs are put in a canonical order first. Methods (`--split`, `data.split`):
 - ``group``: no group (patient, slide, scene) is in two splits, classes as balanced as
   the groups allow: scikit-learn's `StratifiedGroupKFold` (shuffled with the seed), one
   of its ``round(1 / fraction)`` folds held out.
-- ``hash``: each file by its own hash (`assign_split`): a file's split never moves as
-  files are added, at the price of per-class shares that wander.
+- ``hash``: each file by its own hash (`assign_split`), or each group by its name's: a
+  file's split never moves as files are added, at the price of per-class shares that wander.
 
 k folds (`kfold`) are stratified the same way (grouped with groups); test files are
 held out first and the folds partition the rest.
@@ -127,7 +127,13 @@ def _hold_out_groups(idx: list[int], labels: Sequence[str], groups: Sequence[str
         # the groups alone are dealt (one label for all)
         labels = [""] * len(labels)
     folds = _group_folds(idx, labels, groups, k, seed)
-    return {i for i, f in zip(idx, folds) if f == 0}
+    classes = {labels[i] for i in idx}
+
+    def classes_lost(f: int) -> int:   # classes that would keep no image outside the held-out fold
+        return len(classes - {labels[i] for i, g in zip(idx, folds) if g != f})
+
+    held = min(range(k), key=lambda f: (classes_lost(f), f))   # fold 0 unless it takes a whole class away
+    return {i for i, f in zip(idx, folds) if f == held}
 
 
 def group_split(keys: Sequence[str], labels: Sequence[str], groups: Sequence[str], val_fraction: float,
@@ -189,9 +195,14 @@ def split_files(keys: Sequence[str], labels: Sequence[str], *, method: str, val_
     """
     if method == "group" and groups is None:
         raise SplitError("split: 'group' needs a group column (--group-col)")
+    if method == "stratified" and groups is not None:
+        raise SplitError("split: 'stratified' would put one group's files in two splits; with a group column "
+                         "use 'group' (the default) or 'hash' (a group's split by its name)")
     val = 0.0 if folds else val_fraction
     if method == "group":
         splits = group_split(keys, labels, groups, val, test_fraction, seed)  # type: ignore[arg-type]
+    elif method == "hash" and groups is not None:   # the group's hash: a whole group moves together
+        splits = [assign_split(seed, "", g, val, test_fraction) for g in groups]
     elif method == "hash":
         splits = [assign_split(seed, c, k, val, test_fraction) for k, c in zip(keys, labels)]
     else:
@@ -201,5 +212,5 @@ def split_files(keys: Sequence[str], labels: Sequence[str], *, method: str, val_
     rest = [i for i, s in enumerate(splits) if s != "test"]
     fold = np.full(len(keys), -1, np.int64)
     fold[rest] = kfold([keys[i] for i in rest], [labels[i] for i in rest], folds, seed,
-                       [groups[i] for i in rest] if groups is not None and method == "group" else None)
+                       [groups[i] for i in rest] if groups is not None else None)
     return splits, fold

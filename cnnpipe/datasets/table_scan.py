@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnpipe.datasets.folders import Candidate, FolderScan, skip, walk_files
+from cnnpipe.datasets.store import SPLIT_NAMES
 from cnnpipe.datasets.tables import PATH_COLUMNS, Table, TableError, pick_column, read_table
 from cnnpipe.images.formats import display_path, path_from_display
 
@@ -70,6 +71,7 @@ class _Files:
         self.src = src
         self.by_rel: dict[str, str] = {}
         self.by_stem: dict[str, list[str]] = defaultdict(list)
+        self.by_name: dict[str, list[str]] = defaultdict(list)   # an id in any subfolder: its base name
         # the table itself (a metadata.csv inside SRC) is not an image without a row
         skip_rel = os.path.relpath(os.path.realpath(exclude), os.path.realpath(src)).replace(os.sep, "/")
         self.table_dir = None if table_dir.resolve() == src.resolve() else table_dir  # resolved once, not per row
@@ -77,7 +79,9 @@ class _Files:
         for path, rel in walk_files(src, "", scan, {(root_st.st_dev, root_st.st_ino)}, ((root_st.st_dev, root_st.st_ino),)):
             if rel != skip_rel:
                 self.by_rel[rel] = path
-                self.by_stem[posixpath.splitext(rel)[0]].append(rel)
+                stem = posixpath.splitext(rel)[0]
+                self.by_stem[stem].append(rel)
+                self.by_name[posixpath.basename(stem)].append(rel)
 
     def find(self, value: str) -> tuple[str, str] | tuple[None, str]:
         """(absolute path, path relative to SRC) of the file `value` names, or (None, why not): a path
@@ -97,13 +101,14 @@ class _Files:
             rel = posixpath.normpath(v)
             if rel in self.by_rel:
                 return self.by_rel[rel], rel
-            stems = self.by_stem.get(rel, [])
+            stems = self.by_stem.get(rel) or ([] if "/" in rel else self.by_name.get(rel, []))
             if len(stems) == 1:
                 return self.by_rel[stems[0]], stems[0]
             if len(stems) > 1:
                 return None, f"ambiguous id: {len(stems)} files have this name ({', '.join(map(display_path, stems[:3]))})"
-            if self.table_dir is not None and (self.table_dir / v).is_file():
-                return str(self.table_dir / v), self._rel(str(self.table_dir / v))
+            for base in (self.src, self.table_dir):   # a path on disk outside SRC's listing (../other/x.png)
+                if base is not None and (base / v).is_file():
+                    return str(base / v), self._rel(str(base / v))
         return None, "no such file under SRC or beside the table"
 
     def _rel(self, path: str) -> str:
@@ -133,7 +138,9 @@ def _row(table: Table, cols: dict[str, str | None], i: int, files: _Files, folds
     def value(key: str) -> str | None:
         return table.columns[cols[key]][i] if cols[key] is not None else None
 
-    where, path = table.where(i), value("path")
+    where, path, label = table.where(i), value("path"), value("label")
+    if label is not None and not label.strip():
+        label = None   # a label of spaces is no label
     if all(v is None for col in table.columns.values() for v in (col[i],)):
         skip(scan, where, "empty_row", f"{where}: an empty row")
         return None
@@ -144,20 +151,27 @@ def _row(table: Table, cols: dict[str, str | None], i: int, files: _Files, folds
     if found is not None:
         seen.add(os.path.normpath(found))  # named by a row, used or not: never also "not in the table"
     checks = ((found is None, "missing_file", f"{display_path(path)}: {rel_or_why}"),
-              (value("label") is None, "empty_label", f"{display_path(path)}: empty label ({cols['label']!r})"),
+              (label is None, "empty_label", f"{display_path(path)}: empty label ({cols['label']!r})"),
               (cols["split"] is not None and _split_of(value("split"), table.columns[cols["split"]]) is None,
                "bad_split", f"{display_path(path)}: split {value('split')!r} is not train, val(id/idation) or test"),
               (cols["group"] is not None and value("group") is None, "empty_group",
                f"{display_path(path)}: empty group ({cols['group']!r})"),
               (cols["fold"] is not None and value("fold") not in folds, "bad_fold",
-               f"{display_path(path)}: fold {value('fold')!r} is not an integer"))
+               f"{display_path(path)}: " + ("empty fold" if value("fold") is None
+                                            else f"fold {value('fold')!r} is not a fold (an integer >= 0)")))
     for bad, kind, reason in checks:
         if bad:
             skip(scan, where, kind, f"{where}: {reason}")
             return None
     split = _split_of(value("split"), table.columns[cols["split"]]) if cols["split"] else None
     fold = folds[value("fold")] if cols["fold"] else -1  # type: ignore[index]
-    return _Row(i, found, rel_or_why, (display_path(value("label")), split, value("group"), fold))  # type: ignore[arg-type]
+    return _Row(i, found, rel_or_why, (display_path(label), split, value("group"), fold))  # type: ignore[arg-type]
+
+
+def _split_dirs(src: Path) -> list[str]:
+    """SRC's train/val/test folders when those are its only folders (the split layout), else []."""
+    top = [e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith(".")]
+    return top if top and set(top) <= set(SPLIT_NAMES) else []
 
 
 def _fold_numbers(table: Table, col: str | None) -> dict[str, int]:
@@ -170,7 +184,9 @@ def _fold_numbers(table: Table, col: str | None) -> dict[str, int]:
             try:
                 values[v] = int(v.strip())
             except ValueError:
-                pass
+                continue
+            if values[v] < 0:   # -1: Kaggle's "in no fold"
+                del values[v]
     order = sorted(set(values.values()))
     return {v: order.index(n) for v, n in values.items()}
 
@@ -191,6 +207,7 @@ def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]
     scan = FolderScan(layout="table")
     files = _Files(src, scan, table.path, table.path.parent)
     folds = _fold_numbers(table, cols["fold"])
+    split_dirs = _split_dirs(src) if cols["split"] is None else []
     by_file: dict[str, list[_Row]] = defaultdict(list)
     named: set[str] = set()
     for i in range(len(table)):
@@ -210,9 +227,14 @@ def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]
             skip(scan, table.where(r.index), "duplicate_row",
                  f"{table.where(r.index)}: {display_path(r.rel)} is listed again (as {table.row_names[first.index]})")
         label, split, group, fold = first.values
+        if split is None and split_dirs:   # SRC/train/..., SRC/test/...: the folder's split, as without a table
+            split = next((d for d in split_dirs if first.rel.startswith(d + "/")), None)
         scan.candidates.append(Candidate(first.path, first.rel, first.rel, label, split, group=group, fold=fold))
     for rel, path in files.by_rel.items():
         if os.path.normpath(path) not in named:
             skip(scan, rel, "no_row", f"{display_path(rel)}: not in the label table {display_path(table.path.name)}")
     scan.candidates.sort(key=lambda c: c.rel)
-    return scan, spec.record(table, cols)
+    record = spec.record(table, cols)
+    if cols["fold"] is not None:   # data.fold i is the i-th of the column's values, in numeric order
+        record["fold_values"] = sorted({int(v.strip()) for v in folds})
+    return scan, record

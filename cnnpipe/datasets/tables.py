@@ -75,6 +75,19 @@ def _text(v: Any) -> str | None:
     return v if v != "" else None
 
 
+def _sniff(path: Path, delimiter: str) -> tuple[str, str]:
+    """(delimiter, encoding): a header line without the expected delimiter but with ';', ',' or a tab uses
+    that one (European Excel saves CSV with ';'); a UTF-16 byte-order mark (Excel's "Unicode text") is read."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    encoding = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf8"
+    first = (head.decode("utf-16", "replace") if encoding == "utf-16" else head.decode("utf-8", "replace"))
+    first = first.splitlines()[0] if first else ""
+    if delimiter not in first:
+        delimiter = next((d for d in (",", ";", "\t") if d in first), delimiter)
+    return delimiter, encoding
+
+
 def _read_csv(path: Path, delimiter: str) -> Table:
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -85,11 +98,14 @@ def _read_csv(path: Path, delimiter: str) -> Table:
         bad.append(row)
         return "skip"
 
+    delimiter, encoding = _sniff(path, delimiter)
     parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=invalid)
-    read = pacsv.ReadOptions(use_threads=False)  # row numbers of malformed rows are only known single-threaded
+    # single-threaded: the row numbers of malformed rows are only known then
+    read = pacsv.ReadOptions(use_threads=False, encoding=encoding)
     names = pacsv.open_csv(path, read_options=read, parse_options=parse).schema.names
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
+    named = [n for n in names if n != ""]   # Excel's trailing empty columns have no name: not columns to use
+    if len(set(named)) != len(named):
+        dup = next(n for n in named if named.count(n) > 1)
         raise TableError(f"{display_path(path)}: column {dup!r} appears twice in the header")
     convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=False,
                                    quoted_strings_can_be_null=False)
@@ -97,9 +113,9 @@ def _read_csv(path: Path, delimiter: str) -> Table:
     if bad:
         row = bad[0]
         at = f"row {row.number}" if row.number is not None else "a row"
-        raise TableError(f"{display_path(path)} {at}: expected {row.expected_columns} columns, got "
-                         f"{row.actual_columns} ({row.text[:60]!r})")
-    columns = {n: [_text(v) for v in table.column(n).to_pylist()] for n in names}
+        raise TableError(f"{display_path(path)} {at}: expected {row.expected_columns} columns "
+                         f"({delimiter!r}-separated), got {row.actual_columns} ({row.text[:60]!r})")
+    columns = {n: [_text(v) for v in table.column(i).to_pylist()] for i, n in enumerate(names) if n != ""}
     return Table(path, columns, [f"row {i + 2}" for i in range(table.num_rows)])
 
 
@@ -191,15 +207,31 @@ def pick_column(table: Table, name: str | None, option: str, defaults: Sequence[
                      f"{', '.join(table.names)}){hint}")
 
 
+def _has_file_name(p: Path) -> bool:
+    try:
+        return "file_name" in read_table(p).columns
+    except (TableError, OSError):
+        return True  # a metadata file that cannot be read is an error to show, not a folder to walk
+
+
 def find_metadata(src: Path) -> Path | None:
     """SRC's Hugging Face `imagefolder` metadata file (metadata.csv / .jsonl / .parquet with a
-    `file_name` column), or None."""
-    for name in HF_METADATA:
-        p = src / name
-        if p.is_file():
-            try:
-                if "file_name" in read_table(p).columns:
-                    return p
-            except (TableError, OSError):
-                return p  # a metadata file that cannot be read is an error to show, not a folder to walk
+    `file_name` column), or None.
+
+    Raises:
+      TableError: SRC holds two of them, or one per split folder (train/metadata.jsonl, ...),
+        which are to be merged into one table first.
+    """
+    found = [src / n for n in HF_METADATA if (src / n).is_file() and _has_file_name(src / n)]
+    if len(found) > 1:
+        raise TableError(f"{display_path(src)}: holds {' and '.join(p.name for p in found)}; keep one "
+                         "(or pass --labels TABLE)")
+    if found:
+        return found[0]
+    per_split = [src / d / n for d in ("train", "validation", "val", "test") for n in HF_METADATA
+                 if (src / d / n).is_file()]
+    if per_split:
+        raise TableError(f"{display_path(src)}: Hugging Face metadata per split ({', '.join(str(p.relative_to(src)) for p in per_split)}): "
+                         "merge them into one table with paths relative to SRC (train/..., test/...) and pass "
+                         "--labels TABLE; the split folders are kept")
     return None

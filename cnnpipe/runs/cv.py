@@ -53,7 +53,8 @@ def fold_count(cfg: Config, folds: int | None) -> tuple[Config, int]:
         if k < 2:
             raise ValueError(f"--folds: expected 2 or more, got {k}")
         return cfg.model_copy(update={"data": data.model_copy(update={"folds": k})}), k
-    raise ValueError(f"data.source: cnnpipe cv needs a store made with --folds or a folder, got {data.source!r}")
+    raise ValueError(f"data.source: cnnpipe cv needs a store made with --folds or a folder, got {data.source!r} "
+                     "(set data.source and data.path)")
 
 
 def _finished(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
