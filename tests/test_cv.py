@@ -59,12 +59,20 @@ def test_each_fold_is_a_run_and_cv_json_holds_their_figures(folds_store, tmp_pat
     stamp = (tmp_path / "cv" / "fold-0" / "metrics.jsonl").stat().st_mtime_ns
     again: list[str] = []
     assert run_cv(cfg, 2, tmp_path / "cv", log=again.append) == result
-    assert again == [f"cv: fold {i + 1} of 2 already done ({tmp_path / 'cv' / f'fold-{i}' / 'summary.json'})"
+    assert again == [f"cv: fold {i} ({i + 1} of 2) already done ({tmp_path / 'cv' / f'fold-{i}' / 'summary.json'})"
                      for i in range(2)]
     assert (tmp_path / "cv" / "fold-0" / "metrics.jsonl").stat().st_mtime_ns == stamp
     changed = load_config(None, [*SMALL, f"data.path={folds_store}", "train.epochs=2"])
-    with pytest.raises(ValueError, match=r"fold-0/config.yaml: this fold ran with another config"):
+    with pytest.raises(ValueError, match=r"fold-0/config.yaml: this fold ran with another config "
+                                         r"\(train.epochs differs\)"):
         run_cv(changed, None, tmp_path / "cv", log=again.append)
+    # the store rebuilt with other folds: the finished folds are not mixed with new ones
+    root = folds_store.parent
+    preprocess(root / "flat", tmp_path / "store", size=16, labels=root / "labels.csv", folds=2, seed=1, workers=1,
+               progress=False)
+    other = load_config(None, [*SMALL, f"data.path={tmp_path / 'store'}"])
+    with pytest.raises(ValueError, match=r"fold-0: this fold was trained on other data"):
+        run_cv(other, None, tmp_path / "cv", log=again.append)
 
 
 def test_cv_refuses_data_without_folds_in_one_line(folds_store, tmp_path, capsys):

@@ -387,6 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)
+        if args.command in ("train", "cv"):
+            # a checkpoint save cut short still has Orbax threads at work, which raise at interpreter
+            # shutdown; leave now, as a kill would: resume ignores an unfinished checkpoint
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
 
 

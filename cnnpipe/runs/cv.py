@@ -3,8 +3,10 @@
 Each fold i trains the config with ``data.fold: i`` (fold i validates, the others
 train) into ``WORKDIR/fold-<i>``: a normal run directory, so `evaluate`, `predict`
 and `inspect` work on it and an interrupted fold resumes from its last checkpoint
-when the command is run again; a finished fold (its `summary.json`) is read, not
-retrained. ``WORKDIR/cv.json`` holds every metric per fold with the mean and the
+when the command is run again with the same WORKDIR; a finished fold (its `summary.json`)
+is read, not retrained. A fold's `cv_fold.json` holds a fingerprint of its data, so a
+rerun after the store, folder or table changed is refused rather than mixing old and
+new folds. ``WORKDIR/cv.json`` holds every metric per fold with the mean and the
 sample standard deviation (n - 1: K runs are a sample of the runs the data could
 give), the figure scikit-learn users compare settings by.
 """
@@ -21,7 +23,7 @@ from typing import Any
 from cnnpipe.config import Config, dump_config, load_config
 from cnnpipe.files import write_atomic
 
-__all__ = ["CV_METRICS", "fold_count", "run_cv", "format_cv"]
+__all__ = ["CV_METRICS", "fold_count", "data_fingerprint", "run_cv", "format_cv"]
 
 # the runs' summary.json keys the table shows, in order (per-class accuracy follows)
 CV_METRICS = ("val_accuracy", "balanced_accuracy", "val_loss", "best_val_accuracy", "final_val_accuracy",
@@ -57,16 +59,45 @@ def fold_count(cfg: Config, folds: int | None) -> tuple[Config, int]:
                      "(set data.source and data.path)")
 
 
-def _finished(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
-    """A fold's summary if it finished with this config; ValueError if it ran with another config."""
-    saved_cfg, summary = run_dir / "config.yaml", run_dir / "summary.json"
+def _difference(a: Any, b: Any, key: str = "") -> str | None:
+    """The first config key whose value differs between two `model_dump`s, e.g. "train.epochs"."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            found = _difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+            if found:
+                return found
+        return None
+    return key if a != b else None
+
+
+def data_fingerprint(cfg: Config) -> str:
+    """A hash of what fold `cfg.data.fold` trains and validates on: classes, labels, validation files, statistics."""
+    import hashlib
+
+    from cnnpipe.datasets.sources import load_dataset
+
+    ds = load_dataset(cfg.data, cfg.seed)
+    h = hashlib.sha256(json.dumps([ds.classes, list(ds.mean), list(ds.std), ds.size, ds.channels]).encode())
+    for part in (ds.train.labels, ds.val.labels):
+        h.update(part.tobytes())
+    h.update("\n".join(ds.val.sources or ()).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:32]
+
+
+def _finished(cfg: Config, run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """A fold's summary if it finished with this config and data; ValueError if it ran with others."""
+    saved_cfg, summary, mark = run_dir / "config.yaml", run_dir / "summary.json", run_dir / "cv_fold.json"
+    if mark.is_file() and json.loads(mark.read_text()).get("data") != fingerprint:
+        raise ValueError(f"{run_dir}: this fold was trained on other data (the store, folder or table changed "
+                         "since); use another --workdir")
     if not saved_cfg.is_file():
         return None
     saved = load_config(saved_cfg)
     # size and channels were resolved from the data when the run was written
     resolved = cfg.data.model_copy(update={"size": saved.data.size, "channels": saved.data.channels})
-    if dump_config(cfg.model_copy(update={"data": resolved})) != dump_config(saved):
-        raise ValueError(f"{saved_cfg}: this fold ran with another config; use another --workdir")
+    key = _difference(cfg.model_copy(update={"data": resolved}).model_dump(), saved.model_dump())
+    if key is not None:
+        raise ValueError(f"{saved_cfg}: this fold ran with another config ({key} differs); use another --workdir")
     if not summary.is_file():
         return None
     return json.loads(summary.read_text())
@@ -113,13 +144,16 @@ def run_cv(cfg: Config, folds: int | None, workdir: str | os.PathLike, *, name: 
     for i in range(k):
         fold_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"fold": i})})
         run_dir = root / f"fold-{i}"
-        summary = _finished(fold_cfg, run_dir)
+        fingerprint = data_fingerprint(fold_cfg)
+        summary = _finished(fold_cfg, run_dir, fingerprint)
         if summary is None:
-            log(f"cv: fold {i + 1} of {k} -> {run_dir}")
+            log(f"cv: fold {i} ({i + 1} of {k}) -> {run_dir}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / "cv_fold.json", json.dumps({"fold": i, "data": fingerprint}) + "\n")
             summary = train_and_evaluate(fold_cfg, run_dir, name=f"{name}-fold-{i}", resume=True, log=log,
                                          compile_cache=compile_cache)
         else:
-            log(f"cv: fold {i + 1} of {k} already done ({run_dir / 'summary.json'})")
+            log(f"cv: fold {i} ({i + 1} of {k}) already done ({run_dir / 'summary.json'})")
         summaries.append(summary)
     result = {"folds": k, "runs": [f"fold-{i}" for i in range(k)], "std": "sample (n - 1)",
               "metrics": _table(summaries)}
