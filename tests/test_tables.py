@@ -31,8 +31,8 @@ def folder(root, n: int = 12):
     files = {}
     for i in range(n):
         rel = f"sub/img{i:02d}.png" if i % 4 == 0 else f"img{i:02d}.png"
-        png(root / rel, 10 * i)
-        files[rel] = 10 * i
+        png(root / rel, 10 * i % 256)
+        files[rel] = 10 * i % 256
     return files
 
 
@@ -263,3 +263,79 @@ def test_a_folder_source_takes_the_table_and_a_fold_and_keys_its_cache_on_the_ta
     assert len(list((tmp_path / "cache" / "folders").iterdir())) == len(caches) + 1
     with pytest.raises(ValueError, match=r"data.path_col: only used with data.labels"):
         load_dataset(load_config(None, ["data.source=folder", f"data.path={src}", "data.path_col=x"]).data)
+
+
+def test_what_users_write_semicolons_utf16_unnamed_columns_ids_in_subfolders_negative_folds(tmp_path):
+    src = tmp_path / "images"
+    files = sorted(folder(src, 8))   # sub/img00.png and sub/img04.png are in a subfolder
+    ids = [rel.rsplit("/", 1)[-1][:-4] for rel in files]   # "img00": an id, whatever the folder
+    body = "".join(f"{i};{'ab'[n % 2]};{n % 3 - 1};;\r\n" for n, i in enumerate(ids))
+    (tmp_path / "eu.csv").write_text("id;label;fold;;\r\n" + body)   # European Excel: ';', two unnamed columns
+    (tmp_path / "u16.csv").write_bytes(("id,label\r\n" + "".join(f"{i},{'ab'[n % 2]}\r\n" for n, i in enumerate(ids)))
+                                       .encode("utf-16"))
+    store = run(src, tmp_path / "eu", labels=LabelTable(str(tmp_path / "eu.csv"), fold_col="fold"))
+    kept = [rel for n, rel in enumerate(files) if n % 3 != 0]   # fold -1 is in no fold: reported, not stored
+    assert sorted(store.sources("train")) == kept and store.meta["labels"]["fold_values"] == [0, 1]
+    assert {s["kind"] for s in store.report["skipped"]} == {"bad_fold"}
+    store = run(src, tmp_path / "u16", labels=tmp_path / "u16.csv", val_fraction=0.0)
+    assert stored(store) == {rel: ("ab"[n % 2], v, "train") for n, (rel, v) in enumerate(sorted(folder(tmp_path / "x", 8).items()))}
+
+
+def test_a_table_keeps_train_val_test_folders_and_refuses_contradictions(tmp_path):
+    src = tmp_path / "images"
+    for split in ("train", "test"):
+        for i in range(6):
+            png(src / split / f"{i}.png", i)
+    (tmp_path / "t.csv").write_text("path,label,p\n" + "".join(f"{s}/{i}.png,{'ab'[i % 2]},g{i}\n"
+                                                              for s in ("train", "test") for i in range(6)))
+    store = run(src, tmp_path / "s", labels=tmp_path / "t.csv", val_fraction=0.5)
+    assert store.sources("test") == [f"test/{i}.png" for i in (0, 2, 4, 1, 3, 5)]   # rows in class order
+    # the folders decide, as without a table (the fractions are not used)
+    assert store.meta["split"]["method"] == "folders" and store.splits == ["train", "test"]
+    assert store.meta["split"]["val_fraction"] is None
+    assert all(p.startswith("train/") for p in store.sources("train"))
+    from cnnpipe.datasets.splits import SplitError, split_files
+    with pytest.raises(SplitError, match=r"'stratified' would put one group's files in two splits"):
+        split_files(["a", "b"], ["x", "y"], method="stratified", val_fraction=0.5, test_fraction=0.0, seed=0,
+                    groups=["g", "g"])
+
+
+def test_a_group_hold_out_never_takes_a_whole_class_and_hash_moves_whole_groups(tmp_path):
+    from cnnpipe.datasets.splits import group_split, split_files
+
+    keys = [f"{i}.png" for i in range(40)]
+    labels = ["rare"] * 6 + ["common"] * 34
+    groups = ["pX"] * 6 + [f"p{i % 9}" for i in range(34)]
+    for seed in range(8):
+        splits = group_split(keys, labels, groups, 0.2, 0.0, seed)
+        assert "train" in {s for s, label in zip(splits, labels) if label == "rare"}
+        hashed, _ = split_files(keys, labels, method="hash", val_fraction=0.3, test_fraction=0.0, seed=seed,
+                                groups=groups)
+        assert all(len({s for s, g in zip(hashed, groups) if g == grp}) == 1 for grp in set(groups))
+
+
+def test_hf_metadata_takes_the_column_options_and_reports_sort_naturally(tmp_path):
+    src = tmp_path / "images"
+    files = sorted(folder(src, 30))
+    (src / "metadata.csv").write_text("file_name,species\n" + "".join(f"{rel},{'ab'[i % 2]}\n"
+                                                                      for i, rel in enumerate(files)) + "gone.png,a\n"
+                                      + "".join(f"gone{i}.png,a\n" for i in range(12)))
+    cmd = [sys.executable, "-m", "cnnpipe.cli", "preprocess", str(src), str(tmp_path / "s"), "--size", "4",
+           "--label-col", "species", "--workers", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert [s["path"] for s in report["skipped"]] == [f"metadata.csv row {n}" for n in range(32, 45)]
+    (src / "metadata.jsonl").write_text('{"file_name": "img01.png", "label": "a"}\n')
+    with pytest.raises(TableError, match=r"holds metadata.csv and metadata.jsonl; keep one"):
+        run(src, tmp_path / "s3")
+
+
+def test_a_key_the_source_does_not_read_is_an_error():
+    from cnnpipe.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.fold: only used with data.source store or folder \(data.source is "
+                                          r"'shapes'\)"):
+        load_config(None, ["data.fold=0"])
+    with pytest.raises(ConfigError, match=r"data.labels: only used with data.source folder"):
+        load_config(None, ["data.source=store", "data.labels=t.csv"])
