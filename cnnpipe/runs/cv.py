@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cnnpipe.config import Config, dump_config, load_config
+from cnnpipe.config import Config, load_config
 from cnnpipe.files import write_atomic
 
 __all__ = ["CV_METRICS", "fold_count", "data_fingerprint", "run_cv", "format_cv"]
