@@ -118,7 +118,7 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
     check_output(out_p.absolute(), overwrite)
     scan, table_record = scan_table(src_p, table) if table is not None else (scan_folder(src_p), None)
     if not scan.candidates:
-        where = (f"no row of {display_path(table.path)} names an image file under {src_p}" if table is not None
+        where = (f"no usable row in {display_path(table.path)} (images under {src_p})" if table is not None
                  else f"no image files found in {src_p} (expected SRC/<class>/<image> or "
                       "SRC/<train|val|test>/<class>/<image>")
         raise PreprocessError(f"SRC: {where}; {len(scan.skipped)} entries skipped ({reason_counts(scan.skipped)})")
