@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -104,7 +102,16 @@ def test_csv_tsv_jsonl_and_parquet_give_byte_identical_stores(tmp_path):
     assert by_split["train"].isdisjoint(by_split["val"])
 
 
-def test_every_row_and_file_is_accounted_for(tmp_path):
+def cli(args, capsys):
+    """`cnnpipe ARGS` in this process: (exit status, stdout, stderr)."""
+    from cnnpipe.cli import main
+
+    status = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_every_row_and_file_is_accounted_for(tmp_path, capsys):
     src = tmp_path / "images"
     files = folder(src, 8)
     png(src / "unlisted.png", 1)
@@ -123,11 +130,10 @@ def test_every_row_and_file_is_accounted_for(tmp_path):
                      "t.csv row 13": "empty_label", "broken.png": "corrupt", "t.csv row 15": "empty_row",
                      "notes.txt": "not_image", "unlisted.png": "no_row"}
     assert set(stored(store)) == set(files) - {"img02.png"}   # img03's first row is good: it is stored
-    cmd = [sys.executable, "-m", "cnnpipe.cli", "preprocess", str(src), str(tmp_path / "s2"), "--size", "5x6",
-           "--labels", str(tmp_path / "t.csv"), "--workers", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 1, done.stderr   # the store was written; rows failed
-    assert "6 input file(s) failed" in done.stdout and "Traceback" not in done.stderr
+    status, out, err = cli(["preprocess", src, tmp_path / "s2", "--size", "5x6", "--labels", tmp_path / "t.csv",
+                            "--workers", "1"], capsys)
+    assert status == 1, err   # the store was written; rows failed
+    assert "6 input file(s) failed" in out
 
 
 @pytest.mark.parametrize("table, options, message", [
@@ -149,20 +155,19 @@ def test_a_table_that_cannot_be_used_is_one_line_naming_it(tmp_path, table, opti
     assert not (tmp_path / "store").exists()
 
 
-def test_cli_errors_exit_2_with_one_line(tmp_path):
+def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
     src = tmp_path / "images"
     folder(src, 6)
     (tmp_path / "t.csv").write_text("path,label\n" + "".join(f"img0{i}.png,{'ab'[i % 2]}\n" for i in (1, 2, 3, 5)))
-    base = [sys.executable, "-m", "cnnpipe.cli", "preprocess", str(src), str(tmp_path / "out"), "--size", "4"]
+    base = ["preprocess", src, tmp_path / "out", "--size", "4"]
     for extra, text in ((["--labels", str(tmp_path / "t.csv"), "--folds", "3"],
                          "folds: 3 folds need at least 3 images of every class; class 'a' has 1"),
                         (["--group-col", "p"], "--group-col: only used with --labels TABLE"),
                         (["--labels", str(tmp_path / "t.xlsx")], "unknown table format '.xlsx'"),
                         (["--labels", str(tmp_path / "none.csv")], "none.csv: label table not found")):
-        done = subprocess.run(base + extra, capture_output=True, text=True)
-        last = done.stderr.splitlines()[-1]   # progress lines come first off a terminal
-        assert done.returncode == 2 and last.startswith("cnnpipe preprocess: error: ") and text in last, done.stderr
-        assert "Traceback" not in done.stderr
+        status, _, err = cli(base + extra, capsys)
+        last = err.splitlines()[-1]   # progress lines come first off a terminal
+        assert status == 2 and last.startswith("cnnpipe preprocess: error: ") and text in last, err
 
 
 def test_hugging_face_metadata_is_read_without_labels(tmp_path):
@@ -314,16 +319,15 @@ def test_a_group_hold_out_never_takes_a_whole_class_and_hash_moves_whole_groups(
         assert all(len({s for s, g in zip(hashed, groups) if g == grp}) == 1 for grp in set(groups))
 
 
-def test_hf_metadata_takes_the_column_options_and_reports_sort_naturally(tmp_path):
+def test_hf_metadata_takes_the_column_options_and_reports_sort_naturally(tmp_path, capsys):
     src = tmp_path / "images"
     files = sorted(folder(src, 30))
     (src / "metadata.csv").write_text("file_name,species\n" + "".join(f"{rel},{'ab'[i % 2]}\n"
                                                                       for i, rel in enumerate(files)) + "gone.png,a\n"
                                       + "".join(f"gone{i}.png,a\n" for i in range(12)))
-    cmd = [sys.executable, "-m", "cnnpipe.cli", "preprocess", str(src), str(tmp_path / "s"), "--size", "4",
-           "--label-col", "species", "--workers", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 1, done.stderr
+    status, _, err = cli(["preprocess", src, tmp_path / "s", "--size", "4", "--label-col", "species", "--workers", "1"],
+                         capsys)
+    assert status == 1, err
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert [s["path"] for s in report["skipped"]] == [f"metadata.csv row {n}" for n in range(32, 45)]
     (src / "metadata.jsonl").write_text('{"file_name": "img01.png", "label": "a"}\n')
