@@ -343,3 +343,16 @@ def test_a_key_the_source_does_not_read_is_an_error():
         load_config(None, ["data.fold=0"])
     with pytest.raises(ConfigError, match=r"data.labels: only used with data.source folder"):
         load_config(None, ["data.source=store", "data.labels=t.csv"])
+
+
+def test_csv_rows_are_numbered_as_a_spreadsheet_numbers_them(tmp_path):
+    # a quoted newline stays in its cell and a blank line is a row, as Excel shows them
+    (tmp_path / "a.csv").write_bytes(b'id,label\r\n"x\r\ny",a\r\n\r\nz,b\r\nw,b,extra\r\n')
+    with pytest.raises(TableError, match=r"a.csv row 5: expected 2 columns \(','-separated\), got 3"):
+        read_table(tmp_path / "a.csv")
+    (tmp_path / "a.csv").write_bytes(b'id,label\r\n"x\r\ny",a\r\n\r\nz,b\r\n')
+    t = read_table(tmp_path / "a.csv")
+    assert t.columns == {"id": ["x\r\ny", "z"], "label": ["a", "b"]} and t.row_names == ["row 2", "row 4"]
+    (tmp_path / "b.csv").write_bytes(b"PK\x03\x04\x00\x00binary")   # an .xlsx renamed .csv
+    with pytest.raises(TableError, match=r"b.csv: the table has no rows \(columns: PK"):
+        read_table(tmp_path / "b.csv")

@@ -1,11 +1,13 @@
 """Label tables: CSV, TSV, JSON Lines and Parquet files read into columns of text.
 
-CSV/TSV and Parquet are read with pyarrow (one C++ reader for all of them: quoted
-fields, CRLF, a UTF-8 byte-order mark and blank lines handled as Excel and pandas
-write them); CSV cells are read as bytes, so a path that is not valid UTF-8 (a
-Latin-1 file name written by a Latin-1 tool) still names its file exactly. JSON Lines
-are read line by line with Python's `json`: pyarrow's JSON reader refuses a column
-whose type changes between rows (``1`` then ``"01"``), which a label column may do.
+Parquet is read with pyarrow. CSV and TSV are read with Python's `csv` module (Excel's
+dialect: quoted fields with commas, quotes and newlines, CRLF, a byte-order mark, blank
+lines; `;`-separated and UTF-16 files are recognised): it needs no import (pyarrow's
+takes 0.15 s, a tenth of preprocessing 2,000 images), numbers malformed rows as a
+spreadsheet does, and reads bytes that are not UTF-8 as surrogate escapes, so a path
+written by a Latin-1 tool still names its file exactly. JSON Lines are read line by line
+with Python's `json`: pyarrow's JSON reader refuses a column whose type changes between
+rows (``1`` then ``"01"``), which a label column may do.
 
 Every value becomes text as written (``"01"`` stays ``"01"``: a label is a name,
 never a number parsed and printed again) or None when empty. Errors are one line
@@ -14,6 +16,7 @@ naming the table and the row, line or column (`TableError`).
 
 from __future__ import annotations
 
+import csv
 import difflib
 import json
 import os
@@ -76,47 +79,42 @@ def _text(v: Any) -> str | None:
 
 
 def _sniff(path: Path, delimiter: str) -> tuple[str, str]:
-    """(delimiter, encoding): a header line without the expected delimiter but with ';', ',' or a tab uses
+    """(delimiter, encoding): a header line without the expected delimiter but with ',', ';' or a tab uses
     that one (European Excel saves CSV with ';'); a UTF-16 byte-order mark (Excel's "Unicode text") is read."""
     with open(path, "rb") as f:
         head = f.read(65536)
-    encoding = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf8"
-    first = (head.decode("utf-16", "replace") if encoding == "utf-16" else head.decode("utf-8", "replace"))
-    first = first.splitlines()[0] if first else ""
+    encoding = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"   # -sig: a BOM is not a name
+    lines = head.decode(encoding, "replace").splitlines()
+    first = lines[0] if lines else ""
     if delimiter not in first:
         delimiter = next((d for d in (",", ";", "\t") if d in first), delimiter)
     return delimiter, encoding
 
 
 def _read_csv(path: Path, delimiter: str) -> Table:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    bad: list[Any] = []
-
-    def invalid(row: Any) -> str:
-        bad.append(row)
-        return "skip"
-
+    """CSV or TSV with Python's `csv` (Excel's dialect): quoted fields, CRLF, blank lines skipped. Bytes
+    that are not UTF-8 become surrogate escapes, the form `os.fsdecode` gives the same bytes in a file name."""
     delimiter, encoding = _sniff(path, delimiter)
-    parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=invalid)
-    # single-threaded: the row numbers of malformed rows are only known then
-    read = pacsv.ReadOptions(use_threads=False, encoding=encoding)
-    names = pacsv.open_csv(path, read_options=read, parse_options=parse).schema.names
-    named = [n for n in names if n != ""]   # Excel's trailing empty columns have no name: not columns to use
-    if len(set(named)) != len(named):
-        dup = next(n for n in named if named.count(n) > 1)
-        raise TableError(f"{display_path(path)}: column {dup!r} appears twice in the header")
-    convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=False,
-                                   quoted_strings_can_be_null=False)
-    table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
-    if bad:
-        row = bad[0]
-        at = f"row {row.number}" if row.number is not None else "a row"
-        raise TableError(f"{display_path(path)} {at}: expected {row.expected_columns} columns "
-                         f"({delimiter!r}-separated), got {row.actual_columns} ({row.text[:60]!r})")
-    columns = {n: [_text(v) for v in table.column(i).to_pylist()] for i, n in enumerate(names) if n != ""}
-    return Table(path, columns, [f"row {i + 2}" for i in range(table.num_rows)])
+    with open(path, newline="", encoding=encoding, errors="surrogateescape") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, [])
+        named = [n for n in header if n != ""]   # Excel's trailing empty columns have no name: not columns
+        if len(set(named)) != len(named):
+            dup = next(n for n in named if named.count(n) > 1)
+            raise TableError(f"{display_path(path)}: column {dup!r} appears twice in the header")
+        keep = [(i, n) for i, n in enumerate(header) if n != ""]
+        columns: dict[str, list[str | None]] = {n: [] for _, n in keep}
+        rows: list[str] = []
+        for number, row in enumerate(reader, 2):   # a spreadsheet's numbering: the header is row 1
+            if not row:
+                continue   # a blank line
+            if len(row) != len(header):
+                raise TableError(f"{display_path(path)} row {number}: expected {len(header)} columns "
+                                 f"({delimiter!r}-separated), got {len(row)} ({delimiter.join(row)[:60]!r})")
+            for i, n in keep:
+                columns[n].append(_text(row[i]))
+            rows.append(f"row {number}")
+    return Table(path, columns, rows)
 
 
 def _read_jsonl(path: Path) -> Table:
@@ -168,8 +166,6 @@ def read_table(path: str | os.PathLike) -> Table:
                          f"{', '.join(sorted(TABLE_SUFFIXES))}")
     if not p.is_file():
         raise FileNotFoundError(2, "label table not found", str(p))
-    import pyarrow as pa
-
     try:
         if kind == "jsonl":
             table = _read_jsonl(p)
@@ -177,7 +173,9 @@ def read_table(path: str | os.PathLike) -> Table:
             table = _read_parquet(p)
         else:
             table = _read_csv(p, "," if kind == "csv" else "\t")
-    except (pa.ArrowException, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeError, csv.Error) as exc:   # pyarrow's errors are ValueErrors too
+        if isinstance(exc, TableError):
+            raise
         text = " ".join(str(exc).split())
         raise TableError(f"{display_path(p)}: cannot read this {kind} table ({text[:200]})") from None
     if not len(table):
@@ -191,6 +189,7 @@ def pick_column(table: Table, name: str | None, option: str, defaults: Sequence[
     Raises:
       TableError: naming the table, the option and every column, with a did-you-mean.
     """
+    listing = ", ".join(display_path(n)[:40] for n in table.names[:30]) + (", ..." if len(table.names) > 30 else "")
     if name is not None and name in table.columns:
         return name
     if name is None:
@@ -199,12 +198,11 @@ def pick_column(table: Table, name: str | None, option: str, defaults: Sequence[
             return found
         wanted = " or ".join(repr(d) for d in defaults)
         raise TableError(f"{display_path(table.path)}: no {option} column ({wanted}); pass {option} NAME "
-                         f"(columns: {', '.join(table.names)})")
+                         f"(columns: {listing})")
     close = difflib.get_close_matches(name, table.names, n=1, cutoff=0.6) or [
         n for n in table.names if n.lower() == name.lower()]
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise TableError(f"{display_path(table.path)}: {option} {name!r}: no such column (columns: "
-                     f"{', '.join(table.names)}){hint}")
+    raise TableError(f"{display_path(table.path)}: {option} {name!r}: no such column (columns: {listing}){hint}")
 
 
 def _has_file_name(p: Path) -> bool:
