@@ -155,8 +155,13 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
     hint = (f"data.val_fraction is {val_fraction:g} and no image of {root} is in the validation split: "
             "raise it or add images")
     which = f", validating on fold {fold}" if fold is not None else ""
-    return dataclasses.replace(store_dataset(out, hint, fold=fold), description=f"folder {root}{which} (cache {out})",
-                               resize=resize)
+    try:
+        ds = store_dataset(out, hint, fold=fold)
+    except ValueError as exc:   # a fold error names the folder the user gave, not its cache
+        if not str(exc).startswith("data.fold:"):
+            raise
+        raise ValueError(str(exc).replace(str(out), f"{root} (data.folds: {folds})")) from None
+    return dataclasses.replace(ds, description=f"folder {root}{which} (cache {out})", resize=resize)
 
 
 __all__ = ["load_dataset", "folder_cache_key", "folder_dataset"]
