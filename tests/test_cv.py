@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 
 import numpy as np
@@ -34,13 +35,15 @@ def folds_store(tmp_path_factory):
 
 
 def test_each_fold_is_a_run_and_cv_json_holds_their_figures(folds_store, tmp_path):
-    cfg = load_config(None, [*SMALL, f"data.path={folds_store}"])
+    shutil.copytree(folds_store, tmp_path / "store")   # rebuilt below
+    store = tmp_path / "store"
+    cfg = load_config(None, [*SMALL, f"data.path={store}"])
     lines: list[str] = []
     result = run_cv(cfg, None, tmp_path / "cv", log=lines.append)
     assert result["folds"] == 2 and result["runs"] == ["fold-0", "fold-1"]
     assert json.loads((tmp_path / "cv" / "cv.json").read_text()) == result
     summaries = [json.loads((tmp_path / "cv" / f"fold-{i}" / "summary.json").read_text()) for i in range(2)]
-    folds = np.load(folds_store / "train" / "folds.npy")
+    folds = np.load(store / "train" / "folds.npy")
     for i, summary in enumerate(summaries):
         info = json.loads((tmp_path / "cv" / f"fold-{i}" / "dataset.json").read_text())
         assert info["num_val"] == int((folds == i).sum()) and info["num_train"] == int((folds != i).sum())
@@ -62,17 +65,16 @@ def test_each_fold_is_a_run_and_cv_json_holds_their_figures(folds_store, tmp_pat
     assert again == [f"cv: fold {i} ({i + 1} of 2) already done ({tmp_path / 'cv' / f'fold-{i}' / 'summary.json'})"
                      for i in range(2)]
     assert (tmp_path / "cv" / "fold-0" / "metrics.jsonl").stat().st_mtime_ns == stamp
-    changed = load_config(None, [*SMALL, f"data.path={folds_store}", "train.epochs=2"])
+    changed = load_config(None, [*SMALL, f"data.path={store}", "train.epochs=2"])
     with pytest.raises(ValueError, match=r"fold-0/config.yaml: this fold ran with another config "
                                          r"\(train.epochs differs\)"):
         run_cv(changed, None, tmp_path / "cv", log=again.append)
     # the store rebuilt with other folds: the finished folds are not mixed with new ones
     root = folds_store.parent
-    preprocess(root / "flat", tmp_path / "store", size=16, labels=root / "labels.csv", folds=2, seed=1, workers=1,
-               progress=False)
-    other = load_config(None, [*SMALL, f"data.path={tmp_path / 'store'}"])
+    preprocess(root / "flat", store, size=16, labels=root / "labels.csv", folds=2, seed=1, workers=1,
+               progress=False, overwrite=True)
     with pytest.raises(ValueError, match=r"fold-0: this fold was trained on other data"):
-        run_cv(other, None, tmp_path / "cv", log=again.append)
+        run_cv(cfg, None, tmp_path / "cv", log=again.append)
 
 
 def test_cv_refuses_data_without_folds_in_one_line(folds_store, tmp_path, capsys):

@@ -356,3 +356,47 @@ def test_csv_rows_are_numbered_as_a_spreadsheet_numbers_them(tmp_path):
     (tmp_path / "b.csv").write_bytes(b"PK\x03\x04\x00\x00binary")   # an .xlsx renamed .csv
     with pytest.raises(TableError, match=r"b.csv: the table has no rows \(columns: PK"):
         read_table(tmp_path / "b.csv")
+
+
+def test_second_review_one_file_two_spellings_kaggle_test_folder_folds_and_groups(tmp_path):
+    src = tmp_path / "images"
+    files = sorted(folder(src, 12))
+    (src / "img01.txt").write_text("notes")   # the id img01 means the image
+    rows = [f"{src / rel if i % 2 else rel},{'ab'[i % 2]},{i % 3}.0,p{i % 4}" for i, rel in enumerate(files)]
+    rows.append(f"{src / 'img02.png'},b,0,p0")   # img02.png again, absolutely named, another label
+    (tmp_path / "t.csv").write_text("path,label,fold,patient\n" + "\n".join(rows) + "\nimg01,a,0,p1\n")
+    store = run(src, tmp_path / "s", labels=LabelTable(str(tmp_path / "t.csv"), fold_col="fold", group_col="patient"))
+    kinds = {s["path"]: s["kind"] for s in store.report["skipped"]}
+    # img02.png (rows 3, 14: a relative and an absolute name) and img01 (rows 2, 15: the id; another group)
+    assert kinds == {"t.csv row 2": "conflicting_labels", "t.csv row 3": "conflicting_labels",
+                     "t.csv row 14": "conflicting_labels", "t.csv row 15": "conflicting_labels", "img01.txt": "no_row"}
+    assert store.meta["labels"]["fold_values"] == [0, 1, 2] and store.report["groups_in_two_folds"]
+    # SRC/train/ labelled, SRC/test/ unlabelled (Kaggle): the validation split is drawn from train
+    kaggle = tmp_path / "kaggle"
+    for i in range(8):
+        png(kaggle / "train" / f"{i}.png", i)
+        png(kaggle / "test" / f"{i}.png", i)
+    (tmp_path / "k.csv").write_text("id,label\n" + "".join(f"train/{i},{'ab'[i % 2]}\n" for i in range(8)))
+    store = run(kaggle, tmp_path / "k", labels=tmp_path / "k.csv", val_fraction=0.25)
+    assert store.splits == ["train", "val"] and store.count("val") == 2
+
+
+def test_a_group_hold_out_is_near_the_fraction_with_uneven_groups():
+    from cnnpipe.datasets.splits import group_split
+
+    sizes = (30, 18, 12, 10, 8, 6, 5, 3)   # eight patients, each with both classes
+    groups = [f"p{g}" for g, n in enumerate(sizes) for _ in range(n)]
+    labels = ["ab"[i % 2] for i in range(len(groups))]
+    keys = [f"{i}.png" for i in range(len(groups))]
+    for fraction in (0.1, 0.2):
+        held = group_split(keys, labels, groups, fraction, 0.0, 0).count("val")
+        assert abs(held - fraction * len(keys)) <= 3, (fraction, held)   # not the 30-image patient
+
+
+def test_excel_headers_blank_lines_sep_line_and_spaces(tmp_path):
+    (tmp_path / "h.csv").write_text("\n\nsep=;\nid ; Label\na;x\n")
+    t = read_table(tmp_path / "h.csv")
+    assert t.columns == {"id": ["a"], "Label": ["x"]} and t.row_names == ["row 5"]
+    from cnnpipe.datasets.tables import pick_column
+    with pytest.raises(TableError, match=r"did you mean --label-col 'Label'\?"):
+        pick_column(t, None, "--label-col", ("label",))

@@ -347,12 +347,13 @@ class _Build:
         counts = {s: {"total": sum(acc.per_class[s].values()),
                       "per_class": {c: acc.per_class[s][c] for c in self.classes}} for s in splits}
         report = build_report(self.scan, self.ok, counts, self.src, acc.warnings, self.table)
-        if self.table and self.table.get("group_col"):   # a split column may put a group in two splits
-            splits_of: dict[str, set] = {}
-            for c in self.ok:
-                if c.digest:   # stored
-                    splits_of.setdefault(c.group, set()).add(c.split)
-            report["groups_in_two_splits"] = sorted(g for g, v in splits_of.items() if len(v) > 1)
+        if self.table and self.table.get("group_col"):   # a split or fold column may put a group on two sides
+            for key, side in (("groups_in_two_splits", "split"), ("groups_in_two_folds", "fold")):
+                sides: dict[str, set] = {}
+                for c in self.ok:
+                    if c.digest and (side == "split" or c.fold >= 0):   # stored
+                        sides.setdefault(c.group, set()).add(getattr(c, side))
+                report[key] = sorted(g for g, v in sides.items() if len(v) > 1)
         s = self.settings
         meta = build_meta(classes=self.classes, dtype=self.dtype, size=s.size,
                           channel_names=list(self.planes.names) if self.planes else ["R", "G", "B"] if n_ch == 3

@@ -71,8 +71,17 @@ def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], 
     # a class folder with no image in it is reported, not a class
     with_images = {(c.class_name, c.split if scan.layout == "splits" else None) for c in ok}
     empty = [display_path(rel) for rel, name, split in scan.class_dirs if (name, split) not in with_images]
-    prefix = display_path(os.path.join(src, ""))   # how every scanned path starts ("src/", "/data/src/")
-    skipped = sorted(({**s, "reason": s["reason"].removeprefix(prefix)} for s in scan.skipped),
+    # how a scanned path starts ("src/", "/data/src/"; a table's files are named absolutely)
+    prefixes = sorted({display_path(os.path.join(src, "")), display_path(os.path.join(src.absolute(), ""))},
+                      key=len, reverse=True)
+
+    def relative(reason: str) -> str:
+        for prefix in prefixes:
+            if reason.startswith(prefix):
+                return reason[len(prefix):]
+        return reason
+
+    skipped = sorted(({**s, "reason": relative(s["reason"])} for s in scan.skipped),
                      key=lambda s: _natural(s["path"]))
     return {
         "source": display_path(src.absolute()),
@@ -125,10 +134,11 @@ def format_summary(store: Store, elapsed_s: float | None = None) -> str:
         lines.append((f"labels: {display_path(table['table'])} ({table['rows']} rows, paths {table['path_col']!r}, "
                       f"labels {table['label_col']!r}); " if table else "")
                      + f"split: {split.get('method', 'hash')}")
-    if report.get("groups_in_two_splits"):
-        crossing = report["groups_in_two_splits"]
-        lines.append(f"warning: {len(crossing)} groups ({table['group_col']!r}) are in two splits as the split "
-                     f"column gives them: {', '.join(crossing[:5])}{', ...' if len(crossing) > 5 else ''}")
+    for key, what in (("groups_in_two_splits", "splits"), ("groups_in_two_folds", "folds")):
+        crossing = report.get(key) or []
+        if crossing:
+            lines.append(f"warning: {len(crossing)} groups ({table['group_col']!r}) are in two {what} as the table or "
+                         f"folders give them: {', '.join(crossing[:5])}{', ...' if len(crossing) > 5 else ''}")
     kinds = ", ".join(f"{k} {v}" for k, v in rc["skipped_by_kind"].items())
     lines.append(f"skipped {rc['skipped']} {'files or rows' if table else 'files'}" + (f" ({kinds})" if kinds else "")
                  + (f"; empty class folders: {', '.join(report['empty_class_folders'])}"

@@ -155,6 +155,11 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
     hint = (f"data.val_fraction is {val_fraction:g} and no image of {root} is in the validation split: "
             "raise it or add images")
     which = f", validating on fold {fold}" if fold is not None else ""
+    from cnnpipe.datasets.report import failed_files
+    from cnnpipe.datasets.store import load_store
+
+    failed = failed_files(load_store(out).report)   # said in the run's log: a folder's rows can fail silently
+    which += f"; {failed} input files or table rows failed: see {out / 'report.json'}" if failed else ""
     try:
         ds = store_dataset(out, hint, fold=fold)
     except ValueError as exc:   # a fold error names the folder the user gave, not its cache

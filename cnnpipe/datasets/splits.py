@@ -10,8 +10,9 @@ inputs are put in a canonical order first. Methods (`--split`, `data.split`):
   image of the fraction asked for; a class of two or more images always has a
   validation image (when `val_fraction` > 0) and keeps at least one training image.
 - ``group``: no group (patient, slide, scene) is in two splits, classes as balanced as
-  the groups allow: scikit-learn's `StratifiedGroupKFold` (shuffled with the seed), one
-  of its ``round(1 / fraction)`` folds held out.
+  the groups allow: scikit-learn's `StratifiedGroupKFold` (shuffled with the seed) into
+  ``round(1 / fraction)`` folds (at most one per group), of which the one nearest the share
+  asked for that leaves every class a training image is held out.
 - ``hash``: each file by its own hash (`assign_split`), or each group by its name's: a
   file's split never moves as files are added, at the price of per-class shares that wander.
 
@@ -132,7 +133,11 @@ def _hold_out_groups(idx: list[int], labels: Sequence[str], groups: Sequence[str
     def classes_lost(f: int) -> int:   # classes that would keep no image outside the held-out fold
         return len(classes - {labels[i] for i, g in zip(idx, folds) if g != f})
 
-    held = min(range(k), key=lambda f: (classes_lost(f), f))   # fold 0 unless it takes a whole class away
+    target = fraction * len(idx)
+    sizes = np.bincount(folds, minlength=k)
+    # the fold that keeps every class in training and is nearest the share asked for (few or uneven
+    # groups make folds of very different sizes); ties go to the seed's order of scikit-learn's folds
+    held = min(range(k), key=lambda f: (classes_lost(f), abs(sizes[f] - target), f))
     return {i for i, f in zip(idx, folds) if f == held}
 
 

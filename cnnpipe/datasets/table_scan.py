@@ -20,7 +20,7 @@ from typing import Any
 
 from cnnpipe.datasets.folders import Candidate, FolderScan, skip, walk_files
 from cnnpipe.datasets.store import SPLIT_NAMES
-from cnnpipe.datasets.tables import PATH_COLUMNS, Table, TableError, pick_column, read_table
+from cnnpipe.datasets.tables import HF_METADATA, PATH_COLUMNS, Table, TableError, pick_column, read_table
 from cnnpipe.images.formats import display_path, path_from_display
 
 __all__ = ["LabelTable", "scan_table", "SPLIT_VALUES"]
@@ -28,6 +28,9 @@ __all__ = ["LabelTable", "scan_table", "SPLIT_VALUES"]
 # what a split column may say (case-insensitive); a column of booleans is fastai's `is_valid`
 SPLIT_VALUES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                 "dev": "val", "test": "test", "testing": "test"}
+# what an id without its extension prefers when other files share its stem (0046.png beside 0046.txt)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".j2k",
+                            ".jpx", ".jxl", ".pgm", ".ppm", ".pbm", ".pnm", ".npy"})
 _BOOLEANS = {"true": "val", "false": "train", "1": "val", "0": "train", "yes": "val", "no": "train"}
 
 
@@ -77,8 +80,8 @@ class _Files:
         self.table_dir = None if table_dir.resolve() == src.resolve() else table_dir  # resolved once, not per row
         root_st = os.stat(src)
         for path, rel in walk_files(src, "", scan, {(root_st.st_dev, root_st.st_ino)}, ((root_st.st_dev, root_st.st_ino),)):
-            if rel != skip_rel:
-                self.by_rel[rel] = path
+            if rel != skip_rel and not (rel in HF_METADATA and exclude.name in HF_METADATA):
+                self.by_rel[rel] = os.path.abspath(path)   # one spelling per file, however SRC or a row names it
                 stem = posixpath.splitext(rel)[0]
                 self.by_stem[stem].append(rel)
                 self.by_name[posixpath.basename(stem)].append(rel)
@@ -96,19 +99,21 @@ class _Files:
         for v in tries:
             if os.path.isabs(v):
                 if os.path.isfile(v):
-                    return v, self._rel(v)
+                    return os.path.normpath(v), self._rel(v)
                 continue
             rel = posixpath.normpath(v)
             if rel in self.by_rel:
                 return self.by_rel[rel], rel
             stems = self.by_stem.get(rel) or ([] if "/" in rel else self.by_name.get(rel, []))
+            if len(stems) > 1:   # 0046.png beside 0046.txt: the image is meant
+                stems = [r for r in stems if posixpath.splitext(r)[1].lower() in IMAGE_SUFFIXES] or stems
             if len(stems) == 1:
                 return self.by_rel[stems[0]], stems[0]
             if len(stems) > 1:
                 return None, f"ambiguous id: {len(stems)} files have this name ({', '.join(map(display_path, stems[:3]))})"
             for base in (self.src, self.table_dir):   # a path on disk outside SRC's listing (../other/x.png)
                 if base is not None and (base / v).is_file():
-                    return str(base / v), self._rel(str(base / v))
+                    return os.path.abspath(base / v), self._rel(str(base / v))
         return None, "no such file under SRC or beside the table"
 
     def _rel(self, path: str) -> str:
@@ -147,17 +152,17 @@ def _row(table: Table, cols: dict[str, str | None], i: int, files: _Files, codes
     if all(col[i] is None for col in table.columns.values()):
         skip(scan, where, "empty_row", f"{where}: an empty row")
         return None
-    if path is None:
+    if path is None or not path.strip():
         skip(scan, where, "empty_path", f"{where}: no file named in column {cols['path']!r}")
         return None
     found, rel_or_why = files.find(path)
     if found is not None:
-        seen.add(os.path.normpath(found))  # named by a row, used or not: never also "not in the table"
+        seen.add(found)  # absolute and normalised: named by a row, used or not: never also "not in the table"
     split, fold, group = value("split"), value("fold"), value("group")
     checks = ((found is None, "missing_file", lambda: rel_or_why),
               (label is None, "empty_label", lambda: f"empty label ({cols['label']!r})"),
               (cols["split"] is not None and split not in splits, "bad_split",
-               lambda: f"split {split!r} is not train, val(id/idation) or test"),
+               lambda: "empty split" if split is None else f"split {split!r} is not train, val(id/idation) or test"),
               (cols["group"] is not None and group is None, "empty_group", lambda: f"empty group ({cols['group']!r})"),
               (cols["fold"] is not None and fold not in folds, "bad_fold",
                lambda: "empty fold" if fold is None else f"fold {fold!r} is not a fold (an integer >= 0)"))
@@ -183,9 +188,12 @@ def _fold_numbers(table: Table, col: str | None) -> dict[str, int]:
     for v in table.columns[col]:
         if v is not None:
             try:
-                values[v] = int(v.strip())
+                number = float(v.strip())   # 2 or 2.0 (a pandas column with a gap is float)
             except ValueError:
                 continue
+            if not number.is_integer():
+                continue
+            values[v] = int(number)
             if values[v] < 0:   # -1: Kaggle's "in no fold"
                 del values[v]
     order = sorted(set(values.values()))
@@ -215,7 +223,7 @@ def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]
     for i in range(len(table)):
         row = _row(table, cols, i, files, codes, scan, named)
         if row is not None:
-            by_file[os.path.normpath(row.path)].append(row)
+            by_file[row.path].append(row)
     for rows in by_file.values():
         first = rows[0]
         if any(r.values != first.values for r in rows):
@@ -229,14 +237,17 @@ def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]
             skip(scan, table.where(r.index), "duplicate_row",
                  f"{table.where(r.index)}: {display_path(r.rel)} is listed again (as {table.row_names[first.index]})")
         label, split, group, fold = first.values
-        if split is None and split_dirs:   # SRC/train/..., SRC/test/...: the folder's split, as without a table
-            split = next((d for d in split_dirs if first.rel.startswith(d + "/")), None)
         scan.candidates.append(Candidate(first.path, first.rel, first.rel, label, split, group=group, fold=fold))
+    in_dirs = {d: [c for c in scan.candidates if c.rel.startswith(d + "/")] for d in split_dirs}
+    if sum(1 for v in in_dirs.values() if v) >= 2:   # SRC/train/..., SRC/test/...: the folders' splits, as
+        for d, cands in in_dirs.items():             # without a table (Kaggle's unlabelled test/ alone: drawn)
+            for c in cands:
+                c.split = d
     for rel, path in files.by_rel.items():
-        if os.path.normpath(path) not in named:
+        if path not in named:
             skip(scan, rel, "no_row", f"{display_path(rel)}: not in the label table {display_path(table.path.name)}")
     scan.candidates.sort(key=lambda c: c.rel)
     record = spec.record(table, cols)
     if cols["fold"] is not None:   # data.fold i is the i-th of the column's values, in numeric order
-        record["fold_values"] = sorted({int(v.strip()) for v in folds})
+        record["fold_values"] = sorted({int(float(v.strip())) for v in folds})
     return scan, record

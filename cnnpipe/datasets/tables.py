@@ -30,7 +30,8 @@ from cnnpipe.images.formats import display_path
 __all__ = ["TABLE_SUFFIXES", "PATH_COLUMNS", "HF_METADATA", "Table", "TableError", "read_table",
            "find_metadata", "pick_column"]
 
-TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+# .txt: Excel's "Unicode Text" (UTF-16, tab-separated); the delimiter is read from the header line anyway
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                   ".parquet": "parquet", ".pq": "parquet"}
 # the path column when --path-col is not given: the first of these the table has (Hugging Face's
 # imagefolder `file_name`, fastai's and Keras's usual names, Kaggle's `id`)
@@ -84,8 +85,10 @@ def _sniff(path: Path, delimiter: str) -> tuple[str, str]:
     with open(path, "rb") as f:
         head = f.read(65536)
     encoding = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"   # -sig: a BOM is not a name
-    lines = head.decode(encoding, "replace").splitlines()
+    lines = [line for line in head.decode(encoding, "replace").splitlines() if line.strip()]
     first = lines[0] if lines else ""
+    if first.lower().startswith("sep=") and len(first) == 5:
+        return first[4], encoding
     if delimiter not in first:
         delimiter = next((d for d in (",", ";", "\t") if d in first), delimiter)
     return delimiter, encoding
@@ -97,7 +100,13 @@ def _read_csv(path: Path, delimiter: str) -> Table:
     delimiter, encoding = _sniff(path, delimiter)
     with open(path, newline="", encoding=encoding, errors="surrogateescape") as f:
         reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, [])
+        header, number = [], 0
+        for number, header in enumerate(reader, 1):   # blank lines above the header are skipped
+            if header and header[0].lower().startswith("sep=") and not any(header[1:]):
+                continue   # Excel's "sep=;" line: `_sniff` took the delimiter from it
+            if any(cell.strip() for cell in header):
+                break
+        header = [cell.strip() for cell in header]   # "file_name, label": the space is not in the name
         named = [n for n in header if n != ""]   # Excel's trailing empty columns have no name: not columns
         if len(set(named)) != len(named):
             dup = next(n for n in named if named.count(n) > 1)
@@ -105,7 +114,7 @@ def _read_csv(path: Path, delimiter: str) -> Table:
         keep = [(i, n) for i, n in enumerate(header) if n != ""]
         columns: dict[str, list[str | None]] = {n: [] for _, n in keep}
         rows: list[str] = []
-        for number, row in enumerate(reader, 2):   # a spreadsheet's numbering: the header is row 1
+        for number, row in enumerate(reader, number + 1):   # a spreadsheet's numbering: the header's row first
             if not row:
                 continue   # a blank line
             if len(row) != len(header):
@@ -197,8 +206,10 @@ def pick_column(table: Table, name: str | None, option: str, defaults: Sequence[
         if found is not None:
             return found
         wanted = " or ".join(repr(d) for d in defaults)
+        close = [n for n in table.names if n.strip().lower() in defaults]
+        hint = f"; did you mean {option} {close[0]!r}?" if close else ""
         raise TableError(f"{display_path(table.path)}: no {option} column ({wanted}); pass {option} NAME "
-                         f"(columns: {listing})")
+                         f"(columns: {listing}){hint}")
     close = difflib.get_close_matches(name, table.names, n=1, cutoff=0.6) or [
         n for n in table.names if n.lower() == name.lower()]
     hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -87,10 +87,10 @@ def data_fingerprint(cfg: Config) -> str:
 def _finished(cfg: Config, run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     """A fold's summary if it finished with this config and data; ValueError if it ran with others."""
     saved_cfg, summary, mark = run_dir / "config.yaml", run_dir / "summary.json", run_dir / "cv_fold.json"
-    if mark.is_file() and json.loads(mark.read_text()).get("data") != fingerprint:
-        raise ValueError(f"{run_dir}: this fold was trained on other data (the store, folder or table changed "
-                         "since); use another --workdir")
+    changed_data = mark.is_file() and json.loads(mark.read_text()).get("data") != fingerprint
     if not saved_cfg.is_file():
+        if changed_data:
+            raise ValueError(f"{run_dir}: this fold was begun on other data; use another --workdir")
         return None
     saved = load_config(saved_cfg)
     # size and channels were resolved from the data when the run was written
@@ -98,6 +98,9 @@ def _finished(cfg: Config, run_dir: Path, fingerprint: str) -> dict[str, Any] | 
     key = _difference(cfg.model_copy(update={"data": resolved}).model_dump(), saved.model_dump())
     if key is not None:
         raise ValueError(f"{saved_cfg}: this fold ran with another config ({key} differs); use another --workdir")
+    if changed_data:   # the config is the same: the store, folder or table changed
+        raise ValueError(f"{run_dir}: this fold was trained on other data (the store, folder or table changed "
+                         "since); use another --workdir")
     if not summary.is_file():
         return None
     return json.loads(summary.read_text())
