@@ -57,7 +57,8 @@ def test_each_fold_is_a_run_and_cv_json_holds_their_figures(folds_store, tmp_pat
     assert set(result["metrics"]) >= {"accuracy[a]", "accuracy[b]", "accuracy[c]"}
     table = format_cv(result).splitlines()
     assert table[0].split() == ["metric", "fold", "0", "fold", "1", "mean", "std"]
-    assert table[1].split()[0] == "val_accuracy" and float(table[1].split()[1]) == pytest.approx(summaries[0]["val_accuracy"], abs=1e-4)
+    first = table[1].split()
+    assert first[0] == "val_accuracy" and float(first[1]) == pytest.approx(summaries[0]["val_accuracy"], abs=1e-4)
     # a rerun reads the finished folds back: nothing is trained again
     stamp = (tmp_path / "cv" / "fold-0" / "metrics.jsonl").stat().st_mtime_ns
     again: list[str] = []

@@ -88,7 +88,8 @@ def _write_formats(tmp_path, records):
 def test_csv_tsv_jsonl_and_parquet_give_byte_identical_stores(tmp_path):
     src = tmp_path / "images"
     files = folder(src, 16)
-    records = [{"path": rel, "y": ["cat", "dog"][i % 2], "patient": f"p{i // 3}"} for i, rel in enumerate(sorted(files))]
+    records = [{"path": rel, "y": ["cat", "dog"][i % 2], "patient": f"p{i // 3}"}
+               for i, rel in enumerate(sorted(files))]
     stores = [run(src, tmp_path / f"s_{t.suffix[1:]}", labels=LabelTable(str(t), label_col="y", group_col="patient"),
                   val_fraction=0.25) for t in _write_formats(tmp_path, records)]
     first = stores[0]
@@ -138,7 +139,8 @@ def test_every_row_and_file_is_accounted_for(tmp_path, capsys):
 
 @pytest.mark.parametrize("table, options, message", [
     ("path,label\n", {}, r"t.csv: the table has no rows \(columns: path, label\)"),
-    ("path,lable\na.png,x\n", {}, r"t.csv: no --label-col column \('label'\); pass --label-col NAME \(columns: path, lable\)"),
+    ("path,lable\na.png,x\n", {}, r"t.csv: no --label-col column \('label'\); pass --label-col NAME "
+                                  r"\(columns: path, lable\)"),
     ("path,label\na.png,x\n", {"label_col": "lbl"}, r"--label-col 'lbl': no such column \(columns: path, label\); "
                                                       r"did you mean 'label'\?"),
     ("name,label\na.png,x\n", {}, r"no --path-col column \('file_name' or 'path' or 'filename' or 'image' or 'id'\)"),
@@ -283,7 +285,8 @@ def test_what_users_write_semicolons_utf16_unnamed_columns_ids_in_subfolders_neg
     assert sorted(store.sources("train")) == kept and store.meta["labels"]["fold_values"] == [0, 1]
     assert {s["kind"] for s in store.report["skipped"]} == {"bad_fold"}
     store = run(src, tmp_path / "u16", labels=tmp_path / "u16.csv", val_fraction=0.0)
-    assert stored(store) == {rel: ("ab"[n % 2], v, "train") for n, (rel, v) in enumerate(sorted(folder(tmp_path / "x", 8).items()))}
+    want = sorted(folder(tmp_path / "x", 8).items())
+    assert stored(store) == {rel: ("ab"[n % 2], v, "train") for n, (rel, v) in enumerate(want)}
 
 
 def test_a_table_keeps_train_val_test_folders_and_refuses_contradictions(tmp_path):

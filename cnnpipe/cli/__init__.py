@@ -151,7 +151,8 @@ _TTA_HELP = ("test-time augmentation: average the probabilities over the flips a
 def _add_cv(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cv", help="k-fold cross-validation: one run per fold, then every metric's mean and std",
                        description="Train CONFIG once per fold (data.fold = 0..K-1) into WORKDIR/fold-<i> (each a "
-                                   "normal run directory; rerun with the same --workdir to resume) and write WORKDIR/cv.json. "
+                                   "normal run directory; rerun with the same --workdir to resume) and write "
+                                   "WORKDIR/cv.json. "
                                    "The data: a store made with `preprocess --folds K`, or a folder (data.folds).")
     p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config (default: the packaged default.yaml)")
     p.add_argument("--folds", type=int, metavar="K", help="folds (a store's own count by default)")

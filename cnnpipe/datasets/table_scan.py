@@ -79,7 +79,8 @@ class _Files:
         skip_rel = os.path.relpath(os.path.realpath(exclude), os.path.realpath(src)).replace(os.sep, "/")
         self.table_dir = None if table_dir.resolve() == src.resolve() else table_dir  # resolved once, not per row
         root_st = os.stat(src)
-        for path, rel in walk_files(src, "", scan, {(root_st.st_dev, root_st.st_ino)}, ((root_st.st_dev, root_st.st_ino),)):
+        root = (root_st.st_dev, root_st.st_ino)
+        for path, rel in walk_files(src, "", scan, {root}, (root,)):
             if rel != skip_rel and not (rel in HF_METADATA and exclude.name in HF_METADATA):
                 self.by_rel[rel] = os.path.abspath(path)   # one spelling per file, however SRC or a row names it
                 stem = posixpath.splitext(rel)[0]
@@ -110,7 +111,8 @@ class _Files:
             if len(stems) == 1:
                 return self.by_rel[stems[0]], stems[0]
             if len(stems) > 1:
-                return None, f"ambiguous id: {len(stems)} files have this name ({', '.join(map(display_path, stems[:3]))})"
+                names = ", ".join(map(display_path, stems[:3]))
+                return None, f"ambiguous id: {len(stems)} files have this name ({names})"
             for base in (self.src, self.table_dir):   # a path on disk outside SRC's listing (../other/x.png)
                 if base is not None and (base / v).is_file():
                     return os.path.abspath(base / v), self._rel(str(base / v))

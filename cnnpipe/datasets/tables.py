@@ -240,7 +240,8 @@ def find_metadata(src: Path) -> Path | None:
     per_split = [src / d / n for d in ("train", "validation", "val", "test") for n in HF_METADATA
                  if (src / d / n).is_file()]
     if per_split:
-        raise TableError(f"{display_path(src)}: Hugging Face metadata per split ({', '.join(str(p.relative_to(src)) for p in per_split)}): "
+        listed = ", ".join(str(p.relative_to(src)) for p in per_split)
+        raise TableError(f"{display_path(src)}: Hugging Face metadata per split ({listed}): "
                          "merge them into one table with paths relative to SRC (train/..., test/...) and pass "
                          "--labels TABLE; the split folders are kept")
     return None

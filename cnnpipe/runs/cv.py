@@ -168,7 +168,8 @@ def format_cv(result: dict[str, Any]) -> str:
     """The cross-validation table: a row per metric, a column per fold, then mean and std."""
     k = result["folds"]
     width = max(len(m) for m in result["metrics"])
-    head = f"{'metric':<{width}}  " + "  ".join(f"{'fold ' + str(i):>8}" for i in range(k)) + f"  {'mean':>8}  {'std':>8}"
+    folds = "  ".join(f"{'fold ' + str(i):>8}" for i in range(k))
+    head = f"{'metric':<{width}}  {folds}  {'mean':>8}  {'std':>8}"
     lines = [head]
 
     def cell(v: Any) -> str:
