@@ -403,3 +403,17 @@ def test_excel_headers_blank_lines_sep_line_and_spaces(tmp_path):
     from cnnpipe.datasets.tables import pick_column
     with pytest.raises(TableError, match=r"did you mean --label-col 'Label'\?"):
         pick_column(t, None, "--label-col", ("label",))
+
+
+def test_a_config_s_column_errors_name_the_config_key(tmp_path):
+    from cnnpipe.config import load_config
+    from cnnpipe.datasets.sources import load_dataset
+
+    src = tmp_path / "images"
+    folder(src, 4)
+    (tmp_path / "t.csv").write_text("path,label\nimg01.png,a\nimg02.png,b\n")
+    cfg = load_config(None, ["data.source=folder", f"data.path={src}", f"data.labels={tmp_path / 't.csv'}",
+                             "data.label_col=lbl", f"data.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(TableError, match=r"data.label_col 'lbl': no such column \(columns: path, label\); did you "
+                                         r"mean 'label'\?"):
+        load_dataset(cfg.data)

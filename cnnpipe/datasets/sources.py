@@ -69,7 +69,8 @@ def _label_table(data: Any) -> Any:
         if table is None:   # the columns of the folder's Hugging Face metadata, or of nothing
             raise ValueError(f"data.{keys[0]}: only used with data.labels (a label table) or a Hugging Face "
                              "metadata.csv|jsonl|parquet in data.path")
-    return LabelTable(str(table), data.path_col, data.label_col, data.split_col, data.group_col, data.fold_col)
+    return LabelTable(str(table), data.path_col, data.label_col, data.split_col, data.group_col, data.fold_col,
+                      from_config=True)
 
 
 def folder_cache_key(folder: str | os.PathLike, settings: dict[str, Any], table: bool = False) -> tuple[str, int]:

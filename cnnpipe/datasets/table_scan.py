@@ -44,6 +44,7 @@ class LabelTable:
     split_col: str | None = None
     group_col: str | None = None
     fold_col: str | None = None
+    from_config: bool = False   # errors name data.label_col, not --label-col
 
     def record(self, table: Table, cols: dict[str, str | None]) -> dict[str, Any]:
         """What meta.json records of the table: its path, the columns used and its row count."""
@@ -52,10 +53,13 @@ class LabelTable:
 
 
 def _columns(table: Table, spec: LabelTable) -> dict[str, str | None]:
-    cols = {"path": pick_column(table, spec.path_col, "--path-col", PATH_COLUMNS),
-            "label": pick_column(table, spec.label_col, "--label-col", ("label",))}
+    def option(key: str) -> str:   # as the user named it: a command-line flag or a config key
+        return f"data.{key}_col" if spec.from_config else f"--{key}-col"
+
+    cols = {"path": pick_column(table, spec.path_col, option("path"), PATH_COLUMNS),
+            "label": pick_column(table, spec.label_col, option("label"), ("label",))}
     for key, name in (("split", spec.split_col), ("group", spec.group_col), ("fold", spec.fold_col)):
-        cols[key] = pick_column(table, name, f"--{key}-col") if name is not None else None
+        cols[key] = pick_column(table, name, option(key)) if name is not None else None
     where = display_path(table.path)
     labels = {v for v in table.columns[cols["label"]] if v is not None}
     if len(labels) < 2:
