@@ -417,3 +417,16 @@ def test_a_config_s_column_errors_name_the_config_key(tmp_path):
     with pytest.raises(TableError, match=r"data.label_col 'lbl': no such column \(columns: path, label\); did you "
                                          r"mean 'label'\?"):
         load_dataset(cfg.data)
+
+
+def test_a_windows_excel_cp1252_table_names_utf8_files_and_keeps_accented_labels(tmp_path):
+    src = tmp_path / "images"
+    png(src / "café_3.png", 30)
+    png(src / LATIN1, 40)   # raw Latin-1 bytes on disk: matched byte for byte first
+    png(src / "plain.png", 50)
+    (tmp_path / "t.csv").write_bytes(b"file_name,label\r\ncaf\xe9_3.png,oiseau sp\xe9cial\r\ncaf\xe9.png,chat\r\n"
+                                     b"plain.png,chat\r\n")
+    store = run(src, tmp_path / "s", labels=tmp_path / "t.csv", val_fraction=0.0)
+    assert store.classes == ["chat", "oiseau spécial"] and store.report["skipped"] == []
+    assert stored(store) == {"café_3.png": ("oiseau spécial", 30, "train"), "caf\\xe9.png": ("chat", 40, "train"),
+                             "plain.png": ("chat", 50, "train")}

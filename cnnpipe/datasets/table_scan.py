@@ -34,6 +34,18 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".
 _BOOLEANS = {"true": "val", "false": "train", "1": "val", "0": "train", "yes": "val", "no": "train"}
 
 
+def _from_cp1252(text: str) -> str:
+    """`text` whose bytes were not UTF-8 (surrogate escapes), read as Windows Excel's default "CSV" writes
+    them: cp1252 (latin-1 for its five unassigned bytes). Text without escapes is returned as it is."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return text
+    raw = text.encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 @dataclass(frozen=True)
 class LabelTable:
     """Where labels come from: a table and its columns (None: the default column, or no such column)."""
@@ -95,6 +107,8 @@ class _Files:
         """(absolute path, path relative to SRC) of the file `value` names, or (None, why not): a path
         under SRC, an id (a path without its extension) under SRC, a path beside the table, an absolute path."""
         tries = [value]
+        if _from_cp1252(value) != value:   # a cp1252 table naming UTF-8 files: its raw bytes are tried first
+            tries.append(_from_cp1252(value))
         if "\\" in value:   # a Windows path, or cnnpipe's own escaped form of a name that is not UTF-8
             tries.append(value.replace("\\", "/"))
             try:
@@ -153,6 +167,7 @@ def _row(table: Table, cols: dict[str, str | None], i: int, files: _Files, codes
 
     splits, folds = codes
     where, path, label = table.where(i), value("path"), value("label")
+    label = _from_cp1252(label) if label is not None else None   # "spécial" from Windows Excel, as written
     if label is not None and not label.strip():
         label = None   # a label of spaces is no label
     if all(col[i] is None for col in table.columns.values()):
