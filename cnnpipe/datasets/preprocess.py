@@ -46,7 +46,7 @@ from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_b
 from cnnpipe.datasets.preprocess_settings import PreprocessError, Settings, check_paths, parse_size
 from cnnpipe.datasets.progress import Progress
 from cnnpipe.datasets.report import build_report, reason_counts
-from cnnpipe.datasets.splits import kfold, split_files
+from cnnpipe.datasets.splits import deal_folds, split_files
 from cnnpipe.datasets.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, exact_mean_std, load_store
 from cnnpipe.datasets.table_scan import LabelTable, scan_table
 from cnnpipe.datasets.tables import find_metadata
@@ -116,12 +116,7 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
     settings.check()
     check_paths(src_p, out_p)
     check_output(out_p.absolute(), overwrite)
-    scan, table_record = scan_table(src_p, table) if table is not None else (scan_folder(src_p), None)
-    if not scan.candidates:
-        where = (f"no usable row in {display_path(table.path)} (images under {src_p})" if table is not None
-                 else f"no image files found in {src_p} (expected SRC/<class>/<image> or "
-                      "SRC/<train|val|test>/<class>/<image>")
-        raise PreprocessError(f"SRC: {where}; {len(scan.skipped)} entries skipped ({reason_counts(scan.skipped)})")
+    scan, table_record = _scan(src_p, table)
     with _pool_started_early(settings.workers, len(scan.candidates)) as pool:
         build = _Build(scan, settings, src_p, out_p, table=table_record)
         build.probe()
@@ -138,6 +133,17 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
                     raise
                 log.info("%s decoded as 16-bit; restarting with a uint16 store", display_path(str(exc)))
                 build.dtype = "uint16"
+
+
+def _scan(src: Path, table: LabelTable | None) -> tuple[FolderScan, dict[str, Any] | None]:
+    """The candidates of class folders or of a label table (and the table's record); PreprocessError if none."""
+    scan, record = scan_table(src, table) if table is not None else (scan_folder(src), None)
+    if not scan.candidates:
+        where = (f"no usable row in {display_path(table.path)} (images under {src})" if table is not None
+                 else f"no image files found in {src} (expected SRC/<class>/<image> or "
+                      "SRC/<train|val|test>/<class>/<image>")
+        raise PreprocessError(f"SRC: {where}; {len(scan.skipped)} entries skipped ({reason_counts(scan.skipped)})")
+    return scan, record
 
 
 @contextlib.contextmanager
@@ -223,23 +229,20 @@ class _Build:
                 c.split = "test" if c.split == "test" else "train"
             return
         self.method = s.method()
-        todo = [i for i, c in enumerate(ok) if c.split is None]
+        todo = [c for c in ok if c.split is None]
         if len(todo) < len(ok):   # a train/val/test layout or a split column; files outside it split as asked
             given_by = "column" if s.labels is not None and s.labels.split_col is not None else "folders"
             self.method = given_by if not todo else f"{given_by}+{self.method}"
         if todo:
-            pick = (lambda xs: [xs[i] for i in todo]) if len(todo) < len(ok) else (lambda xs: xs)
-            splits, _ = split_files(pick(keys), pick(labels), method=s.method(), val_fraction=s.val_fraction,
-                                    test_fraction=s.test_fraction, seed=s.seed,
-                                    groups=pick(groups) if groups else None)
-            for i, split in zip(todo, splits):
-                ok[i].split = split
-        if s.folds:
-            rest = [i for i, c in enumerate(ok) if c.split != "test"]
-            pick_rest = (lambda xs: [xs[i] for i in rest])
-            folds = kfold(pick_rest(keys), pick_rest(labels), s.folds, s.seed, pick_rest(groups) if groups else None)
-            for i, f in zip(rest, folds):
-                ok[i].split, ok[i].fold = "train", int(f)
+            splits, _ = split_files([c.class_rel for c in todo], [c.class_name for c in todo], method=s.method(),
+                                    val_fraction=s.val_fraction, test_fraction=s.test_fraction, seed=s.seed,
+                                    groups=[c.group or "" for c in todo] if groups else None)
+            for c, split in zip(todo, splits):
+                c.split = split
+        if s.folds:   # every non-test file into a fold, given splits included
+            splits, folds = deal_folds([c.split for c in ok], keys, labels, s.folds, s.seed, groups)
+            for c, split, f in zip(ok, splits, folds.tolist()):
+                c.split, c.fold = split, f
             self.folds = s.folds
 
     def probe_planes(self) -> None:

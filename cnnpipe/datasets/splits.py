@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["SPLIT_METHODS", "SplitError", "assign_split", "hash_unit", "stratified_split", "group_split",
-           "kfold", "split_files"]
+           "kfold", "deal_folds", "split_files"]
 
 SPLIT_METHODS = ("stratified", "group", "hash")
 
@@ -214,8 +214,14 @@ def split_files(keys: Sequence[str], labels: Sequence[str], *, method: str, val_
         splits = stratified_split(keys, labels, val, test_fraction, seed)
     if not folds:
         return splits, None
+    return deal_folds(splits, keys, labels, folds, seed, groups)
+
+
+def deal_folds(splits: Sequence[str], keys: Sequence[str], labels: Sequence[str], k: int, seed: int,
+               groups: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Every file not in "test" dealt into `k` folds (`kfold`) and made "train"; test files get fold -1."""
     rest = [i for i, s in enumerate(splits) if s != "test"]
     fold = np.full(len(keys), -1, np.int64)
-    fold[rest] = kfold([keys[i] for i in rest], [labels[i] for i in rest], folds, seed,
+    fold[rest] = kfold([keys[i] for i in rest], [labels[i] for i in rest], k, seed,
                        [groups[i] for i in rest] if groups is not None else None)
-    return splits, fold
+    return ["test" if s == "test" else "train" for s in splits], fold
