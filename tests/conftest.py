@@ -49,18 +49,3 @@ def _xla_flags_stay_the_sessions():
         os.environ.pop("XLA_FLAGS", None)
     else:
         os.environ["XLA_FLAGS"] = old
-
-
-# The slowest test files first: each pytest-xdist worker takes whole files (--dist loadfile) in
-# collection order, so a slow file collected last (alphabetically, test_train.py) runs alone at the
-# end while the other core idles. Longest first is the classic makespan heuristic. Seconds measured
-# with --durations=0 on 2 cores (issue 28); files not listed keep their order after these.
-_SLOWEST_FILES = ("test_finetune.py", "test_steps.py", "test_augment.py", "test_train.py", "test_distributed.py",
-                  "test_dispatch.py", "test_predict.py", "test_native_planes.py", "test_models.py",
-                  "test_backbones.py", "test_cli_train.py", "test_run_files.py", "test_featuremaps.py",
-                  "test_notebooks.py", "test_layers.py", "test_checkpoint.py", "test_cli_errors.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(_SLOWEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: a file's tests keep their order
