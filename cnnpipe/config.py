@@ -169,7 +169,12 @@ class DataConfig(_Schema):
     # (null: path = the first of file_name, path, filename, image, id; label = label; no split/group/fold)
     labels: str | None = None
     path_col: str | None = None
-    label_col: str | None = None
+    # several columns: one 0/1 column per label (multi-label; empty or -1 = unknown)
+    label_col: str | tuple[str, ...] | None = None
+    label_delim: str | None = None      # one label column of delimited labels ("|", " "): multi-label
+    target_col: str | tuple[str, ...] | None = None   # numeric target column(s): regression
+    # classification (one class each), multilabel or regression; null: from the columns given
+    task: Literal["classification", "multilabel", "regression"] | None = None
     split_col: str | None = None
     group_col: str | None = None
     fold_col: str | None = None
@@ -188,7 +193,8 @@ class DataConfig(_Schema):
     @model_validator(mode="after")
     def _keys_of_the_source(self) -> DataConfig:
         """A key the source does not read is an error, not silently ignored (data.fold with shapes)."""
-        folder_only = ("labels", "path_col", "label_col", "split_col", "group_col", "fold_col", "split", "folds")
+        folder_only = ("labels", "path_col", "label_col", "split_col", "group_col", "fold_col", "split", "folds",
+                       "label_delim", "target_col", "task")
         used = {"folder": (*folder_only, "fold"), "store": ("fold",)}.get(self.source, ())
         for key in (*folder_only, "fold"):
             if getattr(self, key) is not None and key not in used:
@@ -232,7 +238,10 @@ class AugmentConfig(_Schema):
 
 
 class EarlyStoppingConfig(_Schema):
-    metric: Literal["val_loss", "val_accuracy", "balanced_accuracy"] = "val_loss"
+    # classification: val_loss, val_accuracy, balanced_accuracy; multilabel: val_map, val_macro_f1,
+    # val_micro_f1, val_macro_auroc; regression: val_rmse, val_mae, val_r2 (cnnpipe.tasks.CHECKPOINT_METRICS)
+    metric: Literal["val_loss", "val_accuracy", "balanced_accuracy", "val_map", "val_macro_f1", "val_micro_f1",
+                    "val_macro_auroc", "val_rmse", "val_mae", "val_r2"] = "val_loss"
     patience: PosInt = 5                # epochs without an improvement before the run stops
     min_delta: Annotated[Number, Field(ge=0.0, allow_inf_nan=False)] = 0.0   # smaller changes are no improvement
 
@@ -255,9 +264,17 @@ class TrainConfig(_Schema):
     class_weights: Literal["auto"] | dict[str, Annotated[Number, Field(ge=0.0, allow_inf_nan=False)]] | None = None
     sampler: Literal["shuffle", "balanced"] = "shuffle"
     label_smoothing: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
+    # null: the task's own (cross_entropy; multilabel bce; regression mse); multilabel: bce | asymmetric
+    # (timm's AsymmetricLossMultiLabel); regression: mse | mae | huber
+    loss: Literal["cross_entropy", "bce", "asymmetric", "mse", "mae", "huber"] | None = None
+    # multilabel: weight of each label's positives in bce (auto: negatives/positives on the training split)
+    pos_weight: Literal["auto"] | dict[str, Annotated[Number, Field(gt=0.0, allow_inf_nan=False)]] | None = None
+    # multilabel decision thresholds: f1 (fitted per label on the validation split), one number, or per label
+    thresholds: Literal["f1"] | Annotated[Number, Field(gt=0.0, lt=1.0)] | dict[
+        str, Annotated[Number, Field(gt=0.0, lt=1.0)]] = "f1"
     early_stopping: EarlyStoppingConfig | None = None   # stop when the metric stops improving; keep the best
 
-    @field_validator("class_weights", mode="before")
+    @field_validator("class_weights", "pos_weight", "thresholds", mode="before")
     @classmethod
     def _class_names(cls, value: Any) -> Any:
         # YAML reads a folder named 3 as the int 3: class names are strings

@@ -85,7 +85,7 @@ def eval_batches(split: Split, batch_size: int, *,
     for start in range(0, n, batch_size):
         first, stop = min(start + lo, n), min(start + hi, n)
         images = np.zeros((hi - lo, *split.images.shape[1:]), split.images.dtype)
-        labels = np.zeros(hi - lo, np.int32)
+        labels = np.zeros((hi - lo, *split.labels.shape[1:]), split.labels.dtype)   # class indices or targets
         mask = np.zeros(hi - lo, bool)
         images[:stop - first] = split.images[first:stop]
         labels[:stop - first] = split.labels[first:stop]

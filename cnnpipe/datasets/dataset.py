@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from cnnpipe.tasks import Task
+
 
 @dataclass(frozen=True)
 class Split:
@@ -71,6 +73,7 @@ class Dataset:
     resize: str = "crop"  # how images of another size are fitted (predict uses the same)
     plane_names: tuple[str, ...] | None = None  # e.g. ("R", "G", "B"), ("S0", ..., "S4"); None: unnamed
     pages: str = "first"  # multi-page TIFF: "first" or "planes" (predict reads files the same way)
+    task: Task = Task()   # classification (labels int32 (N,)), multilabel or regression (float32 (N, L))
 
     def __post_init__(self) -> None:
         # A channel that is constant over the training set (say, the blue plane of
@@ -98,7 +101,8 @@ class Dataset:
                 "mean": list(self.mean), "std": list(self.std),
                 "num_train": len(self.train), "num_val": len(self.val),
                 "resize": self.resize, "description": self.description,
-                "planes": list(self.plane_names) if self.plane_names else None, "pages": self.pages}
+                "planes": list(self.plane_names) if self.plane_names else None, "pages": self.pages,
+                **({} if self.task.is_classification else {"task": self.task.record()})}
 
 
 
@@ -133,10 +137,11 @@ def store_dataset(path: str | os.PathLike, no_val_hint: str = "preprocess it wit
 
 def _dataset(store: Any, train: Split, val: Split, mean: tuple, std: tuple, description: str) -> Dataset:
     names = store.meta.get("channel_names")
+    # regression targets are standardised with the training rows' statistics (a fold's own)
     return Dataset(store.classes, train, val, store.bit_depth, mean, std, description,
                    str(store.meta.get("resize", "crop")),
                    tuple(str(n) for n in names) if isinstance(names, list) and len(names) == store.channels else None,
-                   str(store.meta.get("pages", "first")))
+                   str(store.meta.get("pages", "first")), store.task.with_target_stats(train.labels))
 
 
 def _fold_dataset(store: Any, fold: int | None) -> Dataset:

@@ -5,7 +5,8 @@ Layout of a store directory::
     OUT/meta.json             classes, dtype, bit depth, size, channels, counts, mean/std
     OUT/report.json           skipped files with reasons, duplicates, counts
     OUT/<split>/images.npy    (N, H, W, C) uint8 or uint16, read memory-mapped
-    OUT/<split>/labels.npy    (N,) int32 class indices into meta["classes"]
+    OUT/<split>/labels.npy    (N,) int32 class indices into meta["classes"]; a multi-label or regression
+                              store (meta["task"]): (N, L) float32 multi-hot or values, NaN unknown
     OUT/<split>/sources.json  the N source files (relative to SRC), row order
     OUT/train/folds.npy       (N,) int8 cross-validation fold of each row (a store made with --folds)
 
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cnnpipe.tasks import Task
 
 FORMAT_VERSION = 1
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
@@ -123,9 +126,18 @@ class Store:
         """(N, H, W, C) uint8/uint16 images of `split`, memory-mapped read-only."""
         return self._array(split, "images.npy", (*self.size, self.channels), self.dtype, mmap=True)
 
+    @property
+    def task(self) -> Task:
+        """The store's task (meta.json "task"; absent: single-label classification)."""
+        try:
+            return Task.from_meta(self.meta)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{self.path / 'meta.json'}: corrupt store metadata ({exc})") from None
+
     def labels(self, split: str) -> np.ndarray:
-        """(N,) int32 class indices of `split`."""
-        return self._array(split, "labels.npy", (), np.dtype(np.int32), mmap=False)
+        """(N,) int32 class indices of `split`, or its (N, L) float32 targets (`task`)."""
+        task = self.task
+        return self._array(split, "labels.npy", task.target_shape, task.target_dtype, mmap=False)
 
     @property
     def num_folds(self) -> int | None:
@@ -266,22 +278,25 @@ class StoreWriter:
         self.close()
 
     def create_split(self, split: str, capacity: int, size: tuple[int, int], channels: int,
-                     dtype: np.dtype | str, folds: bool = False) -> None:
-        """Start (at most `capacity`) rows of (H, W, C) images and int32 labels for `split` (and int8 folds)."""
+                     dtype: np.dtype | str, folds: bool = False, task: Task | None = None) -> None:
+        """Start (at most `capacity`) rows of (H, W, C) images and labels for `split` (and int8 folds):
+        int32 class indices, or `task`'s target rows."""
         d = self.tmp / split
         d.mkdir()
         self._images[split] = _RowStream(d / "images.npy", capacity, (int(size[0]), int(size[1]), int(channels)),
                                          np.dtype(dtype))
-        self._labels[split] = _RowStream(d / "labels.npy", capacity, (), np.dtype(np.int32))
+        task = task or Task()
+        self._labels[split] = _RowStream(d / "labels.npy", capacity, task.target_shape, task.target_dtype)
         self._sources[split] = []
         if folds:
             self._folds[split] = _RowStream(d / "folds.npy", capacity, (), np.dtype(np.int8))
 
-    def append(self, split: str, image: np.ndarray, label: int, source: str = "", fold: int = -1) -> int:
-        """Write one (H, W, C) image, its label, source name (and fold) as the next row of `split`."""
+    def append(self, split: str, image: np.ndarray, label: Any, source: str = "", fold: int = -1) -> int:
+        """Write one (H, W, C) image, its label (a class index or a target row), source name (and fold)
+        as the next row of `split`."""
         i = self._images[split].n
         self._images[split].write(image)
-        self._labels[split].write(np.asarray(label, np.int32))
+        self._labels[split].write(np.asarray(label, self._labels[split].dtype))
         if split in self._folds:
             self._folds[split].write(np.asarray(fold, np.int8))
         self._sources[split].append(source)

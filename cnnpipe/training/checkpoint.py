@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from cnnpipe.tasks import CHECKPOINT_METRICS, lower_is_better
 from cnnpipe.training.checkpoint_errors import CorruptCheckpointError, _quiet_failed_reads, _reason
 from cnnpipe.training.compile_cache import quiet_cache_loads
 
@@ -134,7 +135,7 @@ def _unflatten_like(like: Any, values: list[Any], where: Path) -> Any:
 
 
 # the metrics a checkpoint can be chosen by, and which way is better
-BEST_METRICS = {"val_accuracy": "max", "balanced_accuracy": "max", "val_loss": "min"}
+BEST_METRICS = {m: "min" if lower_is_better(m) else "max" for metrics in CHECKPOINT_METRICS.values() for m in metrics}
 
 
 class Checkpoints:

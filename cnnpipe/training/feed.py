@@ -43,7 +43,8 @@ def compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any,
         shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(*axes)))
     if resident:   # no host batch to read: the step takes the placed split itself
         n, steps = len(ds.train), steps_per_epoch(len(ds.train), tc.batch_size)
-        train_args = [spec(ds.train.images.shape, ds.train.images.dtype), spec((n,), "int32"),
+        labels = ds.train.labels   # class indices (N,) int32 or targets (N, L) float32
+        train_args = [spec(ds.train.images.shape, ds.train.images.dtype), spec(labels.shape, labels.dtype),
                       spec((steps, tc.batch_size), "int32", None, DATA_AXIS), spec((), "int32")]
         train_args += [spec((), "int32")] if steps_per_dispatch > 1 else []   # the steps to run
     else:
@@ -54,7 +55,7 @@ def compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any,
             if step is not None and train_args is not None]
     if eval_batch is not None and resident:   # the validation split on the devices: one program over it
         batches = (-(-len(ds.val) // tc.eval_batch_size), tc.eval_batch_size)
-        eval_args = [spec(ds.val.images.shape, ds.val.images.dtype), spec((len(ds.val),), "int32"),
+        eval_args = [spec(ds.val.images.shape, ds.val.images.dtype), spec(ds.val.labels.shape, ds.val.labels.dtype),
                      spec(batches, "int32", None, DATA_AXIS), spec(batches, "int32", None, DATA_AXIS)]
         jobs.append(pool.submit(eval_step.compile, state, *eval_args))
     elif eval_batch is not None:

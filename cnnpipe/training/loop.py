@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cnnpipe.tasks import CHECKPOINT_METRICS, Task, TaskError, lower_is_better, result_key
 from cnnpipe.training.dispatch import Chunks
 from cnnpipe.training.runlog import MetricsSink, Stopwatch
 
@@ -26,8 +27,9 @@ __all__ = ["Monitor", "Position", "EpochLoop"]
 class Monitor:
     """The metric that picks a run's best checkpoint and, with `patience`, stops it early.
 
-    metric: "val_accuracy" (the default: no early stopping), "val_loss" or
-    "balanced_accuracy"; an improvement must beat the reference by more than
+    metric: the task's main metric without early stopping (val_accuracy, val_map, val_rmse:
+    `cnnpipe.tasks.MAIN_METRIC`), else early stopping's (`cnnpipe.tasks.CHECKPOINT_METRICS` of
+    the task, val_loss for every task); an improvement must beat the reference by more than
     `min_delta` (Keras's ``EarlyStopping``); after `patience` epochs without one the
     run stops (None: never).
     """
@@ -37,18 +39,27 @@ class Monitor:
     patience: int | None = None
 
     @classmethod
-    def of(cls, train_cfg: Any) -> Monitor:
-        """The monitor of a run's ``train`` config (its ``early_stopping``, if any)."""
+    def of(cls, train_cfg: Any, task: Task | None = None) -> Monitor:
+        """The monitor of a run's ``train`` config (its ``early_stopping``, if any) and task.
+        Raises TaskError when early stopping names a metric the task does not have."""
+        task = task or Task()
         es = train_cfg.early_stopping
-        return cls() if es is None else cls(es.metric, float(es.min_delta), int(es.patience))
+        if es is None:
+            return cls(task.main_metric)
+        if es.metric not in CHECKPOINT_METRICS[task.kind]:
+            raise TaskError(f"train.early_stopping.metric: {es.metric!r} is not a metric of a {task.kind} run "
+                            f"(expected {', '.join(CHECKPOINT_METRICS[task.kind])})")
+        return cls(es.metric, float(es.min_delta), int(es.patience))
 
     @property
     def lower_is_better(self) -> bool:
-        return self.metric == "val_loss"
+        return lower_is_better(self.metric)
 
     def value(self, result: dict[str, Any]) -> float:
-        """The metric's value in an evaluation result (`cnnpipe.training.metrics.evaluate_split`)."""
-        return float(result[{"val_loss": "loss", "val_accuracy": "accuracy"}.get(self.metric, self.metric)])
+        """The metric's value in an evaluation result (`cnnpipe.training.metrics.evaluate_split`);
+        NaN where it is undefined (a multi-label split without positives)."""
+        value = result.get(result_key(self.metric))
+        return float("nan") if value is None else float(value)
 
     def beats(self, value: float, reference: float | None, margin: float = 0.0) -> bool:
         """Whether `value` is better than `reference` by more than `margin`; a non-finite value
@@ -93,12 +104,12 @@ class Position:
     def end_epoch(self, result: dict[str, Any], monitor: Monitor = Monitor()) -> bool:
         """Move to the next epoch's start and record its evaluation `result`; return whether it is
         the best so far. Sets `stopped` once `monitor.patience` epochs passed without an improvement."""
-        value, accuracy = monitor.value(result), float(result["accuracy"])
+        value, accuracy = monitor.value(result), result.get("accuracy")   # no accuracy: multilabel, regression
         best = monitor.beats(value, self.best_value)
         if best:
             self.best_value, self.best_step = value, self.step
-        if self.best_val_accuracy is None or accuracy > self.best_val_accuracy:   # the highest, whatever the metric
-            self.best_val_accuracy = accuracy
+        if accuracy is not None and (self.best_val_accuracy is None or accuracy > self.best_val_accuracy):
+            self.best_val_accuracy = float(accuracy)   # the highest, whatever the metric
         if monitor.beats(value, self.reference, monitor.min_delta):
             self.reference, self.wait = value, 0
         else:

@@ -18,7 +18,8 @@ import numpy as np
 
 from cnnpipe.files import atomic_path
 
-__all__ = ["import_in_background", "plot_curves", "plot_confusion", "plot_augment", "display_rgb", "feature_grid", "probe_grids"]
+__all__ = ["import_in_background", "plot_curves", "plot_confusion", "plot_precision_recall",
+           "plot_predicted_vs_true", "plot_augment", "display_rgb", "feature_grid", "probe_grids"]
 
 
 def import_in_background() -> threading.Thread:
@@ -44,20 +45,29 @@ def _save_figure(fig: Any, path: Path) -> None:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
-def plot_curves(metrics_path: str | os.PathLike, plots_dir: str | os.PathLike) -> None:
-    """loss.png and accuracy.png (train per log line, validation per epoch) from metrics.jsonl."""
+def plot_curves(metrics_path: str | os.PathLike, plots_dir: str | os.PathLike,
+                keys: tuple[str, str, str] = ("accuracy", "accuracy", "accuracy")) -> None:
+    """loss.png and a score plot (train per log line, validation per epoch) from metrics.jsonl.
+
+    `keys`: (train record key, validation record key, axis label) of the score
+    (`cnnpipe.training.task_run.curve_keys`): accuracy.png for classification, else named
+    after the validation key (map.png, mae.png).
+    """
     from matplotlib.figure import Figure
 
-    train: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
-    val: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
+    train_key, val_key, score_label = keys
+    train: dict[str, list[float]] = {"step": [], "loss": [], "score": []}
+    val: dict[str, list[float]] = {"step": [], "loss": [], "score": []}
     for line in Path(metrics_path).read_text().splitlines():
         rec = json.loads(line)
         if rec.get("loss") is None:  # non-finite step
             continue
-        into = val if rec.get("split") == "val" else train
-        for key in into:
-            into[key].append(rec[key])
-    for key, label in (("loss", "loss"), ("accuracy", "accuracy")):
+        into, score = (val, val_key) if rec.get("split") == "val" else (train, train_key)
+        into["step"].append(rec["step"])
+        into["loss"].append(rec["loss"])
+        into["score"].append(math.nan if rec.get(score) is None else rec[score])   # undefined: a gap
+    name = "accuracy" if val_key == "accuracy" else val_key
+    for key, label, file in (("loss", "loss", "loss"), ("score", score_label, name)):
         fig = Figure(figsize=(6, 4))
         ax = fig.add_subplot()
         ax.plot(train["step"], train[key], label="train")
@@ -66,7 +76,60 @@ def plot_curves(metrics_path: str | os.PathLike, plots_dir: str | os.PathLike) -
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-        _save_figure(fig, Path(plots_dir) / f"{key}.png")
+        _save_figure(fig, Path(plots_dir) / f"{file}.png")
+
+
+def _panels(n: int) -> tuple[Any, list[Any]]:
+    """A figure of `n` small square panels, up to 4 a row, and its axes."""
+    from matplotlib.figure import Figure
+
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(3.2 * cols, 3.0 * rows))
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+
+
+def plot_precision_recall(targets: np.ndarray, probs: np.ndarray, labels: Sequence[str],
+                          path: str | os.PathLike, limit: int = 24) -> None:
+    """Per-label precision-recall curves of a multi-label validation split (known entries only; the first
+    `limit` labels), each titled with its average precision."""
+    from cnnpipe.tasks.metrics import average_precision
+
+    names = list(labels)[:limit]
+    fig, axes = _panels(len(names))
+    for j, (ax, name) in enumerate(zip(axes, names)):
+        known = ~np.isnan(targets[:, j])
+        y, p = targets[known, j], probs[known, j]
+        order = np.argsort(-p, kind="stable")
+        tp = np.cumsum(y[order] == 1)
+        precision = tp / np.arange(1, len(order) + 1)
+        recall = tp / max(int(tp[-1]) if len(tp) else 0, 1)
+        ax.step(recall, precision, where="post")
+        ap = average_precision(y, p) if len(y) else math.nan
+        ax.set_title(f"{name}: AP {ap:.3f}" if math.isfinite(ap) else f"{name}: no positives", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall", fontsize=8)
+        ax.set_ylabel("precision", fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+
+
+def plot_predicted_vs_true(targets: np.ndarray, predictions: np.ndarray, names: Sequence[str],
+                           path: str | os.PathLike) -> None:
+    """Predicted against true values per regression target (the diagonal: perfect), in the data's units."""
+    fig, axes = _panels(len(names))
+    for j, (ax, name) in enumerate(zip(axes, names)):
+        known = ~np.isnan(targets[:, j])
+        y, p = targets[known, j], predictions[known, j]
+        ax.scatter(y, p, s=6, alpha=0.5)
+        lo, hi = (float(min(y.min(), p.min())), float(max(y.max(), p.max()))) if len(y) else (0.0, 1.0)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("true", fontsize=8)
+        ax.set_ylabel("predicted", fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike) -> None:

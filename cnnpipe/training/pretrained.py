@@ -189,7 +189,7 @@ def model_for_run(cfg: Config, info: Mapping[str, Any], seed: int | None = None)
 def restore_run_model(run_dir: str | os.PathLike, checkpoint: str = "best") -> tuple[Config, dict, Any, Any, int]:
     """(config, dataset.json, graphdef, `ModelState`, step) of a saved run's checkpoint.
 
-    `checkpoint`: "best" (highest validation accuracy; the latest if none was
+    `checkpoint`: "best" (by the run's main metric; the latest if none was
     evaluated), "latest", or a step number. Raises FileNotFoundError / ValueError as
     `cnnpipe.runs.load.load_run` documents.
     """
@@ -209,8 +209,11 @@ def restore_run_model(run_dir: str | os.PathLike, checkpoint: str = "best") -> t
     info = read_dataset_info(run_dir)
     # shapes only: every value comes from the checkpoint, so nothing is initialised or compiled
     graphdef, state = steps.split_model(model_for_run(cfg, info))  # parameters and model state: no optimizer
-    # "best" is by the run's own metric (its early-stopping metric, else validation accuracy)
-    ckpts = Checkpoints(run_dir / "checkpoints", read_only=True, best_metric=Monitor.of(cfg.train).metric)
+    from cnnpipe.tasks import Task
+
+    # "best" is by the run's own metric (its early-stopping metric, else the task's: accuracy, mAP, RMSE)
+    best = Monitor.of(cfg.train, Task.from_meta(info)).metric
+    ckpts = Checkpoints(run_dir / "checkpoints", read_only=True, best_metric=best)
     try:
         if checkpoint == "best":
             step = ckpts.best_step() or ckpts.latest_step()

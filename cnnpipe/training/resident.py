@@ -32,7 +32,7 @@ RESIDENT_SHARE = 0.4
 
 @dataclass
 class ResidentSplit:
-    """A split on the devices: images (N, H, W, C) and labels (N,), replicated over the mesh."""
+    """A split on the devices: images (N, H, W, C) and labels (N,) or targets (N, L), replicated over the mesh."""
 
     images: jax.Array
     labels: jax.Array
@@ -87,11 +87,12 @@ def resident_decision(mode: Any, nbytes: int, mesh: Any) -> tuple[bool, str]:
 def place_split(images: np.ndarray, labels: np.ndarray, mesh: Any) -> ResidentSplit:
     """`images` and `labels` (host arrays, the whole split) replicated on every device of the mesh."""
     sharding = NamedSharding(mesh, PartitionSpec())
+    # class indices as int32; multi-label and regression targets (float32 (N, L)) as they are
+    labels = np.asarray(labels, np.int32) if np.asarray(labels).ndim == 1 else np.asarray(labels, np.float32)
     if jax.process_count() == 1:
-        return ResidentSplit(jax.device_put(np.asarray(images), sharding),
-                             jax.device_put(np.asarray(labels, np.int32), sharding))
+        return ResidentSplit(jax.device_put(np.asarray(images), sharding), jax.device_put(labels, sharding))
     return ResidentSplit(jax.make_array_from_process_local_data(sharding, np.asarray(images)),
-                         jax.make_array_from_process_local_data(sharding, np.asarray(labels, np.int32)))
+                         jax.make_array_from_process_local_data(sharding, labels))
 
 
 def place_order(order: np.ndarray, mesh: Any) -> jax.Array:

@@ -130,8 +130,9 @@ class MetricsSink:
     """
 
     def __init__(self, write: Callable[[dict[str, Any]], None], max_nonfinite: int,
-                 last_checkpoint: Callable[[], str]) -> None:
+                 last_checkpoint: Callable[[], str], score_name: str = "accuracy") -> None:
         self._write, self._max, self._last_checkpoint = write, max_nonfinite, last_checkpoint
+        self._score_name = score_name   # the log's name for the step's "accuracy" metric (the task's)
         self._pending: tuple[int, int, Any, int | None] | None = None
         self._sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
         self._lr = math.nan
@@ -162,7 +163,7 @@ class MetricsSink:
         if not sums["n"]:
             return None
         record = {"step": step, "epoch": epoch + 1, "loss": sums["loss"] / sums["n"],
-                  "accuracy": sums["accuracy"] / sums["n"], "learning_rate": self._lr,
+                  self._score_name: sums["accuracy"] / sums["n"], "learning_rate": self._lr,
                   "images_per_sec": images_per_sec}
         self._write(record)
         return record

@@ -42,7 +42,8 @@ from cnnpipe.training.mesh import (
 __all__ = ["TrainState", "ModelState", "split_model", "abstract_train_state", "make_optimizer", "make_schedule",
            "make_mesh", "check_divisible", "create_train_state", "make_train_step", "make_eval_step",
            "state_to_model", "forward", "predict_probs", "augmented_inputs", "shard_batch", "replicate", "batch_spec",
-           "setup_cpu_devices", "usable_cores", "resolve_precision", "process_rows"]
+           "setup_cpu_devices", "usable_cores", "resolve_precision", "process_rows", "train_forward",
+           "update_state", "learning_rate_of", "over_batches"]
 
 
 # ---------------------------------------------------------------- optimizer
@@ -108,7 +109,7 @@ def make_optimizer(opt: OptimizerConfig, total_steps: int, *, head: Any = None, 
     return optax.GradientTransformation(init, update)
 
 
-def _learning_rate(opt_state: Any) -> jax.Array:
+def learning_rate_of(opt_state: Any) -> jax.Array:
     """The (head's) learning rate of this step, from the injected hyperparameters."""
     if isinstance(opt_state, dict):
         opt_state = opt_state["head"].inner_state
@@ -239,6 +240,23 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def train_forward(graphdef: Any, params: Any, model_state: Any, images: jax.Array, dropout_key: jax.Array,
+                  head: Any, bf16: bool) -> tuple[jax.Array, Any]:
+    """(logits, the model state after the step) of the train step's forward pass: bf16 compute if asked,
+    no gradient below the head and eval mode with a frozen backbone (`head`, a mask), dropout from `dropout_key`."""
+    if bf16:  # bf16 copies for compute; the gradient flows back to the fp32 params through the cast
+        params = _cast_floats(params, jnp.bfloat16)
+    if head is not None:   # frozen backbone: no gradient below the head
+        params = jax.tree.map(lambda m, p: p if m else jax.lax.stop_gradient(p), head, params)
+    # batch-norm running statistics stay fp32: flax reduces the batch statistics in fp32
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    if head is not None:
+        model.eval()
+    logits = model(images, rngs=nnx.Rngs(dropout=dropout_key))
+    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+    return logits, new_model_state
+
+
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh, *,
                     precision: str = "fp32", augment: AugmentConfig | None = None, frozen_backbone: Any = None,
                     class_weights: Any = None, label_smoothing: float = 0.0, resident: bool = False,
@@ -273,22 +291,13 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     soft = weights is not None or label_smoothing > 0 or aug.mixup > 0 or aug.cutmix > 0
 
     def loss_fn(params, model_state, images, labels, dropout_key):
-        if bf16:  # bf16 copies for compute; the gradient flows back to the fp32 params through the cast
-            params = _cast_floats(params, jnp.bfloat16)
-        if head is not None:   # frozen backbone: no gradient below the head
-            params = jax.tree.map(lambda m, p: p if m else jax.lax.stop_gradient(p), head, params)
-        # batch-norm running statistics stay fp32: flax reduces the batch statistics in fp32
-        model = nnx.merge(graphdef, params, model_state, copy=True)
-        if head is not None:
-            model.eval()
-        logits = model(images, rngs=nnx.Rngs(dropout=dropout_key))
+        logits, new_model_state = train_forward(graphdef, params, model_state, images, dropout_key, head, bf16)
         if soft:  # labels: (integer labels, each image's mixing share)
             classes, lam = labels
             t = mix_like(soft_targets(classes, logits.shape[-1], label_smoothing), lam)
             loss = weighted_cross_entropy(logits, t, None if weights is None else mix_like(weights[classes], lam))
         else:
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        _, _, new_model_state = nnx.split(model, nnx.Param, ...)
         return loss, (logits, new_model_state)
 
     def step(state: TrainState, images: jax.Array, labels: jax.Array):
@@ -297,9 +306,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
             state.params, state.model_state, images, (labels, lam) if soft else labels, drop_key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = _update(state, grads, new_ms, finite, tx, head)
+        new_state = update_state(state, grads, new_ms, finite, tx, head)
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-                   "grad_norm": grad_norm, "learning_rate": _learning_rate(new_state.opt_state),
+                   "grad_norm": grad_norm, "learning_rate": learning_rate_of(new_state.opt_state),
                    "nonfinite": ~finite}
         return new_state, metrics
 
@@ -316,7 +325,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
     return train_step
 
 
-def _update(state: TrainState, grads: Any, new_model_state: Any, finite: jax.Array,
+def update_state(state: TrainState, grads: Any, new_model_state: Any, finite: jax.Array,
             tx: optax.GradientTransformation, head: Any) -> TrainState:
     """The state after one optimizer step; unchanged but for the step count when not `finite`.
 
@@ -367,7 +376,7 @@ def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = (), residen
                 "count": jnp.sum(m), "predictions": pred}
 
     if resident:
-        jitted = jax.jit(_over_batches(step, batched), out_shardings=replicated,
+        jitted = jax.jit(over_batches(step, batched), out_shardings=replicated,
                          in_shardings=(replicated,) * 3 + (NamedSharding(mesh, PartitionSpec(None, DATA_AXIS)),) * 2)
     else:
         jitted = jax.jit(step, in_shardings=(replicated, batched, batched, batched), out_shardings=replicated)
@@ -383,7 +392,7 @@ def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = (), residen
     return eval_step
 
 
-def _over_batches(step: Callable[..., Any], batched: NamedSharding) -> Callable[..., Any]:
+def over_batches(step: Callable[..., Any], batched: NamedSharding) -> Callable[..., Any]:
     """`step` over every batch of a device-resident split in one program (`lax.map`): rows
     ``order[b]`` of `images` and `labels`, masked by ``mask[b]``; outputs stacked per batch."""
     def eval_step_over_batches(state: Any, images: jax.Array, labels: jax.Array, order: jax.Array, mask: jax.Array):

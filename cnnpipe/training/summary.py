@@ -85,19 +85,29 @@ def _summary(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], resu
              counts: dict[str, int], pos: Position, resume: bool, watch: Any) -> dict[str, Any]:
     import jax
 
-    ds, monitor = parts.ds, Monitor.of(cfg.train)
+    from cnnpipe.training.task_run import task_summary
+
+    ds, monitor = parts.ds, Monitor.of(cfg.train, parts.ds.task)
     images, step_seconds = counts["images"], watch.seconds.get("steps", 0.0)
     timings = watch.report()
     es = cfg.train.early_stopping
+    if ds.task.is_classification:
+        scores = {
+            "final_val_accuracy": final["accuracy"], "final_val_loss": final["loss"],
+            "best_val_accuracy": pos.best_val_accuracy if pos.best_val_accuracy is not None else final["accuracy"]}
+    else:
+        scores = {"final_val_loss": final["loss"]}
+    scores.update(best_step=pos.best_step, best_metric=monitor.metric, best_value=pos.best_value,
+                  result_step=result.get("step", pos.step))   # the run's result: the best checkpoint with early
+    if ds.task.is_classification:                              # stopping, else the last
+        scores.update({"val_accuracy": result["accuracy"], "val_loss": result["loss"],
+                       "balanced_accuracy": result["balanced_accuracy"],
+                       "per_class_accuracy": dict(zip(ds.classes, result["per_class_accuracy"])),
+                       "confusion_matrix": result["confusion"].tolist()})
+    else:
+        scores.update(task_summary(ds.task, result, parts.pos_weight))
     return {
-        "run_dir": str(run_dir), "final_val_accuracy": final["accuracy"], "final_val_loss": final["loss"],
-        "best_val_accuracy": pos.best_val_accuracy if pos.best_val_accuracy is not None else final["accuracy"],
-        "best_step": pos.best_step, "best_metric": monitor.metric, "best_value": pos.best_value,
-        # the run's result: the best checkpoint with early stopping, else the last
-        "result_step": result.get("step", pos.step), "val_accuracy": result["accuracy"], "val_loss": result["loss"],
-        "balanced_accuracy": result["balanced_accuracy"],
-        "per_class_accuracy": dict(zip(ds.classes, result["per_class_accuracy"])),
-        "confusion_matrix": result["confusion"].tolist(),
+        "run_dir": str(run_dir), **scores,
         "early_stopping": None if es is None else {**es.model_dump(), "stopped": pos.stopped,
                                                     "epochs_run": pos.epoch},
         "class_weights": None if parts.class_weights is None
@@ -120,12 +130,14 @@ def finish_run(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], re
     """
     from cnnpipe.training.augment import is_active
     from cnnpipe.training.compile_cache import quiet_cache_loads
-    from cnnpipe.training.plots import plot_confusion, plot_curves
+    from cnnpipe.training.plots import plot_curves
+    from cnnpipe.training.task_run import curve_keys, done_line
 
+    task = parts.ds.task
     if write:
         with watch.phase("plots"):
-            plot_curves(run_dir / "metrics.jsonl", run_dir / "plots")
-            plot_confusion(result["confusion"], parts.ds.classes, run_dir / "plots" / "confusion_matrix.png")
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "plots", curve_keys(task))
+            plot_result(task, result, parts.ds.val.labels, run_dir / "plots")
             if is_active(cfg.augment):
                 with quiet_cache_loads():   # the augmentation program, from the compile cache on a warm run
                     write_augment_plot(parts, cfg, run_dir / "plots" / "augment.png")
@@ -134,21 +146,30 @@ def finish_run(cfg: Config, parts: Any, run_dir: Path, final: dict[str, Any], re
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     speed = (f"{summary['train_images_per_sec']:.0f} train images/s" if summary["train_images_per_sec"]
              else "train images/s not measured (no steps ran)")
-    if cfg.train.early_stopping is not None:   # the result is the best checkpoint, not the last epoch
-        head = (f"done: the run's result is checkpoint {summary['result_step']} (best {monitor_text(cfg, pos)}): "
-                f"val accuracy {result['accuracy']:.4f}, balanced accuracy {result['balanced_accuracy']:.4f}; "
-                f"last epoch: val accuracy {final['accuracy']:.4f}")
-    else:
-        head = (f"done: val accuracy {final['accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}), "
-                f"balanced accuracy {final['balanced_accuracy']:.4f}")
+    # with early stopping the result is the best checkpoint, not the last epoch
+    head = done_line(task, result, final, summary,
+                     monitor_text(cfg, pos, task) if cfg.train.early_stopping is not None else None)
     log(f"{head}, {summary['wall_seconds']:.1f}s wall, {summary['compile_seconds']:.1f}s compiling, {speed} "
         f"-> {run_dir}")
     return summary
 
 
-def monitor_text(cfg: Config, pos: Position) -> str:
+def monitor_text(cfg: Config, pos: Position, task: Any = None) -> str:
     """E.g. "val_loss 0.1234" for the run's monitored metric at its best checkpoint."""
-    return f"{Monitor.of(cfg.train).metric} {pos.best_value:.4f}" if pos.best_value is not None else "none"
+    return f"{Monitor.of(cfg.train, task).metric} {pos.best_value:.4f}" if pos.best_value is not None else "none"
+
+
+def plot_result(task: Any, result: dict[str, Any], targets: np.ndarray, plots: Path) -> None:
+    """The result's plot: confusion_matrix.png (classification), precision_recall.png (multilabel,
+    per label) or predicted_vs_true.png (regression, per target)."""
+    from cnnpipe.training.plots import plot_confusion, plot_precision_recall, plot_predicted_vs_true
+
+    if task.is_classification:
+        plot_confusion(result["confusion"], task.names, plots / "confusion_matrix.png")
+    elif task.kind == "multilabel":
+        plot_precision_recall(targets, result["outputs"], task.names, plots / "precision_recall.png")
+    else:
+        plot_predicted_vs_true(targets, result["outputs"], task.names, plots / "predicted_vs_true.png")
 
 
 def probe_feature_maps(tb: Any, graphdef: Any, state: Any, ds: Any, step: int) -> None:

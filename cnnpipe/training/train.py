@@ -104,15 +104,20 @@ class _Parts:
     steps_per_dispatch: int = 1  # the most train steps one call runs (`cnnpipe.training.dispatch`)
     resident_val: Any = None   # cnnpipe.training.resident.ResidentEval: the validation split on the devices
     eval_batch_size: int = 0
+    pos_weight: Any = None     # multilabel: (L,) weight of each label's positives, or None
+    thresholds: Any = "f1"     # multilabel: train.thresholds
 
     def evaluate(self, state: Any) -> dict[str, Any]:
         """`state`'s evaluation on the validation split (`cnnpipe.training.metrics.evaluate_split`'s
         result): one program over the split on the devices, or host batches."""
         from cnnpipe.training.metrics import evaluate_resident, evaluate_split
 
+        task = self.ds.task
         if self.resident_val is not None:
-            return evaluate_resident(self.eval_step, state, self.resident_val, self.ds.val.labels, self.ds.num_classes)
-        return evaluate_split(self.eval_step, state, self.ds.val, self.eval_batch_size, self.mesh, self.ds.num_classes)
+            return evaluate_resident(self.eval_step, state, self.resident_val, self.ds.val.labels, self.ds.num_classes,
+                                     task, self.thresholds)
+        return evaluate_split(self.eval_step, state, self.ds.val, self.eval_batch_size, self.mesh, self.ds.num_classes,
+                              task, self.thresholds)
 
 
 def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _Parts:
@@ -125,6 +130,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
     from flax import nnx
 
     from cnnpipe.models.cnn import build_model, count_params
+    from cnnpipe.tasks.losses import pos_weight_vector
     from cnnpipe.training import distributed, steps
     from cnnpipe.training.augment import check_augment
     from cnnpipe.training.compile_cache import quiet_cache_loads
@@ -132,6 +138,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
     from cnnpipe.training.loss import class_weight_vector
     from cnnpipe.training.pretrained import head_mask, resolve_pretrained
     from cnnpipe.training.resident import place_eval, place_split, resident_decision
+    from cnnpipe.training.task_run import make_steps
 
     tc, pre = cfg.train, cfg.pretrained
     with watch.phase("data"):
@@ -139,7 +146,11 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         ds = distributed.primary_first(lambda: load_dataset(cfg.data, seed=cfg.seed), "data")
     with watch.phase("build"):
         check_augment(cfg.augment, ds.size)
-        weights = class_weight_vector(tc.class_weights, ds.train.labels, ds.classes)
+        ds.task.check_train(tc, cfg.augment)   # a setting the task has no meaning for: one line
+        weights = class_weight_vector(tc.class_weights, ds.train.labels, ds.classes) if ds.task.is_classification \
+            else None
+        pos_weight = pos_weight_vector(tc.pos_weight, ds.train.labels, ds.classes) \
+            if ds.task.kind == "multilabel" else None
         # reads the weights once, so a bad file fails before any compile; a resumed run has
         # its weights in the checkpoint and its normalisation in dataset.json
         init = resolve_pretrained(cfg, ds, resumed_from)
@@ -167,10 +178,8 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
                       mesh.devices.flat[0].platform)
         loss_args = dict(precision=tc.precision, augment=cfg.augment, class_weights=weights,
                          label_smoothing=tc.label_smoothing, resident=resident, steps_per_dispatch=k)
-        train_step = steps.make_train_step(graphdef, tx, mesh, **loss_args)
-        frozen_step = steps.make_train_step(graphdef, tx, mesh, frozen_backbone=head,
-                                            **loss_args) if pre.freeze_epochs else None
-        eval_step = steps.make_eval_step(graphdef, mesh, resident=resident_val)
+        train_step, frozen_step, eval_step = make_steps(ds.task, graphdef, tx, mesh, cfg, loss_args, head,
+                                                        pos_weight, resident_val)
 
     def initialise() -> Any:
         return _initial_state(make, abstract, init, tx, cfg.seed, mesh)
@@ -188,7 +197,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         placed = placed.result() if placed is not None else None
         placed_val = placed_val.result() if placed_val is not None else None
     return _Parts(ds, mesh, graphdef, state, train_step, eval_step, count_params(abstract), spe, init, frozen_step,
-                  weights, placed, why, k, placed_val, tc.eval_batch_size)
+                  weights, placed, why, k, placed_val, tc.eval_batch_size, pos_weight, tc.thresholds)
 
 
 def _initial_state(make: Callable[[], Any], abstract: Any, init: Any, tx: Any, seed: int, mesh: Any) -> Any:
@@ -264,7 +273,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     cfg = resolve_data(cfg, parts.ds)
     _prepare_run_dir(cfg, run_dir, parts.ds, resume, write=primary, normalization=parts.init.info())
     _log_start(cfg, parts, run_dir, log)
-    monitor = Monitor.of(cfg.train)
+    monitor = Monitor.of(cfg.train, parts.ds.task)
     ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, asynchronous=True,
                         best_metric=monitor.metric)
     # the plots' matplotlib imports while the run trains (joined before anything else runs after it)
@@ -292,7 +301,7 @@ def _log_start(cfg: Config, parts: _Parts, run_dir: Path, log: Callable[[str], N
 
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     log(f"run {run_dir}: {parts.ds.description}, {len(parts.ds.train)} train / {len(parts.ds.val)} val images, "
-        f"{parts.ds.num_classes} classes")
+        f"{parts.ds.num_classes} {parts.ds.task.noun}")
     log(f"model: {cfg.model if isinstance(cfg.model, str) else 'custom'}, {parts.num_params:,} parameters; "
         f"{parts.mesh.size} device(s) ({jax.devices()[0].platform}){processes}; training data "
         f"{'on the devices' if parts.resident is not None else 'from the host'} ({parts.resident_reason})"
@@ -305,6 +314,10 @@ def _log_start(cfg: Config, parts: _Parts, run_dir: Path, log: Callable[[str], N
         scale = f"; backbone at {pre.backbone_lr_scale:g}x the learning rate" if pre.backbone_lr_scale != 1.0 else ""
         log(f"pretrained: {pre.weights} (new {parts.ds.num_classes}-class head{plan}{scale}); "
             f"input normalisation from the {parts.init.normalization}")
+    if not parts.ds.task.is_classification:
+        from cnnpipe.training.task_run import describe_task
+
+        return describe_task(parts.ds.task, parts.ds.train.labels, parts.pos_weight, cfg, log)
     per_class = np.bincount(parts.ds.train.labels, minlength=parts.ds.num_classes)
     if not per_class.all():   # e.g. a class whose only image went to the validation split
         log(f"warning: no training images of class {', '.join(c for c, n in zip(parts.ds.classes, per_class) if not n)}; "
@@ -363,9 +376,10 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
 
     from cnnpipe.training import distributed, steps
     from cnnpipe.training.dispatch import Chunks
+    from cnnpipe.training.task_run import checkpoint_metrics, train_score_name
 
     tc, mesh = cfg.train, parts.mesh
-    monitor = Monitor.of(tc)
+    monitor = Monitor.of(tc, parts.ds.task)
     rows = steps.process_rows(mesh, tc.batch_size)  # this process reads only its rows of each batch
     logger = MetricsLog(run_dir, pos.step if resume else None, enabled=distributed.is_primary())
     bar = tqdm(total=parts.steps_per_epoch * tc.epochs, initial=pos.step, unit="step", dynamic_ncols=True,
@@ -374,14 +388,14 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
     last_ckpt = [ckpts.latest_step()]
 
     def save(state: Any, at: Position, result: dict[str, Any] | None = None) -> None:
-        metrics = None if result is None else {"val_accuracy": result["accuracy"], "val_loss": result["loss"],
-                                               "balanced_accuracy": result["balanced_accuracy"]}
+        metrics = None if result is None else checkpoint_metrics(parts.ds.task, result)
         at.log_window = sink.window()   # the stop rule settled every step before a save
         ckpts.save(at.step, state, at.as_dict(), metrics=metrics)
         last_ckpt[0] = at.step
 
     sink = MetricsSink(logger.write, tc.max_nonfinite_steps,
-                       lambda: str(run_dir / "checkpoints" / str(last_ckpt[0])) if last_ckpt[0] is not None else "none")
+                       lambda: str(run_dir / "checkpoints" / str(last_ckpt[0])) if last_ckpt[0] is not None else "none",
+                       train_score_name(parts.ds.task))
     sink.resume(pos.log_window)
     loop = EpochLoop(parts.train_step, sink, watch, tc.batch_size, parts.steps_per_epoch, tc.log_every_steps,
                      tc.checkpoint_every_steps, save, None if bar.disable else bar,
@@ -395,7 +409,7 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
             loop.train_step = parts.frozen_step if epoch < cfg.pretrained.freeze_epochs else parts.train_step
             with batches as step_args:
                 parts.state = loop.run(parts.state, step_args, pos)
-            result, is_best = _end_epoch(cfg, parts, pos, monitor, logger, watch, save, say)
+            result, is_best = _end_epoch(cfg, parts, pos, monitor, logger, watch, save, say, run_dir)
             if is_best:
                 remembered = {pos.step: result}
             if pos.stopped:
@@ -410,10 +424,12 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
 
 
 def _end_epoch(cfg: Config, parts: _Parts, pos: Position, monitor: Monitor, logger: MetricsLog, watch: Stopwatch,
-               save: Callable[..., None], say: Callable[[str], None]) -> tuple[dict[str, Any], bool]:
+               save: Callable[..., None], say: Callable[[str], None], run_dir: Path) -> tuple[dict[str, Any], bool]:
     """Evaluate the epoch just trained, log it, checkpoint it: (its evaluation, whether it is the best)."""
+    from cnnpipe.training import distributed
     from cnnpipe.training.compile_cache import quiet_cache_loads
     from cnnpipe.training.summary import probe_feature_maps
+    from cnnpipe.training.task_run import epoch_line, epoch_record, record_thresholds
 
     tc, ds = cfg.train, parts.ds
     t_eval = time.perf_counter()
@@ -421,14 +437,15 @@ def _end_epoch(cfg: Config, parts: _Parts, pos: Position, monitor: Monitor, logg
         result = parts.evaluate(parts.state)
     is_best = pos.end_epoch(result, monitor)
     logger.write({"step": pos.step, "epoch": pos.epoch, "split": "val", "loss": result["loss"],
-                  "accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
-                  "per_class_recall": dict(zip(ds.classes, result["per_class_accuracy"]))})
+                  **epoch_record(ds.task, result)})
+    if distributed.is_primary():   # multilabel: this checkpoint's thresholds, for evaluate/predict/export
+        record_thresholds(run_dir, pos.step, result)
     eval_seconds = time.perf_counter() - t_eval
     with watch.phase("checkpoints"):
         save(parts.state, pos, result)
     if tc.probe_feature_maps:
         with quiet_cache_loads():
             probe_feature_maps(logger.tb, parts.graphdef, parts.state, ds, pos.step)
-    say(f"epoch {pos.epoch}/{tc.epochs}: val loss {result['loss']:.4f}, val accuracy {result['accuracy']:.4f}, "
-        f"balanced {result['balanced_accuracy']:.4f}{' (best)' if is_best else ''} [{eval_seconds:.1f}s eval]")
+    say(f"epoch {pos.epoch}/{tc.epochs}: val loss {result['loss']:.4f}, {epoch_line(ds.task, result)}"
+        f"{' (best)' if is_best else ''} [{eval_seconds:.1f}s eval]")
     return result, is_best
