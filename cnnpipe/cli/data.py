@@ -73,7 +73,15 @@ def add_preprocess(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--labels", metavar="TABLE", help="the table; its paths are relative to SRC (or the table's folder)")
     g.add_argument("--path-col", metavar="NAME",
                    help="file path or id column (default: the first of file_name, path, filename, image, id)")
-    g.add_argument("--label-col", metavar="NAME", help="class column (default: label)")
+    g.add_argument("--label-col", metavar="NAME", nargs="+",
+                   help="class column (default: label); several: one 0/1 column per label (multi-label; an empty "
+                        "cell or -1 is unknown)")
+    g.add_argument("--label-delim", metavar="D",
+                   help="the label column holds several labels joined by D ('|', ' '): multi-label")
+    g.add_argument("--target-col", metavar="NAME", nargs="+", help="numeric target column(s): regression")
+    g.add_argument("--task", choices=("classification", "multilabel", "regression"),
+                   help="default: from the columns (several label columns, --label-delim or list-valued cells: "
+                        "multilabel; --target-col: regression)")
     g.add_argument("--split-col", metavar="NAME", help="train/val/test (or fastai's is_valid true/false) column")
     g.add_argument("--group-col", metavar="NAME", help="patient/slide/scene column: no group in two splits")
     g.add_argument("--fold-col", metavar="NAME", help="cross-validation fold column (integers)")
@@ -94,7 +102,11 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     from cnnpipe.datasets.table_scan import LabelTable
     from cnnpipe.datasets.tables import find_metadata
 
-    columns = {k: getattr(args, k) for k in ("path_col", "label_col", "split_col", "group_col", "fold_col")}
+    columns = {k: getattr(args, k) for k in ("path_col", "label_col", "split_col", "group_col", "fold_col",
+                                             "label_delim", "target_col", "task")}
+    for key in ("label_col", "target_col"):   # one name or several
+        if columns[key] is not None:
+            columns[key] = columns[key][0] if len(columns[key]) == 1 else tuple(columns[key])
     table = args.labels
     if table is None and any(v is not None for v in columns.values()):   # the columns of SRC's metadata.csv?
         table = find_metadata(Path(args.src)) if Path(args.src).is_dir() else None

@@ -33,6 +33,7 @@ class Candidate:
     bit_depth: int = 8
     group: str | None = None  # a label table's group (patient, slide, scene)
     fold: int = -1  # cross-validation fold (0 to K-1) of a store made with folds, else -1
+    target: tuple[float, ...] | None = None  # a multi-label or regression row (cnnpipe.tasks); None: class_name
 
 
 @dataclass

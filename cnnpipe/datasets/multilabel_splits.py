@@ -17,9 +17,9 @@ Like `cnnpipe.datasets.splits`, everything here is a pure function of the multis
 (key, target row) pairs and the seed, never of row order: rows are dealt in the order of
 `hash_unit(seed, "multilabel", key)` (then the key, then the row's positives and unknowns),
 so permuting the rows permutes the answer the same way. Where the paper breaks the last
-ties at random, the tie here goes to the first tied subset counted cyclically from a
-subset picked by a second keyed hash of the row's key (`hash_unit(seed, "multilabel-tie",
-key)`): deterministic, and not biased towards subset 0.
+ties at random, the tie here goes to the first tied subset counted cyclically (over the
+subsets of non-zero share, by index) from one picked by a second keyed hash of the row's key
+(`hash_unit(seed, "multilabel-tie", key)`): deterministic, and not biased towards subset 0.
 
 The greedy deal guarantees no bound in general. With at most one positive per row it keeps
 every label's positives in each subset within 1 of the fraction asked for and each subset's

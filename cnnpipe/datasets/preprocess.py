@@ -46,13 +46,14 @@ from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_b
 from cnnpipe.datasets.preprocess_settings import PreprocessError, Settings, check_paths, parse_size
 from cnnpipe.datasets.progress import Progress
 from cnnpipe.datasets.report import build_report, reason_counts
-from cnnpipe.datasets.splits import deal_folds, split_files
 from cnnpipe.datasets.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, exact_mean_std, load_store
 from cnnpipe.datasets.table_scan import LabelTable, scan_table
 from cnnpipe.datasets.tables import find_metadata
+from cnnpipe.datasets.task_targets import counted_names, folds_for_task, set_strata, split_for_task, task_of
 from cnnpipe.datasets.workers import chunks, make_pool, ordered_map
 from cnnpipe.images.formats import display_path
 from cnnpipe.images.transform import IMAGE_PATH_VERSION, ImageSpec
+from cnnpipe.tasks import Task
 
 __all__ = ["PreprocessError", "Settings", "preprocess", "parse_size"]
 
@@ -191,6 +192,7 @@ class _Build:
     table: dict[str, Any] | None = None  # the label table's record (meta.json "labels")
     method: str = "stratified"  # how the files were split (meta.json "split")
     folds: int | None = None
+    task: Task = field(default_factory=Task)  # a label table's multi-label or regression task
 
     def probe(self) -> None:
         """Pass 1: keep files whose first bytes are an image; fix classes, splits and dtype."""
@@ -207,11 +209,14 @@ class _Build:
                     skip(scan, cand.rel, failure.kind, failure.message)
             bar.update(len(chunk), bad)
         bar.close()
-        self.classes = sorted({c.class_name for c in self.ok})
+        self.task = task_of(self.table)
+        self.classes = sorted({c.class_name for c in self.ok}) if self.task.is_classification else \
+            list(self.task.names) * bool(self.ok)
         if not self.classes:
             raise PreprocessError(f"SRC: no images in {self.src}: {len(scan.candidates)} files, none a "
                                   f"recognised image ({reason_counts(scan.skipped)})")
-        if len(self.classes) < 2:
+        set_strata(self.ok, self.task)   # multi-label and regression files: their split strata
+        if len(self.classes) < 2 and self.task.is_classification:
             raise PreprocessError(f"SRC: only one class ({self.classes[0]!r}) in {self.src}; a classifier "
                                   f"needs at least two {'labels' if self.table else 'class folders'}")
 
@@ -219,7 +224,6 @@ class _Build:
         """Each usable file's split and fold: as a train/val/test layout or a split or fold column gives
         them, else by the split method (`cnnpipe.datasets.splits`); with folds, non-test files are "train"."""
         s, ok = self.settings, self.ok
-        keys, labels = [c.class_rel for c in ok], [c.class_name for c in ok]
         groups = [c.group or "" for c in ok] if any(c.group is not None for c in ok) else None
         if any(c.fold >= 0 for c in ok):   # a fold column
             self.method, self.folds = "column", 1 + max(c.fold for c in ok)
@@ -233,14 +237,13 @@ class _Build:
         if len(todo) < len(ok):   # a train/val/test layout or a split column; files outside it split as asked
             given_by = "column" if s.labels is not None and s.labels.split_col is not None else "folders"
             self.method = given_by if not todo else f"{given_by}+{self.method}"
-        if todo:
-            splits, _ = split_files([c.class_rel for c in todo], [c.class_name for c in todo], method=s.method(),
-                                    val_fraction=s.val_fraction, test_fraction=s.test_fraction, seed=s.seed,
-                                    groups=[c.group or "" for c in todo] if groups else None)
+        if todo:   # by class, by label sets (multi-label) or by quantile bin (regression)
+            splits = split_for_task(self.task, todo, method=s.method(), val_fraction=s.val_fraction,
+                                    test_fraction=s.test_fraction, seed=s.seed, grouped=groups is not None)
             for c, split in zip(todo, splits):
                 c.split = split
         if s.folds:   # every non-test file into a fold, given splits included
-            splits, folds = deal_folds([c.split for c in ok], keys, labels, s.folds, s.seed, groups)
+            splits, folds = folds_for_task(self.task, ok, s.folds, s.seed, groups is not None)
             for c, split, f in zip(ok, splits, folds.tolist()):
                 c.split, c.fold = split, f
             self.folds = s.folds
@@ -291,31 +294,32 @@ class _Build:
 
     def write(self) -> Store:
         """Pass 2: prepare every usable file in the workers and stream the rows into a new store."""
-        class_index = {c: i for i, c in enumerate(self.classes)}
+        class_index = {c: i for i, c in enumerate(self.classes)} if self.task.is_classification else {}
         splits = self._splits()
         order = {s: i for i, s in enumerate(splits)}
-        todo = sorted(self.ok, key=lambda c: (order[c.split], class_index[c.class_name], c.class_rel))
+        todo = sorted(self.ok, key=lambda c: (order[c.split], class_index.get(c.class_name, 0), c.class_rel))
         capacity = Counter(c.split for c in todo)
         spec = self.settings.spec(self.dtype, self.planes.count if self.planes else None)
         stats_split = "train" if capacity.get("train") else None  # None: every split (no train images)
         jobs = chunks([(c.path, stats_split in (None, c.split), spec) for c in todo], _CONVERT_CHUNK)
-        acc = _Accumulator(spec.num_planes, splits, self.folds or 0)
+        acc = _Accumulator(spec.num_planes, splits, self.folds or 0, self.task)
         bar = Progress(self.settings.progress, len(todo), "decoding")
         with StoreWriter(self.out, overwrite=self.settings.overwrite) as writer:
             for s in splits:
                 writer.create_split(s, capacity.get(s, 0), spec.size, spec.num_planes, self.dtype,
-                                    folds=bool(self.folds) and s == "train")
+                                    folds=bool(self.folds) and s == "train", task=self.task)
             results = (r for chunk in ordered_map(self.pool, convert_items, jobs, 4 * self.settings.workers,
                                                   on_death=worker_died) for r in chunk)
             for cand, res in zip(todo, results):
-                stored = self._store_one(writer, cand, res, spec, class_index[cand.class_name], acc)
+                label = class_index[cand.class_name] if self.task.is_classification else cand.target
+                stored = self._store_one(writer, cand, res, spec, label, acc)
                 bar.update(1, 0 if stored else 1)
             bar.close()
             writer.commit(*self._finish(acc, splits, stats_split))
         return load_store(self.out)
 
     def _store_one(self, writer: StoreWriter, cand: Candidate, res: Prepared | Failure | NeedsUint16,
-                   spec: ImageSpec, label: int, acc: _Accumulator) -> bool:
+                   spec: ImageSpec, label: Any, acc: _Accumulator) -> bool:
         """Append one worker result to the store (True), or record why it was skipped (False)."""
         if isinstance(res, NeedsUint16):
             raise _NeedsUint16(cand.path)
@@ -340,14 +344,14 @@ class _Build:
         stored = Counter()
         for s in splits:
             stored.update(acc.per_class[s])
-        missing = [c for c in self.classes if not stored[c]]
-        if missing:
+        missing = [c for c in self.classes if not stored[c]] if self.task.is_classification else []
+        if missing:   # (a label without positives is reported by training, not an error here)
             examples = "; ".join(f.message for c, f in acc.failed if c.class_name in missing[:3])[:600]
             raise PreprocessError(f"no image could be decoded for class(es) {', '.join(missing)} "
                                   f"(every class needs at least one): {examples}")
         n_ch = acc.planes
         mean, std = exact_mean_std(acc.sums, acc.sumsq, acc.n_pix)
-        counts = {s: {"total": sum(acc.per_class[s].values()),
+        counts = {s: {"total": acc.per_class[s]["_files"],
                       "per_class": {c: acc.per_class[s][c] for c in self.classes}} for s in splits}
         report = build_report(self.scan, self.ok, counts, self.src, acc.warnings, self.table)
         if self.table and self.table.get("group_col"):   # a split or fold column may put a group on two sides
@@ -362,10 +366,11 @@ class _Build:
                           channel_names=list(self.planes.names) if self.planes else ["R", "G", "B"] if n_ch == 3
                           else ["L"], splits=splits, counts=counts,
                           mean=mean, std=std, stats_split=stats_split or "all", layout=self.scan.layout,
-                          resize=s.resize, source=display_path(self.src.absolute()), num_images=sum(stored.values()),
+                          resize=s.resize, source=display_path(self.src.absolute()), num_images=stored["_files"],
                           image_path_version=IMAGE_PATH_VERSION, **s.split_config(),
                           split=self._split_record(),
-                          labels=self.table, folds=acc.fold_record(self.classes) if self.folds else None)
+                          labels=self.table, folds=acc.fold_record(self.classes) if self.folds else None,
+                          **({} if self.task.is_classification else {"task": self.task.record()}))
         return meta, report
 
 
@@ -381,8 +386,8 @@ class _Build:
 class _Accumulator:
     """Per-class counts, exact integer channel sums (per fold too), failures and warnings of the rows stored."""
 
-    def __init__(self, planes: int, splits: list[str], folds: int = 0) -> None:
-        self.planes = planes
+    def __init__(self, planes: int, splits: list[str], folds: int = 0, task: Task | None = None) -> None:
+        self.planes, self.task = planes, task or Task()
         self.sums, self.sumsq, self.n_pix = [0] * planes, [0] * planes, 0
         self.per_class: dict[str, Counter] = {s: Counter() for s in splits}
         self.per_fold = [Counter() for _ in range(folds)]
@@ -391,9 +396,11 @@ class _Accumulator:
         self.warnings: list[dict[str, Any]] = []
 
     def add(self, cand: Candidate, res: Prepared) -> None:
-        self.per_class[cand.split][cand.class_name] += 1
+        names = counted_names(self.task, cand)   # its class; its positive labels; its known targets
+        self.per_class[cand.split].update(names)
+        self.per_class[cand.split]["_files"] += 1
         if cand.fold >= 0:
-            self.per_fold[cand.fold][cand.class_name] += 1
+            self.per_fold[cand.fold].update(names)
         if res.warnings:
             self.warnings.append({"path": display_path(cand.rel), "warnings": list(res.warnings)})
         if res.sums is not None:

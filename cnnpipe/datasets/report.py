@@ -107,16 +107,31 @@ def build_report(scan: FolderScan, ok: list[Candidate], counts: dict[str, Any], 
     }
 
 
+def _target_words(table: dict[str, Any]) -> str:
+    """E.g. "labels 'label'", "labels 'tags' split at '|'", "targets 'count', 'ink'" for the summary."""
+    form, cols = table.get("form", "class"), table.get("target_cols") or [table["label_col"]]
+    named = ", ".join(map(repr, cols))
+    if form == "numbers":
+        return f"targets {named}"
+    how = {"delimited": f" split at {table.get('label_delim')!r}", "list": " (lists)",
+           "flags": " (0/1 columns; empty or -1: unknown)"}.get(form, "")
+    return f"labels {named}{how}"
+
+
 def format_summary(store: Store, elapsed_s: float | None = None) -> str:
     """A short human summary of a store: images per split and class, skipped files, duplicates and, when
     given, the time it took (`elapsed_s`: timings are not part of the store, which reruns reproduce byte for
     byte)."""
     meta, report = store.meta, store.report
     h, w = store.size
-    lines = [f"{display_path(store.path)}: {meta['num_images']} images, {len(store.classes)} classes, "
-             f"{h}x{w}x{store.channels} {meta['dtype']} ({report['layout']} layout)"]
-    width = max(len("class"), *(len(c) for c in store.classes))
-    lines.append(f"  {'class':<{width}}  " + "  ".join(f"{s:>7}" for s in store.splits))
+    task = store.task
+    # multi-label rows count each label's positives, regression rows each target's known values
+    noun = {"classification": "class", "multilabel": "label (positives)", "regression": "target (values)"}[task.kind]
+    lines = [f"{display_path(store.path)}: {meta['num_images']} images, {len(store.classes)} {task.noun}"
+             + ("" if task.is_classification else f" ({task.kind})")
+             + f", {h}x{w}x{store.channels} {meta['dtype']} ({report['layout']} layout)"]
+    width = max(len(noun), *(len(c) for c in store.classes))
+    lines.append(f"  {noun:<{width}}  " + "  ".join(f"{s:>7}" for s in store.splits))
     for c in store.classes:
         lines.append(f"  {c:<{width}}  " + "  ".join(f"{meta['counts'][s]['per_class'][c]:>7}"
                                                      for s in store.splits))
@@ -132,7 +147,7 @@ def format_summary(store: Store, elapsed_s: float | None = None) -> str:
                      + ", ".join(str(sum(f.values())) for f in folds["per_class"]) + " images")
     if table or split:
         lines.append((f"labels: {display_path(table['table'])} ({table['rows']} rows, paths {table['path_col']!r}, "
-                      f"labels {table['label_col']!r}); " if table else "")
+                      f"{_target_words(table)}); " if table else "")
                      + f"split: {split.get('method', 'hash')}")
     for key, what in (("groups_in_two_splits", "splits"), ("groups_in_two_folds", "folds")):
         crossing = report.get(key) or []

@@ -62,7 +62,8 @@ def _label_table(data: Any) -> Any:
 
     table = data.labels
     if not table:
-        keys = [k for k in ("path_col", "label_col", "split_col", "group_col", "fold_col") if getattr(data, k)]
+        keys = [k for k in ("path_col", "label_col", "split_col", "group_col", "fold_col", "label_delim", "target_col",
+                            "task") if getattr(data, k)]
         if not keys:
             return None
         table = find_metadata(Path(data.path)) if data.path and Path(data.path).is_dir() else None
@@ -70,7 +71,7 @@ def _label_table(data: Any) -> Any:
             raise ValueError(f"data.{keys[0]}: only used with data.labels (a label table) or a Hugging Face "
                              "metadata.csv|jsonl|parquet in data.path")
     return LabelTable(str(table), data.path_col, data.label_col, data.split_col, data.group_col, data.fold_col,
-                      from_config=True)
+                      from_config=True, label_delim=data.label_delim, target_col=data.target_col, task=data.task)
 
 
 def folder_cache_key(folder: str | os.PathLike, settings: dict[str, Any], table: bool = False) -> tuple[str, int]:

@@ -22,6 +22,16 @@ from cnnpipe.datasets.folders import Candidate, FolderScan, skip, walk_files
 from cnnpipe.datasets.store import SPLIT_NAMES
 from cnnpipe.datasets.tables import HF_METADATA, PATH_COLUMNS, Table, TableError, pick_column, read_table
 from cnnpipe.images.formats import display_path, path_from_display
+from cnnpipe.tasks.targets import (
+    TargetError,
+    flag_value,
+    is_list_cell,
+    list_labels,
+    multi_hot,
+    number_value,
+    split_labels,
+    target_text,
+)
 
 __all__ = ["LabelTable", "scan_table", "SPLIT_VALUES"]
 
@@ -52,29 +62,73 @@ class LabelTable:
 
     path: str
     path_col: str | None = None
-    label_col: str | None = None
+    label_col: str | tuple[str, ...] | None = None   # several: one 0/1 column per label (multi-label)
     split_col: str | None = None
     group_col: str | None = None
     fold_col: str | None = None
     from_config: bool = False   # errors name data.label_col, not --label-col
+    label_delim: str | None = None   # labels joined in one cell: multi-label
+    target_col: str | tuple[str, ...] | None = None   # numeric columns: regression
+    task: str | None = None   # classification, multilabel, regression; None: from the columns
 
-    def record(self, table: Table, cols: dict[str, str | None]) -> dict[str, Any]:
-        """What meta.json records of the table: its path, the columns used and its row count."""
-        return {"table": display_path(Path(self.path).absolute()), **{f"{k}_col": v for k, v in cols.items()},
-                "rows": len(table)}
+    def option(self, key: str) -> str:
+        """The setting `key` as the user named it: a command-line flag or a config key."""
+        return f"data.{key}" if self.from_config else f"--{key.replace('_', '-')}"
+
+    def record(self, table: Table, cols: dict[str, Any]) -> dict[str, Any]:
+        """What meta.json records of the table: its path, the columns used and its row count (and, for a
+        multi-label or regression task, the target columns and how the targets are written)."""
+        keys = ("path", "label", "split", "group", "fold")
+        rec = {"table": display_path(Path(self.path).absolute()), **{f"{k}_col": cols[k] for k in keys},
+               "rows": len(table)}
+        if cols["form"] != "class":
+            rec.update(target_cols=cols["targets"], form=cols["form"], label_delim=self.label_delim)
+        return rec
 
 
-def _columns(table: Table, spec: LabelTable) -> dict[str, str | None]:
-    def option(key: str) -> str:   # as the user named it: a command-line flag or a config key
-        return f"data.{key}_col" if spec.from_config else f"--{key}-col"
+def _names(value: str | tuple[str, ...] | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
-    cols = {"path": pick_column(table, spec.path_col, option("path"), PATH_COLUMNS),
-            "label": pick_column(table, spec.label_col, option("label"), ("label",))}
+
+def _task_form(table: Table, spec: LabelTable) -> tuple[str, str, list[str]]:
+    """(task, how its targets are written: class | delimited | list | flags | numbers, the target columns)."""
+    where, opt = display_path(table.path), spec.option
+    label_cols = [pick_column(table, n, opt("label_col")) for n in _names(spec.label_col)] \
+        or [pick_column(table, None, opt("label_col"), ("label",))] if spec.target_col is None else []
+    if spec.target_col is not None or spec.task == "regression":
+        cols = [pick_column(table, n, opt("target_col")) for n in _names(spec.target_col)] or label_cols
+        if spec.task not in (None, "regression"):
+            raise TableError(f"{opt('task')}: {spec.task} does not take {opt('target_col')} (regression targets)")
+        return "regression", "numbers", cols
+    if spec.task == "classification" and (len(label_cols) > 1 or spec.label_delim is not None):
+        raise TableError(f"{opt('task')}: classification takes one class per image: one {opt('label_col')} "
+                         f"and no {opt('label_delim')}")
+    if len(label_cols) > 1:
+        if spec.label_delim is not None:
+            raise TableError(f"{opt('label_delim')}: with several label columns each is a 0/1 column; "
+                             "give one column of delimited labels, or several 0/1 columns")
+        return "multilabel", "flags", label_cols
+    if spec.label_delim is not None:
+        return "multilabel", "delimited", label_cols
+    values = [v for v in table.columns[label_cols[0]] if v is not None]
+    if values and spec.task != "classification" and all(is_list_cell(v) for v in values):
+        return "multilabel", "list", label_cols
+    if spec.task == "multilabel":
+        raise TableError(f"{where}: {opt('task')} multilabel: column {label_cols[0]!r} holds one label per row; "
+                         f"give {opt('label_delim')} (e.g. '|'), a list-valued column or several "
+                         f"{opt('label_col')} columns (one 0/1 column per label)")
+    return "classification", "class", label_cols
+
+
+def _columns(table: Table, spec: LabelTable) -> dict[str, Any]:
+    kind, form, targets = _task_form(table, spec)
+    cols: dict[str, Any] = {"path": pick_column(table, spec.path_col, spec.option("path_col"), PATH_COLUMNS),
+                            "label": targets[0], "task": kind, "form": form, "targets": targets}
     for key, name in (("split", spec.split_col), ("group", spec.group_col), ("fold", spec.fold_col)):
-        cols[key] = pick_column(table, name, option(key)) if name is not None else None
+        cols[key] = pick_column(table, name, spec.option(f"{key}_col")) if name is not None else None
     where = display_path(table.path)
     labels = {v for v in table.columns[cols["label"]] if v is not None}
-    if len(labels) < 2:
+    if form == "class" and len(labels) < 2:
         raise TableError(f"{where}: label column {cols['label']!r} holds "
                          f"{'one class (' + repr(next(iter(labels))) + ')' if labels else 'no labels'}; "
                          "a classifier needs at least two")
@@ -145,7 +199,20 @@ class _Row:
     index: int
     path: str
     rel: str
-    values: tuple[str, str | None, str | None, int]  # label, split, group, fold
+    values: tuple[str, str | None, str | None, int]  # label (a target as text), split, group, fold
+    target: Any = None   # multi-label: a label set or a (L,) tuple; regression: a (T,) tuple
+
+
+def _target(table: Table, cols: dict[str, Any], i: int, delim: str | None) -> Any:
+    """Row `i`'s multi-label or regression target (TargetError if a cell is not one; None: no target)."""
+    form = cols["form"]
+    cells = [table.columns[c][i] for c in cols["targets"]]
+    if form == "delimited":
+        return split_labels(_from_cp1252(cells[0]) if cells[0] is not None else None, delim or "|")
+    if form == "list":
+        return list_labels(cells[0])
+    values = tuple(flag_value(c) if form == "flags" else number_value(c) for c in cells)
+    return None if form == "numbers" and all(v != v for v in values) else values   # every value missing
 
 
 def _split_values(table: Table, col: str | None) -> dict[str, str]:
@@ -158,8 +225,8 @@ def _split_values(table: Table, col: str | None) -> dict[str, str]:
     return {v: words[v.strip().lower()] for v in values if v.strip().lower() in words}
 
 
-def _row(table: Table, cols: dict[str, str | None], i: int, files: _Files, codes: tuple[dict, dict],
-         scan: FolderScan, seen: set[str]) -> _Row | None:
+def _row(table: Table, cols: dict[str, Any], i: int, files: _Files, codes: tuple[dict, dict],
+         scan: FolderScan, seen: set[str], delim: str | None = None) -> _Row | None:
     """Row `i` as a `_Row`, or None after recording why it cannot be used (`codes`: the split and fold
     columns' values -> split and fold number)."""
     def value(key: str) -> str | None:
@@ -170,6 +237,13 @@ def _row(table: Table, cols: dict[str, str | None], i: int, files: _Files, codes
     label = _from_cp1252(label) if label is not None else None   # "spécial" from Windows Excel, as written
     if label is not None and not label.strip():
         label = None   # a label of spaces is no label
+    target, bad_target = None, None
+    if cols["form"] != "class":   # multi-label or regression: the target, whatever `label` says
+        try:
+            target = _target(table, cols, i, delim)
+        except TargetError as exc:
+            bad_target = str(exc)
+        label = None if target is None and bad_target is None else "target"
     if all(col[i] is None for col in table.columns.values()):
         skip(scan, where, "empty_row", f"{where}: an empty row")
         return None
@@ -181,7 +255,8 @@ def _row(table: Table, cols: dict[str, str | None], i: int, files: _Files, codes
         seen.add(found)  # absolute and normalised: named by a row, used or not: never also "not in the table"
     split, fold, group = value("split"), value("fold"), value("group")
     checks = ((found is None, "missing_file", lambda: rel_or_why),
-              (label is None, "empty_label", lambda: f"empty label ({cols['label']!r})"),
+              (bad_target is not None, "bad_label", lambda: f"{bad_target} ({', '.join(map(repr, cols['targets']))})"),
+              (label is None, "empty_label", lambda: f"empty label ({', '.join(map(repr, cols['targets']))})"),
               (cols["split"] is not None and split not in splits, "bad_split",
                lambda: "empty split" if split is None else f"split {split!r} is not train, val(id/idation) or test"),
               (cols["group"] is not None and group is None, "empty_group", lambda: f"empty group ({cols['group']!r})"),
@@ -191,8 +266,8 @@ def _row(table: Table, cols: dict[str, str | None], i: int, files: _Files, codes
         if bad:   # the message is only made for a failing row: 2,000 rows cost 0.01 s, not 0.06
             skip(scan, where, kind, f"{where}: {display_path(path)}: {reason()}")
             return None
-    return _Row(i, found, rel_or_why, (display_path(label), splits.get(split), group,  # type: ignore[arg-type]
-                                       folds[fold] if cols["fold"] else -1))
+    text = display_path(label) if target is None else target_text(target)  # type: ignore[arg-type]
+    return _Row(i, found, rel_or_why, (text, splits.get(split), group, folds[fold] if cols["fold"] else -1), target)
 
 
 def _split_dirs(src: Path) -> list[str]:
@@ -221,6 +296,20 @@ def _fold_numbers(table: Table, col: str | None) -> dict[str, int]:
     return {v: order.index(n) for v, n in values.items()}
 
 
+def _encode_targets(scan: FolderScan, cols: dict[str, Any], table: Table) -> list[str]:
+    """The task's output names; each candidate's target as a (names,) tuple (label sets made multi-hot,
+    in sorted label order). TableError when a multi-label table names no label at all."""
+    if cols["form"] not in ("delimited", "list"):
+        return list(cols["targets"])
+    names = sorted(set().union(*(c.target for c in scan.candidates)))
+    if not names:
+        raise TableError(f"{display_path(table.path)}: label column {cols['label']!r} names no label in any "
+                         "usable row; a multi-label classifier needs at least one")
+    for c in scan.candidates:
+        c.target = multi_hot(c.target, names)
+    return names
+
+
 def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]:
     """The candidates a label table names under SRC, and what meta.json records of the table.
 
@@ -242,7 +331,7 @@ def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]
     by_file: dict[str, list[_Row]] = defaultdict(list)
     named: set[str] = set()
     for i in range(len(table)):
-        row = _row(table, cols, i, files, codes, scan, named)
+        row = _row(table, cols, i, files, codes, scan, named, spec.label_delim)
         if row is not None:
             by_file[row.path].append(row)
     for rows in by_file.values():
@@ -258,7 +347,8 @@ def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]
             skip(scan, table.where(r.index), "duplicate_row",
                  f"{table.where(r.index)}: {display_path(r.rel)} is listed again (as {table.row_names[first.index]})")
         label, split, group, fold = first.values
-        scan.candidates.append(Candidate(first.path, first.rel, first.rel, label, split, group=group, fold=fold))
+        scan.candidates.append(Candidate(first.path, first.rel, first.rel, label, split, group=group, fold=fold,
+                                         target=first.target))
     in_dirs = {d: [c for c in scan.candidates if c.rel.startswith(d + "/")] for d in split_dirs}
     if sum(1 for v in in_dirs.values() if v) >= 2:   # SRC/train/..., SRC/test/...: the folders' splits, as
         for d, cands in in_dirs.items():             # without a table (Kaggle's unlabelled test/ alone: drawn)
@@ -269,6 +359,8 @@ def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]
             skip(scan, rel, "no_row", f"{display_path(rel)}: not in the label table {display_path(table.path.name)}")
     scan.candidates.sort(key=lambda c: c.rel)
     record = spec.record(table, cols)
+    if cols["form"] != "class":
+        record["task"] = {"type": cols["task"], "names": _encode_targets(scan, cols, table)}
     if cols["fold"] is not None:   # data.fold i is the i-th of the column's values, in numeric order
         record["fold_values"] = sorted({int(float(v.strip())) for v in folds})
     return scan, record

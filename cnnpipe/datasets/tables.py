@@ -144,7 +144,7 @@ def _read_jsonl(path: Path) -> Table:
                 columns.setdefault(key, [None] * len(rows))
             for key, col in columns.items():
                 v = rec.get(key)
-                col.append(_text(json.dumps(v) if isinstance(v, (dict, list)) else v))
+                col.append(_text(json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v))
             rows.append(f"line {n}")
     return Table(path, columns, rows)
 
@@ -153,7 +153,9 @@ def _read_parquet(path: Path) -> Table:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    columns = {n: [_text(v) for v in table.column(n).to_pylist()] for n in table.column_names}
+    # a list-valued cell (list<string>: BigEarthNet's labels) as a JSON array, as JSON Lines gives it
+    columns = {n: [_text(json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v)
+                   for v in table.column(n).to_pylist()] for n in table.column_names}
     return Table(path, columns, [f"row {i + 2}" for i in range(table.num_rows)])
 
 

@@ -186,6 +186,9 @@ class Task:
                 raise TaskError("train.label_smoothing: only for classification; regression targets are values")
             if train.pos_weight is not None:
                 raise TaskError("train.pos_weight: only for a multi-label task")
+        if self.kind == "multilabel" and train.pos_weight is not None and train.loss == "asymmetric":
+            raise TaskError("train.pos_weight: weighs bce's positives; the asymmetric loss has its own focusing "
+                            "(gamma_neg, gamma_pos): use one or the other")
         if self.kind == "multilabel" and isinstance(train.pos_weight, Mapping):
             self.check_names(train.pos_weight, "train.pos_weight")
         if self.kind == "multilabel" and isinstance(train.thresholds, Mapping):

@@ -42,7 +42,7 @@ def compile_ahead(train_steps: list[Any], eval_step: Any, state: Any, mesh: Any,
     spec = lambda shape, dtype, *axes: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(*axes)))
     if resident:   # no host batch to read: the step takes the placed split itself
-        n, steps = len(ds.train), steps_per_epoch(len(ds.train), tc.batch_size)
+        steps = steps_per_epoch(len(ds.train), tc.batch_size)
         labels = ds.train.labels   # class indices (N,) int32 or targets (N, L) float32
         train_args = [spec(ds.train.images.shape, ds.train.images.dtype), spec(labels.shape, labels.dtype),
                       spec((steps, tc.batch_size), "int32", None, DATA_AXIS), spec((), "int32")]
