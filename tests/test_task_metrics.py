@@ -143,8 +143,9 @@ def test_fit_thresholds_falls_back_to_half():
     assert thresholds.dtype == np.float32 and thresholds.shape == (5,)
     assert fallback == [0, 1, 2]
     assert thresholds[:3].tolist() == [0.5, 0.5, 0.5]
-    assert thresholds[3] == np.float32(0.6)
-    assert thresholds[4] == np.float32(0.4)  # the unknown row with 0.9 takes no part
+    # midway between the fitted score and the next lower known one: 0.6 over 0.2, 0.4 over... none below
+    assert thresholds[3] == np.float32(0.4)
+    assert thresholds[4] == np.float32(0.4)  # the unknown row with 0.9 takes no part; 0.4 is the lowest known
     assert fit_thresholds(targets, probs, min_positives=1)[1] == [1, 2]
 
 

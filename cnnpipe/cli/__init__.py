@@ -214,6 +214,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result, ds = evaluate_run(run, overrides, tta=args.tta)
     tta = f", {describe_views(result['views'])}" if args.tta else ""
     print(f"{run.run_dir} (checkpoint step {run.step}{tta}) on {ds.description}: {result['count']} validation images")
+    if not run.task.is_classification:   # multi-label or regression: its metrics, per label or target
+        from cnnpipe.runs.evaluate import format_task_result
+
+        print(format_task_result(run, result))
+        return 0
     print(f"accuracy: {result['accuracy']:.4f} ({result['confusion'].trace():.0f}/{result['count']})  balanced "
           f"accuracy: {result['balanced_accuracy']:.4f}  loss: {result['loss']:.4f}")
     print("per-class accuracy (recall):")
@@ -271,7 +276,9 @@ def _run_predict(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         preds = tqdm(preds, unit="file", desc="predicting", file=sys.stderr, dynamic_ncols=True)
-    with PredictionWriter(args.out) as writer:
+    if run.threshold_note:
+        print(f"warning: {run.threshold_note}", file=sys.stderr)
+    with PredictionWriter(args.out, run.task) as writer:
         for pred in preds:
             writer.write(pred)
     print(summary_line(int(stats["done"]), int(stats["failed"]), stats["seconds"]), file=sys.stderr)

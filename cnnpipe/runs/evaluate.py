@@ -14,7 +14,7 @@ from cnnpipe.datasets.dataset import Dataset
 from cnnpipe.runs.load import Run, spec_for_run
 from cnnpipe.training.metrics import evaluate_split
 
-__all__ = ["data_overrides", "evaluate_run", "check_compatible", "describe_views"]
+__all__ = ["data_overrides", "evaluate_run", "check_compatible", "describe_views", "format_task_result"]
 
 
 def data_overrides(spec: str, info: Mapping[str, Any] | None = None) -> list[str]:
@@ -62,7 +62,7 @@ def evaluate_run(run: Run, overrides: Sequence[str] = (), *, tta: bool = False) 
     from cnnpipe.training import steps
     from cnnpipe.training.augment import tta_views
 
-    cfg = run.cfg
+    cfg, task = run.cfg, run.task
     if overrides:
         cfg = config_from_dict(cfg.model_dump(mode="json"), overrides, source="--data/--set")
     ds = load_dataset(cfg.data, seed=cfg.seed)
@@ -71,9 +71,45 @@ def evaluate_run(run: Run, overrides: Sequence[str] = (), *, tta: bool = False) 
     batch = -(-cfg.train.eval_batch_size // mesh.size) * mesh.size
     state = steps.replicate(mesh, run.state)
     views = tta_views(run.cfg.augment) if tta else ()
-    result = evaluate_split(steps.make_eval_step(run.graphdef, mesh, views), state, ds.val, batch, mesh,
-                            ds.num_classes)
-    return {**result, "views": views}, ds
+    if task.is_classification:
+        result = evaluate_split(steps.make_eval_step(run.graphdef, mesh, views), state, ds.val, batch, mesh,
+                                ds.num_classes)
+        return {**result, "views": views}, ds
+    from cnnpipe.training.task_steps import make_task_eval_step
+
+    # the run's own thresholds (fitted on its validation split in training), never refitted on this data
+    thresholds = None if run.thresholds is None else dict(zip(task.names, map(float, run.thresholds)))
+    eval_step = make_task_eval_step(run.graphdef, mesh, task, cfg.train.loss, views)
+    result = evaluate_split(eval_step, state, ds.val, batch, mesh, ds.num_classes, task, thresholds)
+    return {**result, "views": views, "threshold_note": run.threshold_note}, ds
+
+
+def format_task_result(run: Run, result: dict[str, Any]) -> str:
+    """`cnnpipe evaluate`'s report of a multi-label or regression run: the task's metrics, then a table
+    per label (AP, AUROC, F1, precision, recall, support, threshold) or target (RMSE, MAE, R2, r, count)."""
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    task = run.task
+    lines = []
+    if task.kind == "multilabel":
+        lines.append(f"mAP: {f(result['map'])}  macro F1: {f(result['macro_f1'])}  micro F1: {f(result['micro_f1'])}  "
+                     f"macro AUROC: {f(result['macro_auroc'])}  subset accuracy: {f(result['subset_accuracy'])}  "
+                     f"Hamming loss: {f(result['hamming_loss'])}  loss: {result['loss']:.4f}")
+        if result.get("threshold_note"):
+            lines.append(f"warning: {result['threshold_note']}")
+        cols, per = ("ap", "auroc", "f1", "precision", "recall", "threshold"), result["per_label"]
+        lines.append(f"  {'label':<16} " + " ".join(f"{c:>9}" for c in cols) + f" {'support':>8}")
+        lines += [f"  {n:<16} " + " ".join(f"{f(per[n][c]):>9}" for c in cols) + f" {per[n]['support']:>8}"
+                  for n in task.names]
+    else:
+        lines.append(f"RMSE: {f(result['rmse'])}  MAE: {f(result['mae'])}  R2: {f(result['r2'])}  Pearson r: "
+                     f"{f(result['pearson'])}  loss: {result['loss']:.4f}  (means over targets; data units)")
+        cols, per = ("rmse", "mae", "r2", "pearson"), result["per_target"]
+        lines.append(f"  {'target':<16} " + " ".join(f"{c:>9}" for c in cols) + f" {'count':>8}")
+        lines += [f"  {n:<16} " + " ".join(f"{f(per[n][c]):>9}" for c in cols) + f" {per[n]['count']:>8}"
+                  for n in task.names]
+    return "\n".join(lines)
 
 
 def describe_views(views: Sequence[str]) -> str:

@@ -43,9 +43,19 @@ def preparation_info(run: Run, fmt: str) -> dict[str, Any]:
     import cnnpipe
     from cnnpipe.images.transform import IMAGE_PATH_VERSION
 
-    info = run.info
+    info, task = run.info, run.task
+    output = {"classification": "class probabilities (N, K) float32",
+              "multilabel": "sigmoid probabilities (N, L) float32, one per label; a label is predicted where its "
+                            "probability >= its threshold",
+              "regression": "predicted values (N, T) float32 in the data's units"}[task.kind]
+    extra: dict[str, Any] = {} if task.is_classification else {"task": task.kind}
+    if task.kind == "multilabel":
+        extra["thresholds"] = dict(zip(task.names, map(float, run.thresholds)))
+    elif task.kind == "regression":
+        extra.update(targets=list(task.names), target_mean=list(task.target_mean or ()),
+                     target_std=list(task.target_std or ()))
     return {"format": fmt, "input": "raw pixels (N, H, W, C) float32 holding the store's integer values",
-            "output": "class probabilities (N, K) float32", "classes": list(info["classes"]),
+            "output": output, **extra, "classes": list(info["classes"]),
             "size": list(info["size"]), "channels": int(info["channels"]), "planes": info.get("planes"),
             "bit_depth": int(info["bit_depth"]), "resize": info.get("resize") or "crop",
             "pages": info.get("pages") or "first", "image_path_version": IMAGE_PATH_VERSION,
@@ -54,8 +64,9 @@ def preparation_info(run: Run, fmt: str) -> dict[str, Any]:
             "cnnpipe_version": cnnpipe.__version__, "checkpoint_step": run.step}
 
 
-def _probabilities(model: Any) -> Any:
-    """A pure function raw pixels -> probabilities, with the model's parameters as constants (eval mode)."""
+def _probabilities(model: Any, task: Any = None) -> Any:
+    """A pure function raw pixels -> probabilities (softmax; a multi-label or regression `task`: its outputs,
+    sigmoid probabilities or de-standardised values), with the model's parameters as constants (eval mode)."""
     import jax
     from flax import nnx
 
@@ -63,7 +74,10 @@ def _probabilities(model: Any) -> Any:
     graphdef, state = nnx.split(model)
 
     def fn(x: Any) -> Any:
-        return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
+        logits = nnx.merge(graphdef, state)(x)
+        if task is not None and not task.is_classification:
+            return task.outputs(logits)
+        return jax.nn.softmax(logits, axis=-1)
 
     return fn
 
@@ -78,31 +92,32 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike | None = None) -> Path
         raise ValueError(f"--format: got {fmt!r}; expected one of {', '.join(FORMATS)}")
     path = Path(out) if out else run.run_dir / "export" / f"model{_SUFFIX[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_model(run.model(), fmt, path)
+    export_model(run.model(), fmt, path, run.task)
     write_atomic(path.with_name(path.name + ".json"), json.dumps(preparation_info(run, fmt), indent=2) + "\n")
     return path
 
 
-def export_model(model: Any, fmt: str, path: str | os.PathLike) -> None:
+def export_model(model: Any, fmt: str, path: str | os.PathLike, task: Any = None) -> None:
     """Write `model` (a `cnnpipe.models.cnn.CNN`) as StableHLO or ONNX: raw pixels (N, H, W, C) float32 with
-    N dynamic -> probabilities (N, K). Never half-written (a temporary sibling, then a rename)."""
+    N dynamic -> probabilities (N, K), or a multi-label or regression `task`'s outputs. Never half-written
+    (a temporary sibling, then a rename)."""
     shape = (*model.input_size, model.in_channels)
-    blob = _stablehlo(model, shape) if fmt == "stablehlo" else _onnx(model, shape)
+    blob = _stablehlo(model, shape, task) if fmt == "stablehlo" else _onnx(model, shape, task)
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
 
 
-def _stablehlo(model: Any, shape: tuple[int, int, int]) -> bytes:
+def _stablehlo(model: Any, shape: tuple[int, int, int], task: Any = None) -> bytes:
     import jax
     import jax.numpy as jnp
     from jax import export
 
     (batch,) = export.symbolic_shape("n")
     spec = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
-    return bytes(export.export(jax.jit(_probabilities(model)))(spec).serialize())
+    return bytes(export.export(jax.jit(_probabilities(model, task)))(spec).serialize())
 
 
-def _onnx(model: Any, shape: tuple[int, int, int]) -> bytes:
+def _onnx(model: Any, shape: tuple[int, int, int], task: Any = None) -> bytes:
     import contextlib
     import io
     import logging
@@ -116,7 +131,7 @@ def _onnx(model: Any, shape: tuple[int, int, int]) -> bytes:
     serde.setLevel(logging.ERROR)  # notes about constant shapes, not problems
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the converter prints debug lines
-            proto = to_onnx(_probabilities(model), inputs=[("N", *shape)], model_name="cnnpipe")
+            proto = to_onnx(_probabilities(model, task), inputs=[("N", *shape)], model_name="cnnpipe")
     finally:
         serde.setLevel(level)
     return proto.SerializeToString()

@@ -37,7 +37,44 @@ class Run:
 
     @property
     def classes(self) -> list[str]:
+        """The classes, labels (multilabel) or targets (regression), in output order."""
         return list(self.info["classes"])
+
+    @property
+    def task(self) -> Any:
+        """The run's `cnnpipe.tasks.Task` (dataset.json "task"; absent: single-label classification)."""
+        from cnnpipe.tasks import Task
+
+        return Task.from_meta(self.info)
+
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        """A multi-label run's decision thresholds (L,) float32 for this checkpoint: those fitted on the
+        validation split when it was evaluated in training (thresholds.json), or the run's fixed
+        ``train.thresholds``; 0.5 for every label when none was recorded for this step (`threshold_note`
+        says so). None for other tasks."""
+        return self._thresholds()[0]
+
+    @property
+    def threshold_note(self) -> str | None:
+        """Why the thresholds are 0.5 (no thresholds recorded for this checkpoint), else None."""
+        return self._thresholds()[1]
+
+    def _thresholds(self) -> tuple[np.ndarray | None, str | None]:
+        from cnnpipe.training.task_run import read_thresholds
+
+        task = self.task
+        if task.kind != "multilabel":
+            return None, None
+        spec = self.cfg.train.thresholds
+        if spec != "f1":
+            return task.thresholds_for(spec, np.zeros((0, len(task.names))), np.zeros((0, len(task.names))))[0], None
+        fitted = read_thresholds(self.run_dir).get(str(self.step))
+        if fitted is None:
+            return np.full(len(task.names), 0.5, np.float32), (
+                f"no thresholds were fitted for checkpoint {self.step} (only for checkpoints saved at the end of "
+                "an epoch); 0.5 used for every label")
+        return np.array([float(fitted.get(n, 0.5)) for n in task.names], np.float32), None
 
     def model(self) -> Any:
         """The CNN (eval mode) with this checkpoint's parameters."""
@@ -56,7 +93,9 @@ class Run:
 
     def predict(self, x: Sequence[str | os.PathLike] | np.ndarray, batch_size: int = 64,
                 tta: bool = False) -> np.ndarray:
-        """Class probabilities (N, K) float32, K = len(classes), in `classes` order.
+        """Class probabilities (N, K) float32, K = len(classes), in `classes` order; for a multi-label
+        run each label's sigmoid probability (decide with `thresholds`), for a regression run the
+        predicted values in the data's units (`cnnpipe.tasks.Task.outputs`).
 
         `x` is an image path or a sequence of them (each prepared by `prepare`; an unreadable file
         raises) or raw pixels (N, H, W, C) in the store's units (uint8/uint16 values, any
@@ -81,12 +120,13 @@ class Run:
             pixels = np.stack([self.prepare(p) for p in x]) if len(x) else np.zeros((0, *want))
         graphdef, state = nnx.split(self.model())
         views = tta_views(self.cfg.augment) if tta else ()
+        task = None if self.task.is_classification else self.task   # classification: the softmax as always
         out = np.zeros((len(pixels), len(self.classes)), np.float32)
         batch = np.zeros((batch_size, *want), np.float32)  # one compiled shape, the last batch padded
         for start in range(0, len(pixels), batch_size):
             n = min(batch_size, len(pixels) - start)
             batch[:n] = pixels[start:start + n]
-            out[start:start + n] = np.asarray(predict_probs(graphdef, (state,), batch.copy(), views))[:n]
+            out[start:start + n] = np.asarray(predict_probs(graphdef, (state,), batch.copy(), views, task))[:n]
         return out
 
 

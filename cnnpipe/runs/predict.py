@@ -35,11 +35,17 @@ _CHUNK = 16  # files per pool job: small files cost more in round trips than in 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One input file's outcome: its top-k (class, probability), most likely first, or its error."""
+    """One input file's outcome: its top-k (class, probability), most likely first, or its error.
+
+    A multi-label or regression run's file has `outputs` instead: every label's probability (and
+    `chosen`, the labels at or above their thresholds) or every target's predicted value.
+    """
 
     path: str
     top: tuple[tuple[str, float], ...] = ()
     error: str | None = None
+    outputs: tuple[float, ...] = ()
+    chosen: tuple[str, ...] = ()
 
 
 def expand_sources(sources: Sequence[str], nonempty: bool = False) -> Iterator[str]:
@@ -116,13 +122,16 @@ def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size:
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
     spec, k = spec_for_run(run.info), min(top_k, len(run.classes))
+    task = None if run.task.is_classification else run.task
+    if task is not None:   # every label's probability (and the chosen set) or every target's value
+        k = _Outputs(task, run.thresholds)
     graphdef, state = nnx.split(run.model())
     state, put, batch_size = _over_local_devices(state, batch_size)
     workers = int(workers) if workers else (os.cpu_count() or 1)
     pool = make_pool(workers) if workers > 1 else None
     try:
         views = tta_views(run.cfg.augment) if tta else ()
-        step = lambda x: predict_probs(graphdef, (state,), put(x), views)  # noqa: E731
+        step = lambda x: predict_probs(graphdef, (state,), put(x), views, task)  # noqa: E731
         yield from _batched(_prepared(pool, paths, spec, workers), spec, step, run.classes, k, batch_size)
     finally:
         if pool is not None:
@@ -180,11 +189,28 @@ def _batched(results: Iterator[tuple[tuple, Prepared | Failure | NeedsUint16]], 
         yield from _rows(pending, probs, classes, k)
 
 
-def _rows(entries: list, probs, classes: Sequence[str], k: int) -> Iterator[Prediction]:
+@dataclass(frozen=True)
+class _Outputs:
+    """How a multi-label or regression run's outputs become a `Prediction` (in place of top-k)."""
+
+    task: Any
+    thresholds: Any
+
+    def __call__(self, path: str, row: np.ndarray) -> Prediction:
+        chosen = ()
+        if self.task.kind == "multilabel":
+            chosen = tuple(n for n, hit in zip(self.task.names, self.task.decide(row[None], self.thresholds)[0]) if hit)
+        return Prediction(path, outputs=tuple(float(v) for v in row), chosen=chosen)
+
+
+def _rows(entries: list, probs, classes: Sequence[str], k: Any) -> Iterator[Prediction]:
     p = np.asarray(probs) if probs is not None else None
     i = 0
     for path, res in entries:
-        if isinstance(res, Prepared):
+        if isinstance(res, Prepared) and isinstance(k, _Outputs):
+            yield k(path, p[i])
+            i += 1
+        elif isinstance(res, Prepared):
             order = np.argsort(-p[i], kind="stable")[:k]
             yield Prediction(path, tuple((classes[j], float(p[i, j])) for j in order))
             i += 1

@@ -110,17 +110,32 @@ def fit_threshold(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, float]
     return float(thresholds[best]), float(f1[best])
 
 
-def _to_float32_below(t: float) -> np.float32:
-    """`t` as float32 rounded down, so `probs >= threshold` still selects a float64 score equal to `t`."""
-    t32 = np.float32(t)
-    # compare in float64: against a Python float, NumPy 2 would compare in float32 and see no difference
-    return np.nextafter(t32, np.float32(-np.inf)) if float(t32) > t else t32
+def _float32_in_gap(chosen: float, scores: np.ndarray) -> np.float32:
+    """A float32 threshold t with ``lower < t <= chosen``, `lower` the largest score below `chosen` (if any):
+    the midpoint of the gap, so the decisions ``score >= t`` on these rows are the fitted ones, and a score
+    that moves by a rounding error (another device, batch or export) does not cross it."""
+    below = scores[scores < chosen]
+    if below.size == 0:
+        t = np.float32(chosen)
+        # compare in float64: against a Python float, NumPy 2 would compare in float32 and see no difference
+        return np.nextafter(t, np.float32(-np.inf)) if float(t) > chosen else t
+    lower = float(below.max())
+    t = np.float32((lower + chosen) / 2)
+    if float(t) <= lower:
+        t = np.nextafter(np.float32(lower), np.float32(np.inf))
+        if float(t) <= lower:   # float32(lower) rounded down
+            t = np.nextafter(t, np.float32(np.inf))
+    if float(t) > chosen:   # the two scores are adjacent in float32: keep the chosen one selected
+        t = np.float32(chosen)
+        t = np.nextafter(t, np.float32(-np.inf)) if float(t) > chosen else t
+    return t
 
 
 def fit_thresholds(targets: np.ndarray, probs: np.ndarray, min_positives: int = 2) -> tuple[np.ndarray, list[int]]:
     """Per-label F1-maximising thresholds (`fit_threshold`) for targets (N, L) in {0, 1, NaN} and probs (N, L).
 
-    Each label uses its known rows only. A label with fewer than `min_positives` known positives, or
+    Each label uses its known rows only; its threshold lies midway between the fitted score and the next
+    lower score (`_float32_in_gap`), giving the same decisions on these rows. A label with fewer than `min_positives` known positives, or
     no known negative, cannot be fitted meaningfully: it gets 0.5 and its index is in the returned
     list (for the caller to warn about by name). Returns (float32 thresholds (L,), fallback indices).
     """
@@ -133,7 +148,7 @@ def fit_thresholds(targets: np.ndarray, probs: np.ndarray, min_positives: int = 
         if n_pos < min_positives or n_pos == int(known.sum()):
             fallback.append(label)
             continue
-        out[label] = _to_float32_below(fit_threshold(y[known, label], p[known, label])[0])
+        out[label] = _float32_in_gap(fit_threshold(y[known, label], p[known, label])[0], p[known, label])
     return out, fallback
 
 

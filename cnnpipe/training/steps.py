@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnnpipe.config import AugmentConfig, OptimizerConfig
 from cnnpipe.models.cnn import CNN
+from cnnpipe.tasks import Task
 from cnnpipe.training.augment import apply_view, augment_batch
 from cnnpipe.training.dispatch import InFlightGuard, ahead_of_time, jit_train_step, take_rows
 from cnnpipe.training.loss import mix_batch, mix_like, soft_targets, weighted_cross_entropy
@@ -195,22 +196,29 @@ def forward(graphdef: Any, states: tuple[Any, ...], images: Any, names: Sequence
     return jax.nn.softmax(logits, axis=-1), feats
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def predict_probs(graphdef: Any, states: tuple[Any, ...], images: Any, views: Sequence[str] = ()) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def predict_probs(graphdef: Any, states: tuple[Any, ...], images: Any, views: Sequence[str] = (),
+                  task: Task | None = None) -> jax.Array:
     """Class probabilities (N, classes) float32 of a split model in eval mode (states as `forward`'s),
-    averaged over test-time augmentation `views` (a hashable tuple; () is the images as they are)."""
+    averaged over test-time augmentation `views` (a hashable tuple; () is the images as they are).
+    A multi-label or regression `task`: its outputs instead (`cnnpipe.tasks.Task.outputs`: sigmoid
+    probabilities, or values in the data's units), averaged over the views likewise."""
     model = nnx.merge(graphdef, *states)
     model.eval()
     if len(views) > 1:
-        return _average_views(model, images, views)
+        return _average_views(model, images, views, task)
+    if task is not None and not task.is_classification:
+        return task.outputs(model(images))
     return jax.nn.softmax(model(images), axis=-1)
 
 
-def _average_views(model: Any, images: jax.Array, views: Sequence[str]) -> jax.Array:
-    """Mean softmax of `model` over `views` of `images` (`cnnpipe.training.augment.VIEWS`)."""
+def _average_views(model: Any, images: jax.Array, views: Sequence[str], task: Task | None = None) -> jax.Array:
+    """Mean softmax (or `task`'s outputs) of `model` over `views` of `images` (`cnnpipe.training.augment.VIEWS`)."""
     total = 0.0
     for view in views:
-        total = total + jax.nn.softmax(model(apply_view(images, view)).astype(jnp.float32), axis=-1)
+        logits = model(apply_view(images, view)).astype(jnp.float32)
+        total = total + (task.outputs(logits) if task is not None and not task.is_classification
+                         else jax.nn.softmax(logits, axis=-1))
     return total / len(views)
 
 
