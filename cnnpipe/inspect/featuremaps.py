@@ -137,9 +137,10 @@ def capture_activations(model: Any, images: Any, names: Sequence[str] | None = N
     return predict_proba(model, images, names)[1]
 
 
-def predict_proba(model: Any, images: Any, names: Sequence[str] | None = None
+def predict_proba(model: Any, images: Any, names: Sequence[str] | None = None, task: Any = None
                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(class probabilities (N, num_classes), activations as `capture_activations`) in one pass."""
+    """(class probabilities (N, num_classes), activations as `capture_activations`) in one pass; a
+    multi-label or regression `task`: its outputs (sigmoid probabilities, values) instead."""
     names = tuple(model.feature_layer_names if names is None else names)
     for name in names:
         _layer_index(model, name)
@@ -147,7 +148,7 @@ def predict_proba(model: Any, images: Any, names: Sequence[str] | None = None
 
     x = _check_images(model, images)
     graphdef, state = _split(model)
-    probs, feats = forward(graphdef, (state,), x, names)
+    probs, feats = forward(graphdef, (state,), x, names, None if task is None or task.is_classification else task)
     # jit returns dicts with sorted keys; keep the layer order
     return np.asarray(probs), {k: np.asarray(feats[k]) for k in names}
 

@@ -20,13 +20,25 @@ import numpy as np
 __all__ = ["per_image_losses", "worst_indices", "confused_pairs", "inspect_worst"]
 
 
-def per_image_losses(model: Any, images: Any, labels: np.ndarray, batch: int = 256
+def per_image_losses(model: Any, images: Any, labels: np.ndarray, batch: int = 256, task: Any = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(cross-entropy loss (N,), class probabilities (N, classes)) of `model` on raw `images`."""
+    """(loss (N,), outputs (N, outputs)) of `model` on raw `images`: cross-entropy and class probabilities;
+    for a multi-label `task` the mean binary cross-entropy over each image's known labels and the
+    probabilities; for regression the mean squared error in standardised units over its known
+    targets and the predicted values."""
     from cnnpipe.inspect.featuremaps import predict_proba
 
-    probs = np.concatenate([predict_proba(model, np.asarray(images[i:i + batch]), ())[0]
+    probs = np.concatenate([predict_proba(model, np.asarray(images[i:i + batch]), (), task)[0]
                             for i in range(0, len(labels), batch)]).astype(np.float64)
+    if task is not None and not task.is_classification:
+        y = np.asarray(labels, np.float64)
+        known = ~np.isnan(y)
+        if task.kind == "multilabel":
+            p = np.clip(probs, 1e-7, 1 - 1e-7)
+            per = -(np.nan_to_num(y) * np.log(p) + (1 - np.nan_to_num(y)) * np.log1p(-p))
+        else:
+            per = ((probs - np.nan_to_num(y)) / np.asarray(task.target_std)) ** 2
+        return np.where(known, per, 0.0).sum(1) / np.maximum(known.sum(1), 1), probs
     picked = probs[np.arange(len(labels)), np.asarray(labels)]
     return -np.log(np.maximum(picked, np.finfo(np.float64).tiny)), probs
 
@@ -73,13 +85,22 @@ def inspect_worst(run_dir: str | os.PathLike, n: int, *, out: str | os.PathLike 
     check_compatible(run, ds)
     model = run.model()
     val = ds.val
-    losses, probs = per_image_losses(model, val.images, val.labels)
-    predictions = probs.argmax(1)
+    task = run.task
+    losses, probs = per_image_losses(model, val.images, val.labels, task=task)
     chosen = worst_indices(losses, n)
     planes = tuple(ds.plane_names or run.info.get("planes") or [f"S{i}" for i in range(ds.channels)])
     images = [InputImage(np.ascontiguousarray(val.images[i]), planes, ds.bit_depth, _source(val, i),
-                         (f"validation image {i}: true class {ds.classes[val.labels[i]]}, predicted "
-                          f"{ds.classes[predictions[i]]}, loss {losses[i]:.4f}",)) for i in chosen]
+                         (f"validation image {i}: {_truth_and_guess(run, ds.classes, val.labels[i], probs[i])}, "
+                          f"loss {losses[i]:.4f}",)) for i in chosen]
+    if not task.is_classification:
+        out_dir = Path(out) if out is not None else Path(run_dir) / "worst"
+        context = {"run_dir": str(run_dir), "checkpoint_step": run.step,
+                   "worst": {"n": len(chosen), "validation_images": len(val), "data": ds.description,
+                             "losses": [float(losses[i]) for i in chosen]}}
+        inspect_images(model, images, out_dir, classes=run.classes, layers=layers, top_k=top_k, context=context,
+                       task=task)
+        return out_dir / "index.html"
+    predictions = probs.argmax(1)
     pairs = confused_pairs(val.labels, predictions, ds.classes)
     shown = {int(i): k + 1 for k, i in enumerate(chosen)}
     for pair in pairs:
@@ -93,6 +114,22 @@ def inspect_worst(run_dir: str | os.PathLike, n: int, *, out: str | os.PathLike 
                          "confused_pairs": pairs}}
     inspect_images(model, images, out_dir, classes=run.classes, layers=layers, top_k=top_k, context=context)
     return out_dir / "index.html"
+
+
+def _truth_and_guess(run: Any, names: Sequence[str], target: Any, outputs: np.ndarray) -> str:
+    """E.g. "true class cat, predicted dog"; "true labels a, b, predicted b"; "true count 3, predicted 2.71"."""
+    task = run.task
+    if task.is_classification:
+        return f"true class {names[int(target)]}, predicted {names[int(np.argmax(outputs))]}"
+    if task.kind == "multilabel":
+        true = [n for n, v in zip(names, target) if v == 1] or ["none"]
+        unknown = [n for n, v in zip(names, target) if v != v]
+        hit = task.decide(outputs[None], run.thresholds)[0]
+        guess = [n for n, h in zip(names, hit) if h] or ["none"]
+        return (f"true labels {', '.join(true)}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+                + f", predicted {', '.join(guess)}")
+    return "; ".join(f"true {n} {'?' if t != t else f'{t:.4g}'}, predicted {p:.4g}"
+                     for n, t, p in zip(names, target, outputs))
 
 
 def _source(split: Any, i: int) -> str:

@@ -234,7 +234,7 @@ def _image_pictures(pics: _Pictures, stem: str, im: fm.InputImage, acts: dict[st
 def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | os.PathLike, *,
                    classes: Sequence[str], layers: Sequence[str] | None = None,
                    class_name: str | None = None, top_k: int = 5,
-                   context: dict[str, Any] | None = None) -> dict[str, Any]:
+                   context: dict[str, Any] | None = None, task: Any = None) -> dict[str, Any]:
     """Analyse `images` with `model`, write pictures, `summary.json` and `index.html` to `out_dir`.
 
     Args:
@@ -244,6 +244,9 @@ def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | o
       class_name: explain this class (default: each image's predicted class).
       top_k: how many predictions to list.
       context: extra top-level facts for the summary (run directory, checkpoint step).
+      task: a multi-label or regression run's `cnnpipe.tasks.Task`: predictions are its outputs
+        (every label's probability, every target's value) and, without `class_name`, the most
+        probable label or the first target is explained (Grad-CAM of its logit or value).
     Returns:
       The summary (also `summary.json`).
     """
@@ -253,8 +256,9 @@ def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | o
     pics = _Pictures(out)
 
     batch = np.stack([im.pixels for im in images])
-    probs, acts = fm.predict_proba(model, batch, names)
-    predicted = probs.argmax(axis=1)
+    probs, acts = fm.predict_proba(model, batch, names, task)
+    regression = task is not None and task.kind == "regression"
+    predicted = np.zeros(len(images), int) if regression else probs.argmax(axis=1)
     target = np.full(len(images), classes.index(class_name)) if class_name else predicted
     cam_layer = fm.default_cam_layer(model)
     heat = fm.grad_cam(model, batch, target, cam_layer)
@@ -279,9 +283,11 @@ def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | o
         tgt = classes[int(target[i])]
         entry: dict[str, Any] = {
             "source": im.source, "notes": list(im.notes), "planes": list(im.planes), "bit_depth": im.bit_depth,
-            "predictions": [{"class": classes[j], "probability": float(probs[i, j])}
-                            for j in np.argsort(-probs[i], kind="stable")[:k]],
-            "explained_class": tgt, "explained_because": "--class" if class_name else "predicted",
+            "predictions": [{"target": name, "value": float(v)} for name, v in zip(classes, probs[i])] if regression
+            else [{"class": classes[j], "probability": float(probs[i, j])}
+                  for j in np.argsort(-probs[i], kind="stable")[:k]],
+            "explained_class": tgt, "explained_because": "--class" if class_name else
+            "first target" if regression else "predicted",
             "attribution": {"shares": dict(zip(im.planes, map(float, shares[i]))),
                             "signed_sums": dict(zip(im.planes, map(float, signed[i])))},
             "layers": fm.activation_stats({n: a[i:i + 1] for n, a in acts.items()}),
@@ -322,8 +328,10 @@ def _image_section(n: int, entry: dict[str, Any], defs: dict[str, str]) -> list[
     parts = [f"<h2 id=img-{n}>{n}. {html.escape(entry['source'])}</h2>"]
     if entry["notes"]:
         parts.append('<p class="note">' + "; ".join(html.escape(x) for x in entry["notes"]) + ".</p>")
-    parts.append("<h3>Top predictions</h3>" + _table(
-        ["class", "probability"], [(p["class"], f"{p['probability']:.4f}") for p in entry["predictions"]]))
+    preds = entry["predictions"]
+    parts.append("<h3>Top predictions</h3>" + (_table(
+        ["class", "probability"], [(p["class"], f"{p['probability']:.4f}") for p in preds]) if "class" in preds[0]
+        else _table(["target", "predicted value"], [(p["target"], f"{p['value']:.6g}") for p in preds])))
     parts.append(f"<h3>Input planes ({entry['bit_depth']}-bit values)</h3><div class=row>" + "".join(
         _img(p, f"plane {p['plane']}, raw {entry['bit_depth']}-bit values") for p in pics["planes"]) + "</div>")
     shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in entry["attribution"]["shares"].items())
@@ -352,7 +360,7 @@ def _image_section(n: int, entry: dict[str, Any], defs: dict[str, str]) -> list[
 def _worst_section(worst: dict[str, Any]) -> list[str]:
     """The `--worst` page's head: what is shown, and the most-confused pairs linking to their examples."""
     rows = []
-    for pair in worst["confused_pairs"]:
+    for pair in worst.get("confused_pairs", []):
         links = " ".join(f'<a href="#img-{k}">#{k}</a>' for k in pair["on_page"])
         others = pair["sources"][:5]
         rest = html.escape(", ".join(others)) + (" ..." if pair["count"] > len(others) else "")
@@ -418,5 +426,5 @@ def inspect_run(run_dir: str | os.PathLike, images: Sequence[str | os.PathLike],
                 for im in (prepare_for_run(p, run.info) for p in images)]
     out_dir = Path(out) if out is not None else Path(run_dir) / "inspect"
     inspect_images(model, prepared, out_dir, classes=run.classes, layers=layers, class_name=class_name,
-                   top_k=top_k, context={"run_dir": str(run_dir), "checkpoint_step": run.step})
+                   top_k=top_k, context={"run_dir": str(run_dir), "checkpoint_step": run.step}, task=run.task)
     return out_dir / "index.html"

@@ -179,10 +179,11 @@ def state_to_model(graphdef: Any, state: TrainState | ModelState) -> CNN:
     return model
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def forward(graphdef: Any, states: tuple[Any, ...], images: Any, names: Sequence[str] | None = ()
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(class probabilities (N, classes), named layer outputs) of a split model, in eval mode.
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def forward(graphdef: Any, states: tuple[Any, ...], images: Any, names: Sequence[str] | None = (),
+            task: Task | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(class probabilities (N, classes), named layer outputs) of a split model, in eval mode; a
+    multi-label or regression `task`: its outputs (`cnnpipe.tasks.Task.outputs`) in place of the softmax.
 
     `states` are the states `nnx.split` gave beside `graphdef` (e.g. ``(state,)`` or
     ``(state.params, state.model_state)`` of a `TrainState`); `names` (a hashable tuple,
@@ -193,6 +194,8 @@ def forward(graphdef: Any, states: tuple[Any, ...], images: Any, names: Sequence
     model = nnx.merge(graphdef, *states)
     model.eval()
     logits, feats = model.features(images, None if names is None else list(names))
+    if task is not None and not task.is_classification:
+        return task.outputs(logits), feats
     return jax.nn.softmax(logits, axis=-1), feats
 
 
