@@ -169,8 +169,7 @@ class DataConfig(_Schema):
     # (null: path = the first of file_name, path, filename, image, id; label = label; no split/group/fold)
     labels: str | None = None
     path_col: str | None = None
-    # several columns: one 0/1 column per label (multi-label; empty or -1 = unknown)
-    label_col: str | tuple[str, ...] | None = None
+    label_col: str | tuple[str, ...] | None = None   # several: one 0/1 column per label (multi-label)
     label_delim: str | None = None      # one label column of delimited labels ("|", " "): multi-label
     target_col: str | tuple[str, ...] | None = None   # numeric target column(s): regression
     # classification (one class each), multilabel or regression; null: from the columns given
@@ -238,10 +237,9 @@ class AugmentConfig(_Schema):
 
 
 class EarlyStoppingConfig(_Schema):
-    # classification: val_loss, val_accuracy, balanced_accuracy; multilabel: val_map, val_macro_f1,
-    # val_micro_f1, val_macro_auroc; regression: val_rmse, val_mae, val_r2 (cnnpipe.tasks.CHECKPOINT_METRICS)
+    # the task's (cnnpipe.tasks.CHECKPOINT_METRICS): classification val_loss, val_accuracy, balanced_accuracy;
     metric: Literal["val_loss", "val_accuracy", "balanced_accuracy", "val_map", "val_macro_f1", "val_micro_f1",
-                    "val_macro_auroc", "val_rmse", "val_mae", "val_r2"] = "val_loss"
+                    "val_macro_auroc", "val_rmse", "val_mae", "val_r2"] = "val_loss"   # multilabel val_map, ...
     patience: PosInt = 5                # epochs without an improvement before the run stops
     min_delta: Annotated[Number, Field(ge=0.0, allow_inf_nan=False)] = 0.0   # smaller changes are no improvement
 

@@ -30,6 +30,13 @@ CV_METRICS = ("val_accuracy", "balanced_accuracy", "val_loss", "best_val_accurac
               "final_val_loss", "epochs")
 
 
+# the same for multi-label and regression runs (their summary.json's "task")
+TASK_CV_METRICS = {
+    "multilabel": ("val_map", "val_macro_f1", "val_micro_f1", "val_macro_auroc", "val_subset_accuracy",
+                   "val_hamming_loss", "val_loss", "epochs"),
+    "regression": ("val_rmse", "val_mae", "val_r2", "val_pearson", "val_loss", "epochs")}
+
+
 def fold_count(cfg: Config, folds: int | None) -> tuple[Config, int]:
     """(the config with its data's folds set, K): K from `folds`, the store's folds or data.folds.
 
@@ -118,9 +125,13 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
 def _table(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """{metric: {"per_fold": [...], "mean": m, "std": s}} for `CV_METRICS` and each class's accuracy."""
     classes = list(summaries[0].get("per_class_accuracy", {}))
-    rows: dict[str, list[Any]] = {m: [s.get(m) for s in summaries] for m in CV_METRICS}
+    metrics = TASK_CV_METRICS.get(summaries[0].get("task", ""), CV_METRICS)
+    rows: dict[str, list[Any]] = {m: [s.get(m) for s in summaries] for m in metrics}
     for c in classes:
         rows[f"accuracy[{c}]"] = [s["per_class_accuracy"].get(c) for s in summaries]
+    for per, key in (("per_label", "ap"), ("per_target", "rmse")):   # multilabel AP, regression RMSE
+        for name in summaries[0].get(per, {}):
+            rows[f"{key}[{name}]"] = [s[per][name][key] for s in summaries]
     out = {}
     for metric, values in rows.items():
         mean, std = _stats(values)

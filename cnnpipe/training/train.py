@@ -39,6 +39,7 @@ from cnnpipe.files import write_atomic
 from cnnpipe.training.feed import compile_ahead, epoch_batches
 from cnnpipe.training.loop import EpochLoop, Monitor, Position
 from cnnpipe.training.runlog import MetricsLog, MetricsSink, NonFiniteLossError, Stopwatch
+from cnnpipe.training.task_run import describe_task as _describe_task
 
 __all__ = ["train_and_evaluate", "NonFiniteLossError", "default_run_dir"]
 
@@ -314,10 +315,8 @@ def _log_start(cfg: Config, parts: _Parts, run_dir: Path, log: Callable[[str], N
         scale = f"; backbone at {pre.backbone_lr_scale:g}x the learning rate" if pre.backbone_lr_scale != 1.0 else ""
         log(f"pretrained: {pre.weights} (new {parts.ds.num_classes}-class head{plan}{scale}); "
             f"input normalisation from the {parts.init.normalization}")
-    if not parts.ds.task.is_classification:
-        from cnnpipe.training.task_run import describe_task
-
-        return describe_task(parts.ds.task, parts.ds.train.labels, parts.pos_weight, cfg, log)
+    if not parts.ds.task.is_classification:   # its loss, label counts and warnings
+        return _describe_task(parts.ds.task, parts.ds.train.labels, parts.pos_weight, cfg, log)
     per_class = np.bincount(parts.ds.train.labels, minlength=parts.ds.num_classes)
     if not per_class.all():   # e.g. a class whose only image went to the validation split
         log(f"warning: no training images of class {', '.join(c for c, n in zip(parts.ds.classes, per_class) if not n)}; "
