@@ -81,6 +81,9 @@ class Dataset:
         # raw pixel unit maps such a channel to (x - mean), i.e. 0 on the training data,
         # instead of failing the run; the store's meta.json keeps the true statistics.
         object.__setattr__(self, "std", tuple(max(float(s), MIN_STD) for s in self.std))
+        if tuple(self.task.names) != tuple(self.classes):   # the task names its outputs: the classes
+            object.__setattr__(self, "task", Task(self.task.kind, tuple(self.classes), self.task.target_mean,
+                                                  self.task.target_std))
 
     @property
     def num_classes(self) -> int:
@@ -206,6 +209,12 @@ def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     for key, ok, expected in checks:
         if not ok(info[key]):
             raise ValueError(f"{path}: corrupt run file ({key!r} is {repr(info[key])[:60]}; expected {expected})")
+    try:   # a multi-label or regression run's task, when written
+        task = Task.from_meta(info)
+        if task.kind == "regression" and (task.target_mean is None or len(task.target_mean) != len(info["classes"])):
+            raise ValueError("target_mean/target_std missing or not one per target")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: corrupt run file ('task': {' '.join(str(exc).split())[:80]})") from None
     norm = info.get("normalization")   # the model's own statistics (pretrained runs), when written
     if norm is not None and not (isinstance(norm, dict) and numbers(norm.get("mean")) and numbers(norm.get("std"))):
         raise ValueError(f"{path}: corrupt run file ('normalization' is {repr(norm)[:60]}; "
