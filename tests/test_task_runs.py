@@ -187,3 +187,14 @@ def test_a_regression_run_measures_ink_in_the_datas_units(mosaics, tmp_path):
     pred = run.predict(store.images("val"))
     rmse = np.sqrt(((pred - y) ** 2).mean(0))   # in the data's units: the summary's own figures
     assert rmse.tolist() == pytest.approx([summary["per_target"][n]["rmse"] for n in store.classes], rel=1e-4)
+    import onnxruntime as ort
+
+    from cnnpipe.runs.export import export_run
+
+    path = export_run(run, "onnx", tmp_path / "m.onnx")   # values in the data's units, inside the model
+    session = ort.InferenceSession(str(path))
+    x = store.images("val")[:32].astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], pred[:32], atol=1e-5,
+                               rtol=1e-5)
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert meta["targets"] == ["count", "ink"] and meta["target_mean"] == pytest.approx(list(run.task.target_mean))
