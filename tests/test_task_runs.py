@@ -111,6 +111,29 @@ def test_a_bad_cell_is_reported_and_the_run_goes_on(mosaics, tmp_path):
     assert sum(store.count(s) for s in store.splits) == N - 2
 
 
+def test_tables_that_contradict_the_options_stop_in_one_line_and_odd_cells_are_bad_rows(mosaics, tmp_path):
+    from cnnpipe.datasets.table_scan import LabelTable, scan_table
+    from cnnpipe.datasets.tables import TableError
+
+    root = mosaics[0]
+    lines = (root / "list.jsonl").read_text().splitlines()
+    lines[5] = json.dumps({"file_name": "m005.png", "tags": "d3"})   # one plain cell in a list column
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    scan, record = scan_table(root / "img", LabelTable(str(tmp_path / "list.jsonl"), label_col="tags"))
+    assert record["task"]["type"] == "multilabel" and record["task"]["names"] == [f"d{k}" for k in range(10)]
+    assert [s["kind"] for s in scan.skipped] == ["bad_label"] and "m005.png" in scan.skipped[0]["reason"]
+    bad = {"--label-delim": LabelTable(str(tmp_path / "list.jsonl"), label_col="tags", label_delim="|"),
+           "--task": LabelTable(str(tmp_path / "list.jsonl"), label_col="tags", task="classification"),
+           "named twice": LabelTable(str(root / "cols.csv"), label_col=("d1", "d1")),
+           "--target-col": LabelTable(str(root / "reg.csv"), label_col="count", target_col="ink")}
+    for words, table in bad.items():
+        with pytest.raises(TableError, match=words):
+            scan_table(root / "img", table)
+    (tmp_path / "r.csv").write_text("filename,error\nm000.png,1\n")
+    with pytest.raises(TableError, match="'error' is one of predict's own columns"):
+        scan_table(root / "img", LabelTable(str(tmp_path / "r.csv"), target_col="error"))
+
+
 @pytest.fixture(scope="module")
 def multilabel_run(mosaics, tmp_path_factory):
     from cnnpipe.datasets.table_scan import LabelTable

@@ -169,6 +169,6 @@ def test_target_cells():
     with pytest.raises(TargetError, match="'2'"):
         flag_value("2")
     assert number_value("3.25") == 3.25 and math.isnan(number_value(None))
-    for bad in ("abc", "inf", "nan"):
+    for bad in ("abc", "inf", "nan", "1_000", "1,5", "\u0661\u0662"):   # float() takes the last three
         with pytest.raises(TargetError):
             number_value(bad)

@@ -238,7 +238,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="SRC", help="image files, folders or @LIST files")
     p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to show per image (default: %(default)s)")
     p.add_argument("--out", metavar="PREDS.csv|.jsonl",
-                   help="write path,rank,class,probability,error rows as CSV (JSON Lines if it ends in .jsonl)")
+                   help="write path,rank,class,probability,error rows as CSV (JSON Lines if it ends in .jsonl); "
+                        "a multi-label run: path,labels,<label>...,error; regression: path,<target>...,error")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="preparing processes (default: 0 = every core)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per device batch (default: 64)")
     p.add_argument("--checkpoint", default="best", metavar="WHICH",

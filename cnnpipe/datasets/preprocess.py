@@ -401,6 +401,7 @@ class _Accumulator:
         self.per_class[cand.split]["_files"] += 1
         if cand.fold >= 0:
             self.per_fold[cand.fold].update(names)
+            self.per_fold[cand.fold]["_files"] += 1
         if res.warnings:
             self.warnings.append({"path": display_path(cand.rel), "warnings": list(res.warnings)})
         if res.sums is not None:
@@ -425,5 +426,7 @@ class _Accumulator:
                                   [a - b for a, b in zip(sumsq, held_sumsq)], n - held_n[0])
             mean.append(m)
             std.append(s)
+        # a multi-label or regression fold's counts are positives or values, so its images are given too
+        images = {} if self.task.is_classification else {"images": [f["_files"] for f in self.per_fold]}
         return {"k": len(self.fold_sums), "per_class": [{c: f[c] for c in classes} for f in self.per_fold],
-                "train_mean": mean, "train_std": std}
+                **images, "train_mean": mean, "train_std": std}

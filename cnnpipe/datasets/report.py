@@ -144,7 +144,8 @@ def format_summary(store: Store, elapsed_s: float | None = None) -> str:
         values = (table or {}).get("fold_values")
         named = f" = column values {', '.join(map(str, values))}" if values else ""
         lines.append(f"  folds (data.fold 0-{folds['k'] - 1}{named}): "
-                     + ", ".join(str(sum(f.values())) for f in folds["per_class"]) + " images")
+                     + ", ".join(map(str, folds.get("images") or [sum(f.values()) for f in folds["per_class"]]))
+                     + " images")
     if table or split:
         lines.append((f"labels: {display_path(table['table'])} ({table['rows']} rows, paths {table['path_col']!r}, "
                       f"{_target_words(table)}); " if table else "")

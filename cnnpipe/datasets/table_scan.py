@@ -91,27 +91,44 @@ def _names(value: str | tuple[str, ...] | list[str] | None) -> list[str]:
 
 
 def _task_form(table: Table, spec: LabelTable) -> tuple[str, str, list[str]]:
-    """(task, how its targets are written: class | delimited | list | flags | numbers, the target columns)."""
+    """(task, how its targets are written: class | delimited | list | flags | numbers, the target columns).
+    TableError for options that contradict each other or the column."""
     where, opt = display_path(table.path), spec.option
-    label_cols = [pick_column(table, n, opt("label_col")) for n in _names(spec.label_col)] \
-        or [pick_column(table, None, opt("label_col"), ("label",))] if spec.target_col is None else []
+    if spec.target_col is not None and (spec.label_col is not None or spec.label_delim is not None):
+        given = opt("label_col") if spec.label_col is not None else opt("label_delim")
+        raise TableError(f"{opt('target_col')}: regression targets; {given} is for class or label columns: "
+                         "give one or the other")
+    if spec.label_delim is not None and not spec.label_delim:
+        raise TableError(f"{opt('label_delim')}: empty; give the character that joins the labels ('|', ' ')")
+    names = _names(spec.target_col if spec.target_col is not None else spec.label_col)
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise TableError(f"{opt('target_col' if spec.target_col is not None else 'label_col')}: {twice!r} is "
+                         "named twice")
     if spec.target_col is not None or spec.task == "regression":
-        cols = [pick_column(table, n, opt("target_col")) for n in _names(spec.target_col)] or label_cols
         if spec.task not in (None, "regression"):
             raise TableError(f"{opt('task')}: {spec.task} does not take {opt('target_col')} (regression targets)")
-        return "regression", "numbers", cols
-    if spec.task == "classification" and (len(label_cols) > 1 or spec.label_delim is not None):
-        raise TableError(f"{opt('task')}: classification takes one class per image: one {opt('label_col')} "
-                         f"and no {opt('label_delim')}")
+        return "regression", "numbers", [pick_column(table, n, opt("target_col")) for n in names] or [
+            pick_column(table, spec.label_col, opt("label_col"), ("label",))]
+    label_cols = [pick_column(table, n, opt("label_col")) for n in names] or [
+        pick_column(table, None, opt("label_col"), ("label",))]
+    values = [v for v in table.columns[label_cols[0]] if v is not None]
+    # a list-valued column (Parquet list, JSON array): its non-list cells are bad rows, not classes
+    lists = len(label_cols) == 1 and values and 2 * sum(map(is_list_cell, values)) >= len(values)
+    if spec.task == "classification" and (len(label_cols) > 1 or spec.label_delim is not None or lists):
+        raise TableError(f"{opt('task')}: classification takes one class per image: one {opt('label_col')} of "
+                         f"single labels and no {opt('label_delim')}")
     if len(label_cols) > 1:
         if spec.label_delim is not None:
             raise TableError(f"{opt('label_delim')}: with several label columns each is a 0/1 column; "
                              "give one column of delimited labels, or several 0/1 columns")
         return "multilabel", "flags", label_cols
+    if lists and spec.label_delim is not None:
+        raise TableError(f"{opt('label_delim')}: column {label_cols[0]!r} holds lists of labels, not delimited text; "
+                         f"leave {opt('label_delim')} out")
     if spec.label_delim is not None:
         return "multilabel", "delimited", label_cols
-    values = [v for v in table.columns[label_cols[0]] if v is not None]
-    if values and spec.task != "classification" and all(is_list_cell(v) for v in values):
+    if lists:
         return "multilabel", "list", label_cols
     if spec.task == "multilabel":
         raise TableError(f"{where}: {opt('task')} multilabel: column {label_cols[0]!r} holds one label per row; "
@@ -212,7 +229,7 @@ def _target(table: Table, cols: dict[str, Any], i: int, delim: str | None) -> An
     if form == "list":
         return list_labels(cells[0])
     values = tuple(flag_value(c) if form == "flags" else number_value(c) for c in cells)
-    return None if form == "numbers" and all(v != v for v in values) else values   # every value missing
+    return None if all(v != v for v in values) else values   # every value unknown or missing: no target
 
 
 def _split_values(table: Table, col: str | None) -> dict[str, str]:
@@ -300,14 +317,31 @@ def _encode_targets(scan: FolderScan, cols: dict[str, Any], table: Table) -> lis
     """The task's output names; each candidate's target as a (names,) tuple (label sets made multi-hot,
     in sorted label order). TableError when a multi-label table names no label at all."""
     if cols["form"] not in ("delimited", "list"):
+        _check_names(list(cols["targets"]), table)
         return list(cols["targets"])
     names = sorted(set().union(*(c.target for c in scan.candidates)))
     if not names:
+        bad = sum(1 for s in scan.skipped if s["kind"] == "bad_label")
         raise TableError(f"{display_path(table.path)}: label column {cols['label']!r} names no label in any "
-                         "usable row; a multi-label classifier needs at least one")
+                         "usable row; a multi-label classifier needs at least one"
+                         + (f" ({bad} rows have cells that are not labels; see the first: "
+                            f"{next(s['reason'] for s in scan.skipped if s['kind'] == 'bad_label')})" if bad else ""))
+    _check_names(names, table)
     for c in scan.candidates:
         c.target = multi_hot(c.target, names)
     return names
+
+
+RESERVED_NAMES = frozenset({"path", "labels", "error"})   # predict's own CSV columns
+
+
+def _check_names(names: list[str], table: Table) -> None:
+    """TableError for a label or target name predict's CSV could not hold: one of its own columns, or
+    one holding "|" (which joins a file's predicted labels)."""
+    for n in names:
+        if n in RESERVED_NAMES or "|" in n:
+            why = "is one of predict's own columns" if n in RESERVED_NAMES else "holds '|', which joins predicted labels"
+            raise TableError(f"{display_path(table.path)}: label or target {n!r} {why}; rename it in the table")
 
 
 def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]:

@@ -17,7 +17,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["per_image_losses", "worst_indices", "confused_pairs", "inspect_worst"]
+__all__ = ["per_image_losses", "worst_indices", "confused_pairs", "inspect_worst", "RANKED_BY"]
+
+# what --worst ranks a multi-label or regression run's images by (whatever its training loss)
+RANKED_BY = {"multilabel": "binary cross-entropy over the image's known labels",
+             "regression": "squared error in standardised units (error / the target's training std), "
+                           "mean over the image's known targets"}
 
 
 def per_image_losses(model: Any, images: Any, labels: np.ndarray, batch: int = 256, task: Any = None
@@ -96,7 +101,7 @@ def inspect_worst(run_dir: str | os.PathLike, n: int, *, out: str | os.PathLike 
         out_dir = Path(out) if out is not None else Path(run_dir) / "worst"
         context = {"run_dir": str(run_dir), "checkpoint_step": run.step,
                    "worst": {"n": len(chosen), "validation_images": len(val), "data": ds.description,
-                             "losses": [float(losses[i]) for i in chosen]}}
+                             "losses": [float(losses[i]) for i in chosen], "ranked_by": RANKED_BY[task.kind]}}
         inspect_images(model, images, out_dir, classes=run.classes, layers=layers, top_k=top_k, context=context,
                        task=task)
         return out_dir / "index.html"

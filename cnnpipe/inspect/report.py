@@ -368,8 +368,12 @@ def _worst_section(worst: dict[str, Any]) -> list[str]:
                     f"<td>{pair['count']}</td><td>{links or '-'}</td><td>{rest}</td></tr>")
     table = ("<table><tr><th>true class</th><th>predicted</th><th>images</th><th>on this page</th>"
              "<th>examples</th></tr>" + "".join(rows) + "</table>") if rows else "<p>No validation image is wrong.</p>"
-    return [f"<h2>The {worst['n']} highest-loss of {worst['validation_images']} validation images</h2>",
-            f'<p class="note">{html.escape(worst["data"])}; each image below shows its true and predicted '
+    head = [f"<h2>The {worst['n']} highest-loss of {worst['validation_images']} validation images</h2>"]
+    if "ranked_by" in worst:   # a multi-label or regression run: no class pairs to confuse
+        return [*head, f'<p class="note">{html.escape(worst["data"])}; ranked by {html.escape(worst["ranked_by"])}; '
+                "each image below shows its true and predicted labels or values, Grad-CAM and per-plane "
+                "attribution.</p>"]
+    return [*head, f'<p class="note">{html.escape(worst["data"])}; each image below shows its true and predicted '
             "class, the top probabilities, Grad-CAM over the image for the predicted class and per-plane "
             "attribution.</p>", "<h3>Most-confused class pairs</h3>", table]
 

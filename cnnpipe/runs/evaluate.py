@@ -96,6 +96,8 @@ def format_task_result(run: Run, result: dict[str, Any]) -> str:
         lines.append(f"mAP: {f(result['map'])}  macro F1: {f(result['macro_f1'])}  micro F1: {f(result['micro_f1'])}  "
                      f"macro AUROC: {f(result['macro_auroc'])}  subset accuracy: {f(result['subset_accuracy'])}  "
                      f"Hamming loss: {f(result['hamming_loss'])}  loss: {result['loss']:.4f}")
+        if len(result.get("views", ())) > 1:
+            lines.append("loss: binary cross-entropy of the probabilities averaged over the views")
         if result.get("threshold_note"):
             lines.append(f"warning: {result['threshold_note']}")
         cols, per = ("ap", "auroc", "f1", "precision", "recall", "threshold"), result["per_label"]

@@ -164,6 +164,9 @@ class Task:
     def check_train(self, train: Any, augment: Any) -> None:
         """TaskError naming the key when a train setting has no meaning for this task."""
         if self.is_classification:
+            if train.thresholds != "f1":
+                raise TaskError("train.thresholds: decision thresholds of a multi-label task; a single-label "
+                                "run decides by the most probable class")
             if train.pos_weight is not None:
                 raise TaskError("train.pos_weight: only for a multi-label task (class_weights weighs classes)")
             if train.loss not in (None, "cross_entropy"):
@@ -181,6 +184,8 @@ class Task:
         if train.loss is not None and train.loss not in allowed:
             raise TaskError(f"train.loss: {train.loss!r} is not a {self.kind} loss (expected "
                             f"{' or '.join(allowed)})")
+        if self.kind != "multilabel" and train.thresholds != "f1":
+            raise TaskError("train.thresholds: decision thresholds of a multi-label task; a regression run has none")
         if self.kind == "regression":
             if train.label_smoothing:
                 raise TaskError("train.label_smoothing: only for classification; regression targets are values")

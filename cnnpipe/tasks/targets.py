@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 __all__ = ["TargetError", "UNKNOWN_VALUES", "split_labels", "list_labels", "is_list_cell", "flag_value",
@@ -26,6 +27,7 @@ __all__ = ["TargetError", "UNKNOWN_VALUES", "split_labels", "list_labels", "is_l
 
 # what a 0/1 label column may hold besides 0 and 1, meaning "unknown" (case-insensitive)
 UNKNOWN_VALUES = frozenset({"-1", "-1.0", "nan", "na", "n/a", "?", "uncertain", "unknown"})
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _ONE = frozenset({"1", "1.0", "true", "yes", "y", "t", "positive", "pos"})
 _ZERO = frozenset({"0", "0.0", "false", "no", "n", "f", "negative", "neg"})
 
@@ -77,13 +79,15 @@ def flag_value(cell: str | None) -> float:
 
 
 def number_value(cell: str | None) -> float:
-    """A numeric target cell as float (NaN when empty). Raises TargetError for text, NaN or infinity."""
+    """A numeric target cell as float (NaN when empty): ASCII digits, an optional sign, point and exponent.
+    Raises TargetError for anything else (text, "1,5", "1_000", NaN, infinity)."""
     if cell is None or not cell.strip():
         return math.nan
-    try:
-        value = float(cell.strip())
-    except ValueError:
-        raise TargetError(f"{cell[:40]!r} is not a number") from None
+    text = cell.strip()
+    # a plain decimal number as a spreadsheet writes it: float() would also take "1_000" and other scripts' digits
+    if not _NUMBER.fullmatch(text):
+        raise TargetError(f"{cell[:40]!r} is not a number")
+    value = float(text)
     if not math.isfinite(value):
         raise TargetError(f"{cell[:40]!r} is not a finite number")
     return value

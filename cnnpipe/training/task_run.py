@@ -180,3 +180,7 @@ def describe_task(task: Task, train_targets: np.ndarray, pos_weight: Any, cfg: A
     say(f"task: regression of {', '.join(task.names)}, loss {loss} on standardised targets (training mean "
         + ", ".join(f"{m:.4g}" for m in task.target_mean or ()) + ", std "
         + ", ".join(f"{s:.4g}" for s in task.target_std or ()) + ")")
+    constant = [n for n, col in zip(task.names, y.T) if np.nanmax(col, initial=0) == np.nanmin(col, initial=0)]
+    if constant:
+        say(f"warning: target {', '.join(constant)} has one value on the training split; the model can only "
+            "learn that value")

@@ -148,6 +148,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
     with watch.phase("build"):
         check_augment(cfg.augment, ds.size)
         ds.task.check_train(tc, cfg.augment)   # a setting the task has no meaning for: one line
+        Monitor.of(tc, ds.task)   # an early-stopping metric of another task: before any file is written
         weights = class_weight_vector(tc.class_weights, ds.train.labels, ds.classes) if ds.task.is_classification \
             else None
         pos_weight = pos_weight_vector(tc.pos_weight, ds.train.labels, ds.classes) \
