@@ -340,7 +340,8 @@ def _check_names(names: list[str], table: Table) -> None:
     one holding "|" (which joins a file's predicted labels)."""
     for n in names:
         if n in RESERVED_NAMES or "|" in n:
-            why = "is one of predict's own columns" if n in RESERVED_NAMES else "holds '|', which joins predicted labels"
+            why = ("is one of predict's own columns" if n in RESERVED_NAMES
+                   else "holds '|', which joins predicted labels")
             raise TableError(f"{display_path(table.path)}: label or target {n!r} {why}; rename it in the table")
 
 

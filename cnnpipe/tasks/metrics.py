@@ -135,7 +135,8 @@ def fit_thresholds(targets: np.ndarray, probs: np.ndarray, min_positives: int = 
     """Per-label F1-maximising thresholds (`fit_threshold`) for targets (N, L) in {0, 1, NaN} and probs (N, L).
 
     Each label uses its known rows only; its threshold lies midway between the fitted score and the next
-    lower score (`_float32_in_gap`), giving the same decisions on these rows. A label with fewer than `min_positives` known positives, or
+    lower score (`_float32_in_gap`), giving the same decisions on these rows. A label with fewer than
+    `min_positives` known positives, or
     no known negative, cannot be fitted meaningfully: it gets 0.5 and its index is in the returned
     list (for the caller to warn about by name). Returns (float32 thresholds (L,), fallback indices).
     """

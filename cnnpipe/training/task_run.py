@@ -17,7 +17,8 @@ import numpy as np
 from cnnpipe.files import write_atomic
 from cnnpipe.tasks import CHECKPOINT_METRICS, Task, result_key
 
-__all__ = ["make_steps", "train_score_name", "epoch_record", "epoch_line", "checkpoint_metrics", "task_summary",
+__all__ = ["make_steps", "loss_weights", "train_score_name", "epoch_record", "epoch_line", "checkpoint_metrics",
+           "task_summary",
            "record_thresholds", "read_thresholds", "describe_task", "THRESHOLDS_FILE", "curve_keys", "done_line"]
 
 THRESHOLDS_FILE = "thresholds.json"   # multilabel: {checkpoint step: {label: threshold}}
@@ -40,6 +41,19 @@ def make_steps(task: Task, graphdef: Any, tx: Any, mesh: Any, cfg: Any, loss_arg
     frozen = make_task_train_step(graphdef, tx, mesh, task, frozen_backbone=head, **args) \
         if cfg.pretrained.freeze_epochs else None
     return train_step, frozen, make_task_eval_step(graphdef, mesh, task, cfg.train.loss, resident=resident_val)
+
+
+def loss_weights(ds: Any, train_cfg: Any) -> tuple[Any, Any]:
+    """(class weights (K,) of a single-label run, pos_weight (L,) of a multi-label one), each None when unset
+    (`cnnpipe.training.loss.class_weight_vector`, `cnnpipe.tasks.losses.pos_weight_vector`)."""
+    from cnnpipe.tasks.losses import pos_weight_vector
+    from cnnpipe.training.loss import class_weight_vector
+
+    if ds.task.is_classification:
+        return class_weight_vector(train_cfg.class_weights, ds.train.labels, ds.classes), None
+    if ds.task.kind == "multilabel":
+        return None, pos_weight_vector(train_cfg.pos_weight, ds.train.labels, ds.classes)
+    return None, None
 
 
 def train_score_name(task: Task) -> str:

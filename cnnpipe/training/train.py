@@ -36,10 +36,10 @@ from cnnpipe.datasets.batches import steps_per_epoch
 from cnnpipe.datasets.dataset import Dataset
 from cnnpipe.datasets.sources import load_dataset
 from cnnpipe.files import write_atomic
+from cnnpipe.training import task_run
 from cnnpipe.training.feed import compile_ahead, epoch_batches
 from cnnpipe.training.loop import EpochLoop, Monitor, Position
 from cnnpipe.training.runlog import MetricsLog, MetricsSink, NonFiniteLossError, Stopwatch
-from cnnpipe.training.task_run import describe_task as _describe_task
 
 __all__ = ["train_and_evaluate", "NonFiniteLossError", "default_run_dir"]
 
@@ -131,15 +131,12 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
     from flax import nnx
 
     from cnnpipe.models.cnn import build_model, count_params
-    from cnnpipe.tasks.losses import pos_weight_vector
     from cnnpipe.training import distributed, steps
     from cnnpipe.training.augment import check_augment
     from cnnpipe.training.compile_cache import quiet_cache_loads
     from cnnpipe.training.dispatch import max_chunk
-    from cnnpipe.training.loss import class_weight_vector
     from cnnpipe.training.pretrained import head_mask, resolve_pretrained
     from cnnpipe.training.resident import place_eval, place_split, resident_decision
-    from cnnpipe.training.task_run import make_steps
 
     tc, pre = cfg.train, cfg.pretrained
     with watch.phase("data"):
@@ -149,10 +146,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         check_augment(cfg.augment, ds.size)
         ds.task.check_train(tc, cfg.augment)   # a setting the task has no meaning for: one line
         Monitor.of(tc, ds.task)   # an early-stopping metric of another task: before any file is written
-        weights = class_weight_vector(tc.class_weights, ds.train.labels, ds.classes) if ds.task.is_classification \
-            else None
-        pos_weight = pos_weight_vector(tc.pos_weight, ds.train.labels, ds.classes) \
-            if ds.task.kind == "multilabel" else None
+        weights, pos_weight = task_run.loss_weights(ds, tc)
         # reads the weights once, so a bad file fails before any compile; a resumed run has
         # its weights in the checkpoint and its normalisation in dataset.json
         init = resolve_pretrained(cfg, ds, resumed_from)
@@ -180,7 +174,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
                       mesh.devices.flat[0].platform)
         loss_args = dict(precision=tc.precision, augment=cfg.augment, class_weights=weights,
                          label_smoothing=tc.label_smoothing, resident=resident, steps_per_dispatch=k)
-        train_step, frozen_step, eval_step = make_steps(ds.task, graphdef, tx, mesh, cfg, loss_args, head,
+        train_step, frozen_step, eval_step = task_run.make_steps(ds.task, graphdef, tx, mesh, cfg, loss_args, head,
                                                         pos_weight, resident_val)
 
     def initialise() -> Any:
@@ -317,7 +311,7 @@ def _log_start(cfg: Config, parts: _Parts, run_dir: Path, log: Callable[[str], N
         log(f"pretrained: {pre.weights} (new {parts.ds.num_classes}-class head{plan}{scale}); "
             f"input normalisation from the {parts.init.normalization}")
     if not parts.ds.task.is_classification:   # its loss, label counts and warnings
-        return _describe_task(parts.ds.task, parts.ds.train.labels, parts.pos_weight, cfg, log)
+        return task_run.describe_task(parts.ds.task, parts.ds.train.labels, parts.pos_weight, cfg, log)
     per_class = np.bincount(parts.ds.train.labels, minlength=parts.ds.num_classes)
     if not per_class.all():   # e.g. a class whose only image went to the validation split
         log(f"warning: no training images of class {', '.join(c for c, n in zip(parts.ds.classes, per_class) if not n)}; "
@@ -376,7 +370,6 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
 
     from cnnpipe.training import distributed, steps
     from cnnpipe.training.dispatch import Chunks
-    from cnnpipe.training.task_run import checkpoint_metrics, train_score_name
 
     tc, mesh = cfg.train, parts.mesh
     monitor = Monitor.of(tc, parts.ds.task)
@@ -388,14 +381,14 @@ def _train(cfg: Config, parts: _Parts, ckpts: Any, pos: Position, run_dir: Path,
     last_ckpt = [ckpts.latest_step()]
 
     def save(state: Any, at: Position, result: dict[str, Any] | None = None) -> None:
-        metrics = None if result is None else checkpoint_metrics(parts.ds.task, result)
+        metrics = None if result is None else task_run.checkpoint_metrics(parts.ds.task, result)
         at.log_window = sink.window()   # the stop rule settled every step before a save
         ckpts.save(at.step, state, at.as_dict(), metrics=metrics)
         last_ckpt[0] = at.step
 
     sink = MetricsSink(logger.write, tc.max_nonfinite_steps,
                        lambda: str(run_dir / "checkpoints" / str(last_ckpt[0])) if last_ckpt[0] is not None else "none",
-                       train_score_name(parts.ds.task))
+                       task_run.train_score_name(parts.ds.task))
     sink.resume(pos.log_window)
     loop = EpochLoop(parts.train_step, sink, watch, tc.batch_size, parts.steps_per_epoch, tc.log_every_steps,
                      tc.checkpoint_every_steps, save, None if bar.disable else bar,
@@ -429,7 +422,6 @@ def _end_epoch(cfg: Config, parts: _Parts, pos: Position, monitor: Monitor, logg
     from cnnpipe.training import distributed
     from cnnpipe.training.compile_cache import quiet_cache_loads
     from cnnpipe.training.summary import probe_feature_maps
-    from cnnpipe.training.task_run import epoch_line, epoch_record, record_thresholds
 
     tc, ds = cfg.train, parts.ds
     t_eval = time.perf_counter()
@@ -437,15 +429,15 @@ def _end_epoch(cfg: Config, parts: _Parts, pos: Position, monitor: Monitor, logg
         result = parts.evaluate(parts.state)
     is_best = pos.end_epoch(result, monitor)
     logger.write({"step": pos.step, "epoch": pos.epoch, "split": "val", "loss": result["loss"],
-                  **epoch_record(ds.task, result)})
+                  **task_run.epoch_record(ds.task, result)})
     if distributed.is_primary():   # multilabel: this checkpoint's thresholds, for evaluate/predict/export
-        record_thresholds(run_dir, pos.step, result)
+        task_run.record_thresholds(run_dir, pos.step, result)
     eval_seconds = time.perf_counter() - t_eval
     with watch.phase("checkpoints"):
         save(parts.state, pos, result)
     if tc.probe_feature_maps:
         with quiet_cache_loads():
             probe_feature_maps(logger.tb, parts.graphdef, parts.state, ds, pos.step)
-    say(f"epoch {pos.epoch}/{tc.epochs}: val loss {result['loss']:.4f}, {epoch_line(ds.task, result)}"
+    say(f"epoch {pos.epoch}/{tc.epochs}: val loss {result['loss']:.4f}, {task_run.epoch_line(ds.task, result)}"
         f"{' (best)' if is_best else ''} [{eval_seconds:.1f}s eval]")
     return result, is_best
