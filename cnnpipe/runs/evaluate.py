@@ -43,7 +43,7 @@ def data_overrides(spec: str, info: Mapping[str, Any] | None = None) -> list[str
 def check_compatible(run: Run, ds: Dataset) -> None:
     """ValueError naming what differs when `ds` is not data the run's model can take."""
     info = run.info
-    for what, have, want in (("classes", ds.classes, info["classes"]), ("image size", list(ds.size), info["size"]),
+    for what, have, want in ((run.task.noun, ds.classes, info["classes"]), ("image size", list(ds.size), info["size"]),
                              ("channels", ds.channels, info["channels"]), ("bit depth", ds.bit_depth,
                                                                            info["bit_depth"])):
         if have != want:
