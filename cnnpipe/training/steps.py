@@ -44,7 +44,7 @@ __all__ = ["TrainState", "ModelState", "split_model", "abstract_train_state", "m
            "make_mesh", "check_divisible", "create_train_state", "make_train_step", "make_eval_step",
            "state_to_model", "forward", "predict_probs", "augmented_inputs", "shard_batch", "replicate", "batch_spec",
            "setup_cpu_devices", "usable_cores", "resolve_precision", "process_rows", "train_forward",
-           "update_state", "learning_rate_of", "over_batches"]
+           "update_state", "learning_rate_of", "over_batches", "wrap_train_step", "wrap_eval_step"]
 
 
 # ---------------------------------------------------------------- optimizer
@@ -323,7 +323,13 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: Mesh,
                    "nonfinite": ~finite}
         return new_state, metrics
 
-    jitted = jit_train_step(step, mesh, resident, steps_per_dispatch)
+    return wrap_train_step(step, mesh, resident, steps_per_dispatch)
+
+
+def wrap_train_step(step: Callable[..., Any], mesh: Mesh, resident: bool, k: int) -> Callable[..., Any]:
+    """`step` jitted (`cnnpipe.training.dispatch.jit_train_step`) and guarded: the train step callers use,
+    with `.jitted` and `.compile(...)` (ahead of the first call)."""
+    jitted = jit_train_step(step, mesh, resident, k)
     guard = InFlightGuard(mesh)
     impl: list[Any] = [jitted]
 
@@ -368,9 +374,6 @@ def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = (), residen
     `cnnpipe.training.resident.place_eval`; each output gains a leading batch axis
     (sums per batch, so the host adds them up as it adds up the batches' sums).
     """
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-
     def step(state: TrainState | ModelState, images, labels, mask):
         model = nnx.merge(graphdef, state.params, state.model_state)
         model.eval()
@@ -386,6 +389,14 @@ def make_eval_step(graphdef: Any, mesh: Mesh, views: Sequence[str] = (), residen
         return {"loss_sum": jnp.sum(loss * m), "correct": jnp.sum((pred == labels) * m),
                 "count": jnp.sum(m), "predictions": pred}
 
+    return wrap_eval_step(step, mesh, resident)
+
+
+def wrap_eval_step(step: Callable[..., Any], mesh: Mesh, resident: bool) -> Callable[..., Any]:
+    """An eval `step` ``(state, images, labels, mask) -> outputs`` jitted (on host batches, or with `resident`
+    over a whole device-resident split, `over_batches`) and guarded, with `.jitted` and `.compile(...)`."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     if resident:
         jitted = jax.jit(over_batches(step, batched), out_shardings=replicated,
                          in_shardings=(replicated,) * 3 + (NamedSharding(mesh, PartitionSpec(None, DATA_AXIS)),) * 2)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from cnnpipe.config import AugmentConfig
 from cnnpipe.tasks import Task
@@ -28,16 +28,15 @@ from cnnpipe.tasks.losses import (
     smooth_multi_hot,
 )
 from cnnpipe.training.augment import apply_view
-from cnnpipe.training.dispatch import InFlightGuard, ahead_of_time, jit_train_step
-from cnnpipe.training.mesh import DATA_AXIS, check_divisible
 from cnnpipe.training.steps import (
     TrainState,
     augmented_inputs,
     learning_rate_of,
-    over_batches,
     resolve_precision,
     train_forward,
     update_state,
+    wrap_eval_step,
+    wrap_train_step,
 )
 
 __all__ = ["make_task_train_step", "make_task_eval_step", "per_entry_loss"]
@@ -101,17 +100,7 @@ def make_task_train_step(graphdef: Any, tx: optax.GradientTransformation, mesh: 
                    "nonfinite": ~finite}
         return new_state, metrics
 
-    jitted = jit_train_step(step, mesh, resident, steps_per_dispatch)
-    guard = InFlightGuard(mesh)
-    impl: list[Any] = [jitted]
-
-    def train_step(state: TrainState, *batch: Any):
-        check_divisible(mesh, batch[2].shape[1] if resident else batch[0].shape[0])
-        return guard(impl[0](state, *batch))
-
-    train_step.jitted = jitted  # type: ignore[attr-defined]
-    train_step.compile = ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
-    return train_step
+    return wrap_train_step(step, mesh, resident, steps_per_dispatch)
 
 
 def _eval_outputs(task: Task, loss: str, model: Any, images: jax.Array, targets: jax.Array,
@@ -140,8 +129,6 @@ def make_task_eval_step(graphdef: Any, mesh: Mesh, task: Task, loss: str | None 
     (padding included); row_loss (N,): each row's mean loss over its known entries (for
     `inspect --worst`). `resident` as make_eval_step's.
     """
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     name = task.loss_name(loss)
 
     def step(state: Any, images, targets, mask):
@@ -154,18 +141,4 @@ def make_task_eval_step(graphdef: Any, mesh: Mesh, task: Task, loss: str | None 
         return {"loss_sum": jnp.sum(per_entry), "known": jnp.sum(k), "count": jnp.sum(mask.astype(jnp.float32)),
                 "outputs": outs, "row_loss": jnp.sum(per_entry, -1) / jnp.maximum(jnp.sum(k, -1), 1.0)}
 
-    if resident:
-        jitted = jax.jit(over_batches(step, batched), out_shardings=replicated,
-                         in_shardings=(replicated,) * 3 + (NamedSharding(mesh, PartitionSpec(None, DATA_AXIS)),) * 2)
-    else:
-        jitted = jax.jit(step, in_shardings=(replicated, batched, batched, batched), out_shardings=replicated)
-    guard = InFlightGuard(mesh)
-    impl: list[Any] = [jitted]
-
-    def eval_step(state: TrainState, *args: Any):
-        check_divisible(mesh, args[2].shape[1] if resident else args[0].shape[0], "eval batch size")
-        return guard(impl[0](state, *args))
-
-    eval_step.jitted = jitted  # type: ignore[attr-defined]
-    eval_step.compile = ahead_of_time(jitted, impl)  # type: ignore[attr-defined]
-    return eval_step
+    return wrap_eval_step(step, mesh, resident)
