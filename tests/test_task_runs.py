@@ -158,7 +158,7 @@ def test_a_multilabel_run_learns_the_label_sets_and_records_its_thresholds(multi
     assert record["split"] == "val" and record["map"] == pytest.approx(summary["val_map"])
 
 
-def test_evaluate_predict_and_export_agree_with_the_run(multilabel_run, tmp_path):
+def test_evaluate_predict_and_export_agree_with_the_run(multilabel_run, mosaics, tmp_path):
     from cnnpipe.runs.evaluate import evaluate_run
     from cnnpipe.runs.export import export_run
     from cnnpipe.runs.load import load_run
@@ -169,6 +169,16 @@ def test_evaluate_predict_and_export_agree_with_the_run(multilabel_run, tmp_path
     result, _ = evaluate_run(run)   # the run's own thresholds, not refitted
     for key in ("map", "macro_f1", "micro_f1", "macro_auroc"):
         assert result[key] == pytest.approx(summary[f"val_{key}"], abs=1e-9), key
+    from cnnpipe.datasets.table_scan import LabelTable
+
+    # the same labels in another column order: matched by name
+    flipped = _store(mosaics, "flipped", labels=LabelTable(str(mosaics[0] / "cols.csv"),
+                                                           label_col=tuple(f"d{k}" for k in range(9, -1, -1))))
+    assert flipped.classes[0] == "d9"
+    again, _ = evaluate_run(run, ["data.source=store", f"data.path={flipped.path}"])
+    targets = flipped.labels("val")[:, [flipped.classes.index(n) for n in run.classes]]
+    expected = run.task.metrics(targets, run.predict(flipped.images("val")).astype(np.float64), run.thresholds)
+    assert again["map"] == pytest.approx(expected["map"], abs=1e-6)
     val = store.images("val")
     outputs = run.predict(val)
     assert outputs.shape == (len(val), 10) and (outputs >= 0).all() and (outputs <= 1).all()

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cnnpipe.datasets.dataset import Dataset
 from cnnpipe.runs.load import Run, spec_for_run
 from cnnpipe.training.metrics import evaluate_split
@@ -40,6 +42,21 @@ def data_overrides(spec: str, info: Mapping[str, Any] | None = None) -> list[str
     raise FileNotFoundError(f"--data: {spec} is not a store, an image folder, 'shapes' or 'tfds:NAME'")
 
 
+def _in_run_order(ds: Dataset, task: Any) -> Dataset:
+    """`ds` with its multi-label or regression targets' columns in the run's order, when it holds the same
+    names in another order (a 0/1-column table keeps its columns' order, a delimited one sorts the labels)."""
+    if task.is_classification or ds.classes == list(task.names) or sorted(ds.classes) != sorted(task.names):
+        return ds
+    import dataclasses
+
+    from cnnpipe.datasets.dataset import Split
+
+    order = [ds.classes.index(n) for n in task.names]
+    val = Split(ds.val.images, np.asarray(ds.val.labels)[:, order], ds.val.sources)
+    train = Split(ds.train.images, np.asarray(ds.train.labels)[:, order], ds.train.sources)
+    return dataclasses.replace(ds, classes=list(task.names), train=train, val=val)
+
+
 def check_compatible(run: Run, ds: Dataset) -> None:
     """ValueError naming what differs when `ds` is not data the run's model can take."""
     info = run.info
@@ -65,7 +82,7 @@ def evaluate_run(run: Run, overrides: Sequence[str] = (), *, tta: bool = False) 
     cfg, task = run.cfg, run.task
     if overrides:
         cfg = config_from_dict(cfg.model_dump(mode="json"), overrides, source="--data/--set")
-    ds = load_dataset(cfg.data, seed=cfg.seed)
+    ds = _in_run_order(load_dataset(cfg.data, seed=cfg.seed), task)
     check_compatible(run, ds)
     mesh = steps.make_mesh(0)
     batch = -(-cfg.train.eval_batch_size // mesh.size) * mesh.size
