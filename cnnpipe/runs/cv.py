@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,16 @@ def run_cv(cfg: Config, folds: int | None, workdir: str | os.PathLike, *, name: 
         summary = _finished(fold_cfg, run_dir, fingerprint)
         if summary is None:
             log(f"cv: fold {i} ({i + 1} of {k}) -> {run_dir}")
+            fresh = not run_dir.exists()
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / "cv_fold.json", json.dumps({"fold": i, "data": fingerprint}) + "\n")
-            summary = train_and_evaluate(fold_cfg, run_dir, name=f"{name}-fold-{i}", resume=True, log=log,
-                                         compile_cache=compile_cache)
+            try:
+                summary = train_and_evaluate(fold_cfg, run_dir, name=f"{name}-fold-{i}", resume=True, log=log,
+                                             compile_cache=compile_cache)
+            except ValueError:   # a config or data the run refuses: no fold folder left behind for nothing
+                if fresh and not (run_dir / "config.yaml").exists():
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
         else:
             log(f"cv: fold {i} ({i + 1} of {k}) already done ({run_dir / 'summary.json'})")
         summaries.append(summary)
