@@ -289,8 +289,10 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="a trained run as a StableHLO or ONNX model that runs without cnnpipe",
                        description="Export RUN_DIR's model: raw pixels (N, H, W, C) float32 -> class probabilities "
-                                   "(N, K), normalisation inside, N dynamic; PATH.json beside it says how to "
-                                   "prepare pixels (classes, size, planes, bit depth, resize).")
+                                   "(N, K) (a multi-label run: each label's sigmoid probability; regression: values "
+                                   "in the data's units), normalisation inside, N dynamic; PATH.json beside it says "
+                                   "how to prepare pixels (classes, size, planes, bit depth, resize) and holds the "
+                                   "thresholds or target statistics.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `cnnpipe train` run directory")
     p.add_argument("--format", choices=["onnx", "stablehlo"], required=True,
                    help="onnx (needs pip install 'cnnpipe[export]') or stablehlo (jax.export)")

@@ -19,6 +19,7 @@ from typing import Any
 
 from cnnpipe.files import atomic_path, write_atomic
 from cnnpipe.runs.load import Run, spec_for_run
+from cnnpipe.tasks import Task
 
 __all__ = ["FORMATS", "export_model", "export_run", "preparation_info"]
 
@@ -67,17 +68,13 @@ def preparation_info(run: Run, fmt: str) -> dict[str, Any]:
 def _probabilities(model: Any, task: Any = None) -> Any:
     """A pure function raw pixels -> probabilities (softmax; a multi-label or regression `task`: its outputs,
     sigmoid probabilities or de-standardised values), with the model's parameters as constants (eval mode)."""
-    import jax
     from flax import nnx
 
     model.eval()
     graphdef, state = nnx.split(model)
 
     def fn(x: Any) -> Any:
-        logits = nnx.merge(graphdef, state)(x)
-        if task is not None and not task.is_classification:
-            return task.outputs(logits)
-        return jax.nn.softmax(logits, axis=-1)
+        return (task or Task()).outputs(nnx.merge(graphdef, state)(x))
 
     return fn
 

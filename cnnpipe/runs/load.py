@@ -10,6 +10,7 @@ and `cnnpipe predict`).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class Run:
 
         return Task.from_meta(self.info)
 
-    @property
+    @functools.cached_property
     def thresholds(self) -> np.ndarray | None:
         """A multi-label run's decision thresholds (L,) float32 for this checkpoint: those fitted on the
         validation split when it was evaluated in training (thresholds.json), or the run's fixed
@@ -55,7 +56,7 @@ class Run:
         says so). None for other tasks."""
         return self._thresholds()[0]
 
-    @property
+    @functools.cached_property
     def threshold_note(self) -> str | None:
         """Why the thresholds are 0.5 (no thresholds recorded for this checkpoint), else None."""
         return self._thresholds()[1]
@@ -68,7 +69,7 @@ class Run:
             return None, None
         spec = self.cfg.train.thresholds
         if spec != "f1":
-            return task.thresholds_for(spec, np.zeros((0, len(task.names))), np.zeros((0, len(task.names))))[0], None
+            return task.thresholds_for(spec)[0], None
         fitted = read_thresholds(self.run_dir).get(str(self.step))
         if fitted is None:
             return np.full(len(task.names), 0.5, np.float32), (

@@ -140,7 +140,8 @@ class Task:
 
     def outputs(self, logits: Any) -> Any:
         """What the model reports (N, outputs) float32 from its logits: softmax, sigmoid, or values in the
-        data's units (``logits * std + mean``). The one definition for evaluate, predict, inspect and export."""
+        data's units (``logits * std + mean``). The one definition for evaluate, predict, inspect, export
+        and the training loop's probe (`cnnpipe.training.steps.forward`, `predict_probs`)."""
         import jax
         import jax.numpy as jnp
 
@@ -161,7 +162,7 @@ class Task:
 
     # ------------------------------------------------------------ settings
 
-    def check_train(self, train: Any, augment: Any) -> None:
+    def check_train(self, train: Any) -> None:
         """TaskError naming the key when a train setting has no meaning for this task."""
         if self.is_classification:
             if train.thresholds != "f1":
@@ -222,11 +223,13 @@ class Task:
 
     # ------------------------------------------------------------ metrics (host)
 
-    def thresholds_for(self, spec: Any, targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    def thresholds_for(self, spec: Any, targets: np.ndarray | None = None, probs: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, list[str]]:
         """Multi-label decision thresholds (L,) float32 for ``train.thresholds`` `spec` and the names of the
         labels that fell back to 0.5. "f1": fitted per label on these rows to maximise its F1
         (`cnnpipe.tasks.metrics.fit_thresholds`; fewer than 2 known positives or no known negative:
-        0.5); a number: that for every label; a mapping: per label, 0.5 for the labels it leaves out."""
+        0.5); a number: that for every label; a mapping: per label, 0.5 for the labels it leaves out.
+        `targets` (N, L) and `probs` (N, L) are only read for "f1"."""
         from cnnpipe.tasks.metrics import fit_thresholds
 
         if spec == "f1":

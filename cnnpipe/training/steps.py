@@ -194,9 +194,7 @@ def forward(graphdef: Any, states: tuple[Any, ...], images: Any, names: Sequence
     model = nnx.merge(graphdef, *states)
     model.eval()
     logits, feats = model.features(images, None if names is None else list(names))
-    if task is not None and not task.is_classification:
-        return task.outputs(logits), feats
-    return jax.nn.softmax(logits, axis=-1), feats
+    return (task or Task()).outputs(logits), feats
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
@@ -210,18 +208,14 @@ def predict_probs(graphdef: Any, states: tuple[Any, ...], images: Any, views: Se
     model.eval()
     if len(views) > 1:
         return _average_views(model, images, views, task)
-    if task is not None and not task.is_classification:
-        return task.outputs(model(images))
-    return jax.nn.softmax(model(images), axis=-1)
+    return (task or Task()).outputs(model(images))
 
 
 def _average_views(model: Any, images: jax.Array, views: Sequence[str], task: Task | None = None) -> jax.Array:
     """Mean softmax (or `task`'s outputs) of `model` over `views` of `images` (`cnnpipe.training.augment.VIEWS`)."""
     total = 0.0
     for view in views:
-        logits = model(apply_view(images, view)).astype(jnp.float32)
-        total = total + (task.outputs(logits) if task is not None and not task.is_classification
-                         else jax.nn.softmax(logits, axis=-1))
+        total = total + (task or Task()).outputs(model(apply_view(images, view)))
     return total / len(views)
 
 

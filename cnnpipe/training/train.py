@@ -144,7 +144,7 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
         ds = distributed.primary_first(lambda: load_dataset(cfg.data, seed=cfg.seed), "data")
     with watch.phase("build"):
         check_augment(cfg.augment, ds.size)
-        ds.task.check_train(tc, cfg.augment)   # a setting the task has no meaning for: one line
+        ds.task.check_train(tc)   # a setting the task has no meaning for: one line
         Monitor.of(tc, ds.task)   # an early-stopping metric of another task: before any file is written
         weights, pos_weight = task_run.loss_weights(ds, tc)
         # reads the weights once, so a bad file fails before any compile; a resumed run has
