@@ -140,7 +140,8 @@ def _task_form(table: Table, spec: LabelTable) -> tuple[str, str, list[str]]:
 def _columns(table: Table, spec: LabelTable) -> dict[str, Any]:
     kind, form, targets = _task_form(table, spec)
     cols: dict[str, Any] = {"path": pick_column(table, spec.path_col, spec.option("path_col"), PATH_COLUMNS),
-                            "label": targets[0], "task": kind, "form": form, "targets": targets}
+                            "label": targets[0], "task": kind, "form": form, "targets": targets,
+                            "delim": spec.label_delim}
     for key, name in (("split", spec.split_col), ("group", spec.group_col), ("fold", spec.fold_col)):
         cols[key] = pick_column(table, name, spec.option(f"{key}_col")) if name is not None else None
     where = display_path(table.path)
@@ -220,12 +221,12 @@ class _Row:
     target: Any = None   # multi-label: a label set or a (L,) tuple; regression: a (T,) tuple
 
 
-def _target(table: Table, cols: dict[str, Any], i: int, delim: str | None) -> Any:
+def _target(table: Table, cols: dict[str, Any], i: int) -> Any:
     """Row `i`'s multi-label or regression target (TargetError if a cell is not one; None: no target)."""
     form = cols["form"]
     cells = [table.columns[c][i] for c in cols["targets"]]
     if form == "delimited":
-        return split_labels(_from_cp1252(cells[0]) if cells[0] is not None else None, delim or "|")
+        return split_labels(_from_cp1252(cells[0]) if cells[0] is not None else None, cols["delim"])
     if form == "list":
         return list_labels(cells[0])
     values = tuple(flag_value(c) if form == "flags" else number_value(c) for c in cells)
@@ -243,7 +244,7 @@ def _split_values(table: Table, col: str | None) -> dict[str, str]:
 
 
 def _row(table: Table, cols: dict[str, Any], i: int, files: _Files, codes: tuple[dict, dict],
-         scan: FolderScan, seen: set[str], delim: str | None = None) -> _Row | None:
+         scan: FolderScan, seen: set[str]) -> _Row | None:
     """Row `i` as a `_Row`, or None after recording why it cannot be used (`codes`: the split and fold
     columns' values -> split and fold number)."""
     def value(key: str) -> str | None:
@@ -257,10 +258,10 @@ def _row(table: Table, cols: dict[str, Any], i: int, files: _Files, codes: tuple
     target, bad_target = None, None
     if cols["form"] != "class":   # multi-label or regression: the target, whatever `label` says
         try:
-            target = _target(table, cols, i, delim)
+            target = _target(table, cols, i)
         except TargetError as exc:
             bad_target = str(exc)
-        label = None if target is None and bad_target is None else "target"
+        label = None if target is None and bad_target is None else "target"   # None: empty_label below
     if all(col[i] is None for col in table.columns.values()):
         skip(scan, where, "empty_row", f"{where}: an empty row")
         return None
@@ -366,7 +367,7 @@ def scan_table(src: Path, spec: LabelTable) -> tuple[FolderScan, dict[str, Any]]
     by_file: dict[str, list[_Row]] = defaultdict(list)
     named: set[str] = set()
     for i in range(len(table)):
-        row = _row(table, cols, i, files, codes, scan, named, spec.label_delim)
+        row = _row(table, cols, i, files, codes, scan, named)
         if row is not None:
             by_file[row.path].append(row)
     for rows in by_file.values():
