@@ -217,10 +217,14 @@ def test_pillow_truncates_16bit_rgb_but_we_do_not() -> None:
     np.testing.assert_array_equal(read_image(data).hwc(), arr)
 
 
-def test_tiff_float_is_refused_not_truncated() -> None:
-    data = tiff_bytes(np.zeros((4, 4), np.float32))
-    with pytest.raises(DecodeError, match="32-bit float"):
-        read_image(data)
+def test_tiff_float_is_decoded_as_stored_and_refused_by_the_store_path_not_truncated() -> None:
+    from cnnpipe.images.transform import prepare_bytes, spec_for_model
+
+    arr = np.array([[-1.5, 0.25], [3e38, np.nan]], np.float32)
+    np.testing.assert_array_equal(read_image(tiff_bytes(arr), channels="native").data[0], arr)
+    with pytest.raises(DecodeError, match="unsupported: float32 samples") as err:
+        prepare_bytes(tiff_bytes(arr), spec_for_model(1, 8, (2, 2), "crop", "first", None), "x.tif")
+    assert err.value.kind == "unsupported"
 
 
 # ----------------------------------------------------------------- 8-bit formats equal Pillow

@@ -206,9 +206,9 @@ def test_12bit_jpeg_compressed_tiff_decodes_values_as_stored():
     np.testing.assert_array_equal(read_image(data, channels="native").data[0], arr)
 
 
-@pytest.mark.parametrize("dtype,kind", [(np.float32, "32-bit float"), (np.int16, "16-bit signed integer"),
-                                        (np.uint32, "32-bit samples"), (np.int32, "32-bit signed integer")])
-def test_tiff_sample_types_beyond_16bit_unsigned_are_unsupported_by_name(dtype, kind):
+@pytest.mark.parametrize("dtype,kind", [(np.complex64, "64-bit complex float"), (np.int64, "64-bit signed integer"),
+                                        (np.uint64, "64-bit unsigned integer")])
+def test_tiff_sample_types_beyond_the_scientific_ones_are_unsupported_by_name(dtype, kind):
     with pytest.raises(DecodeError, match=f"unsupported: TIFF, {kind}") as err:
         read_image(_tiff(np.ones((4, 4), dtype)))
     assert err.value.kind == "unsupported"

@@ -25,6 +25,25 @@ def add_decode(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_decode)
 
 
+def plane_stats(plane, nodata: float | None) -> str:
+    """One plane's dtype, min, max and mean over its valid values (not NaN, infinite or `nodata`), and
+    the count of each kind of invalid value: what `cnnpipe decode` prints per plane."""
+    import numpy as np
+
+    x = np.asarray(plane)
+    nan = np.isnan(x) if x.dtype.kind == "f" else np.zeros(x.shape, bool)
+    inf = np.isinf(x) if x.dtype.kind == "f" else nan
+    nod = (x == nodata) if nodata is not None else np.zeros(x.shape, bool)
+    valid = x[~(nan | inf | nod)]
+    fmt = (lambda v: f"{v:>10.6g}") if x.dtype.kind == "f" else (lambda v: f"{int(v):>6}")
+    head = (f"{x.dtype}  min {fmt(valid.min())}  max {fmt(valid.max())}  mean {valid.mean(dtype=np.float64):10.3f}"
+            if valid.size else f"{x.dtype}  no valid value")
+    counts = [f"{what} {int(m.sum())}" for what, m, shown in (("NaN", nan, x.dtype.kind == "f"),
+                                                              ("Inf", inf, x.dtype.kind == "f"),
+                                                              ("nodata", nod, nodata is not None)) if shown]
+    return head + (f"  ({', '.join(counts)})" if counts else "")
+
+
 def _run_decode(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -36,10 +55,10 @@ def _run_decode(args: argparse.Namespace) -> int:
     if args.save:  # first, so a bad OUT fails before anything is printed
         np.save(args.save, planes.data)
     print(f"{display_path(planes.source)}: {planes.width}x{planes.height}, {len(planes.channels)} planes, "
-          f"{planes.bit_depth}-bit ({planes.data.dtype})")
+          f"{planes.bit_depth}-bit ({planes.data.dtype})"
+          + (f", nodata {planes.nodata:g}" if planes.nodata is not None else ""))
     for name, plane in zip(planes.channels, planes.data):
-        print(f"  {name:<2} {plane.dtype}  min {int(plane.min()):>6}  max {int(plane.max()):>6}  "
-              f"mean {float(plane.mean(dtype=np.float64)):10.3f}")
+        print(f"  {name:<2} {plane_stats(plane, planes.nodata)}")
     for note in planes.warnings:
         print(f"  warning: {note}")
     if args.save:

@@ -7,9 +7,8 @@ applies the orientation once for every format, then the channel and alpha
 policies. Metadata problems (an orientation tag that is not 1-8, codec
 warnings) never cost the pixels: they are returned in `Planes.warnings`.
 
-Formats are recognised by magic bytes from an allow-list, never by extension.
-No global state of Pillow is touched: the pixel limit is our own check and
-truncated files are errors (``LOAD_TRUNCATED_IMAGES`` is never set).
+Formats are recognised by magic bytes from an allow-list, never by extension. No global state
+of Pillow is touched: the pixel limit is our own check and truncated files are errors.
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from typing import Any, Literal
 import numpy as np
 
 from cnnpipe.images.formats import (
+    SAMPLE_DTYPES,
+    UNSIGNED_DTYPES,
     Decoded,
     DecodeError,
     codec_messages,
@@ -79,15 +80,18 @@ class Planes:
     """An image split into channel matrices, values exactly as stored.
 
     Attributes:
-      data: (C, H, W) array, uint8 or uint16, read-only. It may be a strided
-        view of the decoder's interleaved (H, W, C) buffer (no copy is made);
+      data: (C, H, W) array, read-only: uint8 or uint16, or from TIFF and JPEG 2000 also
+        int8/int16/int32/uint32/float16/float32/float64, values exactly as stored. It may be a
+        strided view of the decoder's interleaved (H, W, C) buffer (no copy is made);
         use ``np.ascontiguousarray(planes.data)`` for planar memory.
-      bit_depth: 8 or 16.
+      bit_depth: 8 or 16 for unsigned 8/16-bit data (a 12-bit TIFF is 16: its uint16 container);
+        for the other types, the sample size in bits (use `dtype` to tell them apart).
       channels: plane names, e.g. ("R", "G", "B"), ("L",), ("R", "G", "B", "A").
       source: the file path, or None for bytes input.
       warnings: what went wrong without costing pixels (an orientation tag that
         is not 1-8, codec warnings such as a bad CRC in an ancillary chunk),
         one line each; empty for a clean file.
+      nodata: the file's nodata value (a TIFF's GDAL_NODATA tag), or None.
     """
 
     data: np.ndarray
@@ -95,6 +99,9 @@ class Planes:
     channels: tuple[str, ...]
     source: str | None = None
     warnings: tuple[str, ...] = ()
+    nodata: float | None = None
+
+    dtype = property(lambda self: self.data.dtype, doc="The samples' type (`data.dtype`).")
 
     @property
     def height(self) -> int:
@@ -108,7 +115,7 @@ class Planes:
 
     @property
     def max_value(self) -> int:
-        """Full-scale value of the dtype: 255 or 65535."""
+        """Full-scale value of unsigned 8/16-bit data: 255 or 65535."""
         return (1 << self.bit_depth) - 1
 
     def plane(self, name: str) -> np.ndarray:
@@ -221,7 +228,8 @@ def read_image(
       source: the name to give bytes input in errors and `Planes.source`.
 
     Returns:
-      `Planes` with uint8 data (bit_depth 8) or uint16 data (bit_depth 16).
+      `Planes` with uint8 data (bit_depth 8) or uint16 data (bit_depth 16); a TIFF or JPEG 2000 of
+      signed, 32-bit or float samples gives them as stored (see `Planes`).
 
     Raises:
       DecodeError: empty, truncated, corrupt, non-image, unsupported or oversized input;
@@ -245,7 +253,7 @@ def read_image(
     orientation = _orientation(dec.orientation, notes)
     arr = orient(dec.arr, orientation) if exif_orientation and orientation != 1 else dec.arr
     arr, names = _apply_policies(arr, dec.names, channels, alpha, background, source, dec.associated_alpha)
-    return _planes(arr, names, source, tuple(notes))
+    return _planes(arr, names, source, tuple(notes), dec.nodata)
 
 
 def _check_options(channels: str, alpha: str, background: float, reduce: int, pages: str) -> None:
@@ -298,9 +306,9 @@ def _decode_format(data: bytes, source: str | None, max_pixels: int | None, redu
 
 
 def _check_decoded(dec: Decoded, source: str | None) -> None:
-    """Every decoder's contract, checked once: (H, W, C) uint8/uint16 with one name per plane."""
+    """Every decoder's contract, checked once: (H, W, C) of a `SAMPLE_DTYPES` type with one name per plane."""
     arr = dec.arr
-    if arr.ndim != 3 or arr.dtype not in (np.uint8, np.uint16) or arr.shape[2] != len(dec.names) \
+    if arr.ndim != 3 or arr.dtype not in SAMPLE_DTYPES or arr.shape[2] != len(dec.names) \
             or min(arr.shape) < 1:
         raise DecodeError(source, f"corrupt image: decoded {arr.dtype} array of shape {arr.shape} for planes "
                                   f"{'/'.join(dec.names)}")
@@ -316,11 +324,11 @@ def _orientation(value: Any, notes: list[str]) -> int:
     return 1
 
 
-def _planes(arr: np.ndarray, names: tuple[str, ...], source: str | None, notes: tuple[str, ...] = ()) -> Planes:
+def _planes(arr: np.ndarray, names: tuple[str, ...], source: str | None, notes: tuple = (), nodata: Any = None) -> Planes:
     view = arr.transpose(2, 0, 1).view()  # (C, H, W) over the decoder's buffer, no copy
     view.flags.writeable = False  # Planes are values, not buffers to scribble on
-    return Planes(data=view, bit_depth=16 if arr.dtype == np.uint16 else 8, channels=names, source=source,
-                  warnings=notes)
+    return Planes(data=view, bit_depth=8 * arr.dtype.itemsize, channels=names, source=source, warnings=notes,
+                  nodata=nodata)
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -365,6 +373,9 @@ def _apply_policies(arr: np.ndarray, names: Sequence[str], channels: ChannelPoli
     else:
         color, color_names = np.delete(arr, a_idx, axis=2), names[:a_idx] + names[a_idx + 1:]
     if alpha_plane is not None and alpha == "composite":
+        if arr.dtype not in UNSIGNED_DTYPES:   # no full scale to blend against
+            raise DecodeError(source, f"unsupported: alpha compositing of {arr.dtype} samples; use alpha drop "
+                                      "or keep", kind="unsupported")
         color = _composite(color, alpha_plane, background, associated)
     if channels == "rgb" and color_names == ("L",):
         color, color_names = np.broadcast_to(color, color.shape[:2] + (3,)), ("R", "G", "B")
@@ -375,6 +386,9 @@ def _apply_policies(arr: np.ndarray, names: Sequence[str], channels: ChannelPoli
                                   "(--channels native)",
                           kind="planes")
     elif channels == "gray" and color_names != ("L",):
+        if arr.dtype not in UNSIGNED_DTYPES:   # luma is defined here in exact integer arithmetic
+            raise DecodeError(source, f"cannot compute luma of {arr.dtype} planes {color_names}; use channels "
+                                      "native (--channels native)", kind="planes")
         if color_names[:3] != ("R", "G", "B"):
             raise DecodeError(source, f"cannot compute luma from planes {color_names}; use channels native "
                                       "(--channels native)",

@@ -95,7 +95,7 @@ class Decoded:
     """One decoder's output, before orientation and channel policies.
 
     Attributes:
-      arr: (H, W, C) uint8/uint16 pixels as stored.
+      arr: (H, W, C) pixels as stored: uint8/uint16, or a type of `SCIENTIFIC_DTYPES` (TIFF, JPEG 2000).
       names: one name per plane, e.g. ("R", "G", "B", "A").
       orientation: the raw EXIF/TIFF orientation value (any type; `decode` validates it), or None.
       associated_alpha: the colour planes are premultiplied by "A" (TIFF ExtraSamples = 1).
@@ -107,6 +107,7 @@ class Decoded:
     orientation: Any = None
     associated_alpha: bool = False
     notes: tuple[str, ...] = ()
+    nodata: float | None = None   # a TIFF's GDAL_NODATA value
 
 
 _OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
@@ -287,11 +288,20 @@ def _jpeg2000_size(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+# what a decoder may return: unsigned 8/16-bit (every container), and the scientific types TIFF and
+# JPEG 2000 hold (signed integers, unsigned 32-bit, floats), values as stored
+UNSIGNED_DTYPES = frozenset({np.dtype(np.uint8), np.dtype(np.uint16)})
+SCIENTIFIC_DTYPES = frozenset(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.uint32, np.float16, np.float32,
+                                                    np.float64))
+SAMPLE_DTYPES = UNSIGNED_DTYPES | SCIENTIFIC_DTYPES
+
+
 def decode_jpeg2000(data: bytes, source: str | None, max_pixels: int | None) -> Decoded:
     """JPEG 2000 (JP2 file or J2K codestream) through OpenJPEG (imagecodecs), values as stored.
 
-    Precisions up to 8 bits give uint8, 9-16 bits uint16 (a 12-bit band stays 0..4095);
-    1/2/3/4 components are L / LA / RGB / RGBA, more are planes S0..Sn (multispectral).
+    Precisions up to 8 bits give uint8, 9-16 bits uint16 (a 12-bit band stays 0..4095); signed
+    components give int8/int16/int32 as OpenJPEG decodes them; 1/2/3/4 components are L / LA /
+    RGB / RGBA, more are planes S0..Sn (multispectral).
     """
     import imagecodecs
 
@@ -300,9 +310,8 @@ def decode_jpeg2000(data: bytes, source: str | None, max_pixels: int | None) -> 
         raise DecodeError(source, "corrupt JPEG 2000: no image header (ihdr box or SIZ marker)")
     check_pixels(source, size[0], size[1], max_pixels, samples=size[2])
     arr = imagecodecs.jpeg2k_decode(data)
-    if arr.dtype not in (np.uint8, np.uint16):
-        raise DecodeError(source, f"unsupported: JPEG 2000 with {arr.dtype} samples (cnnpipe reads unsigned "
-                                  "integer samples of up to 16 bits)", kind="unsupported")
+    if arr.dtype not in SAMPLE_DTYPES:
+        raise DecodeError(source, f"unsupported: JPEG 2000 with {arr.dtype} samples", kind="unsupported")
     if arr.ndim == 2:
         arr = arr[:, :, None]
     c = arr.shape[2]

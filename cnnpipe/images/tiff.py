@@ -19,13 +19,17 @@ Routes, chosen from the first page's tags before decoding:
 - A strip or tile whose byte count runs past the end of the file is *truncated*, except
   an uncompressed one whose needed bytes are all there: tifffile reads it (libtiff
   refuses it), with a warning.
-- Refused as *unsupported*, naming the feature: float and signed samples, samples
-  over 16 bits, compressions no codec here decodes, other photometric interpretations.
+- Signed 8/16/32-bit, unsigned 32-bit and float 16/32/64-bit gray or multi-sample pages (strips or
+  tiles, any compression, predictors 2 and 3): tifffile, values exactly as stored; GDAL's nodata
+  tag (42113) is read by `nodata_value`.
+- Refused as *unsupported*, naming the feature: complex samples, other sample sizes,
+  compressions no codec here decodes, other photometric interpretations.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import re
@@ -35,9 +39,17 @@ from typing import Any
 
 import numpy as np
 
-from cnnpipe.images.formats import Decoded, DecodeError, check_pixels, orient, pillow_pixels, reason_of
+from cnnpipe.images.formats import (
+    SAMPLE_DTYPES,
+    Decoded,
+    DecodeError,
+    check_pixels,
+    orient,
+    pillow_pixels,
+    reason_of,
+)
 
-__all__ = ["decode_tiff", "PAGE_MODES"]
+__all__ = ["decode_tiff", "PAGE_MODES", "nodata_value"]
 
 PAGE_MODES = ("first", "planes")
 _MINISWHITE, _MINISBLACK, _RGB, _PALETTE = 0, 1, 2, 3
@@ -92,14 +104,15 @@ def decode_tiff(data: bytes, source: str | None, max_pixels: int | None, pages: 
             return Decoded(_invert(arr, info.bits) if info.photometric == _MINISWHITE else arr, names,
                            info.orientation, notes=warnings)
         _check_supported(info, source)
+        nodata = nodata_value(data)
         overshoot = _check_complete([first], len(data), source)
         notes = ((f"{count} pages; page 1 kept",) if count > 1 else ()) + overshoot
         if info.photometric == _PALETTE and info.spp == 1:
             return Decoded(*_palette(first, source), info.orientation, notes=notes)
         # libtiff refuses a strip whose byte count runs past the file's end; tifffile reads what is there
         if info.photometric in (_MINISWHITE, _MINISBLACK, _RGB) and info.bits >= 8 and (
-                info.bits not in (8, 16) or overshoot):
-            return _finish(_tifffile_pixels(first, source), info, source, notes)
+                info.bits not in (8, 16) or overshoot or info.fmt != 1):
+            return dataclasses.replace(_finish(_tifffile_pixels(first, source), info, source, notes), nodata=nodata)
     if info.photometric not in (_MINISWHITE, _MINISBLACK, _RGB) or info.bits < 8:
         arr, names, applied = pillow_pixels(data, source, "TIFF", max_pixels)
         undo = _INVERSE_ORIENTATION.get(applied) if isinstance(applied, int) else None
@@ -134,12 +147,15 @@ def _check_supported(info: _Page, source: str | None) -> None:
     """DecodeError (kind "unsupported") naming what a valid file uses that cnnpipe does not read."""
     import tifffile
 
-    if info.fmt != 1:
-        kind = {2: "signed integer", 3: "float", 6: "complex float"}.get(info.fmt, f"sample format {info.fmt}")
+    if (info.fmt, info.bits) not in _SCIENTIFIC and (info.fmt != 1 or info.bits > 16):
+        kind = {1: "unsigned integer", 2: "signed integer", 3: "float", 6: "complex float"}.get(
+            info.fmt, f"sample format {info.fmt}")
         raise DecodeError(source, f"unsupported: TIFF, {info.bits}-bit {kind} samples (cnnpipe reads unsigned "
-                                  "integer images of up to 16 bits)", kind="unsupported")
-    if info.bits > 16:
-        raise DecodeError(source, f"unsupported: TIFF, {info.bits}-bit samples (cnnpipe reads up to 16 bits)",
+                                  "1-16 and 32-bit, signed 8/16/32-bit and 16/32/64-bit float samples)",
+                          kind="unsupported")
+    if (info.fmt, info.bits) in _SCIENTIFIC and info.photometric not in (_MINISBLACK, _RGB):
+        raise DecodeError(source, f"unsupported: TIFF, {info.bits}-bit {_SCIENTIFIC[info.fmt, info.bits]} samples "
+                                  f"with {_photometric_name(info.photometric)} (read as gray or RGB values only)",
                           kind="unsupported")
     if info.compression not in tifffile.TIFF.DECOMPRESSORS:
         name = getattr(info.compression, "name", str(info.compression))
@@ -153,6 +169,26 @@ def _check_supported(info: _Page, source: str | None) -> None:
                                   "8 bits)", kind="unsupported")
     if info.photometric == _RGB and info.spp < 3:
         raise DecodeError(source, f"corrupt TIFF: photometric RGB with {info.spp} sample(s) per pixel (needs 3)")
+
+
+# (SampleFormat, BitsPerSample) of the scientific sample types: values as stored, through tifffile
+_SCIENTIFIC = {(2, 8): "signed integer", (2, 16): "signed integer", (2, 32): "signed integer",
+               (1, 32): "unsigned integer", (3, 16): "float", (3, 32): "float", (3, 64): "float"}
+
+
+def nodata_value(data: bytes) -> float | None:
+    """A TIFF's GDAL_NODATA tag (42113, ASCII) as a number; None without the tag or for a value that is not one."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            raw = tif.pages.first.tags.valueof(42113)
+    except Exception:   # the decode itself reports a damaged file
+        return None
+    try:
+        return float(str(raw).strip().strip("\x00")) if raw is not None else None
+    except ValueError:
+        return None
 
 
 def _photometric_name(value: int) -> str:
@@ -240,7 +276,7 @@ def _tifffile_pixels(page: Any, source: str | None, indices: bool = False) -> np
         raise DecodeError(source, f"corrupt TIFF data: {_clean(reason_of(exc))}") from None
     if indices and arr.dtype == np.bool_:  # tifffile gives 1-bit samples as bool; as indices they are 0 and 1
         arr = arr.view(np.uint8)
-    if arr.dtype not in (np.uint8, np.uint16):
+    if arr.dtype not in SAMPLE_DTYPES:
         raise DecodeError(source, f"unsupported: TIFF decoded to {arr.dtype} samples", kind="unsupported")
     return arr
 
@@ -302,7 +338,7 @@ def _pages_as_planes(tif: Any, source: str | None, max_pixels: int | None, pages
     page 1 alone is to be read.
     """
     series = tif.series[0]
-    if series.axes == "CYX" and series.dtype in (np.uint8, np.uint16):
+    if series.axes == "CYX" and series.dtype in SAMPLE_DTYPES:
         c, h, w = (int(n) for n in series.shape)
         check_pixels(source, w, h, max_pixels, samples=c)
         warnings = _check_complete(series.pages, tif.filehandle.size, source)

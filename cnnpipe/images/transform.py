@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnpipe.images.decode import Planes, convert_planes, jpeg_size, read_file, read_image
+from cnnpipe.images.formats import UNSIGNED_DTYPES, DecodeError
 
 __all__ = ["RESIZE_MODES", "CHANNEL_MODES", "IMAGE_PATH_VERSION", "ImageSpec", "InputImage", "NeedsSixteenBit", "prepare_bytes",
            "prepare_planes", "prepare_image", "promote_to_16bit", "resize_image", "spec_for_model"]
@@ -256,6 +257,10 @@ def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
       NeedsSixteenBit: a 16-bit image for an 8-bit spec.
       ValueError: the image's planes cannot be matched to the spec.
     """
+    if native.dtype not in UNSIGNED_DTYPES:   # what a store and a model take (float stores: to come)
+        raise DecodeError(source, f"unsupported: {native.dtype} samples (cnnpipe decodes and shows float, signed "
+                                  "and 32-bit images; dataset stores and models take unsigned 8- and 16-bit "
+                                  "values)", kind="unsupported")
     channels, alpha, notes = _match_planes(native.channels, spec, source, native.bit_depth)
     if native.bit_depth == 16 and spec.bit_depth == 8:
         raise NeedsSixteenBit(f"{source}: 16-bit image; {spec.describe()} (cnnpipe never drops 16-bit "
