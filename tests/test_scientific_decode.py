@@ -97,3 +97,21 @@ def test_what_cannot_be_done_exactly_on_such_data_is_refused_by_name():
     assert read_image(data, alpha="keep", channels="native").channels == ("R", "G", "B", "A")
     with pytest.raises(DecodeError, match="32-bit float samples with MINISWHITE"):
         read_image(_tiff(np.zeros((3, 3), np.float32), photometric="miniswhite"))
+
+
+def test_float_stacks_of_pages_and_signed_jpeg2000_keep_their_values():
+    import imagecodecs
+
+    stack = _values(np.float32, (3, 8, 9), 4)
+    imagej = _tiff(stack, imagej=True, metadata={"axes": "CYX", "Labels": ["dapi", "gfp", "rfp"]})
+    planes = read_image(imagej, channels="native")
+    assert planes.channels == ("dapi", "gfp", "rfp") and _same(np.ascontiguousarray(planes.data), stack)
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as writer:   # a plain stack of float pages: planes when asked
+        for page in stack:
+            writer.write(page)
+    planes = read_image(buf.getvalue(), channels="native", pages="planes")
+    assert planes.channels == ("S0", "S1", "S2") and _same(np.ascontiguousarray(planes.data), stack)
+    signed = np.arange(-300, 300, dtype=np.int16).reshape(20, 30)
+    planes = read_image(imagecodecs.jpeg2k_encode(signed, level=0), channels="native")
+    assert planes.dtype == np.int16 and np.array_equal(planes.data[0], signed)

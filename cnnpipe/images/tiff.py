@@ -351,13 +351,16 @@ def _pages_as_planes(tif: Any, source: str | None, max_pixels: int | None, pages
 
     first = tif.pages.first
     for i, page in enumerate(tif.pages):
-        plain_gray = (int(page.samplesperpixel) == 1 and int(page.bitspersample) in (8, 16)
-                      and int(page.sampleformat) == 1 and int(page.photometric) in (_MINISWHITE, _MINISBLACK))
+        kind = (int(page.sampleformat), int(page.bitspersample))
+        plain_gray = int(page.samplesperpixel) == 1 and (
+            (kind in ((1, 8), (1, 16)) and int(page.photometric) in (_MINISWHITE, _MINISBLACK))
+            or (kind in _SCIENTIFIC and int(page.photometric) == _MINISBLACK))
         if not plain_gray or (i and describe(page) != describe(first)):
             raise DecodeError(source, f"pages='planes': page {i + 1} is {describe(page)}"
                                       + (f", page 1 is {describe(first)}" if i else "")
-                                      + "; pages are read as planes only when every page is 8- or 16-bit gray "
-                                      "with one sample and all share shape and type", kind="planes")
+                                      + "; pages are read as planes only when every page is gray with one "
+                                      "sample (unsigned 8/16-bit, or a signed, 32-bit or float type) and all "
+                                      "share shape and type", kind="planes")
     check_pixels(source, int(first.imagewidth), int(first.imagelength), max_pixels, samples=len(tif.pages))
     warnings = _check_complete(tif.pages, tif.filehandle.size, source)
     arr = np.stack([_tifffile_pixels(p, source) for p in tif.pages], axis=-1)
