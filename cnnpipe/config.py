@@ -1,12 +1,8 @@
-"""Training configs: YAML -> typed, validated, frozen `Config`.
+"""Training configs: YAML -> typed, validated, frozen `Config` (`load_config(path, overrides)`).
 
-Owns the schema (one commented field per option), YAML loading, `--set a.b=value`
-overrides and the error messages. Every mistake is one `ConfigError` that names the
-full dotted key, the value received and what was expected; an unknown key also
-suggests the nearest valid one, so a typo never silently becomes a new option.
-
-    cfg = load_config("configs/mnist.yaml", overrides=["train.epochs=1"])
-    print(dump_config(cfg))
+Owns the schema (one commented field per option), YAML loading, `--set a.b=value` overrides and
+the error messages. Every mistake is one `ConfigError` that names the full dotted key, the value
+received and what was expected; an unknown key also suggests the nearest valid one.
 """
 
 from __future__ import annotations
@@ -44,14 +40,12 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "test_resnet",
              "convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano", "convnext_tiny", "test_convnext")
 
 
-class _Schema(BaseModel):
-    # frozen: a resolved config is a value; forbid: a typo is an error, not a new key
+class _Schema(BaseModel):   # frozen: a resolved config is a value; forbid: a typo is an error, not a new key
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _not_a_bool(value: Any) -> Any:
-    # YAML reads true/yes/on as booleans, and pydantic would take them as 1.0: `random_erasing: true`
-    # silently erased every image
+    # YAML reads true/yes/on as booleans, which pydantic takes as 1.0 (`random_erasing: true` erased every image)
     if isinstance(value, bool):
         raise PydanticCustomError("float_type", "Input should be a valid number")
     return value
@@ -63,8 +57,7 @@ NonNegInt = Annotated[StrictInt, Field(ge=0)]
 
 
 # ---------------------------------------------------------------- model layers
-# One schema per layer type; `validate_layers` picks it by `type` so an error can
-# name the layer's index and the offending option.
+# One schema per layer type; `validate_layers` picks it by `type`, so an error names the layer's index.
 
 class _Layer(_Schema):
     name: str | None = None     # feature-map name; default: type + running number
@@ -152,21 +145,26 @@ def validate_layers(layers: Sequence[Any], *, where: str = "model") -> tuple[dic
 
 # ---------------------------------------------------------------- the schema
 
+class WindowConfig(_Schema):       # data.normalize: clip to [low, high] (one pair, or one per plane), scale to [0, 1]
+    window: tuple[Number, Number] | tuple[tuple[Number, Number], ...]
+class PercentileConfig(_Schema):   # data.normalize: the same with each plane's training-split percentiles
+    percentile: tuple[Number, Number] = (2.0, 98.0)
+
+
 class DataConfig(_Schema):
     source: Literal["store", "folder", "tfds", "shapes"] = "shapes"
     path: str | None = None             # store dir (store) or image folder (folder)
     name: str | None = None             # tfds dataset name, e.g. mnist, cifar10 (tfds)
     split_train: str = "train"          # tfds split names
     split_val: str = "test"
-    # H, W of every image; null: 32x32 for shapes and folders, a tfds dataset's own fixed size
+    # H, W of every image; null: 32x32 for shapes and folders, a tfds dataset's own size
     size: tuple[PosInt, PosInt] | None = None
     resize: Literal["crop", "pad", "stretch"] = "crop"   # folder, tfds
     # folder, tfds; null: rgb (tfds: the dataset's own); native: each file's own planes (any count)
     channels: Literal["rgb", "gray", "native"] | None = None
     pages: Literal["first", "planes"] = "first"   # folder: multi-page TIFF, page 1 or every page a plane
     val_fraction: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.1   # folder
-    # folder: labels from a table (CSV, TSV, JSON Lines, Parquet) instead of class folders, and its columns
-    # (null: path = the first of file_name, path, filename, image, id; label = label; no split/group/fold)
+    # folder: a label table (CSV, TSV, JSON Lines, Parquet) instead of class folders, and its columns
     labels: str | None = None
     path_col: str | None = None
     label_col: str | tuple[str, ...] | None = None   # several: one 0/1 column per label (multi-label)
@@ -185,9 +183,17 @@ class DataConfig(_Schema):
     num_train: PosInt = 4000            # shapes only
     num_val: PosInt = 400               # shapes only
     cache_dir: str | None = None        # folder and tfds caches (default ~/.cache/cnnpipe)
-    # the training split's pixels placed on the devices once (batches gathered there): auto = when
-    # it fits in 40% of the free device memory (a CPU: of the host's available memory)
+    # the training split on the devices once: auto = when it fits in 40% of the free device (or host) memory
     on_device: Literal["auto"] | StrictBool = "auto"
+    normalize: Literal["zscore"] | WindowConfig | PercentileConfig = "zscore"   # per-plane (x - mean) / std
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize_form(cls, value: Any) -> Any:
+        if value == "zscore" or (isinstance(value, Mapping) and list(value) in (["window"], ["percentile"])):
+            return value
+        raise ConfigError(f"data.normalize: got {short(value)}; expected zscore, {{window: [low, high]}} (or one "
+                          "[low, high] per plane) or {percentile: [low, high]}")
 
     @model_validator(mode="after")
     def _keys_of_the_source(self) -> DataConfig:
@@ -220,8 +226,7 @@ Strength = Annotated[Number, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class AugmentConfig(_Schema):
-    # every op runs on the device on raw integer pixels, any bit depth and plane count, each
-    # image with its own draw; 0 / false / null is off (cnnpipe.training.augment)
+    # on the device, on raw pixels of any bit depth and plane count, a draw per image; 0/false/null: off
     flip: StrictBool = False            # random horizontal flip (p = 0.5)
     vflip: StrictBool = False           # random vertical flip (p = 0.5)
     rot90: StrictBool = False           # random multiple of 90 degrees (square images)
@@ -253,8 +258,7 @@ class TrainConfig(_Schema):
     keep_checkpoints: PosInt = 3
     max_nonfinite_steps: PosInt = 5     # that many non-finite losses in a row stop the run
     log_every_steps: PosInt = 20
-    # train steps per call with the data on the devices (one program loops over them); auto: ~0.2 s of
-    # steps, 1 on a CPU (cnnpipe.training.dispatch.max_chunk)
+    # train steps per call with the data on the devices; auto: ~0.2 s of steps, 1 on a CPU (dispatch.max_chunk)
     steps_per_dispatch: Literal["auto"] | PosInt = "auto"
     num_devices: NonNegInt = 0          # 0 = all local devices
     probe_feature_maps: StrictBool = False   # feature maps of a probe image to TensorBoard
@@ -262,8 +266,7 @@ class TrainConfig(_Schema):
     class_weights: Literal["auto"] | dict[str, Annotated[Number, Field(ge=0.0, allow_inf_nan=False)]] | None = None
     sampler: Literal["shuffle", "balanced"] = "shuffle"
     label_smoothing: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
-    # null: the task's own (cross_entropy; multilabel bce; regression mse); multilabel: bce | asymmetric
-    # (timm's AsymmetricLossMultiLabel); regression: mse | mae | huber
+    # null: the task's (cross_entropy, bce, mse); multilabel: bce | asymmetric (timm's); regression: mse | mae | huber
     loss: Literal["cross_entropy", "bce", "asymmetric", "mse", "mae", "huber"] | None = None
     # multilabel: weight of each label's positives in bce (auto: negatives/positives on the training split)
     pos_weight: Literal["auto"] | dict[str, Annotated[Number, Field(gt=0.0, allow_inf_nan=False)]] | None = None
@@ -290,19 +293,16 @@ class OptimizerConfig(_Schema):
 
 
 class PretrainedConfig(_Schema):
-    # a timm/torchvision state dict (.safetensors; .pth/.bin with torch), hf-hub:timm/<name>.<tag>,
-    # or an earlier cnnpipe run directory of the same model; null: train from scratch
+    # a timm/torchvision state dict (.safetensors, .pth), hf-hub:timm/<name>.<tag>, or a cnnpipe run directory
     weights: str | None = None
     freeze_epochs: NonNegInt = 0        # epochs training only the new head (backbone and its batch norm frozen)
-    # backbone learning rate = this x optimizer's
-    backbone_lr_scale: Annotated[Number, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    backbone_lr_scale: Annotated[Number, Field(gt=0.0, allow_inf_nan=False)] = 1.0   # x optimizer's learning rate
 
 
 class Config(_Schema):
     seed: StrictInt = 0
     data: DataConfig = DataConfig()
-    # a preset name, a backbone name (BACKBONES: resnet18, convnext_atto, ...), or a list of
-    # layer mappings (validated into dicts, defaults filled in)
+    # a preset name, a backbone name (BACKBONES: resnet18, ...), or a list of layer mappings (defaults filled in)
     model: str | tuple[dict[str, Any], ...] = "simple_cnn"
     pretrained: PretrainedConfig = PretrainedConfig()
     augment: AugmentConfig = AugmentConfig()

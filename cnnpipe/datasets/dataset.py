@@ -216,7 +216,10 @@ def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: corrupt run file ('task': {' '.join(str(exc).split())[:80]})") from None
     norm = info.get("normalization")   # the model's own statistics (pretrained runs), when written
-    if norm is not None and not (isinstance(norm, dict) and numbers(norm.get("mean")) and numbers(norm.get("std"))):
+    clip = norm.get("clip") if isinstance(norm, dict) else None
+    if norm is not None and not (isinstance(norm, dict) and numbers(norm.get("mean")) and numbers(norm.get("std"))
+                                 and (clip is None or (isinstance(clip, list) and len(clip) == 2
+                                                       and all(map(numbers, clip))))):
         raise ValueError(f"{path}: corrupt run file ('normalization' is {repr(norm)[:60]}; "
                          "expected {'mean': [...], 'std': [...]} with one number per channel)")
     return info

@@ -190,14 +190,16 @@ class CNN(SequentialNet):
 
 def build_model(spec: str | Sequence[Mapping[str, Any]], *, in_channels: int, num_classes: int,
                 input_size: tuple[int, int], bit_depth: int, rngs: nnx.Rngs,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> SequentialNet:
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                clip: tuple[Sequence[float], Sequence[float]] | None = None) -> SequentialNet:
     """Build a model from a preset name, a backbone name or a layer list (the config's `model`).
 
     A dense classifier head with `num_classes` units is appended unless the list already
     ends with one. `mean`/`std` are per-channel statistics in raw pixel units (as
     `Store.mean`/`Store.std`); without them inputs are scaled by 1 / (2**bit_depth - 1).
     A backbone name (`cnnpipe.config.BACKBONES`: resnet18, convnext_atto, ...) builds
-    that architecture with fresh weights (`cnnpipe.models.backbones`).
+    that architecture with fresh weights (`cnnpipe.models.backbones`). `clip` (low, high), per
+    channel in raw pixel units, clips the input first (`SequentialNet.set_input_clip`).
 
     Example:
       model = build_model("simple_cnn", in_channels=3, num_classes=10, input_size=(32, 32),
@@ -206,11 +208,15 @@ def build_model(spec: str | Sequence[Mapping[str, Any]], *, in_channels: int, nu
     if isinstance(spec, str) and spec in BACKBONES:
         from cnnpipe.models.backbones import create
 
-        return create(spec, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
-                      bit_depth=bit_depth, rngs=rngs, mean=mean, std=std)
-    layers = preset_layers(spec) if isinstance(spec, str) else spec
-    return CNN(layers, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
-               bit_depth=bit_depth, rngs=rngs, mean=mean, std=std)
+        model = create(spec, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                       bit_depth=bit_depth, rngs=rngs, mean=mean, std=std)
+    else:
+        layers = preset_layers(spec) if isinstance(spec, str) else spec
+        model = CNN(layers, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                    bit_depth=bit_depth, rngs=rngs, mean=mean, std=std)
+    if clip is not None:
+        model.set_input_clip(*clip)
+    return model
 
 
 def count_params(model: nnx.Module) -> int:

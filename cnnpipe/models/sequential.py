@@ -89,9 +89,21 @@ class SequentialNet(nnx.Module):
         """Index of the classifier head (the last layer, a dense layer of `num_classes` units)."""
         return len(self._names) - 1
 
+    def set_input_clip(self, low: Sequence[float], high: Sequence[float]) -> None:
+        """Clip each plane's raw values to [low, high] before the statistics are applied: a fixed window
+        (CT's lung or bone window) or the training split's percentiles (`data.normalize`). Static floats,
+        like `mean` and `std`, so evaluate, predict, inspect and exported models apply it too."""
+        lo, hi = _per_channel("low", low, self.in_channels), _per_channel("high", high, self.in_channels)
+        if any(a >= b for a, b in zip(lo, hi)):
+            raise ValueError(f"input clip: every low must be below its high, got {list(lo)} and {list(hi)}")
+        self.clip = (lo, hi)
+
     def normalize(self, x: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-        """Raw pixel values -> network input (float32, or wider when the params are)."""
+        """Raw pixel values -> network input (float32, or wider when the params are): clipped to the
+        input window when one is set (`set_input_clip`), then ``(x - mean) / std``."""
         x = jnp.asarray(x).astype(dtype)
+        if getattr(self, "clip", None) is not None:
+            x = jnp.clip(x, jnp.asarray(self.clip[0], dtype), jnp.asarray(self.clip[1], dtype))
         if self.mean is not None:
             return (x - jnp.asarray(self.mean, dtype)) * jnp.asarray([1.0 / s for s in self.std], dtype)
         if self.bit_depth is None:

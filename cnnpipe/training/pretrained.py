@@ -48,10 +48,19 @@ class Init:
     std: tuple[float, ...]
     normalization: str
     copy: Callable[..., None] | None = None
+    clip: tuple[tuple[float, ...], tuple[float, ...]] | None = None   # a window (data.normalize), raw units
 
     def info(self) -> dict[str, Any]:
         """The `normalization` entry of a run's dataset.json."""
-        return {"mean": list(self.mean), "std": list(self.std), "from": self.normalization}
+        clip = {} if self.clip is None else {"clip": [list(self.clip[0]), list(self.clip[1])]}
+        return {"mean": list(self.mean), "std": list(self.std), **clip, "from": self.normalization}
+
+    @classmethod
+    def of_record(cls, norm: Mapping[str, Any], where: str, copy: Callable[..., None] | None = None) -> Init:
+        """The `Init` a dataset.json `normalization` record describes (its clip included)."""
+        clip = norm.get("clip")
+        return cls(tuple(norm["mean"]), tuple(norm["std"]), where, copy,
+                   None if clip is None else (tuple(clip[0]), tuple(clip[1])))
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -69,12 +78,16 @@ def resolve_pretrained(cfg: Config, ds: Dataset, resumed_from: Path | None = Non
       ConfigError: timm weights for a model that is not a backbone, or a run of another architecture.
       ValueError (`WeightsError`): an unreadable weights file or one of another architecture.
     """
+    from cnnpipe.training.normalize import input_window, window_init
+
     weights = cfg.pretrained.weights
-    data = Init(tuple(ds.mean), tuple(ds.std), "data: per-plane statistics of the training split")
+    window = input_window(cfg.data.normalize, ds)
+    data = Init(tuple(ds.mean), tuple(ds.std), "data: per-plane statistics of the training split") \
+        if window is None else Init(*window_init(window), clip=window[:2])
     if resumed_from is not None and (resumed_from / "dataset.json").is_file():
         norm = read_dataset_info(resumed_from).get("normalization")
         if norm is not None:
-            return Init(tuple(norm["mean"]), tuple(norm["std"]), str(norm.get("from", "the resumed run")))
+            return Init.of_record(norm, str(norm.get("from", "the resumed run")))
     if weights is None:
         return data
     if not weights.strip():
@@ -98,6 +111,8 @@ def resolve_pretrained(cfg: Config, ds: Dataset, resumed_from: Path | None = Non
     if ds.channels != 3:
         return dataclasses.replace(data, copy=copy)
     wc, top = weights_config(weights, cfg.model), 2 ** ds.bit_depth - 1
+    if window is not None:   # the weights' statistics on the windowed [0, 1] values
+        return Init(*window_init(window, (wc["mean"], wc["std"])), copy=copy, clip=window[:2])
     return Init(tuple(m * top for m in wc["mean"]), tuple(s * top for s in wc["std"]),
                 f"weights: the pretrained weights' RGB mean/std ({wc['from']}) at the data's bit depth", copy)
 
@@ -119,8 +134,7 @@ def _from_run(cfg: Config, ds: Dataset, run_dir: Path, data: Init) -> Init:
     copy = functools.partial(copy_from_run, source=flat, where=f"{run_dir} (step {step})")
     if int(info["channels"]) != ds.channels or int(info["bit_depth"]) != ds.bit_depth:
         return dataclasses.replace(data, copy=copy)
-    src = run_normalization(info)
-    return Init(tuple(src["mean"]), tuple(src["std"]), f"run: the statistics of {run_dir.name} (step {step})", copy)
+    return Init.of_record(run_normalization(info), f"run: the statistics of {run_dir.name} (step {step})", copy)
 
 
 def copy_from_run(model: Any, source: Mapping[tuple, np.ndarray], where: str, *, check_only: bool = False) -> None:
@@ -183,7 +197,8 @@ def model_for_run(cfg: Config, info: Mapping[str, Any], seed: int | None = None)
     return nnx.eval_shape(lambda: build_model(
         cfg.model, in_channels=int(info["channels"]), num_classes=len(info["classes"]),
         input_size=tuple(info["size"]), bit_depth=int(info["bit_depth"]),
-        rngs=nnx.Rngs(cfg.seed if seed is None else seed), mean=norm["mean"], std=norm["std"]))
+        rngs=nnx.Rngs(cfg.seed if seed is None else seed), mean=norm["mean"], std=norm["std"],
+        clip=None if norm.get("clip") is None else (norm["clip"][0], norm["clip"][1])))
 
 
 def restore_run_model(run_dir: str | os.PathLike, checkpoint: str = "best") -> tuple[Config, dict, Any, Any, int]:

@@ -157,7 +157,8 @@ def _build(cfg: Config, watch: Stopwatch, resumed_from: Path | None = None) -> _
 
         def make() -> Any:
             return build_model(cfg.model, in_channels=ds.channels, num_classes=ds.num_classes, input_size=ds.size,
-                               bit_depth=ds.bit_depth, rngs=nnx.Rngs(cfg.seed), mean=init.mean, std=init.std)
+                               bit_depth=ds.bit_depth, rngs=nnx.Rngs(cfg.seed), mean=init.mean, std=init.std,
+                               clip=init.clip)
 
         abstract = nnx.eval_shape(make)
         if init.copy is not None:
@@ -316,6 +317,8 @@ def _log_start(cfg: Config, parts: _Parts, run_dir: Path, log: Callable[[str], N
     if not per_class.all():   # e.g. a class whose only image went to the validation split
         log(f"warning: no training images of class {', '.join(c for c, n in zip(parts.ds.classes, per_class) if not n)}; "
             "the model cannot learn it (class weights and the balanced sampler cannot help)")
+    if parts.init.clip is not None and pre.weights is None:   # data.normalize: a window or percentiles
+        log(f"input: clipped to and scaled by {parts.init.normalization}")
     if parts.class_weights is not None:
         from cnnpipe.training.loss import describe_weights
 

@@ -1,0 +1,72 @@
+"""Per-plane percentiles of a split's pixels, exactly, streaming over the rows.
+
+`data.normalize: {percentile: [2, 98]}` (torchgeo's rule for multispectral imagery) clips
+each plane to its training split's 2nd and 98th percentiles and scales that range to
+[0, 1]. Unsigned 8/16-bit pixels are counted in one histogram per plane, a few rows at a
+time, so the split is never loaded whole and the result is exactly NumPy's
+``np.percentile(values, q)`` (its default "linear" method: the value at rank
+``q / 100 * (n - 1)``, interpolated between the two order statistics around it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plane_percentiles"]
+
+_ROWS_PER_READ = 256
+
+
+def _histograms(images: Any) -> np.ndarray:
+    """(C, 2**bits) int64 counts of each value per plane over every pixel of `images` (N, H, W, C)."""
+    levels = 1 << (8 * np.dtype(images.dtype).itemsize)
+    c = int(images.shape[-1])
+    hist = np.zeros((c, levels), np.int64)
+    for start in range(0, len(images), _ROWS_PER_READ):
+        block = np.asarray(images[start:start + _ROWS_PER_READ])
+        for k in range(c):
+            hist[k] += np.bincount(block[..., k].reshape(-1), minlength=levels)
+    return hist
+
+
+def _percentile_from_counts(counts: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` ("linear") of the values whose count per value is `counts`."""
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    rank = q / 100.0 * (n - 1)
+    below = int(np.floor(rank))
+    frac = rank - below
+    v0 = int(np.searchsorted(cum, below + 1))   # the value holding order statistic `below` (0-based)
+    v1 = int(np.searchsorted(cum, min(below + 2, n)))
+    return float(v0 + frac * (v1 - v0))
+
+
+def plane_percentiles(images: Any, low: float, high: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(low percentile per plane, high percentile per plane) of `images` (N, H, W, C), uint8 or uint16
+    (an array, memmap or `RowView`), each exactly ``np.percentile(images[..., c], q)``.
+
+    Raises ValueError for percentiles outside 0..100 or not increasing, or an empty split.
+    """
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"data.normalize.percentile: got [{low}, {high}]; expected 0 <= low < high <= 100")
+    if len(images) == 0:
+        raise ValueError("data.normalize.percentile: the training split has no images")
+    if np.dtype(images.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        flat = np.asarray(images, np.float64).reshape(-1, images.shape[-1])
+        lo, hi = np.nanpercentile(flat, [low, high], axis=0)
+        return tuple(map(float, lo)), tuple(map(float, hi))
+    hist = _histograms(images)
+    return (tuple(_percentile_from_counts(h, low) for h in hist),
+            tuple(_percentile_from_counts(h, high) for h in hist))
+
+
+def per_plane(value: Sequence[Any], channels: int, what: str) -> list[Any]:
+    """`value` given once for every plane or once per plane, as a list of `channels` entries."""
+    if len(value) == 1:
+        return list(value) * channels
+    if len(value) != channels:
+        raise ValueError(f"{what}: got {len(value)} entries for {channels} planes; give one, or one per plane")
+    return list(value)
