@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from cnnpipe.config_errors import ConfigError, describe, short, suggest
+from cnnpipe.config_normalize import check_normalize
 
 __all__ = [
     "ConfigError", "Config", "DataConfig", "AugmentConfig", "RandomResizedCropConfig", "TrainConfig",
@@ -187,13 +188,7 @@ class DataConfig(_Schema):
     on_device: Literal["auto"] | StrictBool = "auto"
     normalize: Literal["zscore"] | WindowConfig | PercentileConfig = "zscore"   # per-plane (x - mean) / std
 
-    @field_validator("normalize", mode="before")
-    @classmethod
-    def _normalize_form(cls, value: Any) -> Any:
-        if value == "zscore" or (isinstance(value, Mapping) and list(value) in (["window"], ["percentile"])):
-            return value
-        raise ConfigError(f"data.normalize: got {short(value)}; expected zscore, {{window: [low, high]}} (or one "
-                          "[low, high] per plane) or {percentile: [low, high]}")
+    _normalize_form = field_validator("normalize", mode="before")(lambda cls, value: check_normalize(value))
 
     @model_validator(mode="after")
     def _keys_of_the_source(self) -> DataConfig:

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cnnpipe"
 # The stages in data-path order; a module may import its own stage and those before it.
 STAGES = ("images", "datasets", "models", "training", "runs", "inspect")
 # importable by every stage; they import no stage
-FOUNDATION = ("config", "config_errors", "files", "fdcapture", "tasks")
+FOUNDATION = ("config", "config_errors", "config_normalize", "files", "fdcapture", "tasks")
 TOP = ("cli", "backbones", "__init__")         # may import every stage (backbones: the public facade)
 MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 450

@@ -34,6 +34,18 @@ def test_normalize_settings_are_checked_in_one_line():
     assert load_config(None, ["data.normalize={window: [-1000, 400]}"]).data.normalize.window == (-1000.0, 400.0)
     with pytest.raises(ConfigError, match="data.normalize: got 'minmax'; expected zscore"):
         load_config(None, ["data.normalize=minmax"])
+    for bad in ("{window: []}", "{window: [.nan, 100]}", '{window: ["1", "100"]}', "{window: [0, 1.0e+39]}",
+                "{window: [[0, 1], [3, 2]]}", "{percentile: [2, 98, 99]}", "{percentile: [-1, 50]}"):
+        with pytest.raises(ConfigError, match=r"data\.normalize\.(window|percentile): got "):
+            load_config(None, [f"data.normalize={bad}"])
+    from types import SimpleNamespace
+
+    from cnnpipe.training.normalize import input_window
+
+    ds = SimpleNamespace(channels=3, bit_depth=8)
+    spec = load_config(None, ["data.normalize={window: [300, 1000]}"]).data.normalize
+    with pytest.raises(ValueError, match=r"0\.\.255 \(8-bit\)"):   # every pixel would be one value
+        input_window(spec, ds)
     with pytest.raises(ValueError, match="percentile"):
         plane_percentiles(np.zeros((2, 1, 1, 1), np.uint8), 98, 2)
 
@@ -60,6 +72,13 @@ def test_a_windowed_run_carries_its_window_into_predict_and_export(tmp_path):
     path = export_run(run, "stablehlo", tmp_path / "m.stablehlo")
     exported = np.asarray(jax.export.deserialize(path.read_bytes()).call(pixels))
     np.testing.assert_allclose(exported, run.predict(pixels), atol=1e-5)
+    # fine-tuned from that run with another window: the window asked for, the run's weights
+    tuned = cfg.model_copy(update={"pretrained": cfg.pretrained.model_copy(update={"weights": str(tmp_path / "run")}),
+                                   "data": cfg.data.model_copy(update={"normalize": load_config(
+                                       None, ["data.normalize={window: [100, 60000]}"]).data.normalize})})
+    train_and_evaluate(tuned, tmp_path / "tuned", log=lambda _: None, compile_cache="off")
+    again = json.loads((tmp_path / "tuned" / "dataset.json").read_text())["normalization"]
+    assert again["clip"] == [[100.0] * 3, [60000.0] * 3] and again["from"].startswith("data.normalize")
 
 
 def test_pretrained_statistics_apply_to_the_windowed_values():

@@ -115,3 +115,20 @@ def test_float_stacks_of_pages_and_signed_jpeg2000_keep_their_values():
     signed = np.arange(-300, 300, dtype=np.int16).reshape(20, 30)
     planes = read_image(imagecodecs.jpeg2k_encode(signed, level=0), channels="native")
     assert planes.dtype == np.int16 and np.array_equal(planes.data[0], signed)
+
+
+def test_a_native_store_counts_planes_of_the_files_it_can_hold(tmp_path):
+    from PIL import Image
+
+    from cnnpipe.datasets.preprocess import preprocess
+
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((6, 6, 3), 40 * i, np.uint8)).save(tmp_path / "src" / c / f"{i}.png")
+        for i in range(3):   # more five-band float files than PNGs: they decode, but no store holds them
+            (tmp_path / "src" / c / f"f{i}.tif").write_bytes(_tiff(_values(np.float32, (6, 6, 5), i),
+                                                                    planarconfig="contig"))
+    store = preprocess(tmp_path / "src", tmp_path / "store", size=6, channels="native", workers=1, progress=False)
+    assert store.channels == 3 and sum(store.count(s) for s in store.splits) == 4
+    assert {s["kind"] for s in store.report["skipped"]} == {"unsupported"}

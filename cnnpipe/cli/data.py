@@ -36,8 +36,9 @@ def plane_stats(plane, nodata: float | None) -> str:
     nod = (x == nodata) if nodata is not None else np.zeros(x.shape, bool)
     valid = x[~(nan | inf | nod)]
     fmt = (lambda v: f"{v:>10.6g}") if x.dtype.kind == "f" else (lambda v: f"{int(v):>6}")
-    head = (f"{x.dtype}  min {fmt(valid.min())}  max {fmt(valid.max())}  mean {valid.mean(dtype=np.float64):10.3f}"
-            if valid.size else f"{x.dtype}  no valid value")
+    mean = valid.mean(dtype=np.float64) if valid.size else 0.0
+    head = (f"{x.dtype}  min {fmt(valid.min())}  max {fmt(valid.max())}  mean "
+            + (f"{mean:10.6g}" if x.dtype.kind == "f" else f"{mean:10.3f}") if valid.size else f"{x.dtype}  no valid value")
     counts = [f"{what} {int(m.sum())}" for what, m, shown in (("NaN", nan, x.dtype.kind == "f"),
                                                               ("Inf", inf, x.dtype.kind == "f"),
                                                               ("nodata", nod, nodata is not None)) if shown]
@@ -54,7 +55,8 @@ def _run_decode(args: argparse.Namespace) -> int:
                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     if args.save:  # first, so a bad OUT fails before anything is printed
         np.save(args.save, planes.data)
-    print(f"{display_path(planes.source)}: {planes.width}x{planes.height}, {len(planes.channels)} planes, "
+    n = len(planes.channels)
+    print(f"{display_path(planes.source)}: {planes.width}x{planes.height}, {n} plane{'s' if n != 1 else ''}, "
           f"{planes.bit_depth}-bit ({planes.data.dtype})"
           + (f", nodata {planes.nodata:g}" if planes.nodata is not None else ""))
     for name, plane in zip(planes.channels, planes.data):

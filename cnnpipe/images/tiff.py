@@ -117,7 +117,7 @@ def decode_tiff(data: bytes, source: str | None, max_pixels: int | None, pages: 
         arr, names, applied = pillow_pixels(data, source, "TIFF", max_pixels)
         undo = _INVERSE_ORIENTATION.get(applied) if isinstance(applied, int) else None
         return Decoded(orient(arr, undo) if undo else arr, names, info.orientation, notes=notes)
-    return _finish(_libtiff_pixels(data, source, info), info, source, notes)
+    return dataclasses.replace(_finish(_libtiff_pixels(data, source, info), info, source, notes), nodata=nodata)
 
 
 @contextlib.contextmanager

@@ -29,8 +29,9 @@ __all__ = ["InputImage", "prepare_image", "capture_activations", "predict_proba"
 TILE_NORMALISATION = ("per-tile min-max: each channel scaled to its own [min, max] "
                       "(viridis: dark purple = that channel's min, yellow = its max)")
 ATTRIBUTION_METHOD = ("|gradient x (input - baseline)|, the baseline being each plane at its training mean "
-                      "(what the model normalises to 0; black for a model without statistics), summed over "
-                      "each plane's pixels, as a share of the total over all planes")
+                      "(what the model normalises to 0; black for a model without statistics; the window's low "
+                      "end under data.normalize's window or percentiles), summed over each plane's pixels, as a "
+                      "share of the total over all planes")
 
 
 # ---------------------------------------------------------------- model plumbing

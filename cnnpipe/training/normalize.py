@@ -39,6 +39,10 @@ def input_window(spec: Any, ds: Any) -> tuple[tuple[float, ...], tuple[float, ..
     pairs = per_plane(pairs, ds.channels, "data.normalize.window")
     if any(lo >= hi for lo, hi in pairs):
         raise ValueError(f"data.normalize.window: got {[list(p) for p in pairs]}; each low must be below its high")
+    top = 2 ** ds.bit_depth - 1   # what an unsigned store can hold: a window beyond it sees a constant
+    if any(hi <= 0 or lo >= top for lo, hi in pairs):
+        raise ValueError(f"data.normalize.window: got {[list(p) for p in pairs]}; the data's values are "
+                         f"0..{top} ({ds.bit_depth}-bit), so a window outside them makes every pixel one value")
     return (tuple(float(lo) for lo, _ in pairs), tuple(float(hi) for _, hi in pairs),
             "data.normalize: the window " + ", ".join(f"[{lo:g}, {hi:g}]" for lo, hi in pairs))
 

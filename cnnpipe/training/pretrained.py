@@ -132,7 +132,8 @@ def _from_run(cfg: Config, ds: Dataset, run_dir: Path, data: Init) -> Init:
     model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.model_state))
     flat = {tuple(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model))}
     copy = functools.partial(copy_from_run, source=flat, where=f"{run_dir} (step {step})")
-    if int(info["channels"]) != ds.channels or int(info["bit_depth"]) != ds.bit_depth:
+    # another kind of data, or a window this config asks for: its own normalisation, the run's weights
+    if int(info["channels"]) != ds.channels or int(info["bit_depth"]) != ds.bit_depth or data.clip is not None:
         return dataclasses.replace(data, copy=copy)
     return Init.of_record(run_normalization(info), f"run: the statistics of {run_dir.name} (step {step})", copy)
 
