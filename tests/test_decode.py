@@ -498,7 +498,7 @@ def test_cli_decode_native_channels(tmp_path: Path, capsys) -> None:
     src = tmp_path / "g.png"
     src.write_bytes(pypng_bytes(np.full((3, 3), 7, np.uint8), bitdepth=8))
     assert main(["decode", str(src), "--channels", "native"]) == 0
-    assert "1 planes" in capsys.readouterr().out
+    assert "1 plane," in capsys.readouterr().out
 
 
 def test_cli_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
