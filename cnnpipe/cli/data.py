@@ -36,9 +36,12 @@ def plane_stats(plane, nodata: float | None) -> str:
     nod = (x == nodata) if nodata is not None else np.zeros(x.shape, bool)
     valid = x[~(nan | inf | nod)]
     fmt = (lambda v: f"{v:>10.6g}") if x.dtype.kind == "f" else (lambda v: f"{int(v):>6}")
-    mean = valid.mean(dtype=np.float64) if valid.size else 0.0
-    head = (f"{x.dtype}  min {fmt(valid.min())}  max {fmt(valid.max())}  mean "
-            + (f"{mean:10.6g}" if x.dtype.kind == "f" else f"{mean:10.3f}") if valid.size else f"{x.dtype}  no valid value")
+    if valid.size:
+        mean = valid.mean(dtype=np.float64)
+        head = (f"{x.dtype}  min {fmt(valid.min())}  max {fmt(valid.max())}  mean "
+                + (f"{mean:10.6g}" if x.dtype.kind == "f" else f"{mean:10.3f}"))
+    else:
+        head = f"{x.dtype}  no valid value"
     counts = [f"{what} {int(m.sum())}" for what, m, shown in (("NaN", nan, x.dtype.kind == "f"),
                                                               ("Inf", inf, x.dtype.kind == "f"),
                                                               ("nodata", nod, nodata is not None)) if shown]

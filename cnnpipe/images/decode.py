@@ -324,7 +324,7 @@ def _orientation(value: Any, notes: list[str]) -> int:
     return 1
 
 
-def _planes(arr: np.ndarray, names: tuple[str, ...], source: str | None, notes: tuple = (), nodata: Any = None) -> Planes:
+def _planes(arr: np.ndarray, names: tuple, source: str | None, notes: tuple = (), nodata: Any = None) -> Planes:
     view = arr.transpose(2, 0, 1).view()  # (C, H, W) over the decoder's buffer, no copy
     view.flags.writeable = False  # Planes are values, not buffers to scribble on
     return Planes(data=view, bit_depth=8 * arr.dtype.itemsize, channels=names, source=source, warnings=notes,
