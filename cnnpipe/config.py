@@ -180,6 +180,7 @@ class DataConfig(_Schema):
     split: Literal["stratified", "group", "hash"] | None = None
     folds: Annotated[StrictInt, Field(ge=2, le=100)] | None = None   # folder: deal the files into K folds
     fold: NonNegInt | None = None       # store/folder made with folds: the validation fold (cnnpipe cv sets it)
+    dtype: Literal["float32"] | None = None   # folder: every file's values as they are (mixed int and float files)
     bit_depth: Literal[8, 16] = 8       # shapes only
     num_train: PosInt = 4000            # shapes only
     num_val: PosInt = 400               # shapes only
@@ -194,7 +195,7 @@ class DataConfig(_Schema):
     def _keys_of_the_source(self) -> DataConfig:
         """A key the source does not read is an error, not silently ignored (data.fold with shapes)."""
         folder_only = ("labels", "path_col", "label_col", "split_col", "group_col", "fold_col", "split", "folds",
-                       "label_delim", "target_col", "task")
+                       "label_delim", "target_col", "task", "dtype")
         used = {"folder": (*folder_only, "fold"), "store": ("fold",)}.get(self.source, ())
         for key in (*folder_only, "fold"):
             if getattr(self, key) is not None and key not in used:

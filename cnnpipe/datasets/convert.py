@@ -17,9 +17,10 @@ import numpy as np
 from cnnpipe.datasets.workers import die_here_if_asked
 from cnnpipe.images.decode import DecodeError, check_format, read_file
 from cnnpipe.images.formats import codec_messages, display_path, reason_of
-from cnnpipe.images.transform import ImageSpec, NeedsSixteenBit, prepare_bytes
+from cnnpipe.images.pixel_types import NoData
+from cnnpipe.images.transform import ImageSpec, NeedsWiderType, prepare_bytes
 
-__all__ = ["Failure", "Prepared", "NeedsUint16", "probe_file", "convert_file", "convert_items", "worker_died",
+__all__ = ["Failure", "Prepared", "NeedsDtype", "probe_file", "convert_file", "convert_items", "worker_died",
            "HEAD_BYTES"]
 
 HEAD_BYTES = 64  # enough for sniffing and the PNG IHDR
@@ -39,63 +40,83 @@ class Prepared:
 
     Attributes:
       pixels: (H, W, C) uint8/uint16, the spec's shape and bit depth.
-      sums, sumsq: per-plane exact integer sums of values and squares, or None (not asked for).
+      sums, sumsq: per-plane sums of values and squares, or None (not asked for): exact Python
+        integers for integer pixels, float64 sums over the finite values of float32 pixels.
       digest: 128 bits of the file's SHA-256 (duplicate report).
       warnings: problems that cost no pixels.
       decoded_bit_depth: the file's own bit depth (8 or 16) before any promotion.
+      counts: per-plane count of the values summed (NaN, no data, left out), or None.
+      decoded_dtype: the file's own sample type.
+      nodata: the file's NaN/Inf/nodata/inexact counts (float32 stores), or None.
     """
 
     pixels: np.ndarray
-    sums: list[int] | None
-    sumsq: list[int] | None
+    sums: list[int] | list[float] | None
+    sumsq: list[int] | list[float] | None
     digest: str
     warnings: tuple[str, ...]
     decoded_bit_depth: int
+    counts: list[int] | None = None
+    decoded_dtype: str = "uint8"
+    nodata: NoData | None = None
 
 
-class NeedsUint16:
-    """A 16-bit image for an 8-bit store: the run restarts with a uint16 store."""
+@dataclass(frozen=True)
+class NeedsDtype:
+    """An image the store's pixel type cannot hold: the run restarts with a `dtype` store.
+
+    Attributes:
+      dtype: the store type holding both; message: why, naming the file.
+    """
+
+    dtype: str
+    message: str
 
 
-def probe_file(path: str) -> tuple[Failure | None, int]:
-    """(failure or None, bit depth the header suggests) of one file, reading only its first bytes."""
+def probe_file(path: str) -> tuple[Failure | None, str]:
+    """(failure or None, the sample type the header suggests) of one file, reading only its first bytes
+    (a TIFF's first directory)."""
     try:
         with open(path, "rb") as f:
             head = f.read(HEAD_BYTES)
     except OSError as exc:
         return Failure(f"{display_path(path)}: cannot read file: {exc.strerror or type(exc).__name__}",
-                       "unreadable"), 8
+                       "unreadable"), "uint8"
     try:
         fmt = check_format(head, path)  # the decoder's own wording (it names known unsupported formats)
     except DecodeError as exc:
-        return Failure(str(exc), exc.kind), 8
-    return None, _header_bit_depth(fmt, head, path)
+        return Failure(str(exc), exc.kind), "uint8"
+    return None, _header_dtype(fmt, head, path)
 
 
-def _header_bit_depth(fmt: str, head: bytes, path: str) -> int:
-    """16 if the header says more than 8 bits per sample, else 8: a guess, corrected after decoding."""
+def _header_dtype(fmt: str, head: bytes, path: str) -> str:
+    """The sample type the header suggests ("uint16" for more than 8 bits, a TIFF's own type):
+    a guess, corrected after decoding."""
     if fmt == "PNG":
-        return 16 if len(head) > 24 and head[24] == 16 else 8
+        return "uint16" if len(head) > 24 and head[24] == 16 else "uint8"
     if fmt == "TIFF":
         try:
             import tifffile
 
             # codec_messages: tifffile logs what it finds wrong; that belongs to the decode, not the terminal
             with codec_messages(), tifffile.TiffFile(path) as tif:  # reads the first directory only
-                return 16 if int(tif.pages.first.bitspersample) > 8 else 8
+                page = tif.pages.first
+                if page.sampleformat in (2, 3) or int(page.bitspersample) > 16:   # signed, float, 32-bit
+                    return str(np.dtype(page.dtype))
+                return "uint16" if int(page.bitspersample) > 8 else "uint8"
         except Exception:
-            return 8
-    return 8
+            return "uint8"
+    return "uint8"
 
 
-def convert_file(path: str, want_stats: bool, spec: ImageSpec) -> Prepared | Failure | NeedsUint16:
+def convert_file(path: str, want_stats: bool, spec: ImageSpec) -> Prepared | Failure | NeedsDtype:
     """Read, hash and prepare one file through the one image path (`prepare_bytes`)."""
     die_here_if_asked(path)
     try:
         data = read_file(path)
         img = prepare_bytes(data, spec, path)
-    except NeedsSixteenBit:
-        return NeedsUint16()
+    except NeedsWiderType as exc:
+        return NeedsDtype(exc.dtype, str(exc))
     except DecodeError as exc:  # its message names the file
         return Failure(str(exc), exc.kind)
     except ValueError as exc:  # the image's planes do not match the spec
@@ -105,16 +126,34 @@ def convert_file(path: str, want_stats: bool, spec: ImageSpec) -> Prepared | Fai
     except Exception as exc:  # a bug or a codec surprise: one file is reported, the run goes on
         return Failure(f"{display_path(path)}: {type(exc).__name__}: {reason_of(exc)}", "corrupt")
     digest = hashlib.sha256(data).hexdigest()[:32]
-    sums = sumsq = None
-    if want_stats:
-        flat = img.pixels.reshape(-1, img.pixels.shape[2]).astype(np.uint64)
-        # integer sums are exact, so the mean/std do not depend on order or chunking
-        sums = [int(v) for v in flat.sum(0)]
-        sumsq = [int(v) for v in np.einsum("ij,ij->j", flat, flat)]
-    return Prepared(img.pixels, sums, sumsq, digest, img.warnings, img.decoded_bit_depth)
+    sums, sumsq, counts = _plane_sums(img.pixels) if want_stats else (None, None, None)
+    warnings = img.warnings
+    if img.nodata is not None and img.nodata.inexact:
+        warnings += (f"{img.nodata.inexact} {img.decoded_dtype} value(s) not exact in float32: stored as the "
+                     "nearest float32",)
+    return Prepared(img.pixels, sums, sumsq, digest, warnings, img.decoded_bit_depth, counts, img.decoded_dtype,
+                    img.nodata)
 
 
-def convert_items(items: list[tuple[str, bool, ImageSpec]]) -> list[Prepared | Failure | NeedsUint16]:
+def _plane_sums(pixels: np.ndarray) -> tuple[list, list, list[int]]:
+    """Per-plane (sums, sums of squares, counts) of (H, W, C) pixels, NaN left out.
+
+    Integer sums are exact Python integers, so the mean/std do not depend on order or chunking;
+    float32 values are summed in float64 (deterministic: the same rows in the same order give the
+    same statistics, whatever the worker count).
+    """
+    c = pixels.shape[2]
+    if pixels.dtype.kind != "f":
+        flat = pixels.reshape(-1, c).astype(np.int64 if pixels.dtype.kind == "i" else np.uint64)
+        n = flat.shape[0]
+        return [int(v) for v in flat.sum(0)], [int(v) for v in np.einsum("ij,ij->j", flat, flat)], [n] * c
+    flat = pixels.reshape(-1, c).astype(np.float64)
+    ok = ~np.isnan(flat)
+    vals = np.where(ok, flat, 0.0)
+    return [float(v) for v in vals.sum(0)], [float(v) for v in (vals * vals).sum(0)], [int(v) for v in ok.sum(0)]
+
+
+def convert_items(items: list[tuple[str, bool, ImageSpec]]) -> list[Prepared | Failure | NeedsDtype]:
     """`convert_file` over (path, want_stats, spec) items: one pool job."""
     return [convert_file(path, want, spec) for path, want, spec in items]
 

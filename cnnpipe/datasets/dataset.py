@@ -80,7 +80,9 @@ class Dataset:
         # red-only images) has std 0, and the model normalises by 1/std. Flooring at one
         # raw pixel unit maps such a channel to (x - mean), i.e. 0 on the training data,
         # instead of failing the run; the store's meta.json keeps the true statistics.
-        object.__setattr__(self, "std", tuple(max(float(s), MIN_STD) for s in self.std))
+        # Float data has no quantisation step (NDVI's std is 0.3): only a zero std is replaced, by 1.
+        floor = 0.0 if np.dtype(self.train.images.dtype).kind == "f" else MIN_STD
+        object.__setattr__(self, "std", tuple(max(float(s), floor) or 1.0 for s in self.std))
         if tuple(self.task.names) != tuple(self.classes):   # the task names its outputs: the classes
             object.__setattr__(self, "task", Task(self.task.kind, tuple(self.classes), self.task.target_mean,
                                                   self.task.target_std))
@@ -202,12 +204,13 @@ def read_dataset_info(run_dir: str | os.PathLike) -> dict[str, Any]:
         ("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v), "class names"),
         ("size", lambda v: isinstance(v, list) and len(v) == 2 and all(map(count, v)), "[height, width]"),
         ("channels", count, "a positive integer"),
-        ("bit_depth", lambda v: type(v) is int and v in (8, 16), "8 or 16"),
+        ("bit_depth", lambda v: type(v) is int and v in (8, 16, 32), "8, 16 or 32"),
+        ("dtype", lambda v: v in ("uint8", "uint16", "int16", "float32"), "uint8, uint16, int16 or float32"),
         ("mean", numbers, "one number per channel"),
         ("std", numbers, "one number per channel"),
     )
     for key, ok, expected in checks:
-        if not ok(info[key]):
+        if key in info and not ok(info[key]):
             raise ValueError(f"{path}: corrupt run file ({key!r} is {repr(info[key])[:60]}; expected {expected})")
     try:   # a multi-label or regression run's task, when written
         task = Task.from_meta(info)

@@ -30,7 +30,7 @@ class Candidate:
     class_name: str
     split: str | None  # the folder's own split in the split layout
     digest: str = ""
-    bit_depth: int = 8
+    dtype: str = "uint8"  # the sample type its header suggests (preprocess corrects it after decoding)
     group: str | None = None  # a label table's group (patient, slide, scene)
     fold: int = -1  # cross-validation fold (0 to K-1) of a store made with folds, else -1
     target: tuple[float, ...] | None = None  # a multi-label or regression row (cnnpipe.tasks); None: class_name

@@ -26,14 +26,11 @@ _CHUNK = 8
 def _names_one(path: str, pages: str) -> tuple[str, ...] | Failure:
     """A file's native plane names, or why it cannot be read (naming the file)."""
     from cnnpipe.images.decode import DecodeError, read_image
-    from cnnpipe.images.formats import UNSIGNED_DTYPES, display_path, reason_of
+    from cnnpipe.images.formats import display_path, reason_of
 
     die_here_if_asked(path)
     try:
         planes = read_image(path, channels="native", alpha="keep", pages=pages)
-        if planes.dtype not in UNSIGNED_DTYPES:   # decodes, but no store holds it: not a plane count to follow
-            return Failure(f"{display_path(path)}: unsupported: {planes.dtype} samples (dataset stores take "
-                           "unsigned 8- and 16-bit values)", "unsupported")
         return tuple(planes.channels)
     except DecodeError as exc:
         return Failure(str(exc), exc.kind)

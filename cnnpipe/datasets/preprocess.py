@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from cnnpipe.datasets.convert import Failure, NeedsUint16, Prepared, convert_items, probe_file, worker_died
+from cnnpipe.datasets.accumulator import Accumulator
+from cnnpipe.datasets.convert import Failure, NeedsDtype, Prepared, convert_items, probe_file, worker_died
 from cnnpipe.datasets.folders import Candidate, FolderScan, scan_folder, skip, split_order
 from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
 from cnnpipe.datasets.preprocess_settings import PreprocessError, Settings, check_paths, parse_size
@@ -49,9 +50,10 @@ from cnnpipe.datasets.report import build_report, reason_counts
 from cnnpipe.datasets.store import SPLIT_NAMES, Store, StoreWriter, build_meta, check_output, exact_mean_std, load_store
 from cnnpipe.datasets.table_scan import LabelTable, scan_table
 from cnnpipe.datasets.tables import find_metadata
-from cnnpipe.datasets.task_targets import counted_names, folds_for_task, set_strata, split_for_task, task_of
+from cnnpipe.datasets.task_targets import folds_for_task, set_strata, split_for_task, task_of
 from cnnpipe.datasets.workers import chunks, make_pool, ordered_map
 from cnnpipe.images.formats import display_path
+from cnnpipe.images.pixel_types import is_float_file, store_dtype_for, widen
 from cnnpipe.images.transform import IMAGE_PATH_VERSION, ImageSpec
 from cnnpipe.tasks import Task
 
@@ -67,7 +69,7 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
                resize: str = "crop", val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0,
                workers: int | None = None, channels: str = "rgb", overwrite: bool = False,
                progress: bool | None = None, pages: str = "first", labels: str | os.PathLike | LabelTable | None = None,
-               split: str | None = None, folds: int | None = None) -> Store:
+               split: str | None = None, folds: int | None = None, dtype: str | None = None) -> Store:
     """Decode an image folder once into a dataset store at `out` and return it.
 
     Args:
@@ -94,6 +96,9 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
       pages: multi-page TIFFs: "first" (page 1, noted in the report's warnings) or "planes"
         (every page a plane; see `cnnpipe.images.decode.read_image`).
       progress: show a progress bar; None = only on an interactive terminal.
+      dtype: None: the store's pixel type is the narrowest holding every stored file exactly
+        (`cnnpipe.images.pixel_types`); a folder mixing integer and float files is refused.
+        "float32": every file's values as they are (no x257), nodata as NaN.
 
     Returns:
       The written `Store`. Files that could not be used are in its report, each with a reason.
@@ -113,7 +118,8 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
     table = labels if isinstance(labels, LabelTable) or labels is None else LabelTable(os.fspath(labels))
     settings = Settings(parse_size(size), resize, channels, val_fraction, test_fraction, seed,
                         int(workers) if workers else (os.cpu_count() or 1), overwrite,
-                        sys.stderr.isatty() if progress is None else bool(progress), pages, table, split, folds)
+                        sys.stderr.isatty() if progress is None else bool(progress), pages, table, split, folds,
+                        dtype)
     settings.check()
     check_paths(src_p, out_p)
     check_output(out_p.absolute(), overwrite)
@@ -129,11 +135,12 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
         while True:
             try:
                 return build.write()
-            except _NeedsUint16 as exc:
-                if build.dtype == "uint16":
-                    raise
-                log.info("%s decoded as 16-bit; restarting with a uint16 store", display_path(str(exc)))
-                build.dtype = "uint16"
+            except _NeedsDtype as exc:
+                wider = widen(build.dtype, exc.dtype)
+                if wider == build.dtype:   # a bug guard: a restart must change the store
+                    raise PreprocessError(exc.message) from None
+                log.info("%s; restarting with a %s store", exc.message, wider)
+                build.dtype = wider
 
 
 def _scan(src: Path, table: LabelTable | None) -> tuple[FolderScan, dict[str, Any] | None]:
@@ -172,8 +179,12 @@ def _pool_started_early(workers: int, num_files: int) -> Iterator[Callable[[], A
         starter.shutdown()
 
 
-class _NeedsUint16(Exception):
-    """A file decoded as 16-bit although its header suggested 8: the store must be uint16."""
+class _NeedsDtype(Exception):
+    """A file whose values the store's type cannot hold (its header suggested a narrower type)."""
+
+    def __init__(self, result: NeedsDtype) -> None:
+        super().__init__(result.message)
+        self.dtype, self.message = result.dtype, result.message
 
 
 @dataclass
@@ -201,7 +212,7 @@ class _Build:
         for chunk in chunks(scan.candidates, _PROBE_CHUNK):
             bad = 0
             for cand in chunk:
-                failure, cand.bit_depth = probe_file(cand.path)
+                failure, cand.dtype = probe_file(cand.path)
                 if failure is None:
                     self.ok.append(cand)
                 else:
@@ -260,25 +271,43 @@ class _Build:
         self.ok = keep
 
     def confirm_dtype(self) -> None:
-        """uint16 only once a file whose header says 16-bit gives a 16-bit store row.
+        """The store's pixel type: the narrowest holding every file (`cnnpipe.images.pixel_types`).
 
-        Headers are a guess: a float or damaged file may claim 16 bits and then be
-        skipped, and must not make an 8-bit store uint16 (x257). So the files the
-        headers call 16-bit are prepared in order until the first one succeeds (in an
-        all-16-bit folder, the first); a file whose header said 8 bits but which decodes
-        as 16-bit restarts the write with a uint16 store (`_NeedsUint16`).
+        Headers are a guess: a float or damaged file may claim 16 bits and then be skipped,
+        and must not make an 8-bit store uint16 (x257). So the files whose headers ask for
+        more than uint8 are prepared in order, for a uint8 store, until the store type they
+        need reaches what the headers promise; a file that later needs more (a header said
+        8 bits, an int16 file needing resampling) restarts the write with a wider store
+        (`_NeedsDtype`). Integer files beside float files are refused unless `--dtype float32`.
+
+        Raises:
+          PreprocessError: a folder mixing integer and float files, naming one of each.
         """
-        self.dtype = "uint8"
-        maybe = [c for c in self.ok if c.bit_depth == 16]
+        s = self.settings
+        self.dtype = s.dtype or "uint8"
+        if s.dtype:
+            return
+        floats = next((c for c in self.ok if is_float_file(c.dtype)), None)
+        ints = next((c for c in self.ok if not is_float_file(c.dtype)), None)
+        if floats is not None and ints is not None:
+            raise PreprocessError(f"SRC mixes integer and float images ({display_path(ints.rel)} is {ints.dtype}, "
+                                  f"{display_path(floats.rel)} is {floats.dtype}): pass --dtype float32 to keep "
+                                  "every file's values as they are in a float32 store, or convert one kind")
+        promised = "uint8"
+        for c in self.ok:
+            promised = widen(promised, store_dtype_for(c.dtype))
+        maybe = [c for c in self.ok if c.dtype != "uint8"]
         if not maybe:
             return
-        spec = self.settings.spec("uint16", self.planes.count if self.planes else None)
+        spec = s.spec("uint8", self.planes.count if self.planes else None)
         jobs = chunks([(c.path, False, spec) for c in maybe], 2)
-        results = ordered_map(self.pool, convert_items, jobs, 2 * self.settings.workers, on_death=worker_died)
+        results = ordered_map(self.pool, convert_items, jobs, 2 * s.workers, on_death=worker_died)
         try:
             for chunk in results:
-                if any(isinstance(r, Prepared) and r.decoded_bit_depth == 16 for r in chunk):
-                    self.dtype = "uint16"
+                for r in chunk:
+                    if isinstance(r, NeedsDtype):
+                        self.dtype = widen(self.dtype, r.dtype)
+                if widen(self.dtype, promised) == self.dtype:
                     return
         finally:
             results.close()
@@ -302,7 +331,7 @@ class _Build:
         spec = self.settings.spec(self.dtype, self.planes.count if self.planes else None)
         stats_split = "train" if capacity.get("train") else None  # None: every split (no train images)
         jobs = chunks([(c.path, stats_split in (None, c.split), spec) for c in todo], _CONVERT_CHUNK)
-        acc = _Accumulator(spec.num_planes, splits, self.folds or 0, self.task)
+        acc = Accumulator(spec.num_planes, splits, self.folds or 0, self.task)
         bar = Progress(self.settings.progress, len(todo), "decoding")
         with StoreWriter(self.out, overwrite=self.settings.overwrite) as writer:
             for s in splits:
@@ -318,11 +347,11 @@ class _Build:
             writer.commit(*self._finish(acc, splits, stats_split))
         return load_store(self.out)
 
-    def _store_one(self, writer: StoreWriter, cand: Candidate, res: Prepared | Failure | NeedsUint16,
-                   spec: ImageSpec, label: Any, acc: _Accumulator) -> bool:
+    def _store_one(self, writer: StoreWriter, cand: Candidate, res: Prepared | Failure | NeedsDtype,
+                   spec: ImageSpec, label: Any, acc: Accumulator) -> bool:
         """Append one worker result to the store (True), or record why it was skipped (False)."""
-        if isinstance(res, NeedsUint16):
-            raise _NeedsUint16(cand.path)
+        if isinstance(res, NeedsDtype):
+            raise _NeedsDtype(res)
         if isinstance(res, Failure):
             acc.failed.append((cand, res))
             return False
@@ -337,7 +366,7 @@ class _Build:
         acc.add(cand, res)
         return True
 
-    def _finish(self, acc: _Accumulator, splits: list[str], stats_split: str | None) -> tuple[dict, dict]:
+    def _finish(self, acc: Accumulator, splits: list[str], stats_split: str | None) -> tuple[dict, dict]:
         """meta.json and report.json for what was stored; PreprocessError if a class got no image."""
         for cand, failure in acc.failed:
             skip(self.scan, cand.rel, failure.kind, failure.message)
@@ -354,6 +383,8 @@ class _Build:
         counts = {s: {"total": acc.per_class[s]["_files"],
                       "per_class": {c: acc.per_class[s][c] for c in self.classes}} for s in splits}
         report = build_report(self.scan, self.ok, counts, self.src, acc.warnings, self.table)
+        if self.dtype == "float32":   # NaN, Inf and nodata samples per file, all stored as NaN
+            report["nodata"] = acc.nodata
         if self.table and self.table.get("group_col"):   # a split or fold column may put a group on two sides
             for key, side in (("groups_in_two_splits", "split"), ("groups_in_two_folds", "fold")):
                 sides: dict[str, set] = {}
@@ -381,52 +412,3 @@ class _Build:
                 "val_fraction": s.val_fraction if chosen and not self.folds else None,
                 "test_fraction": s.test_fraction if chosen else None, "folds": self.folds,
                 "group_col": self.table.get("group_col") if self.table else None}
-
-
-class _Accumulator:
-    """Per-class counts, exact integer channel sums (per fold too), failures and warnings of the rows stored."""
-
-    def __init__(self, planes: int, splits: list[str], folds: int = 0, task: Task | None = None) -> None:
-        self.planes, self.task = planes, task or Task()
-        self.sums, self.sumsq, self.n_pix = [0] * planes, [0] * planes, 0
-        self.per_class: dict[str, Counter] = {s: Counter() for s in splits}
-        self.per_fold = [Counter() for _ in range(folds)]
-        self.fold_sums = [([0] * planes, [0] * planes, [0]) for _ in range(folds)]
-        self.failed: list[tuple[Candidate, Failure]] = []
-        self.warnings: list[dict[str, Any]] = []
-
-    def add(self, cand: Candidate, res: Prepared) -> None:
-        names = counted_names(self.task, cand)   # its class; its positive labels; its known targets
-        self.per_class[cand.split].update(names)
-        self.per_class[cand.split]["_files"] += 1
-        if cand.fold >= 0:
-            self.per_fold[cand.fold].update(names)
-            self.per_fold[cand.fold]["_files"] += 1
-        if res.warnings:
-            self.warnings.append({"path": display_path(cand.rel), "warnings": list(res.warnings)})
-        if res.sums is not None:
-            n = res.pixels.shape[0] * res.pixels.shape[1]
-            self.sums = [a + b for a, b in zip(self.sums, res.sums)]
-            self.sumsq = [a + b for a, b in zip(self.sumsq, res.sumsq)]
-            self.n_pix += n
-            if cand.fold >= 0:
-                sums, sumsq, count = self.fold_sums[cand.fold]
-                sums[:] = [a + b for a, b in zip(sums, res.sums)]
-                sumsq[:] = [a + b for a, b in zip(sumsq, res.sumsq)]
-                count[0] += n
-
-    def fold_record(self, classes: list[str]) -> dict[str, Any]:
-        """meta.json "folds": K, images per fold and class, and each fold's training statistics (every
-        other fold's pixels: what a run validating on that fold normalises with, exactly)."""
-        mean, std = [], []
-        for i in range(len(self.fold_sums)):
-            sums, sumsq, n = self.sums[:], self.sumsq[:], self.n_pix
-            held_sums, held_sumsq, held_n = self.fold_sums[i]
-            m, s = exact_mean_std([a - b for a, b in zip(sums, held_sums)],
-                                  [a - b for a, b in zip(sumsq, held_sumsq)], n - held_n[0])
-            mean.append(m)
-            std.append(s)
-        # a multi-label or regression fold's counts are positives or values, so its images are given too
-        images = {} if self.task.is_classification else {"images": [f["_files"] for f in self.per_fold]}
-        return {"k": len(self.fold_sums), "per_class": [{c: f[c] for c in classes} for f in self.per_fold],
-                **images, "train_mean": mean, "train_std": std}

@@ -69,6 +69,7 @@ class Settings:
     labels: LabelTable | None = None  # a label table (None: class folders)
     split: str | None = None  # SPLIT_METHODS; None: "group" with a group column, else "stratified"
     folds: int | None = None  # k-fold cross-validation: every non-test file in one of `folds` folds
+    dtype: str | None = None  # "float32": every file's values as they are in a float32 store; None: from the files
 
     def check(self) -> None:
         """PreprocessError naming the first bad setting."""
@@ -88,6 +89,8 @@ class Settings:
             raise PreprocessError(f"split: expected one of {', '.join(SPLIT_METHODS)}, got {self.split!r}")
         if self.folds is not None and not (type(self.folds) is int and 2 <= self.folds <= 100):
             raise PreprocessError(f"folds: expected an integer from 2 to 100, got {self.folds!r}")
+        if self.dtype not in (None, "float32"):
+            raise PreprocessError(f"dtype: expected 'float32' (or leave it out: the files decide), got {self.dtype!r}")
         if self.split == "group" and (self.labels is None or self.labels.group_col is None):
             raise PreprocessError("split: 'group' needs a label table with a group column (--labels TABLE "
                                   "--group-col NAME)")
@@ -100,8 +103,9 @@ class Settings:
 
     def spec(self, dtype: str, planes: int | None = None) -> ImageSpec:
         """The image spec every stored row matches (`planes`: the count of a native store)."""
-        return ImageSpec(self.size, self.resize, self.channels, 16 if dtype == "uint16" else 8, planes,
-                         pages=self.pages)
+        bits = {"uint8": 8, "uint16": 16, "int16": 16}.get(dtype, 32)
+        return ImageSpec(self.size, self.resize, self.channels, bits, planes, pages=self.pages,
+                         dtype=None if dtype in ("uint8", "uint16") else dtype)
 
     def split_config(self) -> dict[str, Any]:
         return {"seed": self.seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,

@@ -43,7 +43,7 @@ def load_dataset(data: Any, seed: int = 0) -> Dataset:
         return folder_dataset(data.path, size=size, resize=data.resize,
                               channels=data.channels or "rgb", val_fraction=data.val_fraction,
                               cache_dir=data.cache_dir, pages=data.pages, labels=_label_table(data),
-                              split=data.split, folds=data.folds, fold=data.fold)
+                              split=data.split, folds=data.folds, fold=data.fold, dtype=data.dtype)
     if source == "tfds":
         if not data.name:
             raise ValueError("data.name: required when data.source is 'tfds' (e.g. mnist, cifar10)")
@@ -122,10 +122,11 @@ def _table_settings(root: Path, labels: Any) -> tuple[Any, dict[str, Any]]:
 def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: str = "crop",
                    channels: str = "rgb", val_fraction: float = 0.1,
                    cache_dir: str | os.PathLike | None = None, pages: str = "first", labels: Any = None,
-                   split: str | None = None, folds: int | None = None, fold: int | None = None) -> Dataset:
+                   split: str | None = None, folds: int | None = None, fold: int | None = None,
+                   dtype: str | None = None) -> Dataset:
     """A raw image folder, preprocessed once into `cache_dir` and reused while unchanged.
 
-    `labels` (a `LabelTable`), `split` and `folds` are `cnnpipe.datasets.preprocess.preprocess`'s;
+    `labels` (a `LabelTable`), `split`, `folds` and `dtype` are `cnnpipe.datasets.preprocess.preprocess`'s;
     `fold` picks the validation fold of a cache made with folds (`store_dataset`).
     """
     root = Path(folder)
@@ -139,6 +140,8 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
     settings.update(key_part)
     if split is not None or folds is not None:
         settings.update(split=split, folds=folds)
+    if dtype is not None:
+        settings["dtype"] = dtype
     key, num_files = folder_cache_key(root, settings, table=table is not None)
     out = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     out = out / "folders" / f"{root.resolve().name}-{key}"
@@ -150,7 +153,7 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
         try:
             preprocess(root, out, size=tuple(settings["size"]), resize=resize, val_fraction=val_fraction,
                        seed=0, channels=channels, overwrite=False, workers=1 if num_files < 256 else None,
-                       pages=pages, labels=table, split=split, folds=folds)
+                       pages=pages, labels=table, split=split, folds=folds, dtype=dtype)
         except ValueError:
             if not (out / "meta.json").is_file():  # not merely another process finishing first
                 raise

@@ -32,7 +32,7 @@ from cnnpipe.tasks import Task
 
 FORMAT_VERSION = 1
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
-_DTYPES = {"uint8": 8, "uint16": 16}
+_DTYPES = {"uint8": 8, "uint16": 16, "int16": 16, "float32": 32}  # dtype -> meta.json "bit_depth"
 
 
 class Store:
@@ -50,7 +50,8 @@ class Store:
             if key not in self.meta:
                 raise ValueError(f"{meta_path}: corrupt store metadata (key {key!r} is missing)")
         if self.meta["dtype"] not in _DTYPES:
-            raise ValueError(f"{meta_path}: unsupported dtype {self.meta['dtype']!r}; expected uint8 or uint16")
+            raise ValueError(f"{meta_path}: unsupported dtype {self.meta['dtype']!r}; expected "
+                             f"{', '.join(_DTYPES)}")
         self._report: dict[str, Any] | None = None
 
     @property
@@ -412,16 +413,27 @@ def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
-def exact_mean_std(sums: Sequence[int], sumsq: Sequence[int], n: int) -> tuple[list[float], list[float]]:
-    """Per-plane mean and std from integer sums of values and of squares over `n` pixels.
+def exact_mean_std(sums: Sequence[int | float], sumsq: Sequence[int | float], n: int | Sequence[int]
+                   ) -> tuple[list[float], list[float]]:
+    """Per-plane mean and std from sums of values and of squares over `n` pixels (or `n` per plane).
 
-    n * sumsq - sum^2 is exact in Python integers: no cancellation error, even for
-    16-bit values over billions of pixels. With no pixels: mean 0, std 1.
+    With integer sums n * sumsq - sum^2 is exact in Python integers: no cancellation error,
+    even for 16-bit values over billions of pixels. Float sums (float32 stores, NaN left out)
+    use sumsq / n - mean^2 in float64. A plane with no values: mean 0, std 1.
     """
-    if n == 0:
-        return [0.0] * len(sums), [1.0] * len(sums)
-    mean = [s / n for s in sums]
-    std = [math.sqrt(max(n * q - s * s, 0)) / n for s, q in zip(sums, sumsq)]
+    counts = list(n) if isinstance(n, (list, tuple)) else [n] * len(sums)
+    mean, std = [], []
+    for s, q, k in zip(sums, sumsq, counts):
+        if k == 0:
+            mean.append(0.0)
+            std.append(1.0)
+        elif isinstance(s, int) and isinstance(q, int):
+            mean.append(s / k)
+            std.append(math.sqrt(max(k * q - s * s, 0)) / k)
+        else:
+            m = s / k
+            mean.append(m)
+            std.append(math.sqrt(max(q / k - m * m, 0.0)))
     return mean, std
 
 

@@ -40,7 +40,8 @@ __all__ = ["DecodeError", "DECODE_ERROR_KINDS", "Decoded", "codec_messages", "de
 MAX_SAMPLES_PER_PIXEL = 4
 
 
-DECODE_ERROR_KINDS = ("unsupported", "corrupt", "too_large", "empty", "not_image", "unreadable", "planes")
+DECODE_ERROR_KINDS = ("unsupported", "corrupt", "too_large", "empty", "not_image", "unreadable", "planes",
+                      "no_data")
 
 
 class DecodeError(ValueError):
@@ -52,7 +53,8 @@ class DecodeError(ValueError):
       kind: "unsupported" (a valid file using a feature cnnpipe does not decode; the
         reason names it), "corrupt" (damaged or truncated data), "too_large" (over
         max_pixels), "empty", "not_image", "unreadable" (the file cannot be read) or
-        "planes" (the image's planes cannot be given as asked).
+        "planes" (the image's planes cannot be given as asked) or
+        "no_data" (every sample is NaN, Inf or the file's nodata value).
     """
 
     def __init__(self, source: str | None, reason: str, kind: str = "corrupt") -> None:

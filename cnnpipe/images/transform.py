@@ -9,7 +9,9 @@ a file are therefore bit for bit what predict feeds the model for that file.
 
 Precision is kept: 16-bit planes are resampled in float32 and rounded back to
 16 bits, never through an 8-bit intermediate; 8-bit images for a 16-bit store
-or model are promoted exactly (x257). Pixels stay (H, W, C) inside the chain.
+or model are promoted exactly (x257). Signed and float images go to int16 or
+float32 stores (`cnnpipe.images.pixel_types`), resampled without rounding or
+clipping, nodata as NaN. Pixels stay (H, W, C) inside the chain.
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnpipe.images.decode import Planes, convert_planes, jpeg_size, read_file, read_image
-from cnnpipe.images.formats import UNSIGNED_DTYPES, DecodeError
+from cnnpipe.images.formats import DecodeError
+from cnnpipe.images.pixel_types import NoData, has_nodata, store_dtype_for, to_float32, widen
 
-__all__ = ["RESIZE_MODES", "CHANNEL_MODES", "IMAGE_PATH_VERSION", "ImageSpec", "InputImage", "NeedsSixteenBit", "prepare_bytes",
+__all__ = ["RESIZE_MODES", "CHANNEL_MODES", "IMAGE_PATH_VERSION", "ImageSpec", "InputImage", "NeedsSixteenBit", "NeedsWiderType", "resamples", "prepare_bytes",
            "prepare_planes", "prepare_image", "promote_to_16bit", "resize_image", "spec_for_model"]
 
 RESIZE_MODES = ("crop", "pad", "stretch")
 CHANNEL_MODES = ("rgb", "gray", "native")
 # Bumped whenever the chain can give other pixels for the same file and spec: stores and
 # folder caches record it, so a cache built by an older chain is rebuilt, never reused.
-IMAGE_PATH_VERSION = 4  # 4: 12-bit/lossless JPEG, JPEG-LS, 9-15-bit and 16-bit-palette TIFF decoded; --pages
+IMAGE_PATH_VERSION = 5  # 5: signed and float files into int16/float32 stores, nodata as NaN (4: 12-bit JPEG, --pages)
 
 # Shrinking by >= 2x this gap first box-reduces by an integer factor, then applies
 # bicubic over the rest (Pillow's reducing_gap): antialiased like one bicubic pass, ~1.7x faster.
@@ -63,16 +66,38 @@ def _resample(planes: np.ndarray, out_hw: tuple[int, int], box: tuple[float, flo
         im = Image.fromarray(np.ascontiguousarray(planes), "RGB")
         return np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
     out = np.empty((oh, ow, c), planes.dtype)
-    top = float(np.iinfo(planes.dtype).max)
     for i in range(c):
         if planes.dtype == np.uint8 and exact_8bit:
             im = Image.fromarray(np.ascontiguousarray(planes[:, :, i]), "L")
             out[:, :, i] = np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
             continue
-        im = Image.fromarray(planes[:, :, i].astype(np.float32), "F")
-        res = np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
-        out[:, :, i] = np.rint(np.clip(res, 0.0, top))
+        res = _resample_float(planes[:, :, i].astype(np.float32), (ow, oh), box)
+        # integer stores round to their type; a float store keeps the filter's values, overshoot included
+        out[:, :, i] = res if planes.dtype.kind == "f" else np.rint(np.clip(res, 0.0, np.iinfo(planes.dtype).max))
     return out
+
+
+def _resample_float(plane: np.ndarray, out_wh: tuple[int, int], box: tuple[float, ...]) -> np.ndarray:
+    """One float32 plane (h, w) resized by Pillow's "F" mode; NaN (no data) by normalised convolution.
+
+    A NaN inside the filter's support would make every output it touches NaN (a whole
+    image, when shrinking): so valid values are filtered with the NaN weight given to 0 and
+    divided by the filtered validity, and an output is NaN where less than half of its
+    weight fell on valid pixels (GDAL's rule for resampling with nodata, in spirit).
+    """
+    from PIL import Image
+
+    def resize(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a, "F").resize(out_wh, Image.Resampling.BICUBIC, box=box,
+                                                         reducing_gap=_REDUCING_GAP))
+
+    missing = np.isnan(plane)
+    if not missing.any():
+        return resize(plane)
+    valid = resize((~missing).astype(np.float32))
+    total = resize(np.where(missing, np.float32(0), plane))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(valid >= 0.5, total / valid, np.nan).astype(np.float32)
 
 
 def promote_to_16bit(img: np.ndarray) -> np.ndarray:
@@ -106,11 +131,26 @@ def resize_image(img: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarra
         s = min(th / h, tw / w)
         nh, nw = min(th, max(1, round(h * s))), min(tw, max(1, round(w * s)))
         inner = img if (nh, nw) == (h, w) else _resample(img, (nh, nw), (0.0, 0.0, float(w), float(h)))
-        out = np.zeros((th, tw, c), img.dtype)
+        # padding is no data: 0 in an integer store, NaN in a float one (the model fills it on the device)
+        out = np.full((th, tw, c), np.nan if img.dtype.kind == "f" else 0, img.dtype)
         y0, x0 = (th - nh) // 2, (tw - nw) // 2
         out[y0:y0 + nh, x0:x0 + nw] = inner
         return out
     raise ValueError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+
+
+def resamples(hw: tuple[int, int], size: tuple[int, int], mode: str) -> bool:
+    """Whether `resize_image` interpolates an (h, w) image to `size` (else it copies, cuts or pads)."""
+    h, w = hw
+    th, tw = int(size[0]), int(size[1])
+    if (h, w) == (th, tw):
+        return False
+    if mode == "crop":
+        return max(th / h, tw / w) != 1.0
+    if mode == "pad":
+        s = min(th / h, tw / w)
+        return (min(th, max(1, round(h * s))), min(tw, max(1, round(w * s)))) != (h, w)
+    return True
 
 
 def _needed_source_size(h: int, w: int, size: tuple[int, int], mode: str) -> tuple[int, int]:
@@ -133,10 +173,13 @@ class ImageSpec:
       resize: "crop", "pad" or "stretch" (see `resize_image`).
       channels: "rgb" (3 planes, gray expanded), "gray" (1 luma plane) or
         "native" (the file's own planes; then `planes` is the count required).
-      bit_depth: 8 or 16; 8-bit images are promoted exactly for 16.
+      bit_depth: 8 or 16 for unsigned pixels (8-bit images are promoted exactly for 16); the
+        item size in bits otherwise (16 for int16, 32 for float32).
       planes: for "native", the number of planes every image must have.
       target: who takes the pixels, for error messages ("the store takes", "the model expects").
       pages: multi-page TIFF, "first" or "planes" (see `cnnpipe.images.decode.read_image`).
+      dtype: the pixel type, one of `cnnpipe.images.pixel_types.STORE_DTYPES`; None: unsigned
+        integers of `bit_depth` bits.
     """
 
     size: tuple[int, int]
@@ -146,6 +189,12 @@ class ImageSpec:
     planes: int | None = None
     target: str = "the store takes"
     pages: str = "first"
+    dtype: str | None = None
+
+    @property
+    def pixel_dtype(self) -> np.dtype:
+        """The dtype of every output image."""
+        return np.dtype(self.dtype or ("uint16" if self.bit_depth == 16 else "uint8"))
 
     @property
     def num_planes(self) -> int:
@@ -155,8 +204,8 @@ class ImageSpec:
     def describe(self) -> str:
         """E.g. "the model expects 3 plane(s) R/G/B at 8-bit, 32x32" (native: the count alone)."""
         names = {"rgb": " R/G/B", "gray": " L"}.get(self.channels, "")
-        return (f"{self.target} {self.num_planes} plane(s){names} at {self.bit_depth}-bit, "
-                f"{self.size[0]}x{self.size[1]}")
+        depth = f"{self.bit_depth}-bit" if self.pixel_dtype.kind == "u" else str(self.pixel_dtype)
+        return f"{self.target} {self.num_planes} plane(s){names} at {depth}, {self.size[0]}x{self.size[1]}"
 
 
 @dataclass(frozen=True)
@@ -171,6 +220,8 @@ class InputImage:
       notes: the conversions applied (plain sentences, shown in reports).
       warnings: problems that cost no pixels (bad orientation tag, codec warnings, pages not read).
       decoded_bit_depth: the file's own bit depth (8 or 16) before any promotion.
+      decoded_dtype: the file's own sample type, e.g. "uint8", "int16", "float64".
+      nodata: for a float32 spec, the file's NaN, Inf, nodata and inexact samples (`NoData`); else None.
     """
 
     pixels: np.ndarray
@@ -180,10 +231,24 @@ class InputImage:
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     decoded_bit_depth: int = 8
+    decoded_dtype: str = "uint8"
+    nodata: NoData | None = None
 
 
-class NeedsSixteenBit(ValueError):
+class NeedsWiderType(ValueError):
+    """An image whose values the spec's pixel type cannot hold exactly; `dtype` is the store type
+    that would (`cnnpipe.images.pixel_types.widen` of both). cnnpipe never narrows values."""
+
+    def __init__(self, message: str, dtype: str) -> None:
+        super().__init__(message)
+        self.dtype = dtype
+
+
+class NeedsSixteenBit(NeedsWiderType):
     """A 16-bit image for an 8-bit spec: cnnpipe never drops 16-bit values to 8 bits."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "uint16")
 
 
 def _jpeg_reduce(data: bytes, spec: ImageSpec) -> int:
@@ -252,56 +317,88 @@ def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
 
     Sources that hand over pixels instead of files (a tfds dataset) enter the
     chain here, so their rows are prepared by the same code as preprocess's and predict's.
+    Into a uint16 spec 8-bit files are promoted (x257); into int16 and float32 every value
+    is kept as it is, and into float32 NaN, +-Inf and the file's nodata value become NaN.
 
     Raises:
-      NeedsSixteenBit: a 16-bit image for an 8-bit spec.
+      NeedsWiderType (NeedsSixteenBit for 16-bit into 8): the spec's type cannot hold the values.
+      DecodeError: kind "no_data" when every sample of a file is NaN, Inf or nodata.
       ValueError: the image's planes cannot be matched to the spec.
     """
-    if native.dtype not in UNSIGNED_DTYPES:   # what a store and a model take (float stores: to come)
-        raise DecodeError(source, f"unsupported: {native.dtype} samples (cnnpipe decodes and shows float, signed "
-                                  "and 32-bit images; dataset stores and models take unsigned 8- and 16-bit "
-                                  "values)", kind="unsupported")
     channels, alpha, notes = _match_planes(native.channels, spec, source, native.bit_depth)
-    if native.bit_depth == 16 and spec.bit_depth == 8:
-        raise NeedsSixteenBit(f"{source}: 16-bit image; {spec.describe()} (cnnpipe never drops 16-bit "
-                              "values to 8 bits: convert the file, or train on 16-bit data)")
+    _check_type(native, spec, source)
     planes = convert_planes(native, channels=channels, alpha=alpha)  # type: ignore[arg-type]
-    img = planes.hwc()
-    if native.bit_depth == 8 and spec.bit_depth == 16:
-        img = promote_to_16bit(img)
-        notes.append("8-bit image promoted exactly to 16-bit (x257)")
+    img, nodata = planes.hwc(), None
+    if spec.pixel_dtype == np.float32:
+        img, nodata = to_float32(img, native.nodata)
+        if nodata.missing == nodata.total:
+            raise DecodeError(source, f"no data: every one of its {nodata.total} samples is NaN, Inf or the "
+                                      f"nodata value {native.nodata}", kind="no_data")
+        if native.dtype != np.float32:
+            notes.append(f"{native.dtype} values stored as float32")
+    elif img.dtype != spec.pixel_dtype:
+        img = promote_to_16bit(img) if spec.pixel_dtype == np.uint16 else img.astype(spec.pixel_dtype)
+        notes.append("8-bit image promoted exactly to 16-bit (x257)" if spec.pixel_dtype == np.uint16
+                     else f"{native.dtype} values stored as {spec.pixel_dtype}")
     if img.shape[:2] != tuple(spec.size):
         notes.append(f"resized from {img.shape[1]}x{img.shape[0]} to {spec.size[1]}x{spec.size[0]} (W x H) "
                      f"by {spec.resize}")
         img = resize_image(img, spec.size, spec.resize)
     pixels = np.ascontiguousarray(img)
     want = (*spec.size, spec.num_planes)
-    if pixels.shape != want or pixels.dtype != (np.uint16 if spec.bit_depth == 16 else np.uint8):
+    if pixels.shape != want or pixels.dtype != spec.pixel_dtype:
         raise ValueError(f"{source}: prepared pixels are {pixels.shape} {pixels.dtype}, expected {want} "
-                         f"{spec.bit_depth}-bit")  # a bug guard: a bad row never reaches a store
+                         f"{spec.pixel_dtype}")  # a bug guard: a bad row never reaches a store
     return InputImage(pixels, planes.channels, spec.bit_depth, source, tuple(notes), native.warnings,
-                      native.bit_depth)
+                      native.bit_depth, str(native.dtype), nodata)
+
+
+def _check_type(native: Planes, spec: ImageSpec, source: str) -> None:
+    """NeedsWiderType unless `spec`'s pixel type holds `native`'s values exactly as prepared."""
+    want = str(spec.pixel_dtype)
+    if want == "float32":
+        return
+    resampled = resamples(native.data.shape[1:], spec.size, spec.resize)
+    nodata = native.dtype.kind != "u" or native.nodata is not None   # only then can it hold any
+    need = store_dtype_for(native.dtype, resampled=resampled, nodata=nodata and has_nodata(native.hwc(),
+                                                                                            native.nodata))
+    if widen(want, need) == want:
+        return
+    if want == "uint8" and need == "uint16":
+        raise NeedsSixteenBit(f"{source}: 16-bit image; {spec.describe()} (cnnpipe never drops 16-bit "
+                              "values to 8 bits: convert the file, or train on 16-bit data)")
+    why = ""
+    if store_dtype_for(native.dtype, resampled=resampled) != need:
+        why = " that holds NaN, Inf or nodata values"
+    elif store_dtype_for(native.dtype) != need:
+        why = " that needs resampling (its values would no longer be integers)"
+    raise NeedsWiderType(f"{source}: {native.dtype} image{why}; {spec.describe()} "
+                         f"(cnnpipe never rounds, clips or rescales values to fit: a {widen(want, need)} "
+                         "store or model holds them)", widen(want, need))
 
 
 def spec_for_model(in_channels: int, bit_depth: int, size: Sequence[int], resize: str = "crop",
-                   pages: str = "first", planes: Sequence[str] | None = None) -> ImageSpec:
+                   pages: str = "first", planes: Sequence[str] | None = None, dtype: str | None = None) -> ImageSpec:
     """The `ImageSpec` of a model taking `in_channels` planes named `planes` (its data's plane names).
 
     Planes R, G, B give "rgb" (a gray file expanded, alpha dropped), L gives "gray" and any other
     names "native" (the file's own planes, `in_channels` of them): a 3-band S0/S1/S2 model takes
     3-band files as its store did, never as RGB. Without names (runs that did not record them):
-    3 planes are RGB, 1 is luma, other counts native.
+    3 planes are RGB, 1 is luma, other counts native. `dtype`: the store's pixel type (None: unsigned
+    integers of `bit_depth` bits, as runs before float stores recorded).
     """
     if planes is not None and len(planes) == int(in_channels):
         channels = {("R", "G", "B"): "rgb", ("L",): "gray"}.get(tuple(planes), "native")
     else:
         channels = {3: "rgb", 1: "gray"}.get(int(in_channels), "native")
     return ImageSpec((int(size[0]), int(size[1])), resize, channels, int(bit_depth),
-                     None if channels != "native" else int(in_channels), "the model expects", pages)
+                     None if channels != "native" else int(in_channels), "the model expects", pages,
+                     dtype if dtype not in ("uint8", "uint16") else None)
 
 
 def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, size: Sequence[int],
-                  resize: str = "crop", pages: str = "first", planes: Sequence[str] | None = None) -> InputImage:
+                  resize: str = "crop", pages: str = "first", planes: Sequence[str] | None = None,
+                  dtype: str | None = None) -> InputImage:
     """Read one image file and prepare it exactly as `cnnpipe preprocess` prepared the training data.
 
     Raises:
@@ -309,5 +406,5 @@ def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, 
       ValueError: the image cannot be matched to the model; the message says what it expects.
     """
     path = os.fspath(path)
-    return prepare_bytes(read_file(path), spec_for_model(in_channels, bit_depth, size, resize, pages, planes),
+    return prepare_bytes(read_file(path), spec_for_model(in_channels, bit_depth, size, resize, pages, planes, dtype),
                          path)

@@ -156,8 +156,8 @@ class CNN(SequentialNet):
     def __init__(self, layers: Sequence[Mapping[str, Any]], *, in_channels: int, num_classes: int,
                  input_size: tuple[int, int], bit_depth: int, rngs: nnx.Rngs,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
-        if bit_depth not in (8, 16):
-            raise ValueError(f"bit_depth: got {bit_depth!r}; expected 8 or 16")
+        if bit_depth not in (8, 16, 32):
+            raise ValueError(f"bit_depth: got {bit_depth!r}; expected 8, 16 or 32 (float32 input)")
         self._set_io(in_channels=in_channels, num_classes=num_classes, bit_depth=bit_depth,
                      input_size=input_size, mean=mean, std=std)
         specs = list(validate_layers(layers))

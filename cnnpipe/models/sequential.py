@@ -4,9 +4,10 @@ A model is a list of named top-level layers run in order (`layers`, `layer_names
 `layer_kinds`). Training, predict, export and inspect use only this interface, so a
 configured CNN and a pretrained ResNet or ConvNeXt go through the same code:
 
-- `normalize` turns RAW integer pixels (uint8/uint16 values, as decoded) into the
+- `normalize` turns RAW pixels (uint8/uint16/int16/float32 values, as decoded) into the
   network's input on the device: (x - mean) / std in raw pixel units, or
-  x / (2**bit_depth - 1) without statistics. Nothing upstream rescales pixels, so
+  x / (2**bit_depth - 1) without statistics. NaN (no data in a float32 store) becomes
+  the plane's `mean`, i.e. 0 after normalisation. Nothing upstream rescales pixels, so
   training and serving feed identical arrays.
 - `features` returns named layer outputs; Grad-CAM splits the forward pass at a
   layer because the layers are sequential.
@@ -40,8 +41,9 @@ class SequentialNet(nnx.Module):
 
     Attributes:
       in_channels, num_classes: planes in, classes out.
-      bit_depth: 8 or 16 (raw pixel input), or None: the input is already normalised
-        (timm's convention; `cnnpipe.backbones.load` without statistics).
+      bit_depth: 8 or 16 (raw unsigned pixel input; int16 input is 16 too), 32 (float32 input), or
+        None: the input is already normalised (timm's convention; `cnnpipe.backbones.load` without
+        statistics). Only a model without statistics uses it, to scale by 1 / (2**bit_depth - 1).
       input_size: (H, W) the model was built for, or None (any size).
       mean, std: per-plane statistics in raw pixel units, or None.
     """
@@ -49,8 +51,8 @@ class SequentialNet(nnx.Module):
     def _set_io(self, *, in_channels: int, num_classes: int, bit_depth: int | None,
                 input_size: tuple[int, int] | None, mean: Sequence[float] | None,
                 std: Sequence[float] | None) -> None:
-        if bit_depth not in (8, 16, None):
-            raise ValueError(f"bit_depth: got {bit_depth!r}; expected 8 or 16")
+        if bit_depth not in (8, 16, 32, None):
+            raise ValueError(f"bit_depth: got {bit_depth!r}; expected 8, 16 or 32")
         for label, value in (("in_channels", in_channels), ("num_classes", num_classes)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label}: got {value!r}; expected an integer >= 1")
@@ -99,14 +101,19 @@ class SequentialNet(nnx.Module):
         self.clip = (lo, hi)
 
     def normalize(self, x: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-        """Raw pixel values -> network input (float32, or wider when the params are): clipped to the
-        input window when one is set (`set_input_clip`), then ``(x - mean) / std``."""
-        x = jnp.asarray(x).astype(dtype)
+        """Raw pixel values -> network input (float32, or wider when the params are): NaN replaced by
+        the plane's mean (0 after normalisation: no data says nothing), clipped to the input window when
+        one is set (`set_input_clip`), then ``(x - mean) / std``."""
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.floating):   # static: integer inputs compile without it
+            fill = jnp.asarray(self.mean if self.mean is not None else 0.0, x.dtype)
+            x = jnp.where(jnp.isnan(x), fill, x)
+        x = x.astype(dtype)
         if getattr(self, "clip", None) is not None:
             x = jnp.clip(x, jnp.asarray(self.clip[0], dtype), jnp.asarray(self.clip[1], dtype))
         if self.mean is not None:
             return (x - jnp.asarray(self.mean, dtype)) * jnp.asarray([1.0 / s for s in self.std], dtype)
-        if self.bit_depth is None:
+        if self.bit_depth in (None, 32):
             return x
         return x * (1.0 / (2 ** self.bit_depth - 1))
 

@@ -158,7 +158,8 @@ def spec_for_run(info: Mapping[str, Any]) -> Any:
     names = info.get("planes")
     return spec_for_model(int(info["channels"]), int(info["bit_depth"]), tuple(info["size"]),
                           str(info.get("resize") or "crop"), str(info.get("pages") or "first"),
-                          [str(n) for n in names] if isinstance(names, list) else None)
+                          [str(n) for n in names] if isinstance(names, list) else None,
+                          str(info.get("dtype") or "") or None)
 
 
 def prepare_for_run(path: str | os.PathLike, info: Mapping[str, Any]) -> Any:

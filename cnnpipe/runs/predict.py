@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from cnnpipe.datasets.convert import Failure, NeedsUint16, Prepared, convert_items, worker_died
+from cnnpipe.datasets.convert import Failure, NeedsDtype, Prepared, convert_items, worker_died
 from cnnpipe.datasets.workers import chunks, make_pool, ordered_map
-from cnnpipe.images.formats import display_path
 from cnnpipe.images.transform import ImageSpec
 from cnnpipe.runs.load import Run, spec_for_run
 
@@ -97,13 +96,6 @@ def _walk(path: str) -> Iterator[str]:
                 yield os.path.join(root, name)
 
 
-def _reason(path: str, res: Failure | NeedsUint16) -> str:
-    if isinstance(res, NeedsUint16):
-        return (f"{display_path(path)}: 16-bit image; the model expects 8-bit values (cnnpipe never drops "
-                "16-bit values to 8 bits: convert the file, or train on 16-bit data)")
-    return res.message
-
-
 def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size: int = 64,
                   workers: int | None = None, tta: bool = False) -> Iterator[Prediction]:
     """A `Prediction` per path, in input order, streamed.
@@ -139,7 +131,7 @@ def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size:
 
 
 def _prepared(pool, paths: Iterable[str], spec: ImageSpec, workers: int
-              ) -> Iterator[tuple[tuple, Prepared | Failure | NeedsUint16]]:
+              ) -> Iterator[tuple[tuple, Prepared | Failure | NeedsDtype]]:
     """(item, result) in input order; the pool prepares the files ahead of the caller."""
     sent: deque[list[tuple]] = deque()
 
@@ -165,12 +157,12 @@ def _over_local_devices(state: Any, batch_size: int) -> tuple[Any, Callable[[np.
     return replicate(mesh, state), lambda x: shard_batch(mesh, x)[0], batch_size
 
 
-def _batched(results: Iterator[tuple[tuple, Prepared | Failure | NeedsUint16]], spec: ImageSpec,
+def _batched(results: Iterator[tuple[tuple, Prepared | Failure | NeedsDtype]], spec: ImageSpec,
              step: Callable[[np.ndarray], Any], classes: Sequence[str], k: int, batch_size: int
              ) -> Iterator[Prediction]:
     """Device batches of the prepared images; each batch's rows come out while the next one is prepared."""
     x = np.zeros((batch_size, *spec.size, spec.num_planes), np.float32)  # raw values; the model normalises
-    pending: list[tuple[str, Prepared | Failure | NeedsUint16]] = []
+    pending: list[tuple[str, Prepared | Failure | NeedsDtype]] = []
     n_ok, in_flight = 0, None
     for item, res in results:
         pending.append((item[0], res))
@@ -215,7 +207,7 @@ def _rows(entries: list, probs, classes: Sequence[str], k: Any) -> Iterator[Pred
             yield Prediction(path, tuple((classes[j], float(p[i, j])) for j in order))
             i += 1
         else:
-            yield Prediction(path, error=_reason(path, res))
+            yield Prediction(path, error=res.message)
 
 
 def summary_line(done: int, failed: int, seconds: float) -> str:

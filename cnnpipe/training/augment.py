@@ -1,7 +1,7 @@
-"""Data augmentation on the device: batched ops on raw integer pixels of any bit depth and plane count.
+"""Data augmentation on the device: batched ops on raw pixels of any type, bit depth and plane count.
 
 Every op takes and returns an (N, H, W, C) batch of the data's own dtype (uint8,
-uint16; floats pass through unclipped): intensities are computed in float32, which
+uint16, int16; float32 passes through unclipped, NaN (no data) stays NaN): intensities are computed in float32, which
 holds every uint16 value exactly, then rounded and clipped to the dtype's range, so
 16-bit data is never squeezed to 8 bits and an op at its identity setting returns
 its input bit for bit. Each image draws its own randomness from its own key,
@@ -14,7 +14,11 @@ padded crop, horizontal flip, vertical flip, rot90, brightness, contrast, gamma,
 noise, random erasing; mixup and cutmix come after, in `cnnpipe.training.loss`,
 because they change the labels too. Intensity ops are relative to each image's own
 planes (a factor, the plane's mean or its peak), so one setting means the same for
-8-bit photographs, 16-bit and 12-bit-in-16-bit microscopy.
+8-bit photographs, 16-bit and 12-bit-in-16-bit microscopy. Unsigned planes run from
+black (0) to their peak; signed and float planes (CT in HU, backscatter in dB) have no
+fixed black, so each runs from its own minimum to its maximum in the image: brightness
+scales the distance from the minimum, gamma acts on the plane's range mapped to [0, 1]
+and back, noise is a fraction of that range.
 
 Test-time augmentation (`tta_views`, `apply_view`) uses the same flips and
 rotations, so training and inference transform pixels with one piece of code.
@@ -61,11 +65,30 @@ def _peak(x: jax.Array) -> jax.Array:
     return jnp.where(peak > 0, peak, 1.0)
 
 
-def _mean_std(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean, std) of each plane of one image (H, W, C) as float32 (1, 1, C)."""
+def _unsigned(x: jax.Array) -> bool:
+    return bool(jnp.issubdtype(x.dtype, jnp.unsignedinteger))
+
+
+def _black_span(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(black, span) of each plane of one image (H, W, C) as float32 (1, 1, C): 0 and the peak for unsigned
+    pixels; the plane's minimum and max - min (at least 1 unit when 0) for signed and float ones, NaN left out."""
+    if _unsigned(x):
+        return jnp.zeros((1, 1, x.shape[-1]), jnp.float32), _peak(x)
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    mean = jnp.mean(rows, axis=0)
-    std = jnp.sqrt(jnp.mean(jnp.square(rows - mean), axis=0))
+    low, high = jnp.nanmin(rows, axis=0), jnp.nanmax(rows, axis=0)
+    span = jnp.where(high > low, high - low, 1.0)
+    return low.reshape(1, 1, -1), span.reshape(1, 1, -1)
+
+
+def _mean_std(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, std) of each plane of one image (H, W, C) as float32 (1, 1, C), NaN left out."""
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if _unsigned(x) or jnp.issubdtype(x.dtype, jnp.integer):
+        mean = jnp.mean(rows, axis=0)
+        std = jnp.sqrt(jnp.mean(jnp.square(rows - mean), axis=0))
+    else:
+        mean = jnp.nanmean(rows, axis=0)
+        std = jnp.sqrt(jnp.nanmean(jnp.square(rows - mean), axis=0))
     return mean.reshape(1, 1, -1), std.reshape(1, 1, -1)
 
 
@@ -97,8 +120,13 @@ def pixel_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 # ---------------------------------------------------------------- parametrised ops (one image)
 
 def adjust_brightness(x: jax.Array, factor: jax.Array) -> jax.Array:
-    """`x` (H, W, C) times `factor` (torchvision's ColorJitter brightness); 1.0 is the identity."""
-    return _to_dtype(x.astype(jnp.float32) * factor, x.dtype)
+    """`x` (H, W, C) times `factor` (torchvision's ColorJitter brightness); 1.0 is the identity.
+
+    Signed and float planes: their distance from the plane's minimum times `factor`."""
+    if _unsigned(x):
+        return _to_dtype(x.astype(jnp.float32) * factor, x.dtype)
+    black, _ = _black_span(x)
+    return _to_dtype(black + (x.astype(jnp.float32) - black) * factor, x.dtype)
 
 
 def adjust_contrast(x: jax.Array, factor: jax.Array) -> jax.Array:
@@ -112,7 +140,15 @@ def adjust_gamma(x: jax.Array, gamma: jax.Array) -> jax.Array:
 
     Relative to the image's own peak, not the dtype's maximum, so 12-bit data in a
     16-bit file keeps its range; black stays black, the peak stays the peak; 1.0 is the identity.
+    Signed and float planes: ``low + span * ((x - low) / span) ** gamma`` over the plane's range
+    [low, low + span] in the image, so negative values (HU, dB) keep their order and range.
     """
+    if not _unsigned(x):
+        low, span = _black_span(x)
+        r = jnp.clip((x.astype(jnp.float32) - low) / span, 0.0, 1.0)
+        # r * 0: 0 stays 0 and NaN (no data) stays NaN
+        powered = jnp.where(r > 0, jnp.exp(gamma * jnp.log(jnp.where(r > 0, r, 1.0))), r * 0.0)
+        return _to_dtype(low + span * powered, x.dtype)
     peak = _peak(x)
     r = x.astype(jnp.float32) / peak
     # |r| ** gamma as exp(gamma * log|r|): XLA:CPU's pow is 4x slower; the sign keeps float pixels < 0
@@ -176,7 +212,9 @@ def _random_resized_crop(x: jax.Array, key: jax.Array, cfg: Any) -> jax.Array:
 
 
 def _padded_crop(x: jax.Array, key: jax.Array, pad: int) -> jax.Array:
-    padded = jnp.pad(x, ((pad, pad), (pad, pad), (0, 0)))
+    # the border is no data: zeros for integer pixels, NaN for float ones (as the image path pads)
+    fill = jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else 0
+    padded = jnp.pad(x, ((pad, pad), (pad, pad), (0, 0)), constant_values=fill)
     off = jax.random.randint(key, (2,), 0, 2 * pad + 1)
     return jax.lax.dynamic_slice(padded, (off[0], off[1], 0), x.shape)
 
@@ -211,7 +249,8 @@ def _gamma(x: jax.Array, key: jax.Array, g: float) -> jax.Array:
 
 
 def _noise(x: jax.Array, key: jax.Array, sigma: float) -> jax.Array:
-    return _to_dtype(x.astype(jnp.float32) + sigma * _peak(x) * pixel_normal(key, x.shape), x.dtype)
+    _, span = _black_span(x)   # unsigned: the peak
+    return _to_dtype(x.astype(jnp.float32) + sigma * span * pixel_normal(key, x.shape), x.dtype)
 
 
 def _random_erasing(x: jax.Array, key: jax.Array, p: float) -> jax.Array:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 __all__ = ["input_window", "window_init"]
 
 
@@ -40,7 +42,8 @@ def input_window(spec: Any, ds: Any) -> tuple[tuple[float, ...], tuple[float, ..
     if any(lo >= hi for lo, hi in pairs):
         raise ValueError(f"data.normalize.window: got {[list(p) for p in pairs]}; each low must be below its high")
     top = 2 ** ds.bit_depth - 1   # what an unsigned store can hold: a window beyond it sees a constant
-    if any(hi <= 0 or lo >= top for lo, hi in pairs):
+    unsigned = np.dtype(ds.train.images.dtype).kind == "u"
+    if unsigned and any(hi <= 0 or lo >= top for lo, hi in pairs):
         raise ValueError(f"data.normalize.window: got {[list(p) for p in pairs]}; the data's values are "
                          f"0..{top} ({ds.bit_depth}-bit), so a window outside them makes every pixel one value")
     return (tuple(float(lo) for lo, _ in pairs), tuple(float(hi) for _, hi in pairs),

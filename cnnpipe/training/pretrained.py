@@ -108,7 +108,8 @@ def resolve_pretrained(cfg: Config, ds: Dataset, resumed_from: Path | None = Non
 
     copy = functools.partial(load_pretrained_into, sd=timm_state_dict(cfg.model, weights), source=str(weights),
                              new_head=True)
-    if ds.channels != 3:
+    unsigned = np.dtype(ds.train.images.dtype).kind == "u"
+    if ds.channels != 3 or (not unsigned and window is None):   # no full scale: the data's own statistics
         return dataclasses.replace(data, copy=copy)
     wc, top = weights_config(weights, cfg.model), 2 ** ds.bit_depth - 1
     if window is not None:   # the weights' statistics on the windowed [0, 1] values
@@ -133,7 +134,9 @@ def _from_run(cfg: Config, ds: Dataset, run_dir: Path, data: Init) -> Init:
     flat = {tuple(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model))}
     copy = functools.partial(copy_from_run, source=flat, where=f"{run_dir} (step {step})")
     # another kind of data, or a window this config asks for: its own normalisation, the run's weights
-    if int(info["channels"]) != ds.channels or int(info["bit_depth"]) != ds.bit_depth or data.clip is not None:
+    same = (int(info["channels"]), int(info["bit_depth"]), info.get("dtype", str(np.dtype(ds.train.images.dtype)))) \
+        == (ds.channels, ds.bit_depth, str(np.dtype(ds.train.images.dtype)))
+    if not same or data.clip is not None:
         return dataclasses.replace(data, copy=copy)
     return Init.of_record(run_normalization(info), f"run: the statistics of {run_dir.name} (step {step})", copy)
 

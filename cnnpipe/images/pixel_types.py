@@ -1,0 +1,121 @@
+"""Which store type holds a file's values, and float32 rows with nodata as NaN.
+
+A dataset store (and a model's input) has one pixel type, the narrowest of these
+that holds every stored file's values exactly as the image path prepares them:
+
+=========  ==========================================================================
+uint8      8-bit files
+uint16     16-bit files, and 8-bit files beside them (promoted exactly, x257)
+int16      signed 8/16-bit files, and 8-bit unsigned files beside them, when no file
+           needs resampling (a resampled value is not an integer) nor holds nodata
+float32    float16/32/64 files, 32-bit integer files, and every mix above that no
+           integer type holds: values as they are (no x257), nodata as NaN
+=========  ==========================================================================
+
+float32 holds every integer up to 2^24 and float16 exactly; float64 and 32-bit integers
+beyond that are rounded to the nearest float32, and the file's report entry says how
+many values were. NaN, +-Inf and a file's nodata value (GeoTIFF's GDAL_NODATA tag) all
+become NaN, which the model replaces on the device (`cnnpipe.models.sequential`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["STORE_DTYPES", "NoData", "store_dtype_for", "widen", "is_float_file", "to_float32"]
+
+STORE_DTYPES = ("uint8", "uint16", "int16", "float32")
+
+
+def store_dtype_for(file_dtype: np.dtype | str, *, resampled: bool = False, nodata: bool = False) -> str:
+    """The narrowest store type (one of `STORE_DTYPES`) holding one file of `file_dtype` exactly.
+
+    `resampled`: the file is resized by interpolation; `nodata`: it holds a nodata value. Both
+    need NaN or fractions, so signed integers then need float32 (unsigned 16-bit rounds its
+    resampled values, as it always has; unsigned nodata needs float32 too).
+    """
+    d = np.dtype(file_dtype)
+    if nodata:
+        return "float32"
+    if d == np.uint8:
+        return "uint8"
+    if d == np.uint16:
+        return "uint16"
+    if d in (np.dtype(np.int8), np.dtype(np.int16)) and not resampled:
+        return "int16"
+    return "float32"
+
+
+def widen(a: str, b: str) -> str:
+    """The store type holding values of both store types `a` and `b` exactly."""
+    if a == b:
+        return a
+    pair = {a, b}
+    if pair == {"uint8", "uint16"}:
+        return "uint16"
+    if pair == {"uint8", "int16"}:
+        return "int16"
+    return "float32"
+
+
+def is_float_file(file_dtype: np.dtype | str) -> bool:
+    """True for float16/32/64 samples: a folder mixing them with integer files is refused by default."""
+    return np.dtype(file_dtype).kind == "f"
+
+
+@dataclass(frozen=True)
+class NoData:
+    """Pixels of one file that are not numbers the model can use, counted before any resize.
+
+    Attributes:
+      nan, inf: NaN and +-Inf samples; nodata: samples equal to the file's nodata value;
+      inexact: finite samples float32 cannot hold exactly (float64, 32-bit integers past 2^24);
+      total: every sample of the file.
+    """
+
+    nan: int = 0
+    inf: int = 0
+    nodata: int = 0
+    inexact: int = 0
+    total: int = 0
+
+    @property
+    def missing(self) -> int:
+        """Samples stored as NaN."""
+        return self.nan + self.inf + self.nodata
+
+    def record(self) -> dict[str, int]:
+        """The report's per-file entry."""
+        return {"nan": self.nan, "inf": self.inf, "nodata": self.nodata, "inexact_in_float32": self.inexact,
+                "samples": self.total}
+
+
+def has_nodata(img: np.ndarray, nodata: float | None) -> bool:
+    """Whether (H, W, C) `img` holds NaN, +-Inf or the value `nodata`."""
+    if img.dtype.kind == "f" and not np.isfinite(img).all():
+        return True
+    return nodata is not None and not np.isnan(nodata) and bool((img == nodata).any())
+
+
+def to_float32(img: np.ndarray, nodata: float | None) -> tuple[np.ndarray, NoData]:
+    """(H, W, C) samples of any type -> float32 with NaN for NaN, +-Inf and `nodata`, and the counts.
+
+    Finite values are converted to the nearest float32 (exact for every type up to 16 bits and
+    float32 itself); `NoData.inexact` counts those that changed.
+    """
+    out = img.astype(np.float32)
+    nan = inf = 0
+    bad = np.zeros(img.shape, bool)
+    if img.dtype.kind == "f":
+        nan_mask, inf_mask = np.isnan(img), np.isinf(img)
+        nan, inf = int(nan_mask.sum()), int(inf_mask.sum())
+        bad = nan_mask | inf_mask
+    nodata_mask = (img == nodata) if nodata is not None and not np.isnan(nodata) else np.zeros(img.shape, bool)
+    inexact = 0
+    if img.dtype.itemsize > 2 and img.dtype != np.float32:   # the types float32 may round
+        with np.errstate(invalid="ignore"):
+            inexact = int(((out.astype(img.dtype) != img) & ~bad).sum())
+    out[bad | nodata_mask] = np.nan
+    return out, NoData(nan, inf, int(nodata_mask.sum()), inexact, int(img.size))
