@@ -27,7 +27,7 @@ import numpy as np
 from cnnpipe.files import atomic_path, write_atomic
 from cnnpipe.images.formats import display_path
 from cnnpipe.inspect import featuremaps as fm
-from cnnpipe.training.plots import display_rgb, feature_grid
+from cnnpipe.training.plots import display_range, display_rgb, feature_grid
 
 __all__ = ["inspect_images", "inspect_run", "write_report", "plot_planes", "plot_feature_maps", "plot_kernels",
            "plot_grad_cam", "plot_attribution", "save_figure", "DPI"]
@@ -96,11 +96,23 @@ def _image_with_bar(pixels: np.ndarray, title: str, **imshow: Any) -> tuple[Any,
 
 
 def plot_planes(pixels: np.ndarray, planes: Sequence[str], bit_depth: int) -> list[Any]:
-    """One figure per channel plane of (H, W, C) raw pixels, colour bar in the plane's own units."""
+    """One figure per channel plane of (H, W, C) raw pixels, colour bar in the plane's own units: 0 to
+    full scale for unsigned pixels; for signed and float ones (HU, dB, reflectance) the plane's own
+    minimum to maximum, no data (NaN) in magenta."""
     pixels = np.asarray(pixels)
-    top = (1 << bit_depth) - 1
-    return [_image_with_bar(pixels[..., k], f"plane {name}: {bit_depth}-bit values 0..{top}",
-                            cmap="gray", vmin=0, vmax=top)[0] for k, name in enumerate(planes)]
+    if pixels.dtype.kind == "u":
+        top = (1 << bit_depth) - 1
+        return [_image_with_bar(pixels[..., k], f"plane {name}: {bit_depth}-bit values 0..{top}",
+                                cmap="gray", vmin=0, vmax=top)[0] for k, name in enumerate(planes)]
+    low, high = display_range(pixels)
+    figs = []
+    for k, name in enumerate(planes):
+        missing = int(np.isnan(pixels[..., k]).sum()) if pixels.dtype.kind == "f" else 0
+        title = (f"plane {name}: {pixels.dtype} values {low[k]:.4g}..{high[k]:.4g}"
+                 + (f", {missing} no data" if missing else ""))
+        figs.append(_image_with_bar(pixels[..., k], title, cmap=_cmap("gray", bad="magenta"), vmin=float(low[k]),
+                                    vmax=float(high[k]) if high[k] > low[k] else float(low[k]) + 1)[0])
+    return figs
 
 
 def plot_feature_maps(fmap: np.ndarray, layer: str) -> Any:
@@ -169,9 +181,12 @@ def plot_heat(heat: np.ndarray, title: str) -> Any:
 
 
 def plot_grad_cam(pixels: np.ndarray, heat: np.ndarray, bit_depth: int, title: str) -> Any:
-    """The image (full-scale display) with the Grad-CAM map (0..1) over it."""
+    """The image (full-scale display; signed and float planes from their minimum to maximum) with the
+    Grad-CAM map (0..1) over it."""
     fig, ax, _ = _image_with_bar(np.asarray(heat), title, cmap="jet", alpha=0.45, vmin=0, vmax=1, zorder=2)
-    ax.imshow(display_rgb(pixels, (1 << bit_depth) - 1), interpolation="nearest", zorder=1)
+    pixels = np.asarray(pixels)
+    low, peak = (0.0, (1 << bit_depth) - 1) if pixels.dtype.kind == "u" else display_range(pixels)
+    ax.imshow(display_rgb(pixels, peak, low), interpolation="nearest", zorder=1)
     return fig
 
 
@@ -283,6 +298,7 @@ def inspect_images(model: Any, images: Sequence[fm.InputImage], out_dir: str | o
         tgt = classes[int(target[i])]
         entry: dict[str, Any] = {
             "source": im.source, "notes": list(im.notes), "planes": list(im.planes), "bit_depth": im.bit_depth,
+            "dtype": str(im.pixels.dtype),
             "predictions": [{"target": name, "value": float(v)} for name, v in zip(classes, probs[i])] if regression
             else [{"class": classes[j], "probability": float(probs[i, j])}
                   for j in np.argsort(-probs[i], kind="stable")[:k]],
@@ -332,8 +348,10 @@ def _image_section(n: int, entry: dict[str, Any], defs: dict[str, str]) -> list[
     parts.append("<h3>Top predictions</h3>" + (_table(
         ["class", "probability"], [(p["class"], f"{p['probability']:.4f}") for p in preds]) if "class" in preds[0]
         else _table(["target", "predicted value"], [(p["target"], f"{p['value']:.6g}") for p in preds])))
-    parts.append(f"<h3>Input planes ({entry['bit_depth']}-bit values)</h3><div class=row>" + "".join(
-        _img(p, f"plane {p['plane']}, raw {entry['bit_depth']}-bit values") for p in pics["planes"]) + "</div>")
+    kind = (f"{entry['bit_depth']}-bit" if entry.get("dtype", "uint8").startswith("uint")
+            else entry["dtype"])   # signed and float planes are shown in their own units
+    parts.append(f"<h3>Input planes ({kind} values)</h3><div class=row>" + "".join(
+        _img(p, f"plane {p['plane']}, raw {kind} values") for p in pics["planes"]) + "</div>")
     shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in entry["attribution"]["shares"].items())
     parts.append(f"<h3>Where and which plane: class {html.escape(tgt)} ({entry['explained_because']})</h3>"
                  "<div class=row>"

@@ -55,7 +55,9 @@ def preparation_info(run: Run, fmt: str) -> dict[str, Any]:
     elif task.kind == "regression":
         extra.update(targets=list(task.names), target_mean=list(task.target_mean or ()),
                      target_std=list(task.target_std or ()))
-    return {"format": fmt, "input": "raw pixels (N, H, W, C) float32 holding the store's integer values",
+    return {"format": fmt, "input": "raw pixels (N, H, W, C) float32 holding the store's values (its integers, or "
+                                    "float32 values with NaN for no data, which the model fills)",
+            "dtype": str(info.get("dtype") or ("uint16" if int(info["bit_depth"]) == 16 else "uint8")),
             "output": output, **extra, "classes": list(info["classes"]),
             "size": list(info["size"]), "channels": int(info["channels"]), "planes": info.get("planes"),
             "bit_depth": int(info["bit_depth"]), "resize": info.get("resize") or "crop",

@@ -19,7 +19,7 @@ import numpy as np
 from cnnpipe.files import atomic_path
 
 __all__ = ["import_in_background", "plot_curves", "plot_confusion", "plot_precision_recall",
-           "plot_predicted_vs_true", "plot_augment", "display_rgb", "feature_grid", "probe_grids"]
+           "plot_predicted_vs_true", "plot_augment", "display_rgb", "display_range", "feature_grid", "probe_grids"]
 
 
 def import_in_background() -> threading.Thread:
@@ -153,11 +153,28 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLi
     _save_figure(fig, Path(path))
 
 
-def display_rgb(pixels: np.ndarray, peak: np.ndarray) -> np.ndarray:
-    """Raw pixels (..., C) as RGB floats in [0, 1] for display: each plane over its `peak` (C,)
-    (so 12-bit data in 16-bit files is not near black); 3 planes as RGB, any other count as their mean."""
-    x = np.clip(np.asarray(pixels, np.float32) / np.maximum(np.asarray(peak, np.float32), 1e-12), 0, 1)
+def display_rgb(pixels: np.ndarray, peak: Any, low: Any = 0.0) -> np.ndarray:
+    """Raw pixels (..., C) as RGB floats in [0, 1] for display: each plane from `low` to its `peak` (C,)
+    (so 12-bit data in 16-bit files is not near black; signed and float planes from their minimum);
+    NaN (no data) black; 3 planes as RGB, any other count as their mean."""
+    low = np.asarray(low, np.float32)
+    x = (np.asarray(pixels, np.float32) - low) / np.maximum(np.asarray(peak, np.float32) - low, 1e-12)
+    x = np.clip(np.nan_to_num(x, nan=0.0), 0, 1)
     return x if x.shape[-1] == 3 else np.repeat(x.mean(axis=-1, keepdims=True), 3, axis=-1)
+
+
+def display_range(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(low, peak) per plane of raw (H, W, C) pixels for `display_rgb`: 0 and the peak for unsigned
+    pixels, the plane's minimum and maximum (NaN left out) for signed and float ones."""
+    x = np.asarray(pixels)
+    if x.dtype.kind == "u":
+        return np.zeros(x.shape[-1], np.float32), x.max(axis=(0, 1)).astype(np.float32)
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
+    valid = ~np.isnan(flat)
+    low = np.where(valid, flat, np.inf).min(axis=0)
+    high = np.where(valid, flat, -np.inf).max(axis=0)
+    empty = ~valid.any(axis=0)
+    return np.where(empty, 0.0, low).astype(np.float32), np.where(empty, 1.0, high).astype(np.float32)
 
 
 def plot_augment(original: np.ndarray, augmented: np.ndarray, titles: Sequence[str],
@@ -175,10 +192,10 @@ def plot_augment(original: np.ndarray, augmented: np.ndarray, titles: Sequence[s
     if original.shape[-1] != 3:   # display_rgb shows any other plane count as the planes' mean
         fig.suptitle(f"shown: the mean of the {original.shape[-1]} planes, each over its peak", fontsize=7)
     for i in range(n):
-        peak = np.asarray(original[i], np.float32).max(axis=(0, 1))
+        low, peak = display_range(original[i])
         for j, img in enumerate([original[i], *augmented[:, i]]):
             ax = fig.add_subplot(n, m + 1, i * (m + 1) + j + 1)
-            ax.imshow(display_rgb(img, peak), interpolation="nearest")
+            ax.imshow(display_rgb(img, peak, low), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
