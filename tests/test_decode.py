@@ -217,14 +217,17 @@ def test_pillow_truncates_16bit_rgb_but_we_do_not() -> None:
     np.testing.assert_array_equal(read_image(data).hwc(), arr)
 
 
-def test_tiff_float_is_decoded_as_stored_and_refused_by_the_store_path_not_truncated() -> None:
-    from cnnpipe.images.transform import prepare_bytes, spec_for_model
+def test_tiff_float_is_decoded_as_stored_and_refused_by_an_integer_model_not_truncated() -> None:
+    from cnnpipe.images.transform import NeedsWiderType, prepare_bytes, spec_for_model
 
     arr = np.array([[-1.5, 0.25], [3e38, np.nan]], np.float32)
     np.testing.assert_array_equal(read_image(tiff_bytes(arr), channels="native").data[0], arr)
-    with pytest.raises(DecodeError, match="unsupported: float32 samples") as err:
+    with pytest.raises(NeedsWiderType, match="x.tif: float32 image; the model expects 1 plane.s. L at 8-bit, "
+                                             "2x2 .cnnpipe never rounds, clips or rescales") as err:
         prepare_bytes(tiff_bytes(arr), spec_for_model(1, 8, (2, 2), "crop", "first", None), "x.tif")
-    assert err.value.kind == "unsupported"
+    assert err.value.dtype == "float32"
+    pixels = prepare_bytes(tiff_bytes(arr), spec_for_model(1, 32, (2, 2), dtype="float32"), "x.tif").pixels
+    np.testing.assert_array_equal(pixels[..., 0], arr)   # NaN stays NaN, 3e38 stays 3e38
 
 
 # ----------------------------------------------------------------- 8-bit formats equal Pillow

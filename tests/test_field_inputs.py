@@ -314,8 +314,7 @@ def _every_kind_folder(root: Path) -> dict[str, str]:
         for i in range(4):
             (root / cls / f"ok{i}.png").write_bytes(_png8(7 + i, 9, 10 * k + i))
     bad = {
-        "a/float.tif": (_tiff(np.ones((4, 4), np.float32)), "unsupported"),
-        "a/int32.tif": (_tiff(np.ones((4, 4), np.uint32) * 70000), "unsupported"),
+        "a/float.tif": (_tiff(np.ones((4, 4), np.float32))[:60], "corrupt"),   # its header alone decides nothing
         "a/thunder.tif": (_patch_tiff_tag(_tiff(np.ones((4, 4), np.uint16)), 259, 32809), "unsupported"),
         "b/hier.jpg": (bytes(bytearray(imagecodecs.jpeg8_encode(_gray12(8, 8), lossless=True, bitspersample=12))
                              .replace(b"\xff\xc3", b"\xff\xc7", 1)), "unsupported"),
@@ -379,9 +378,9 @@ def test_skipped_high_bit_depth_files_never_make_an_8bit_store_16bit(tmp_path):
             arr = np.random.default_rng(10 * k + i).integers(0, 256, (6, 6, 3), dtype=np.uint8)
             Image.fromarray(arr).save(src / cls / f"{i}.png")
             arrays[f"{cls}/{i}.png"] = arr
-        (src / cls / "f32.tif").write_bytes(_tiff(np.ones((6, 6), np.float32)))        # header: 32 bits
+        (src / cls / "f32.tif").write_bytes(_tiff(np.ones((6, 6), np.float32))[:60])   # header: float32
         (src / cls / "u16bad.tif").write_bytes(_tiff(np.ones((6, 6), np.uint16))[:40])  # header: 16 bits
-        (src / cls / "u32.tif").write_bytes(_tiff(np.ones((6, 6), np.uint32)))
+        (src / cls / "u32.tif").write_bytes(_tiff(np.ones((6, 6), np.uint32))[:60])   # header: 32 bits
     store = preprocess(src, tmp_path / "out", size=6, workers=1, val_fraction=0.0)
     assert store.dtype == np.uint8 and store.meta["bit_depth"] == 8
     rows = dict(zip(store.sources("train"), store.images("train")))

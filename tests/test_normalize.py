@@ -42,7 +42,7 @@ def test_normalize_settings_are_checked_in_one_line():
 
     from cnnpipe.training.normalize import input_window
 
-    ds = SimpleNamespace(channels=3, bit_depth=8)
+    ds = SimpleNamespace(channels=3, bit_depth=8, train=SimpleNamespace(images=np.zeros((1, 1, 1, 3), np.uint8)))
     spec = load_config(None, ["data.normalize={window: [300, 1000]}"]).data.normalize
     with pytest.raises(ValueError, match=r"0\.\.255 \(8-bit\)"):   # every pixel would be one value
         input_window(spec, ds)

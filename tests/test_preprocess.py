@@ -357,7 +357,7 @@ def test_header_guess_wrong_restarts_as_uint16(tmp_path, monkeypatch):
     png16(src / "b" / "y.png", g16)
     import cnnpipe.datasets.convert as convert
 
-    monkeypatch.setattr(convert, "_header_bit_depth", lambda *args: 8)
+    monkeypatch.setattr(convert, "_header_dtype", lambda *args: "uint8")
     store = run(src, tmp_path / "out")
     assert store.dtype == np.uint16
     rows = rows_by_source(store, "train")

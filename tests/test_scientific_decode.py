@@ -117,7 +117,7 @@ def test_float_stacks_of_pages_and_signed_jpeg2000_keep_their_values():
     assert planes.dtype == np.int16 and np.array_equal(planes.data[0], signed)
 
 
-def test_a_native_store_counts_planes_of_the_files_it_can_hold(tmp_path):
+def test_a_native_store_follows_the_plane_count_most_files_have_float_files_included(tmp_path):
     from PIL import Image
 
     from cnnpipe.datasets.preprocess import preprocess
@@ -126,9 +126,9 @@ def test_a_native_store_counts_planes_of_the_files_it_can_hold(tmp_path):
         (tmp_path / "src" / c).mkdir(parents=True)
         for i in range(2):
             Image.fromarray(np.full((6, 6, 3), 40 * i, np.uint8)).save(tmp_path / "src" / c / f"{i}.png")
-        for i in range(3):   # more five-band float files than PNGs: they decode, but no store holds them
+        for i in range(3):   # more five-band float files than PNGs: a five-plane float32 store
             (tmp_path / "src" / c / f"f{i}.tif").write_bytes(_tiff(_values(np.float32, (6, 6, 5), i),
                                                                     planarconfig="contig"))
     store = preprocess(tmp_path / "src", tmp_path / "store", size=6, channels="native", workers=1, progress=False)
-    assert store.channels == 3 and sum(store.count(s) for s in store.splits) == 4
-    assert {s["kind"] for s in store.report["skipped"]} == {"unsupported"}
+    assert store.channels == 5 and store.dtype == np.float32 and sum(store.count(s) for s in store.splits) == 6
+    assert {s["kind"] for s in store.report["skipped"]} == {"plane_count"}

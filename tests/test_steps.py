@@ -97,7 +97,7 @@ def test_nan_skips_the_update_and_is_flagged():
     graphdef, state, tx, mesh, step = setup()
     x, y = batch()
     bad = x.astype(np.float32)
-    bad[0, 0, 0, 0] = np.nan
+    bad[0, 0, 0, 0] = np.inf   # (NaN is no data, which the model fills; Inf is a broken input)
     xs, ys = shard_batch(mesh, bad, y)
     before = leaves((state.params, state.opt_state, state.model_state))
     state, metrics = step(state, xs, ys)

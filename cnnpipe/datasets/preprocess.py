@@ -287,8 +287,8 @@ class _Build:
         self.dtype = s.dtype or "uint8"
         if s.dtype:
             return
-        floats = next((c for c in self.ok if is_float_file(c.dtype)), None)
-        ints = next((c for c in self.ok if not is_float_file(c.dtype)), None)
+        floats = self._first_readable([c for c in self.ok if is_float_file(c.dtype)])
+        ints = self._first_readable([c for c in self.ok if not is_float_file(c.dtype)]) if floats else None
         if floats is not None and ints is not None:
             raise PreprocessError(f"SRC mixes integer and float images ({display_path(ints.rel)} is {ints.dtype}, "
                                   f"{display_path(floats.rel)} is {floats.dtype}): pass --dtype float32 to keep "
@@ -309,6 +309,19 @@ class _Build:
                         self.dtype = widen(self.dtype, r.dtype)
                 if widen(self.dtype, promised) == self.dtype:
                     return
+        finally:
+            results.close()
+
+    def _first_readable(self, cands: list[Candidate]) -> Candidate | None:
+        """The first of `cands` that decodes (a broken file's header decides nothing), or None."""
+        if not cands:
+            return None
+        spec = self.settings.spec("float32", self.planes.count if self.planes else None)   # takes any type
+        results = ordered_map(self.pool, convert_items, chunks([(c.path, False, spec) for c in cands], 2),
+                              2 * self.settings.workers, on_death=worker_died)
+        try:
+            done = (r for chunk in results for r in chunk)
+            return next((c for c, r in zip(cands, done) if not isinstance(r, Failure)), None)
         finally:
             results.close()
 

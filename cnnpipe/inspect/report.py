@@ -105,14 +105,11 @@ def plot_planes(pixels: np.ndarray, planes: Sequence[str], bit_depth: int) -> li
         return [_image_with_bar(pixels[..., k], f"plane {name}: {bit_depth}-bit values 0..{top}",
                                 cmap="gray", vmin=0, vmax=top)[0] for k, name in enumerate(planes)]
     low, high = display_range(pixels)
-    figs = []
-    for k, name in enumerate(planes):
-        missing = int(np.isnan(pixels[..., k]).sum()) if pixels.dtype.kind == "f" else 0
-        title = (f"plane {name}: {pixels.dtype} values {low[k]:.4g}..{high[k]:.4g}"
-                 + (f", {missing} no data" if missing else ""))
-        figs.append(_image_with_bar(pixels[..., k], title, cmap=_cmap("gray", bad="magenta"), vmin=float(low[k]),
-                                    vmax=float(high[k]) if high[k] > low[k] else float(low[k]) + 1)[0])
-    return figs
+    missing = np.isnan(pixels).sum(axis=(0, 1)) if pixels.dtype.kind == "f" else np.zeros(len(planes), int)
+    return [_image_with_bar(pixels[..., k], f"plane {name}: {pixels.dtype} values {low[k]:.4g}..{high[k]:.4g}"
+                            + (f", {missing[k]} no data" if missing[k] else ""), cmap=_cmap("gray", bad="magenta"),
+                            vmin=float(low[k]), vmax=float(max(high[k], low[k] + 1e-6)))[0]
+            for k, name in enumerate(planes)]
 
 
 def plot_feature_maps(fmap: np.ndarray, layer: str) -> Any:

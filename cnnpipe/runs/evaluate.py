@@ -62,7 +62,9 @@ def check_compatible(run: Run, ds: Dataset) -> None:
     info = run.info
     for what, have, want in ((run.task.noun, ds.classes, info["classes"]), ("image size", list(ds.size), info["size"]),
                              ("channels", ds.channels, info["channels"]), ("bit depth", ds.bit_depth,
-                                                                           info["bit_depth"])):
+                                                                           info["bit_depth"]),
+                             ("pixel type", str(np.dtype(ds.train.images.dtype)),
+                              info.get("dtype") or str(np.dtype(ds.train.images.dtype)))):
         if have != want:
             raise ValueError(f"{ds.description}: {what} {have} do not match the run's {what} {want}")
 
