@@ -21,32 +21,38 @@ _ROWS_PER_READ = 256
 
 
 def _histograms(images: Any) -> np.ndarray:
-    """(C, 2**bits) int64 counts of each value per plane over every pixel of `images` (N, H, W, C)."""
+    """(C, 2**bits) int64 counts of each value per plane over every pixel of `images` (N, H, W, C);
+    int16 values are counted at value + 32768."""
     levels = 1 << (8 * np.dtype(images.dtype).itemsize)
+    offset = 32768 if np.dtype(images.dtype) == np.int16 else 0
     c = int(images.shape[-1])
     hist = np.zeros((c, levels), np.int64)
     for start in range(0, len(images), _ROWS_PER_READ):
         block = np.asarray(images[start:start + _ROWS_PER_READ])
         for k in range(c):
-            hist[k] += np.bincount(block[..., k].reshape(-1), minlength=levels)
+            plane = block[..., k].reshape(-1)
+            hist[k] += np.bincount(plane.astype(np.int32) + offset if offset else plane, minlength=levels)
     return hist
 
 
-def _percentile_from_counts(counts: np.ndarray, q: float) -> float:
-    """``np.percentile(values, q)`` ("linear") of the values whose count per value is `counts`."""
+def _percentile_from_counts(counts: np.ndarray, q: float, offset: int = 0) -> float:
+    """``np.percentile(values, q)`` ("linear") of the values whose count per value is `counts`
+    (value v counted at index v + `offset`)."""
     cum = np.cumsum(counts)
     n = int(cum[-1])
     rank = q / 100.0 * (n - 1)
     below = int(np.floor(rank))
     frac = rank - below
-    v0 = int(np.searchsorted(cum, below + 1))   # the value holding order statistic `below` (0-based)
-    v1 = int(np.searchsorted(cum, min(below + 2, n)))
+    v0 = int(np.searchsorted(cum, below + 1)) - offset   # the value holding order statistic `below` (0-based)
+    v1 = int(np.searchsorted(cum, min(below + 2, n))) - offset
     return float(v0 + frac * (v1 - v0))
 
 
 def plane_percentiles(images: Any, low: float, high: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(low percentile per plane, high percentile per plane) of `images` (N, H, W, C), uint8 or uint16
-    (an array, memmap or `RowView`), each exactly ``np.percentile(images[..., c], q)``.
+    """(low percentile per plane, high percentile per plane) of `images` (N, H, W, C) (an array, memmap
+    or `RowView`), each exactly ``np.percentile(images[..., c], q)``: uint8, uint16 and int16 by
+    histogram, a few rows at a time; float32 (NaN, no data, left out) by ``np.nanpercentile`` over
+    the whole split in memory.
 
     Raises ValueError for percentiles outside 0..100 or not increasing, or an empty split.
     """
@@ -54,13 +60,14 @@ def plane_percentiles(images: Any, low: float, high: float) -> tuple[tuple[float
         raise ValueError(f"data.normalize.percentile: got [{low}, {high}]; expected 0 <= low < high <= 100")
     if len(images) == 0:
         raise ValueError("data.normalize.percentile: the training split has no images")
-    if np.dtype(images.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+    if np.dtype(images.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16)):
         flat = np.asarray(images, np.float64).reshape(-1, images.shape[-1])
         lo, hi = np.nanpercentile(flat, [low, high], axis=0)
         return tuple(map(float, lo)), tuple(map(float, hi))
     hist = _histograms(images)
-    return (tuple(_percentile_from_counts(h, low) for h in hist),
-            tuple(_percentile_from_counts(h, high) for h in hist))
+    offset = 32768 if np.dtype(images.dtype) == np.int16 else 0
+    return (tuple(_percentile_from_counts(h, low, offset) for h in hist),
+            tuple(_percentile_from_counts(h, high, offset) for h in hist))
 
 
 def per_plane(value: Sequence[Any], channels: int, what: str) -> list[Any]:
