@@ -39,7 +39,7 @@ class Prepared:
     """One file's store row and what the report and statistics need.
 
     Attributes:
-      pixels: (H, W, C) uint8/uint16, the spec's shape and bit depth.
+      pixels: (H, W, C) the spec's shape and pixel type (uint8/uint16/int16/float32).
       sums, sumsq: per-plane sums of values and squares, or None (not asked for): exact Python
         integers for integer pixels, float64 sums over the finite values of float32 pixels.
       digest: 128 bits of the file's SHA-256 (duplicate report).

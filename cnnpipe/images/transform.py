@@ -45,7 +45,7 @@ _MAX_8BIT_REDUCE = 128  # largest integer reduce factor Pillow's 8-bit path keep
 # ---------------------------------------------------------------- resize
 
 def _resample(planes: np.ndarray, out_hw: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
-    """Resize (h, w, C) uint8/uint16 to (H, W, C) of the same dtype, antialiased bicubic over `box`.
+    """Resize (h, w, C) uint8/uint16/int16/float32 to (H, W, C) of the same dtype, antialiased bicubic over `box`.
 
     uint8 goes through Pillow's 8-bit resampler (RGB at once, other counts a
     plane at a time: the same fixed-point filter per plane); uint16 per plane
@@ -73,7 +73,8 @@ def _resample(planes: np.ndarray, out_hw: tuple[int, int], box: tuple[float, flo
             continue
         res = _resample_float(planes[:, :, i].astype(np.float32), (ow, oh), box)
         # integer stores round to their type; a float store keeps the filter's values, overshoot included
-        out[:, :, i] = res if planes.dtype.kind == "f" else np.rint(np.clip(res, 0.0, np.iinfo(planes.dtype).max))
+        info = None if planes.dtype.kind == "f" else np.iinfo(planes.dtype)
+        out[:, :, i] = res if info is None else np.rint(np.clip(res, float(info.min), float(info.max)))
     return out
 
 
@@ -213,7 +214,7 @@ class InputImage:
     """One image prepared exactly as the store's (or run's) training data.
 
     Attributes:
-      pixels: (H, W, C) uint8/uint16 at the spec's size and bit depth, C-contiguous.
+      pixels: (H, W, C) of the spec's pixel type (uint8/uint16/int16/float32) and size, C-contiguous.
       planes: plane names after conversion, e.g. ("R", "G", "B") or ("L",).
       bit_depth: 8 or 16 (the spec's).
       source: the file path (or the name given for bytes).

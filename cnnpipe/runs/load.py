@@ -84,7 +84,7 @@ class Run:
         return state_to_model(self.graphdef, self.state)
 
     def prepare(self, path: str | os.PathLike) -> np.ndarray:
-        """The raw pixels (H, W, C) uint8/uint16 the model sees for the file at `path`.
+        """The raw pixels (H, W, C) uint8/uint16/int16/float32 (the run's store type) the model sees for `path`.
 
         Exactly the row `cnnpipe preprocess` stores for that file (the one image path).
         Raises DecodeError (unreadable or not an image) or ValueError (planes the model
@@ -99,8 +99,8 @@ class Run:
         predicted values in the data's units (`cnnpipe.tasks.Task.outputs`).
 
         `x` is an image path or a sequence of them (each prepared by `prepare`; an unreadable file
-        raises) or raw pixels (N, H, W, C) in the store's units (uint8/uint16 values, any
-        numeric dtype). For folders and files that may be bad, use `cnnpipe predict`
+        raises) or raw pixels (N, H, W, C) in the store's units (its values, any numeric
+        dtype; NaN is no data). For folders and files that may be bad, use `cnnpipe predict`
         (`cnnpipe.runs.predict.predict_files`): it reports them instead. `tta` averages over
         the run's test-time augmentation views (`cnnpipe.training.augment.tta_views`).
         """
@@ -165,7 +165,7 @@ def spec_for_run(info: Mapping[str, Any]) -> Any:
 def prepare_for_run(path: str | os.PathLike, info: Mapping[str, Any]) -> Any:
     """Decode and resize one image exactly as a run's training data (`info`: its dataset.json).
 
-    Returns a `cnnpipe.images.transform.InputImage` (raw integer pixels (H, W, C), planes, notes);
+    Returns a `cnnpipe.images.transform.InputImage` (raw pixels (H, W, C) of the store's type, planes, notes);
     used by `cnnpipe inspect` and `Run.prepare`. The rules are `prepare_bytes`'s: an
     8-bit image for a 16-bit model is promoted exactly (x257); a 16-bit image for an 8-bit
     model is refused, since nothing in cnnpipe drops 16-bit values to 8 bits.
