@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -68,8 +69,8 @@ def test_float_geotiffs_round_trip_into_a_float32_store_with_nodata_counted(tmp_
                 rows.append(row)
     counts = store.report["nodata"]
     for name, bands in files.items():
-        assert counts[name] == {"nan": int(np.isnan(bands).sum()), "inf": 1, "nodata": 1, "inexact_in_float32": 0,
-                                "samples": bands.size}
+        assert counts[name] == {"nan": int(np.isnan(bands).sum()), "inf": 1, "nodata": 1, "out_of_range": 0,
+                                "inexact_in_float32": 0, "samples": bands.size}
     train = np.stack(rows).reshape(-1, 2).astype(np.float64)   # statistics over the valid values only
     np.testing.assert_allclose(store.mean, np.nanmean(train, 0), rtol=1e-12)
     np.testing.assert_allclose(store.std, np.nanstd(train, 0), rtol=1e-9)
@@ -97,20 +98,69 @@ def test_ct_slices_keep_their_type_until_a_resize_needs_fractions(tmp_path):
     assert shrunk.dtype == np.float32   # resampled HU are not integers: float32, never rounded or clipped
     row = shrunk.images("train")[0]
     assert row.min() < -1024 or row.max() > 3071 or not np.array_equal(row, np.rint(row))
+    padded = preprocess(tmp_path / "src", tmp_path / "pad", size=(14, 12), resize="pad", channels="gray", workers=1,
+                        progress=False)
+    rows = padded.images("train")   # padding is no data, not 0 HU (water): NaN in a float32 store
+    assert padded.dtype == np.float32 and np.isnan(rows[:, 0]).all() and not np.isnan(rows[:, 1:13]).any()
+    tifffile.imwrite(tmp_path / "src" / "b" / "air.tif", np.full((12, 12), -2000, np.int16),
+                     extratags=[(42113, "s", 0, "-2000", True)])   # all nodata: skipped, and decides nothing
+    again = preprocess(tmp_path / "src", tmp_path / "again", size=12, channels="gray", workers=1, progress=False)
+    assert again.dtype == np.int16 and {s["path"]: s["kind"] for s in again.report["skipped"]} == {"b/air.tif": "no_data"}
+
+
+def test_a_model_of_int16_slices_takes_slices_of_any_size_as_float32():
+    import io
+
+    from cnnpipe.images.transform import spec_for_model
+
+    ct = np.random.default_rng(3).integers(-1024, 3072, (12, 12)).astype(np.int16)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, ct)
+    same = prepare_bytes(buf.getvalue(), spec_for_model(1, 16, (12, 12), dtype="int16"), "s.tif").pixels
+    assert same.dtype == np.int16 and np.array_equal(same[..., 0], ct)   # the store's row, bit for bit
+    small = prepare_bytes(buf.getvalue(), spec_for_model(1, 16, (6, 6), dtype="int16"), "s.tif").pixels
+    assert small.dtype == np.float32   # what a float32 store of it would hold: the model computes in float32
+    np.testing.assert_array_equal(small, prepare_bytes(buf.getvalue(), ImageSpec((6, 6), "crop", "gray", 32,
+                                                                                 dtype="float32"), "s.tif").pixels)
+
+
+def test_a_window_outside_signed_data_is_refused_by_its_values(tmp_path):
+    from types import SimpleNamespace
+
+    from cnnpipe.config import load_config
+    from cnnpipe.training.normalize import input_window
+
+    images = np.array([-1024, 3071, 0, 40], np.int16).reshape(1, 2, 2, 1)
+    ds = SimpleNamespace(channels=1, bit_depth=16, train=SimpleNamespace(images=images))
+    spec = load_config(None, ["data.normalize={window: [5000, 6000]}"]).data.normalize
+    with pytest.raises(ValueError, match=r"\[5000, 6000\] for plane 0; its training values are -1024..3071 "
+                                         r"\(int16\), so a window outside them"):
+        input_window(spec, ds)
+    lung = load_config(None, ["data.normalize={window: [-1000, 400]}"]).data.normalize
+    assert input_window(lung, ds)[:2] == ((-1000.0,), (400.0,))
 
 
 def test_float16_is_exact_and_float64_is_rounded_with_a_warning(tmp_path):
     half = (np.arange(30, dtype=np.float16).reshape(5, 6) - 15) / np.float16(7)
     wide = np.linspace(-1, 1, 30).reshape(5, 6) + 1e-12   # not float32 values
+    huge = np.full((5, 6), 2.5)
+    huge[0, :2] = 1e39, -1e300   # beyond float32: no data, counted, never +-Inf in a store
     for c, arr in (("half", half), ("wide", wide)):
         for i in range(2):
             _geotiff(tmp_path / "src" / c / f"{i}.tif", arr + i, nodata=None)
-    store = preprocess(tmp_path / "src", tmp_path / "store", size=(5, 6), channels="gray", workers=1,
-                       progress=False, val_fraction=0.5)
-    assert store.dtype == np.float32
+    _geotiff(tmp_path / "src" / "wide" / "huge.tif", huge, nodata=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no numpy overflow warning on the terminal
+        store = preprocess(tmp_path / "src", tmp_path / "store", size=(5, 6), channels="gray", workers=1,
+                           progress=False, val_fraction=0.5)
+    assert store.dtype == np.float32 and np.isfinite(store.mean + store.std).all()
+    assert store.report["nodata"]["wide/huge.tif"]["out_of_range"] == 2
     for split in store.splits:
         for row, src in zip(store.images(split), store.sources(split)):
             want = tifffile.imread(tmp_path / "src" / src)
+            if src.endswith("huge.tif"):
+                assert np.isnan(row[0, :2]).all() and (row[0, 2:] == 2.5).all() and (row[1:] == 2.5).all()
+                continue
             assert np.array_equal(row[..., 0], want.astype(np.float32))
             assert (row[..., 0].astype(np.float64) == want).all() == src.startswith("half")
     warned = {w["path"]: w["warnings"] for w in store.report["warnings"]}

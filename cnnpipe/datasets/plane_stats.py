@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plane_percentiles"]
+__all__ = ["plane_percentiles", "plane_range", "per_plane"]
 
 _ROWS_PER_READ = 256
 
@@ -68,6 +68,20 @@ def plane_percentiles(images: Any, low: float, high: float) -> tuple[tuple[float
     offset = 32768 if np.dtype(images.dtype) == np.int16 else 0
     return (tuple(_percentile_from_counts(h, low, offset) for h in hist),
             tuple(_percentile_from_counts(h, high, offset) for h in hist))
+
+
+def plane_range(images: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(minimum per plane, maximum per plane) of `images` (N, H, W, C), NaN (no data) left out, a few
+    rows at a time; a plane with no value at all gives (nan, nan)."""
+    c = int(images.shape[-1])
+    low, high = np.full(c, np.inf), np.full(c, -np.inf)
+    for start in range(0, len(images), _ROWS_PER_READ):
+        block = np.asarray(images[start:start + _ROWS_PER_READ]).reshape(-1, c).astype(np.float64)
+        valid = ~np.isnan(block)
+        low = np.minimum(low, np.where(valid, block, np.inf).min(axis=0, initial=np.inf))
+        high = np.maximum(high, np.where(valid, block, -np.inf).max(axis=0, initial=-np.inf))
+    empty = np.isinf(low)
+    return tuple(np.where(empty, np.nan, low).tolist()), tuple(np.where(empty, np.nan, high).tolist())
 
 
 def per_plane(value: Sequence[Any], channels: int, what: str) -> list[Any]:

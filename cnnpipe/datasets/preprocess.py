@@ -291,8 +291,9 @@ class _Build:
         ints = self._first_readable([c for c in self.ok if not is_float_file(c.dtype)]) if floats else None
         if floats is not None and ints is not None:
             raise PreprocessError(f"SRC mixes integer and float images ({display_path(ints.rel)} is {ints.dtype}, "
-                                  f"{display_path(floats.rel)} is {floats.dtype}): pass --dtype float32 to keep "
-                                  "every file's values as they are in a float32 store, or convert one kind")
+                                  f"{display_path(floats.rel)} is {floats.dtype}): pass --dtype float32 (data.dtype: "
+                                  "float32 in a config) to keep every file's values as they are in a float32 store, "
+                                  "or convert one kind")
         promised = "uint8"
         for c in self.ok:
             promised = widen(promised, store_dtype_for(c.dtype))
@@ -396,8 +397,7 @@ class _Build:
         counts = {s: {"total": acc.per_class[s]["_files"],
                       "per_class": {c: acc.per_class[s][c] for c in self.classes}} for s in splits}
         report = build_report(self.scan, self.ok, counts, self.src, acc.warnings, self.table)
-        if self.dtype == "float32":   # NaN, Inf and nodata samples per file, all stored as NaN
-            report["nodata"] = acc.nodata
+        report["nodata"] = acc.nodata   # NaN, Inf and nodata samples per file (float32 stores: stored as NaN)
         if self.table and self.table.get("group_col"):   # a split or fold column may put a group on two sides
             for key, side in (("groups_in_two_splits", "split"), ("groups_in_two_folds", "fold")):
                 sides: dict[str, set] = {}

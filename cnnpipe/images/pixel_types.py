@@ -15,7 +15,8 @@ float32    float16/32/64 files, 32-bit integer files, and every mix above that n
 float32 holds every integer up to 2^24 and float16 exactly; float64 and 32-bit integers
 beyond that are rounded to the nearest float32, and the file's report entry says how
 many values were. NaN, +-Inf and a file's nodata value (GeoTIFF's GDAL_NODATA tag) all
-become NaN, which the model replaces on the device (`cnnpipe.models.sequential`).
+become NaN, which the model replaces on the device (`cnnpipe.models.sequential`); so do
+float64 values beyond float32's range (+-3.4e38), counted apart as out of range.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["STORE_DTYPES", "NoData", "store_dtype_for", "widen", "is_float_file", "to_float32"]
+__all__ = ["STORE_DTYPES", "NoData", "store_dtype_for", "widen", "is_float_file", "to_float32", "has_nodata",
+           "all_missing"]
 
 STORE_DTYPES = ("uint8", "uint16", "int16", "float32")
 
@@ -72,7 +74,7 @@ class NoData:
     Attributes:
       nan, inf: NaN and +-Inf samples; nodata: samples equal to the file's nodata value;
       inexact: finite samples float32 cannot hold exactly (float64, 32-bit integers past 2^24);
-      total: every sample of the file.
+      total: every sample of the file; out_of_range: finite float64 samples beyond float32's range.
     """
 
     nan: int = 0
@@ -80,23 +82,37 @@ class NoData:
     nodata: int = 0
     inexact: int = 0
     total: int = 0
+    out_of_range: int = 0
 
     @property
     def missing(self) -> int:
         """Samples stored as NaN."""
-        return self.nan + self.inf + self.nodata
+        return self.nan + self.inf + self.nodata + self.out_of_range
 
     def record(self) -> dict[str, int]:
         """The report's per-file entry."""
-        return {"nan": self.nan, "inf": self.inf, "nodata": self.nodata, "inexact_in_float32": self.inexact,
-                "samples": self.total}
+        return {"nan": self.nan, "inf": self.inf, "nodata": self.nodata, "out_of_range": self.out_of_range,
+                "inexact_in_float32": self.inexact, "samples": self.total}
+
+
+def _missing_mask(img: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """Where `img` is NaN, +-Inf or `nodata` (None: nowhere, for integers without a nodata value)."""
+    mask = ~np.isfinite(img) if img.dtype.kind == "f" else None
+    if nodata is not None and not np.isnan(nodata):
+        mask = (img == nodata) if mask is None else mask | (img == nodata)
+    return mask
 
 
 def has_nodata(img: np.ndarray, nodata: float | None) -> bool:
     """Whether (H, W, C) `img` holds NaN, +-Inf or the value `nodata`."""
-    if img.dtype.kind == "f" and not np.isfinite(img).all():
-        return True
-    return nodata is not None and not np.isnan(nodata) and bool((img == nodata).any())
+    mask = _missing_mask(img, nodata)
+    return mask is not None and bool(mask.any())
+
+
+def all_missing(img: np.ndarray, nodata: float | None) -> bool:
+    """Whether every sample of `img` is NaN, +-Inf or `nodata` (such a file has nothing to learn from)."""
+    mask = _missing_mask(img, nodata)
+    return mask is not None and bool(mask.all())
 
 
 def to_float32(img: np.ndarray, nodata: float | None) -> tuple[np.ndarray, NoData]:
@@ -105,7 +121,8 @@ def to_float32(img: np.ndarray, nodata: float | None) -> tuple[np.ndarray, NoDat
     Finite values are converted to the nearest float32 (exact for every type up to 16 bits and
     float32 itself); `NoData.inexact` counts those that changed.
     """
-    out = img.astype(np.float32)
+    with np.errstate(over="ignore"):   # float64 beyond float32's range: counted below, stored as NaN
+        out = img.astype(np.float32)
     nan = inf = 0
     bad = np.zeros(img.shape, bool)
     if img.dtype.kind == "f":
@@ -114,8 +131,10 @@ def to_float32(img: np.ndarray, nodata: float | None) -> tuple[np.ndarray, NoDat
         bad = nan_mask | inf_mask
     nodata_mask = (img == nodata) if nodata is not None and not np.isnan(nodata) else np.zeros(img.shape, bool)
     inexact = 0
+    overflow = np.isinf(out) & ~bad if img.dtype == np.float64 else np.zeros(img.shape, bool)
     if img.dtype.itemsize > 2 and img.dtype != np.float32:   # the types float32 may round
         with np.errstate(invalid="ignore"):
-            inexact = int(((out.astype(img.dtype) != img) & ~bad).sum())
-    out[bad | nodata_mask] = np.nan
-    return out, NoData(nan, inf, int(nodata_mask.sum()), inexact, int(img.size))
+            inexact = int(((out.astype(img.dtype) != img) & ~bad & ~overflow).sum())
+    nodata_mask &= ~bad
+    out[bad | nodata_mask | overflow] = np.nan
+    return out, NoData(nan, inf, int(nodata_mask.sum()), inexact, int(img.size), int(overflow.sum()))

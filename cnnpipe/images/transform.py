@@ -25,7 +25,7 @@ import numpy as np
 
 from cnnpipe.images.decode import Planes, convert_planes, jpeg_size, read_file, read_image
 from cnnpipe.images.formats import DecodeError
-from cnnpipe.images.pixel_types import NoData, has_nodata, store_dtype_for, to_float32, widen
+from cnnpipe.images.pixel_types import NoData, all_missing, has_nodata, store_dtype_for, to_float32, widen
 
 __all__ = ["RESIZE_MODES", "CHANNEL_MODES", "IMAGE_PATH_VERSION", "ImageSpec", "InputImage", "NeedsSixteenBit", "NeedsWiderType", "resamples", "prepare_bytes",
            "prepare_planes", "prepare_image", "promote_to_16bit", "resize_image", "spec_for_model"]
@@ -181,6 +181,8 @@ class ImageSpec:
       pages: multi-page TIFF, "first" or "planes" (see `cnnpipe.images.decode.read_image`).
       dtype: the pixel type, one of `cnnpipe.images.pixel_types.STORE_DTYPES`; None: unsigned
         integers of `bit_depth` bits.
+      float_ok: a model's spec for int16: an image whose values need float32 (resampled or padded
+        signed data, no data, float files) is given as float32 instead of refused. Never a store's.
     """
 
     size: tuple[int, int]
@@ -191,6 +193,7 @@ class ImageSpec:
     target: str = "the store takes"
     pages: str = "first"
     dtype: str | None = None
+    float_ok: bool = False
 
     @property
     def pixel_dtype(self) -> np.dtype:
@@ -290,8 +293,9 @@ def _match_planes(names: tuple[str, ...], spec: ImageSpec, source: str,
     elif colour == ("R", "G", "B") and spec.channels == "gray":
         notes.append("colour image converted to one luma plane L")
     elif colour not in (("L",), ("R", "G", "B")):
+        hint = " (--channels native keeps each file's own planes)" if spec.target == "the store takes" else ""
         raise ValueError(f"{source}: image has {len(colour)} plane(s) {'/'.join(colour)} at {bit_depth}-bit; "
-                         f"{spec.describe()}")
+                         f"{spec.describe()}{hint}")
     return spec.channels, "drop", notes
 
 
@@ -327,55 +331,70 @@ def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
       ValueError: the image's planes cannot be matched to the spec.
     """
     channels, alpha, notes = _match_planes(native.channels, spec, source, native.bit_depth)
-    _check_type(native, spec, source)
+    if all_missing(native.data, native.nodata):   # before the type: such a file decides nothing
+        what = f"NaN, Inf or the nodata value {native.nodata:g}" if native.nodata is not None else "NaN or Inf"
+        raise DecodeError(source, f"no data: every one of its {native.data.size} samples is {what}", kind="no_data")
+    dtype = _check_type(native, spec, source)
     planes = convert_planes(native, channels=channels, alpha=alpha)  # type: ignore[arg-type]
     img, nodata = planes.hwc(), None
-    if spec.pixel_dtype == np.float32:
+    if dtype == np.float32:
         img, nodata = to_float32(img, native.nodata)
-        if nodata.missing == nodata.total:
-            raise DecodeError(source, f"no data: every one of its {nodata.total} samples is NaN, Inf or the "
-                                      f"nodata value {native.nodata}", kind="no_data")
+        if nodata.missing == nodata.total:   # values beyond float32's range only
+            raise DecodeError(source, f"no data: none of its {nodata.total} samples fits float32",
+                              kind="no_data")
         if native.dtype != np.float32:
             notes.append(f"{native.dtype} values stored as float32")
-    elif img.dtype != spec.pixel_dtype:
-        img = promote_to_16bit(img) if spec.pixel_dtype == np.uint16 else img.astype(spec.pixel_dtype)
-        notes.append("8-bit image promoted exactly to 16-bit (x257)" if spec.pixel_dtype == np.uint16
-                     else f"{native.dtype} values stored as {spec.pixel_dtype}")
+    elif img.dtype != dtype:
+        img = promote_to_16bit(img) if dtype == np.uint16 else img.astype(dtype)
+        notes.append("8-bit image promoted exactly to 16-bit (x257)" if dtype == np.uint16
+                     else f"{native.dtype} values stored as {dtype}")
     if img.shape[:2] != tuple(spec.size):
         notes.append(f"resized from {img.shape[1]}x{img.shape[0]} to {spec.size[1]}x{spec.size[0]} (W x H) "
                      f"by {spec.resize}")
         img = resize_image(img, spec.size, spec.resize)
     pixels = np.ascontiguousarray(img)
     want = (*spec.size, spec.num_planes)
-    if pixels.shape != want or pixels.dtype != spec.pixel_dtype:
+    if pixels.shape != want or pixels.dtype != dtype:
         raise ValueError(f"{source}: prepared pixels are {pixels.shape} {pixels.dtype}, expected {want} "
-                         f"{spec.pixel_dtype}")  # a bug guard: a bad row never reaches a store
+                         f"{dtype}")  # a bug guard: a bad row never reaches a store
     return InputImage(pixels, planes.channels, spec.bit_depth, source, tuple(notes), native.warnings,
                       native.bit_depth, str(native.dtype), nodata)
 
 
-def _check_type(native: Planes, spec: ImageSpec, source: str) -> None:
-    """NeedsWiderType unless `spec`'s pixel type holds `native`'s values exactly as prepared."""
+def _check_type(native: Planes, spec: ImageSpec, source: str) -> np.dtype:
+    """The pixel type `native` is prepared in: the spec's, when it holds the values exactly as prepared.
+
+    A model taking int16 (`ImageSpec.float_ok`) is given float32 where the values need it (a
+    slice to resample or pad): the same units, computed in float32 inside the model anyway.
+
+    Raises:
+      NeedsWiderType: the spec's type cannot hold them; its `dtype` can.
+    """
     want = str(spec.pixel_dtype)
     if want == "float32":
-        return
-    resampled = resamples(native.data.shape[1:], spec.size, spec.resize)
+        return spec.pixel_dtype
+    # signed data resampled has fractions; padded, it has no data to mark (0 is water in HU)
+    changed = resamples(native.data.shape[1:], spec.size, spec.resize) or (
+        spec.resize == "pad" and tuple(native.data.shape[1:]) != tuple(spec.size))
     nodata = native.dtype.kind != "u" or native.nodata is not None   # only then can it hold any
-    need = store_dtype_for(native.dtype, resampled=resampled, nodata=nodata and has_nodata(native.hwc(),
-                                                                                            native.nodata))
-    if widen(want, need) == want:
-        return
+    need = store_dtype_for(native.dtype, resampled=changed, nodata=nodata and has_nodata(native.hwc(),
+                                                                                          native.nodata))
+    wider = widen(want, need)
+    if wider == want:
+        return spec.pixel_dtype
+    if spec.float_ok and wider == "float32":
+        return np.dtype(np.float32)
     if want == "uint8" and need == "uint16":
         raise NeedsSixteenBit(f"{source}: 16-bit image; {spec.describe()} (cnnpipe never drops 16-bit "
                               "values to 8 bits: convert the file, or train on 16-bit data)")
     why = ""
-    if store_dtype_for(native.dtype, resampled=resampled) != need:
+    if store_dtype_for(native.dtype, resampled=changed) != need:
         why = " that holds NaN, Inf or nodata values"
     elif store_dtype_for(native.dtype) != need:
-        why = " that needs resampling (its values would no longer be integers)"
+        why = " that needs resampling or padding (its values would need fractions or NaN)"
     raise NeedsWiderType(f"{source}: {native.dtype} image{why}; {spec.describe()} "
-                         f"(cnnpipe never rounds, clips or rescales values to fit: a {widen(want, need)} "
-                         "store or model holds them)", widen(want, need))
+                         f"(cnnpipe never rounds, clips or rescales values to fit: a {wider} "
+                         "store or model holds them)", wider)
 
 
 def spec_for_model(in_channels: int, bit_depth: int, size: Sequence[int], resize: str = "crop",
@@ -394,7 +413,7 @@ def spec_for_model(in_channels: int, bit_depth: int, size: Sequence[int], resize
         channels = {3: "rgb", 1: "gray"}.get(int(in_channels), "native")
     return ImageSpec((int(size[0]), int(size[1])), resize, channels, int(bit_depth),
                      None if channels != "native" else int(in_channels), "the model expects", pages,
-                     dtype if dtype not in ("uint8", "uint16") else None)
+                     dtype if dtype not in ("uint8", "uint16") else None, dtype == "int16")
 
 
 def prepare_image(path: str | os.PathLike, *, in_channels: int, bit_depth: int, size: Sequence[int],

@@ -60,11 +60,13 @@ def _in_run_order(ds: Dataset, task: Any) -> Dataset:
 def check_compatible(run: Run, ds: Dataset) -> None:
     """ValueError naming what differs when `ds` is not data the run's model can take."""
     info = run.info
+    have_type = str(np.dtype(ds.train.images.dtype))
+    want_type = str(info.get("dtype") or {16: "uint16"}.get(int(info["bit_depth"]), "uint8"))
+    # int16 and float32 hold values in the data's own units (HU, dB): a model of one takes the other
+    same_units = {have_type, want_type} <= {"int16", "float32"}
     for what, have, want in ((run.task.noun, ds.classes, info["classes"]), ("image size", list(ds.size), info["size"]),
-                             ("channels", ds.channels, info["channels"]), ("bit depth", ds.bit_depth,
-                                                                           info["bit_depth"]),
-                             ("pixel type", str(np.dtype(ds.train.images.dtype)),
-                              info.get("dtype") or str(np.dtype(ds.train.images.dtype)))):
+                             ("channels", ds.channels, info["channels"]),
+                             ("pixel type", have_type, want_type if not same_units else have_type)):
         if have != want:
             raise ValueError(f"{ds.description}: {what} {have} do not match the run's {what} {want}")
 

@@ -32,6 +32,11 @@ _COMMON = ("decode every value exactly (no colour profile or gamma applied); app
            "scale to cover then centre-crop, pad = scale to fit then centre on zeros, stretch = scale each side; "
            "antialiased bicubic (Pillow's, with reducing_gap 2; 16-bit planes in float32, rounded); "
            "cnnpipe's Run.prepare(path) does all of this")
+# what differs for float and signed stores (`cnnpipe.images.pixel_types`)
+_SCIENTIFIC = dict.fromkeys(("int16", "float32"), (
+    "; for this model's signed or float data: values as they are (no x257), NaN, +-Inf and the file's GDAL_NODATA "
+    "value (and float64 beyond float32's range) as NaN, resampled in float32 without rounding or clipping by "
+    "normalised convolution (NaN where under half of an output's weight is valid), padding NaN; the model fills NaN"))
 _PREPARATION = {"rgb": _COMMON.format(planes="drop alpha; a gray image gives R = G = B"),
                 "gray": _COMMON.format(planes="drop alpha; a colour image gives one luma plane (ITU-R 601, Pillow's "
                                               "weights)"),
@@ -62,7 +67,7 @@ def preparation_info(run: Run, fmt: str) -> dict[str, Any]:
             "size": list(info["size"]), "channels": int(info["channels"]), "planes": info.get("planes"),
             "bit_depth": int(info["bit_depth"]), "resize": info.get("resize") or "crop",
             "pages": info.get("pages") or "first", "image_path_version": IMAGE_PATH_VERSION,
-            "preparation": _PREPARATION[spec_for_run(info).channels],
+            "preparation": _PREPARATION[spec_for_run(info).channels] + _SCIENTIFIC.get(str(info.get("dtype")), ""),
             "onnx_input": "in_0 (N, H, W, C) float32" if fmt == "onnx" else None,
             "cnnpipe_version": cnnpipe.__version__, "checkpoint_step": run.step}
 

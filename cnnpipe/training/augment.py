@@ -212,10 +212,16 @@ def _random_resized_crop(x: jax.Array, key: jax.Array, cfg: Any) -> jax.Array:
 
 
 def _padded_crop(x: jax.Array, key: jax.Array, pad: int) -> jax.Array:
-    # the border is no data: zeros for integer pixels, NaN for float ones (as the image path pads)
-    fill = jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else 0
-    padded = jnp.pad(x, ((pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+    # the border is no data: NaN for float pixels (as the image path pads), black (0) for unsigned ones and
+    # each plane's minimum for signed ones (0 HU would be water; the minimum, -1024, is air)
     off = jax.random.randint(key, (2,), 0, 2 * pad + 1)
+    if jnp.issubdtype(x.dtype, jnp.signedinteger):
+        low = jnp.min(x.reshape(-1, x.shape[-1]), axis=0)
+        inside = jnp.pad(jnp.ones(x.shape[:2], bool), pad)[..., None]
+        padded = jnp.where(inside, jnp.pad(x, ((pad, pad), (pad, pad), (0, 0))), low)
+    else:
+        fill = jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else 0
+        padded = jnp.pad(x, ((pad, pad), (pad, pad), (0, 0)), constant_values=fill)
     return jax.lax.dynamic_slice(padded, (off[0], off[1], 0), x.shape)
 
 

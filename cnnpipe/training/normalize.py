@@ -42,12 +42,26 @@ def input_window(spec: Any, ds: Any) -> tuple[tuple[float, ...], tuple[float, ..
     if any(lo >= hi for lo, hi in pairs):
         raise ValueError(f"data.normalize.window: got {[list(p) for p in pairs]}; each low must be below its high")
     top = 2 ** ds.bit_depth - 1   # what an unsigned store can hold: a window beyond it sees a constant
-    unsigned = np.dtype(ds.train.images.dtype).kind == "u"
-    if unsigned and any(hi <= 0 or lo >= top for lo, hi in pairs):
-        raise ValueError(f"data.normalize.window: got {[list(p) for p in pairs]}; the data's values are "
-                         f"0..{top} ({ds.bit_depth}-bit), so a window outside them makes every pixel one value")
+    if np.dtype(ds.train.images.dtype).kind == "u":
+        if any(hi <= 0 or lo >= top for lo, hi in pairs):
+            raise ValueError(f"data.normalize.window: got {[list(p) for p in pairs]}; the data's values are "
+                             f"0..{top} ({ds.bit_depth}-bit), so a window outside them makes every pixel one value")
+    else:   # signed and float data have no fixed range: the training split's own
+        _outside_the_data(pairs, ds)
     return (tuple(float(lo) for lo, _ in pairs), tuple(float(hi) for _, hi in pairs),
             "data.normalize: the window " + ", ".join(f"[{lo:g}, {hi:g}]" for lo, hi in pairs))
+
+
+def _outside_the_data(pairs: list, ds: Any) -> None:
+    """ValueError when a window misses every training value of its plane (signed and float stores)."""
+    from cnnpipe.datasets.plane_stats import plane_range
+
+    low, high = plane_range(ds.train.images)
+    for k, ((lo, hi), a, b) in enumerate(zip(pairs, low, high)):
+        if not (a <= b) or hi <= a or lo >= b:   # (a plane of NaN only has no values to window)
+            raise ValueError(f"data.normalize.window: got [{lo:g}, {hi:g}] for plane {k}; its training values "
+                             f"are {a:g}..{b:g} ({np.dtype(ds.train.images.dtype)}), so a window outside them "
+                             "makes every pixel one value")
 
 
 def window_init(window: tuple[tuple[float, ...], tuple[float, ...], str], weights_stats: Any = None
