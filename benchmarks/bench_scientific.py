@@ -9,8 +9,11 @@
    inside the model) against uint8 input, in one process.
 3. preprocess: whole-process `cnnpipe preprocess` of a folder of float32 files against the
    same folder as uint16 (wall time of each command, medians of runs alternating).
+4. accuracy: scikit-learn's real digit scans (classes 0-3) as float32 "reflectance" in [-1, 1]
+   and the same values rescaled by hand to uint16; `cnnpipe train` on each with the same seed
+   (issue 30: float within 0.01 of uint16), for several seeds.
 
-    .venv/bin/python benchmarks/bench_scientific.py [--only prepare|step|preprocess]
+    .venv/bin/python benchmarks/bench_scientific.py [--only prepare|step|preprocess|accuracy]
 """
 
 from __future__ import annotations
@@ -162,11 +165,45 @@ def bench_preprocess(files: int = 200, runs: int = 3) -> None:
               f"uint16 {u:.2f} s (medians of {runs}); float32/uint16 = {f / u:.2f}x")
 
 
+def bench_accuracy(seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 8) -> None:
+    import json
+
+    import tifffile
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    keep = np.flatnonzero(d.target < 4)
+    cli = [sys.executable, "-m", "cnnpipe.cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("float32", "uint16"):
+            for i in keep:
+                f = (d.images[i] / 16.0 * 2.0 - 1.0).astype(np.float32)
+                arr = f if kind == "float32" else np.rint((f + 1.0) / 2.0 * 65535).astype(np.uint16)
+                path = Path(tmp) / kind / str(d.target[i]) / f"{i:04d}.tif"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(path, arr)
+            subprocess.run([*cli, "preprocess", str(Path(tmp) / kind), str(Path(tmp) / f"{kind}.store"), "--size", "8",
+                            "--channels", "gray", "--val-fraction", "0.25"], check=True, capture_output=True, cwd=ROOT)
+        for seed in seeds:
+            acc = {}
+            for kind in ("float32", "uint16"):
+                run = Path(tmp) / f"{kind}.{seed}"
+                subprocess.run([*cli, "train", "--workdir", str(run), "--set", f"seed={seed}", "--set",
+                                "data.source=store", "--set", f"data.path={Path(tmp) / f'{kind}.store'}", "--set",
+                                f"train.epochs={epochs}", "--set", "augment.flip=false", "--set", "model=simple_cnn"],
+                               check=True, capture_output=True, cwd=ROOT)
+                acc[kind] = json.loads((run / "summary.json").read_text())["val_accuracy"]
+            print(f"digits 0-3 ({len(keep)} real scans, 8x8), seed {seed}, {epochs} epochs: val accuracy float32 "
+                  f"{acc['float32']:.4f}, uint16 rescaled by hand {acc['uint16']:.4f}, difference "
+                  f"{acc['float32'] - acc['uint16']:+.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["prepare", "step", "preprocess"])
+    ap.add_argument("--only", choices=["prepare", "step", "preprocess", "accuracy"])
     args = ap.parse_args()
-    for name, fn in (("prepare", bench_prepare), ("step", bench_step), ("preprocess", bench_preprocess)):
+    for name, fn in (("prepare", bench_prepare), ("step", bench_step), ("preprocess", bench_preprocess),
+                     ("accuracy", bench_accuracy)):
         if args.only in (None, name):
             fn()
 
