@@ -36,7 +36,7 @@ def _bands(seed: int, h: int = 256, w: int = 256) -> np.ndarray:
     rng = np.random.default_rng(seed)
     a = rng.normal(-12, 4, (h, w, 4)).astype(np.float32)
     a[40:48] = np.nan
-    a[rng.random((h, w, 4)) < 0.01] = -9999.0
+    a[rng.random((h, w)) < 0.01] = -9999.0   # outside the swath: every band at once
     return a
 
 

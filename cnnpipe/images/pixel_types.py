@@ -111,6 +111,12 @@ def has_nodata(img: np.ndarray, nodata: float | None) -> bool:
 
 def all_missing(img: np.ndarray, nodata: float | None) -> bool:
     """Whether every sample of `img` is NaN, +-Inf or `nodata` (such a file has nothing to learn from)."""
+    if img.dtype.kind != "f" and nodata is None:
+        return False
+    head = np.ravel(img, order="K")[:4096]   # a view in memory order: most files answer here
+    mask = _missing_mask(head, nodata)
+    if mask is not None and not mask.all():
+        return False
     mask = _missing_mask(img, nodata)
     return mask is not None and bool(mask.all())
 
@@ -124,17 +130,28 @@ def to_float32(img: np.ndarray, nodata: float | None) -> tuple[np.ndarray, NoDat
     with np.errstate(over="ignore"):   # float64 beyond float32's range: counted below, stored as NaN
         out = img.astype(np.float32)
     nan = inf = 0
-    bad = np.zeros(img.shape, bool)
+    bad = None
     if img.dtype.kind == "f":
-        nan_mask, inf_mask = np.isnan(img), np.isinf(img)
-        nan, inf = int(nan_mask.sum()), int(inf_mask.sum())
-        bad = nan_mask | inf_mask
-    nodata_mask = (img == nodata) if nodata is not None and not np.isnan(nodata) else np.zeros(img.shape, bool)
-    inexact = 0
-    overflow = np.isinf(out) & ~bad if img.dtype == np.float64 else np.zeros(img.shape, bool)
+        bad = ~np.isfinite(img)
+        n_bad = int(np.count_nonzero(bad))
+        nan = int(np.count_nonzero(np.isnan(img[bad]))) if n_bad else 0
+        inf = n_bad - nan
+        bad = bad if n_bad else None
+    n_nodata = 0
+    if nodata is not None and not np.isnan(nodata):
+        at = img == nodata   # never NaN or Inf itself (GDAL writes a finite value or "nan")
+        n_nodata = int(np.count_nonzero(at))
+        bad = at if bad is None else bad | at
+    inexact = overflow = 0
     if img.dtype.itemsize > 2 and img.dtype != np.float32:   # the types float32 may round
-        with np.errstate(invalid="ignore"):
-            inexact = int(((out.astype(img.dtype) != img) & ~bad & ~overflow).sum())
-    nodata_mask &= ~bad
-    out[bad | nodata_mask | overflow] = np.nan
-    return out, NoData(nan, inf, int(nodata_mask.sum()), inexact, int(img.size), int(overflow.sum()))
+        with np.errstate(invalid="ignore", over="ignore"):
+            changed = out.astype(img.dtype) != img
+        if img.dtype == np.float64:
+            over = np.isinf(out) & np.isfinite(img)
+            overflow = int(np.count_nonzero(over))
+            changed &= ~over
+            bad = over if bad is None else bad | over
+        inexact = int(np.count_nonzero(changed if bad is None else changed & ~bad))
+    if bad is not None:
+        out[bad] = np.nan
+    return out, NoData(nan, inf, n_nodata, inexact, int(img.size), overflow)

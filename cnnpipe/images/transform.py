@@ -66,25 +66,28 @@ def _resample(planes: np.ndarray, out_hw: tuple[int, int], box: tuple[float, flo
         im = Image.fromarray(np.ascontiguousarray(planes), "RGB")
         return np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
     out = np.empty((oh, ow, c), planes.dtype)
+    masks: dict = {}   # bands of one scene share their no-data mask: its filtered validity is computed once
     for i in range(c):
         if planes.dtype == np.uint8 and exact_8bit:
             im = Image.fromarray(np.ascontiguousarray(planes[:, :, i]), "L")
             out[:, :, i] = np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
             continue
-        res = _resample_float(planes[:, :, i].astype(np.float32), (ow, oh), box)
+        res = _resample_float(planes[:, :, i].astype(np.float32), (ow, oh), box, masks)
         # integer stores round to their type; a float store keeps the filter's values, overshoot included
         info = None if planes.dtype.kind == "f" else np.iinfo(planes.dtype)
         out[:, :, i] = res if info is None else np.rint(np.clip(res, float(info.min), float(info.max)))
     return out
 
 
-def _resample_float(plane: np.ndarray, out_wh: tuple[int, int], box: tuple[float, ...]) -> np.ndarray:
+def _resample_float(plane: np.ndarray, out_wh: tuple[int, int], box: tuple[float, ...],
+                    masks: dict | None = None) -> np.ndarray:
     """One float32 plane (h, w) resized by Pillow's "F" mode; NaN (no data) by normalised convolution.
 
     A NaN inside the filter's support would make every output it touches NaN (a whole
     image, when shrinking): so valid values are filtered with the NaN weight given to 0 and
     divided by the filtered validity, and an output is NaN where less than half of its
-    weight fell on valid pixels (GDAL's rule for resampling with nodata, in spirit).
+    weight fell on valid pixels (GDAL's rule for resampling with nodata, in spirit). `masks` carries
+    the last plane's mask and filtered validity to the next plane (bands share their no-data mask).
     """
     from PIL import Image
 
@@ -95,7 +98,12 @@ def _resample_float(plane: np.ndarray, out_wh: tuple[int, int], box: tuple[float
     missing = np.isnan(plane)
     if not missing.any():
         return resize(plane)
-    valid = resize((~missing).astype(np.float32))
+    masks = {} if masks is None else masks
+    if "missing" in masks and np.array_equal(masks["missing"], missing):
+        valid = masks["valid"]   # the previous plane's mask: the same filtered validity
+    else:
+        valid = resize((~missing).astype(np.float32))
+        masks.update(missing=missing, valid=valid)
     total = resize(np.where(missing, np.float32(0), plane))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(valid >= 0.5, total / valid, np.nan).astype(np.float32)
