@@ -181,6 +181,7 @@ class DataConfig(_Schema):
     folds: Annotated[StrictInt, Field(ge=2, le=100)] | None = None   # folder: deal the files into K folds
     fold: NonNegInt | None = None       # store/folder made with folds: the validation fold (cnnpipe cv sets it)
     dtype: Literal["float32"] | None = None   # folder: every file's values as they are (mixed int and float files)
+    file_timeout: Annotated[Number, Field(ge=0.0)] = 300.0   # folder: seconds per file in a worker (0: none)
     bit_depth: Literal[8, 16] = 8       # shapes only
     num_train: PosInt = 4000            # shapes only
     num_val: PosInt = 400               # shapes only

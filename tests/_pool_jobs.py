@@ -73,3 +73,16 @@ def boom_on_5(job: list[int]) -> list[int]:
 
 def wrong_length(job: list[int]) -> list[int]:
     return job[1:]
+
+
+def hang_on_13(job: list[int]) -> list[int]:
+    """`square` with a 1-second deadline per item (`start_item`); item 13 hangs in C (a sleep) forever."""
+    from cnnpipe.datasets.workers import start_item
+
+    out = []
+    for i, x in enumerate(job):
+        start_item(i, 1.0)
+        if x == 13:
+            time.sleep(3600)
+        out.append(x * x)
+    return out

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cnnpipe.cli import main
 from cnnpipe.datasets.shapes import make_shapes
-from cnnpipe.datasets.workers import KILL_ENV
+from cnnpipe.datasets.workers import HANG_ENV, KILL_ENV
 from cnnpipe.images.formats import display_path, path_from_display
 from cnnpipe.runs.evaluate import evaluate_run
 from cnnpipe.runs.load import load_run
@@ -118,6 +118,21 @@ def test_python_api_predicts_paths_and_pixel_arrays_alike(run_dir, folder):
     np.testing.assert_allclose(by_path.sum(1), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="raw pixels"):
         run.predict(x[:, :8])
+
+
+def test_a_file_that_hangs_gets_a_timeout_row_and_the_rest_are_predicted(run_dir, folder, tmp_path):
+    root, good = folder
+    out = tmp_path / "p.csv"
+    env = {**os.environ, HANG_ENV: "img3.png"}
+    proc = subprocess.run([sys.executable, "-m", "cnnpipe.cli", "predict", str(run_dir), str(root), "--out", str(out),
+                           "--workers", "2", "--top-k", "1", "--file-timeout", "2"], env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    rows = _csv_rows(out)
+    assert len(rows) == 10
+    (hung,) = [r for r in rows if "img3.png" in r["path"]]
+    assert "took longer than the file timeout of 2 s" in hung["error"]
+    assert sum(1 for r in rows if not r["error"]) == len(good) - 1
 
 
 def test_a_worker_that_dies_loses_no_row(run_dir, folder, tmp_path):

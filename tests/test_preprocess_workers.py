@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cnnpipe.datasets.workers import KILL_ENV
+from cnnpipe.datasets.workers import HANG_ENV, KILL_ENV
 
 CLI = [sys.executable, "-m", "cnnpipe.cli", "preprocess"]
 
@@ -51,6 +51,22 @@ def test_a_file_that_kills_its_worker_twice_is_reported_and_the_run_goes_on(tmp_
     (died,) = [s for s in report["skipped"] if s["kind"] == "worker_died"]
     assert died["path"] == "b/img005.png"
     assert "killed by signal 9 (SIGKILL)" in died["reason"] and "retry" in died["reason"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_file_that_hangs_is_stopped_at_its_deadline_and_reported_once(tmp_path):
+    total = _folder(tmp_path / "src", 12, 16)
+    env = {**os.environ, HANG_ENV: "a/img007.png"}   # as a codec's endless loop would, every time
+    t0 = time.monotonic()
+    proc = subprocess.run([*CLI, str(tmp_path / "src"), str(tmp_path / "out"), "--size", "8", "--workers", "2",
+                           "--file-timeout", "2"], env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stderr
+    report = _report(tmp_path / "out")
+    assert report["counts"]["images_stored"] == total - 1
+    (hung,) = [s for s in report["skipped"] if s["kind"] == "timeout"]   # once: never waited for twice
+    assert hung["path"] == "a/img007.png" and "longer than the file timeout of 2 s" in hung["reason"]
+    assert len(report["skipped"]) == 1 and elapsed < 2 * 2 + 30   # one deadline, not a retry's second
     assert "Traceback" not in proc.stderr
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import _pool_jobs as jobs_fns
 import pytest
 
-from cnnpipe.datasets.workers import KILL_ENV, WorkerDied, make_pool, ordered_map
+from cnnpipe.datasets.workers import DEADLINE, KILL_ENV, WorkerDied, make_pool, ordered_map
 
 TESTS = Path(__file__).resolve().parent
 DEADLINE_S = 30
@@ -149,6 +149,17 @@ def test_an_item_that_always_kills_its_worker_gets_on_death_or_raises(pool, fn, 
     with pytest.raises(WorkerDied, match=re.escape(f"died on 13: {how}")) as exc:
         list(ordered_map(pool, fn, jobs, 4))
     assert (exc.value.item, exc.value.how) == (13, how)
+    assert list(ordered_map(pool, jobs_fns.square, [[2], [3]], 2)) == [[4], [9]]  # the pool still works
+
+
+def test_an_item_past_its_deadline_is_given_up_at_once_and_the_others_kept(pool):
+    t0 = time.monotonic()
+    out = list(ordered_map(pool, jobs_fns.hang_on_13, [[1, 2], [3, 13, 4], [5]], 3, on_death=how_of))
+    assert out == [[1, 4], [9, f"13: {DEADLINE}", 16], [25]]
+    assert time.monotonic() - t0 < 1.0 + 10   # one deadline: the hanging item is not run a second time
+    with pytest.raises(WorkerDied, match="SIGALRM"):
+        list(ordered_map(pool, jobs_fns.hang_on_13, [[13]], 1))
+    assert list(ordered_map(None, jobs_fns.square, [[2]], 1)) == [[4]]
     assert list(ordered_map(pool, jobs_fns.square, [[2], [3]], 2)) == [[4], [9]]  # the pool still works
 
 

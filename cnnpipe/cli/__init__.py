@@ -241,6 +241,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="write path,rank,class,probability,error rows as CSV (JSON Lines if it ends in .jsonl); "
                         "a multi-label run: path,labels,<label>...,error; regression: path,<target>...,error")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="preparing processes (default: 0 = every core)")
+    p.add_argument("--file-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="a file taking longer is stopped and gets a timeout error row (default: %(default)s; 0: none)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per device batch (default: 64)")
     p.add_argument("--checkpoint", default="best", metavar="WHICH",
                    help="best (default), latest, or a step number")
@@ -265,14 +267,15 @@ def _run_predict(args: argparse.Namespace) -> int:
     from cnnpipe.runs.outputs import PredictionWriter
     from cnnpipe.runs.predict import expand_sources, predict_files, summary_line, timed
 
-    if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
-        raise CLIError(f"--top-k and --batch-size must be >= 1 and --workers >= 0, got {args.top_k}, "
-                       f"{args.batch_size} and {args.workers}")
+    if args.top_k < 1 or args.batch_size < 1 or args.workers < 0 or not 0 <= args.file_timeout < 1e7:
+        raise CLIError(f"--top-k and --batch-size must be >= 1, --workers and --file-timeout >= 0, got {args.top_k}, "
+                       f"{args.batch_size}, {args.workers} and {args.file_timeout:g}")
     sources = expand_sources(args.images, nonempty=True)
     log_lines_off_a_terminal()
     run = load_run(args.run_dir, args.checkpoint)
     preds, stats = timed(predict_files(run, sources, top_k=args.top_k,
-                                       batch_size=args.batch_size, workers=args.workers or None, tta=args.tta))
+                                       batch_size=args.batch_size, workers=args.workers or None, tta=args.tta,
+                                       file_timeout=args.file_timeout))
     if sys.stderr.isatty() and args.out:  # a progress bar on a terminal; the total is not known up front
         from tqdm import tqdm
 

@@ -118,6 +118,9 @@ def add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32"], default=None,
                    help="float32: keep every file's values as they are in a float32 store (a folder mixing integer "
                         "and float images); default: the narrowest type holding every file exactly")
+    p.add_argument("--file-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="a worker process spending longer on one file is stopped and replaced, the file reported "
+                        "as timeout (default: %(default)s; 0: no deadline)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT once the new one is complete")
     p.set_defaults(func=_run_preprocess)
 
@@ -147,6 +150,6 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     store = preprocess(args.src, args.out, size=args.size, resize=args.resize, val_fraction=args.val_fraction,
                        test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
                        channels=args.channels, overwrite=args.overwrite, pages=args.pages, labels=labels,
-                       split=args.split, folds=args.folds, dtype=args.dtype)
+                       split=args.split, folds=args.folds, dtype=args.dtype, file_timeout=args.file_timeout)
     print(format_summary(store, elapsed_s=time.perf_counter() - t0))
     return 1 if failed_files(store.report) else 0  # the store is complete; 1 says some files are not in it

@@ -14,16 +14,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnpipe.datasets.workers import die_here_if_asked
+from cnnpipe.datasets.deadlines import DEADLINE, die_here_if_asked, start_item
 from cnnpipe.images.decode import DecodeError, check_format, read_file
 from cnnpipe.images.formats import codec_messages, display_path, reason_of
 from cnnpipe.images.pixel_types import NoData
 from cnnpipe.images.transform import ImageSpec, NeedsWiderType, prepare_bytes
 
 __all__ = ["Failure", "Prepared", "NeedsDtype", "probe_file", "convert_file", "convert_items", "worker_died",
+           "DEFAULT_FILE_TIMEOUT",
            "HEAD_BYTES"]
 
 HEAD_BYTES = 64  # enough for sniffing and the PNG IHDR
+# seconds one file may take in a worker: a 100-megapixel TIFF on a slow network disk takes well under a
+# minute to read and prepare; 5 minutes is a hang, not a big file
+DEFAULT_FILE_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -153,12 +157,22 @@ def _plane_sums(pixels: np.ndarray) -> tuple[list, list, list[int]]:
     return [float(v) for v in vals.sum(0)], [float(v) for v in (vals * vals).sum(0)], [int(v) for v in ok.sum(0)]
 
 
-def convert_items(items: list[tuple[str, bool, ImageSpec]]) -> list[Prepared | Failure | NeedsDtype]:
-    """`convert_file` over (path, want_stats, spec) items: one pool job."""
-    return [convert_file(path, want, spec) for path, want, spec in items]
+def convert_items(items: list[tuple[str, bool, ImageSpec]], timeout: float = 0.0
+                  ) -> list[Prepared | Failure | NeedsDtype]:
+    """`convert_file` over (path, want_stats, spec) items: one pool job. In a pool worker each file
+    must be done within `timeout` seconds (0: no deadline; `cnnpipe.datasets.deadlines.start_item`)."""
+    out: list[Prepared | Failure | NeedsDtype] = []
+    for i, (path, want, spec) in enumerate(items):
+        start_item(i, timeout)
+        out.append(convert_file(path, want, spec))
+    return out
 
 
-def worker_died(item: tuple[str, ...], how: str) -> Failure:
-    """The result of a file whose worker process died twice while preparing it (see `workers.ordered_map`)."""
+def worker_died(item: tuple[str, ...], how: str, timeout: float = 0.0) -> Failure:
+    """The result of a file whose worker process died twice while preparing it (see `workers.ordered_map`),
+    or was stopped by its deadline (`timeout` seconds; kind "timeout")."""
+    if how == DEADLINE:
+        return Failure(f"{display_path(item[0])}: took longer than the file timeout of {timeout:g} s; stopped, "
+                       "and the process preparing it replaced (--file-timeout sets the deadline)", "timeout")
     return Failure(f"{display_path(item[0])}: the worker process preparing this file died ({how}), and again "
                    "on the retry in a fresh worker; skipped", "worker_died")

@@ -10,13 +10,15 @@ extra samples, orientation), so no second header parser can disagree with it.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cnnpipe.datasets.convert import Failure, worker_died
-from cnnpipe.datasets.workers import chunks, die_here_if_asked, ordered_map
+from cnnpipe.datasets.deadlines import die_here_if_asked, start_item
+from cnnpipe.datasets.workers import chunks, ordered_map
 
 __all__ = ["PlaneCount", "probe_plane_names", "choose_plane_count", "sort_by_plane_count"]
 
@@ -38,15 +40,21 @@ def _names_one(path: str, pages: str) -> tuple[str, ...] | Failure:
         return Failure(f"{display_path(path)}: {type(exc).__name__}: {reason_of(exc)}", "corrupt")
 
 
-def _names_items(items: list[tuple[str, str]]) -> list[tuple[str, ...] | Failure]:
-    return [_names_one(path, pages) for path, pages in items]
+def _names_items(items: list[tuple[str, str]], timeout: float = 0.0) -> list[tuple[str, ...] | Failure]:
+    out: list[tuple[str, ...] | Failure] = []
+    for i, (path, pages) in enumerate(items):
+        start_item(i, timeout)
+        out.append(_names_one(path, pages))
+    return out
 
 
-def probe_plane_names(paths: Sequence[str], pool: Any = None, pages: str = "first"
+def probe_plane_names(paths: Sequence[str], pool: Any = None, pages: str = "first", timeout: float = 0.0
                       ) -> list[tuple[str, ...] | Failure]:
-    """Each file's plane names (or a `Failure`), in order; decoded in `pool` if given."""
+    """Each file's plane names (or a `Failure`), in order; decoded in `pool` if given, each file within
+    `timeout` seconds there (0: no deadline)."""
     jobs = chunks([(p, pages) for p in paths], _CHUNK)
-    return [r for chunk in ordered_map(pool, _names_items, jobs, 16, on_death=worker_died) for r in chunk]
+    return [r for chunk in ordered_map(pool, functools.partial(_names_items, timeout=timeout), jobs, 16,
+                                       on_death=functools.partial(worker_died, timeout=timeout)) for r in chunk]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ path (numpy, Pillow, imagecodecs), never jax.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -41,7 +42,15 @@ from typing import Any
 import numpy as np
 
 from cnnpipe.datasets.accumulator import Accumulator
-from cnnpipe.datasets.convert import Failure, NeedsDtype, Prepared, convert_items, probe_file, worker_died
+from cnnpipe.datasets.convert import (
+    DEFAULT_FILE_TIMEOUT,
+    Failure,
+    NeedsDtype,
+    Prepared,
+    convert_items,
+    probe_file,
+    worker_died,
+)
 from cnnpipe.datasets.folders import Candidate, FolderScan, scan_folder, skip, split_order
 from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
 from cnnpipe.datasets.preprocess_settings import PreprocessError, Settings, check_paths, parse_size
@@ -69,7 +78,8 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
                resize: str = "crop", val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0,
                workers: int | None = None, channels: str = "rgb", overwrite: bool = False,
                progress: bool | None = None, pages: str = "first", labels: str | os.PathLike | LabelTable | None = None,
-               split: str | None = None, folds: int | None = None, dtype: str | None = None) -> Store:
+               split: str | None = None, folds: int | None = None, dtype: str | None = None,
+               file_timeout: float = DEFAULT_FILE_TIMEOUT) -> Store:
     """Decode an image folder once into a dataset store at `out` and return it.
 
     Args:
@@ -99,6 +109,9 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
       dtype: None: the store's pixel type is the narrowest holding every stored file exactly
         (`cnnpipe.images.pixel_types`); a folder mixing integer and float files is refused.
         "float32": every file's values as they are (no x257), nodata as NaN.
+      file_timeout: seconds a worker process may spend on one file (0: no deadline); a file past it
+        is stopped (its process replaced) and reported with kind "timeout". With `workers` 1 files
+        are prepared in this process, where a deadline cannot be enforced.
 
     Returns:
       The written `Store`. Files that could not be used are in its report, each with a reason.
@@ -119,7 +132,7 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
     settings = Settings(parse_size(size), resize, channels, val_fraction, test_fraction, seed,
                         int(workers) if workers else (os.cpu_count() or 1), overwrite,
                         sys.stderr.isatty() if progress is None else bool(progress), pages, table, split, folds,
-                        dtype)
+                        dtype, file_timeout)
     settings.check()
     check_paths(src_p, out_p)
     check_output(out_p.absolute(), overwrite)
@@ -205,6 +218,15 @@ class _Build:
     folds: int | None = None
     task: Task = field(default_factory=Task)  # a label table's multi-label or regression task
 
+    @property
+    def _convert(self) -> Callable:
+        """The pool job: prepare files, each within --file-timeout in a worker."""
+        return functools.partial(convert_items, timeout=self.settings.file_timeout)
+
+    @property
+    def _died(self) -> Callable:
+        return functools.partial(worker_died, timeout=self.settings.file_timeout)
+
     def probe(self) -> None:
         """Pass 1: keep files whose first bytes are an image; fix classes, splits and dtype."""
         scan, s = self.scan, self.settings
@@ -261,7 +283,8 @@ class _Build:
 
     def probe_planes(self) -> None:
         """`--channels native`: the plane count most files have; skip (and report) the others."""
-        found = probe_plane_names([c.path for c in self.ok], self.pool, self.settings.pages)
+        found = probe_plane_names([c.path for c in self.ok], self.pool, self.settings.pages,
+                                  self.settings.file_timeout)
         keep, dropped, self.planes = sort_by_plane_count(self.ok, found)
         for cand, kind, reason in dropped:
             skip(self.scan, cand.rel, kind, reason)
@@ -302,7 +325,7 @@ class _Build:
             return
         spec = s.spec("uint8", self.planes.count if self.planes else None)
         jobs = chunks([(c.path, False, spec) for c in maybe], 2)
-        results = ordered_map(self.pool, convert_items, jobs, 2 * s.workers, on_death=worker_died)
+        results = ordered_map(self.pool, self._convert, jobs, 2 * s.workers, on_death=self._died)
         try:
             for chunk in results:
                 for r in chunk:
@@ -318,8 +341,8 @@ class _Build:
         if not cands:
             return None
         spec = self.settings.spec("float32", self.planes.count if self.planes else None)   # takes any type
-        results = ordered_map(self.pool, convert_items, chunks([(c.path, False, spec) for c in cands], 2),
-                              2 * self.settings.workers, on_death=worker_died)
+        results = ordered_map(self.pool, self._convert, chunks([(c.path, False, spec) for c in cands], 2),
+                              2 * self.settings.workers, on_death=self._died)
         try:
             done = (r for chunk in results for r in chunk)
             return next((c for c, r in zip(cands, done) if not isinstance(r, Failure)), None)
@@ -351,8 +374,8 @@ class _Build:
             for s in splits:
                 writer.create_split(s, capacity.get(s, 0), spec.size, spec.num_planes, self.dtype,
                                     folds=bool(self.folds) and s == "train", task=self.task)
-            results = (r for chunk in ordered_map(self.pool, convert_items, jobs, 4 * self.settings.workers,
-                                                  on_death=worker_died) for r in chunk)
+            results = (r for chunk in ordered_map(self.pool, self._convert, jobs, 4 * self.settings.workers,
+                                                  on_death=self._died) for r in chunk)
             for cand, res in zip(todo, results):
                 label = class_index[cand.class_name] if self.task.is_classification else cand.target
                 stored = self._store_one(writer, cand, res, spec, label, acc)

@@ -70,6 +70,7 @@ class Settings:
     split: str | None = None  # SPLIT_METHODS; None: "group" with a group column, else "stratified"
     folds: int | None = None  # k-fold cross-validation: every non-test file in one of `folds` folds
     dtype: str | None = None  # "float32": every file's values as they are in a float32 store; None: from the files
+    file_timeout: float = 300.0  # seconds a worker may spend on one file (0: none); see preprocess
 
     def check(self) -> None:
         """PreprocessError naming the first bad setting."""
@@ -89,6 +90,9 @@ class Settings:
             raise PreprocessError(f"split: expected one of {', '.join(SPLIT_METHODS)}, got {self.split!r}")
         if self.folds is not None and not (type(self.folds) is int and 2 <= self.folds <= 100):
             raise PreprocessError(f"folds: expected an integer from 2 to 100, got {self.folds!r}")
+        t = self.file_timeout
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e7):
+            raise PreprocessError(f"file_timeout: expected seconds >= 0 (0 turns the deadline off), got {t!r}")
         if self.dtype not in (None, "float32"):
             raise PreprocessError(f"dtype: expected 'float32' (or leave it out: the files decide), got {self.dtype!r}")
         if self.split == "group" and (self.labels is None or self.labels.group_col is None):

@@ -43,7 +43,8 @@ def load_dataset(data: Any, seed: int = 0) -> Dataset:
         return folder_dataset(data.path, size=size, resize=data.resize,
                               channels=data.channels or "rgb", val_fraction=data.val_fraction,
                               cache_dir=data.cache_dir, pages=data.pages, labels=_label_table(data),
-                              split=data.split, folds=data.folds, fold=data.fold, dtype=data.dtype)
+                              split=data.split, folds=data.folds, fold=data.fold, dtype=data.dtype,
+                              file_timeout=data.file_timeout)
     if source == "tfds":
         if not data.name:
             raise ValueError("data.name: required when data.source is 'tfds' (e.g. mnist, cifar10)")
@@ -123,10 +124,11 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
                    channels: str = "rgb", val_fraction: float = 0.1,
                    cache_dir: str | os.PathLike | None = None, pages: str = "first", labels: Any = None,
                    split: str | None = None, folds: int | None = None, fold: int | None = None,
-                   dtype: str | None = None) -> Dataset:
+                   dtype: str | None = None, file_timeout: float = 300.0) -> Dataset:
     """A raw image folder, preprocessed once into `cache_dir` and reused while unchanged.
 
-    `labels` (a `LabelTable`), `split`, `folds` and `dtype` are `cnnpipe.datasets.preprocess.preprocess`'s;
+    `labels` (a `LabelTable`), `split`, `folds`, `dtype` and `file_timeout` are
+    `cnnpipe.datasets.preprocess.preprocess`'s (the timeout is not part of the cache key);
     `fold` picks the validation fold of a cache made with folds (`store_dataset`).
     """
     root = Path(folder)
@@ -153,7 +155,7 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
         try:
             preprocess(root, out, size=tuple(settings["size"]), resize=resize, val_fraction=val_fraction,
                        seed=0, channels=channels, overwrite=False, workers=1 if num_files < 256 else None,
-                       pages=pages, labels=table, split=split, folds=folds, dtype=dtype)
+                       pages=pages, labels=table, split=split, folds=folds, dtype=dtype, file_timeout=file_timeout)
         except ValueError:
             if not (out / "meta.json").is_file():  # not merely another process finishing first
                 raise

@@ -12,6 +12,13 @@ two, so it never idles) and which one was running: the oldest, since a worker ru
 order. A dead worker is replaced; the job it was running is retried item by item, the jobs it
 had not started are sent again, results it had sent are kept. An item that kills a worker
 alone too gets `on_death(item, how)` as its result, and the run goes on.
+
+Deadlines: a per-item function may call `start_item(i, seconds)` before each item. The worker
+then records which item of its job is running (shared memory the parent reads when it dies) and
+arms a SIGALRM timer whose default action kills the process even inside C code (a codec's
+endless loop, a read from a stalled mount): Python never sees the signal, so nothing can catch
+or delay it. An item whose worker died of its deadline gets `on_death(item, how)` at once, not a
+second wait; the job's other items are retried.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ import functools
 import itertools
 import logging
 import multiprocessing
-import os
 import pickle
 import queue
 import signal
@@ -36,17 +42,18 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, TypeVar
 
-__all__ = ["KILL_ENV", "WorkerDied", "WorkerPool", "chunks", "die_here_if_asked", "make_pool",
-           "ordered_map"]
+from cnnpipe.datasets import deadlines
+from cnnpipe.datasets.deadlines import DEADLINE, HANG_ENV, KILL_ENV, die_here_if_asked, start_item
+
+__all__ = ["KILL_ENV", "HANG_ENV", "DEADLINE", "WorkerDied", "WorkerPool", "chunks", "die_here_if_asked",
+           "make_pool", "ordered_map", "start_item"]
 
 log = logging.getLogger("cnnpipe.datasets.preprocess")
 
 T, R = TypeVar("T"), TypeVar("R")
 
-KILL_ENV = "CNNPIPE_TEST_KILL_WORKER_ON"
 _HELD = 2          # jobs a worker holds at once: the running one and the next, so it never idles
 _JOIN_S = 5.0      # a worker that closed its pipe is exiting; past this it is killed
-_in_worker = False  # True only inside a pool worker process (set by _worker_main)
 
 WORKER_PRELOAD = ["cnnpipe.datasets.convert", "cnnpipe.datasets.native_planes", "imagecodecs", "tifffile", "PIL.JpegImagePlugin", "PIL.PngImagePlugin",
                    "PIL.TiffImagePlugin", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.WebPImagePlugin"]
@@ -71,19 +78,6 @@ def chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def die_here_if_asked(name: str) -> None:
-    """Test hook: SIGKILL this process if it is a pool worker and `name` contains $CNNPIPE_TEST_KILL_WORKER_ON.
-
-    Per-item functions call it with the item's path, so a test can kill a worker as the OOM killer
-    would, on a chosen file; never in the parent or with `pool=None`, nor if the variable is unset
-    or empty. It is read in the worker, whose environment is the fork server's: the server starts
-    once per parent process, with the parent's environment then, so set the variable before the
-    process's first pool starts, or run the pool in a subprocess."""
-    marker = os.environ.get(KILL_ENV)
-    if _in_worker and marker and marker in name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # ---------------------------------------------------------------- inside a worker
 
 def _worker_init() -> None:
@@ -101,10 +95,9 @@ def _receive(conn: Connection, inbox: queue.SimpleQueue) -> None:
         inbox.put(None)
 
 
-def _worker_main(conn: Connection) -> None:
+def _worker_main(conn: Connection, current: Any) -> None:
     """A worker's life: run the jobs in the order they arrive and answer each; end when the parent hangs up."""
-    global _in_worker
-    _in_worker = True
+    deadlines.enter_worker(current)
     _worker_init()
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     # a thread empties the pipe while this one works: a parent sending a job never waits on a worker
@@ -116,6 +109,9 @@ def _worker_main(conn: Connection) -> None:
             reply: tuple = ("ok", fn(job), "")
         except Exception as exc:
             reply = ("error", exc, traceback.format_exc())
+        finally:   # a deadline covers an item, never the answer or the wait for the next job
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            current.value = -1
         try:
             conn.send(reply)
         except OSError:
@@ -178,14 +174,21 @@ class _Run:
             exc.__cause__ = _RemoteTraceback(remote_tb)
             self.error = exc
 
-    def died(self, task: _Task, how: str) -> None:
-        """`task` was running when its worker died: split and retry it, or give up on its item."""
+    def died(self, task: _Task, how: str, index: int = -1) -> None:
+        """`task` was running when its worker died (running item `index` of it, when known): split and
+        retry it, or give up on its item; an item past its deadline is given up at once."""
         if self.abandoned:
             return
         job = task.job
         if not task.retry and isinstance(job.items, list):
             job.result, job.missing = [None] * len(job.items), len(job.items)
-            self.ready.extendleft(reversed([_Task(self, job, i, retry=True) for i in range(len(job.items))]))
+            timed_out = how == DEADLINE and task.slot is None and 0 <= index < len(job.items)
+            self.ready.extendleft(reversed([_Task(self, job, i, retry=True) for i in range(len(job.items))
+                                            if not (timed_out and i == index)]))
+            if timed_out and self.on_death is not None:
+                self.done(_Task(self, job, index, retry=True), [self.on_death(job.items[index], how)])
+            elif timed_out:
+                self.error = WorkerDied(job.items[index], how)
         elif not task.retry:  # a job that is not a list of items can only be retried whole
             self.ready.appendleft(_Task(self, job, None, retry=True))
         else:
@@ -202,6 +205,7 @@ class _Worker:
 
     proc: Any
     conn: Connection
+    current: Any   # shared: the item of its running job that it is on (`start_item`), -1 if unknown
     held: deque[_Task] = field(default_factory=deque)
 
 
@@ -296,7 +300,8 @@ class WorkerPool:
 
     def _start(self, retry: bool = True) -> _Worker:
         ours, theirs = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(theirs,), name="cnnpipe-worker", daemon=True)
+        current = self._ctx.RawValue("l", -1)
+        proc = self._ctx.Process(target=_worker_main, args=(theirs, current), name="cnnpipe-worker", daemon=True)
         try:
             with _main_hidden():
                 proc.start()
@@ -313,7 +318,7 @@ class WorkerPool:
             raise
         finally:
             theirs.close()  # the worker has its own copy: its death now reads as end-of-file here
-        return _Worker(proc, ours)
+        return _Worker(proc, ours, current)
 
     def _results(self, run: _Run, jobs: Iterator[Any], window: int) -> Iterator[Any]:
         pending: deque[_Job] = deque()  # the jobs in flight, oldest first
@@ -384,6 +389,7 @@ class WorkerPool:
     def _replace(self, w: _Worker) -> None:
         """`w` died (its answers taken in): start a worker in its place, deal out the tasks it held."""
         how, held, i = _reap(w.proc), list(w.held), self._workers.index(w)
+        index = int(w.current.value)   # shared memory outlives the process: the item it was on
         w.conn.close()
         del self._workers[i]
         log.warning("a worker process %s; %d job(s) it held go to the other workers", how, len(held))
@@ -393,7 +399,7 @@ class WorkerPool:
                 task.run.ready.appendleft(task)
         try:
             if held:
-                held[0].run.died(held[0], how)  # on_death may raise
+                held[0].run.died(held[0], how, index)  # on_death may raise
         finally:
             self._workers.insert(i, self._start())
 

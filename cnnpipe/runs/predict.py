@@ -12,6 +12,7 @@ its output row, so memory stays flat however many files there are.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnpipe.datasets.convert import Failure, NeedsDtype, Prepared, convert_items, worker_died
+from cnnpipe.datasets.convert import DEFAULT_FILE_TIMEOUT, Failure, NeedsDtype, Prepared, convert_items, worker_died
 from cnnpipe.datasets.workers import chunks, make_pool, ordered_map
 from cnnpipe.images.transform import ImageSpec
 from cnnpipe.runs.load import Run, spec_for_run
@@ -97,7 +98,8 @@ def _walk(path: str) -> Iterator[str]:
 
 
 def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size: int = 64,
-                  workers: int | None = None, tta: bool = False) -> Iterator[Prediction]:
+                  workers: int | None = None, tta: bool = False,
+                  file_timeout: float = DEFAULT_FILE_TIMEOUT) -> Iterator[Prediction]:
     """A `Prediction` per path, in input order, streamed.
 
     Args:
@@ -105,6 +107,8 @@ def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size:
       batch_size: images per device batch (the last one is padded, so the program compiles once).
       tta: average the probabilities over the test-time augmentation views of the run
         (`cnnpipe.training.augment.tta_views`).
+      file_timeout: seconds a worker process may spend on one file (0: none); past it the file's row is
+        a timeout error and the process is replaced (not enforced with `workers` 1: this process).
     """
     from flax import nnx
 
@@ -124,13 +128,14 @@ def predict_files(run: Run, paths: Iterable[str], *, top_k: int = 3, batch_size:
     try:
         views = tta_views(run.cfg.augment) if tta else ()
         step = lambda x: predict_probs(graphdef, (state,), put(x), views, task)  # noqa: E731
-        yield from _batched(_prepared(pool, paths, spec, workers), spec, step, run.classes, k, batch_size)
+        yield from _batched(_prepared(pool, paths, spec, workers, file_timeout), spec, step, run.classes, k,
+                            batch_size)
     finally:
         if pool is not None:
             pool.close()
 
 
-def _prepared(pool, paths: Iterable[str], spec: ImageSpec, workers: int
+def _prepared(pool, paths: Iterable[str], spec: ImageSpec, workers: int, timeout: float = 0.0
               ) -> Iterator[tuple[tuple, Prepared | Failure | NeedsDtype]]:
     """(item, result) in input order; the pool prepares the files ahead of the caller."""
     sent: deque[list[tuple]] = deque()
@@ -140,7 +145,8 @@ def _prepared(pool, paths: Iterable[str], spec: ImageSpec, workers: int
             sent.append(job)
             yield job
 
-    for out in ordered_map(pool, convert_items, jobs(), 4 * workers, on_death=worker_died):
+    for out in ordered_map(pool, functools.partial(convert_items, timeout=timeout), jobs(), 4 * workers,
+                           on_death=functools.partial(worker_died, timeout=timeout)):
         yield from zip(sent.popleft(), out)
 
 
