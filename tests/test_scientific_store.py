@@ -178,7 +178,7 @@ def test_a_mixed_folder_is_refused_by_name_unless_float32_is_asked(tmp_path, cap
     Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "src" / "a" / "bright.png")
     _geotiff(tmp_path / "src" / "b" / "dark.tif", np.full((4, 4), -0.5, np.float32), nodata=None)
     with pytest.raises(PreprocessError, match=r"mixes integer and float images \(a/bright.png is uint8, "
-                                              r"b/dark.tif is float32\): pass --dtype float32"):
+                                              r"b/dark.tif is float32\): preprocess --dtype float32"):
         preprocess(tmp_path / "src", tmp_path / "no", size=4, channels="gray", workers=1, progress=False)
     assert main(["preprocess", str(tmp_path / "src"), str(tmp_path / "no"), "--size", "4", "--channels", "gray"]) == 2
     err = capsys.readouterr().err.strip()
@@ -375,3 +375,58 @@ def test_predict_equals_the_store_row_and_exports_agree_on_float_data(digit_runs
     np.testing.assert_allclose(got, probs, atol=1e-5)
     meta = json.loads((tmp_path / "m.onnx.json").read_text())
     assert meta["dtype"] == "float32" and math.isclose(meta["bit_depth"], 32)
+
+
+def test_values_near_float32s_limits_stay_finite_through_augmentation_and_the_model():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cnnpipe.config import AugmentConfig
+    from cnnpipe.models.cnn import build_model
+    from cnnpipe.training.augment import augment_batch
+    from cnnpipe.training.loss import mix_batch
+
+    top = float(np.finfo(np.float32).max)
+    x = np.random.default_rng(4).normal(-10, 3, (4, 6, 6, 1)).astype(np.float32)
+    x[:, :, :2] = -top   # a fill value with no nodata tag (the setting lived in a sidecar file)
+    x[1] = top * 0.9
+    out = np.asarray(augment_batch(jnp.asarray(x), jax.random.key(0), AugmentConfig(
+        noise=0.05, random_erasing=1.0, brightness=0.3, contrast=0.3, gamma=0.3)))
+    assert np.isfinite(out).all()
+    model = build_model([{"type": "conv", "filters": 2}, {"type": "global_avg_pool"}, {"type": "dense", "units": 2}],
+                        num_classes=2, in_channels=1, input_size=(6, 6), bit_depth=32, rngs=nnx.Rngs(0),
+                        mean=[top * 0.1], std=[top * 0.5])
+    assert np.isfinite(np.asarray(model(jnp.asarray(np.concatenate([x, -x]))))).all()   # (x - mean) would overflow
+    a = np.full((2, 4, 4, 1), 7.0, np.float32)
+    a[0, 0] = np.nan
+    mixed, _ = mix_batch(jnp.asarray(a), jax.random.key(1), mixup=1.0, cutmix=0.0)
+    assert not np.isnan(np.asarray(mixed)).any()   # no data in one image: the other's value stands
+
+
+def test_sparse_files_and_empty_planes_are_named_not_silently_nan(tmp_path):
+    from types import SimpleNamespace
+
+    from cnnpipe.datasets.plane_stats import plane_percentiles
+
+    rng = np.random.default_rng(5)
+    for c in ("a", "b"):
+        for i in range(3):
+            _geotiff(tmp_path / "src" / c / f"{i}.tif", rng.normal(0, 1, (48, 48)).astype(np.float32), nodata=None)
+    sparse = rng.normal(0, 1, (48, 48)).astype(np.float32)
+    sparse[rng.random((48, 48)) < 0.97] = np.nan
+    _geotiff(tmp_path / "src" / "a" / "sparse.tif", sparse, nodata=None)
+    store = preprocess(tmp_path / "src", tmp_path / "store", size=4, resize="stretch", channels="gray", workers=1,
+                       progress=False)
+    (skip,) = store.report["skipped"]
+    assert skip["path"] == "a/sparse.tif" and skip["kind"] == "no_data" and "after resizing" in skip["reason"]
+    images = np.zeros((2, 2, 2, 2), np.float32)
+    images[..., 1] = np.nan
+    with pytest.raises(ValueError, match="plane 1 has no valid training value"):
+        plane_percentiles(images, 2, 98)
+    from cnnpipe.config import load_config
+    from cnnpipe.training.normalize import input_window
+
+    ds = SimpleNamespace(channels=2, bit_depth=32, train=SimpleNamespace(images=images))
+    with pytest.raises(ValueError, match="plane 1 has no valid training value"):
+        input_window(load_config(None, ["data.normalize={window: [-1, 1]}"]).data.normalize, ds)

@@ -62,6 +62,10 @@ def plane_percentiles(images: Any, low: float, high: float) -> tuple[tuple[float
         raise ValueError("data.normalize.percentile: the training split has no images")
     if np.dtype(images.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16)):
         flat = np.asarray(images, np.float64).reshape(-1, images.shape[-1])
+        empty = np.flatnonzero(np.isnan(flat).all(axis=0))
+        if empty.size:
+            raise ValueError(f"data.normalize.percentile: plane {int(empty[0])} has no valid training value (every "
+                             "pixel is no data); use zscore or a window for it")
         lo, hi = np.nanpercentile(flat, [low, high], axis=0)
         return tuple(map(float, lo)), tuple(map(float, hi))
     hist = _histograms(images)

@@ -314,9 +314,9 @@ class _Build:
         ints = self._first_readable([c for c in self.ok if not is_float_file(c.dtype)]) if floats else None
         if floats is not None and ints is not None:
             raise PreprocessError(f"SRC mixes integer and float images ({display_path(ints.rel)} is {ints.dtype}, "
-                                  f"{display_path(floats.rel)} is {floats.dtype}): pass --dtype float32 (data.dtype: "
-                                  "float32 in a config) to keep every file's values as they are in a float32 store, "
-                                  "or convert one kind")
+                                  f"{display_path(floats.rel)} is {floats.dtype}): preprocess --dtype float32 (or "
+                                  "data.dtype: float32, --set data.dtype=float32) keeps every file's values as they "
+                                  "are in a float32 store; or convert one kind")
         promised = "uint8"
         for c in self.ok:
             promised = widen(promised, store_dtype_for(c.dtype))

@@ -203,6 +203,8 @@ def codec_messages() -> Iterator[list[str]]:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         for line in [*raw, *printed, *(str(w.message) for w in caught if _from_codec(w))]:
             line = " ".join(line.split())[:200]
+            if "parsing GDAL_NODATA tag" in line:   # tifffile's own parse; cnnpipe reads the tag itself (tiff.py)
+                continue
             if line and line not in out and len(out) < _MAX_MESSAGES:
                 out.append(line)
 

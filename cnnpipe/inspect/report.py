@@ -96,9 +96,8 @@ def _image_with_bar(pixels: np.ndarray, title: str, **imshow: Any) -> tuple[Any,
 
 
 def plot_planes(pixels: np.ndarray, planes: Sequence[str], bit_depth: int) -> list[Any]:
-    """One figure per channel plane of (H, W, C) raw pixels, colour bar in the plane's own units: 0 to
-    full scale for unsigned pixels; for signed and float ones (HU, dB, reflectance) the plane's own
-    minimum to maximum, no data (NaN) in magenta."""
+    """One figure per channel plane of (H, W, C) raw pixels, colour bar in the plane's own units: 0 to full
+    scale for unsigned pixels; signed and float ones (HU, dB) from minimum to maximum, no data in magenta."""
     pixels = np.asarray(pixels)
     if pixels.dtype.kind == "u":
         top = (1 << bit_depth) - 1
@@ -106,7 +105,9 @@ def plot_planes(pixels: np.ndarray, planes: Sequence[str], bit_depth: int) -> li
                                 cmap="gray", vmin=0, vmax=top)[0] for k, name in enumerate(planes)]
     low, high = display_range(pixels)
     missing = np.isnan(pixels).sum(axis=(0, 1)) if pixels.dtype.kind == "f" else np.zeros(len(planes), int)
-    return [_image_with_bar(pixels[..., k], f"plane {name}: {pixels.dtype} values {low[k]:.4g}..{high[k]:.4g}"
+    span = [f"values {lo:.4g}..{hi:.4g}" if m < pixels[..., 0].size else "no data at all" for lo, hi, m in
+            zip(low, high, missing)]
+    return [_image_with_bar(pixels[..., k], f"plane {name}: {pixels.dtype} {span[k]}"
                             + (f", {missing[k]} no data" if missing[k] else ""), cmap=_cmap("gray", bad="magenta"),
                             vmin=float(low[k]), vmax=float(max(high[k], low[k] + 1e-6)))[0]
             for k, name in enumerate(planes)]

@@ -105,12 +105,16 @@ class SequentialNet(nnx.Module):
         the plane's mean (0 after normalisation: no data says nothing), clipped to the input window when
         one is set (`set_input_clip`), then ``(x - mean) / std``."""
         x = jnp.asarray(x)
-        if jnp.issubdtype(x.dtype, jnp.floating):   # static: integer inputs compile without it
+        floating = jnp.issubdtype(x.dtype, jnp.floating)   # static: integer inputs compile without the rest
+        if floating:
             fill = jnp.asarray(self.mean if self.mean is not None else 0.0, x.dtype)
             x = jnp.where(jnp.isnan(x), fill, x)
         x = x.astype(dtype)
         if getattr(self, "clip", None) is not None:
             x = jnp.clip(x, jnp.asarray(self.clip[0], dtype), jnp.asarray(self.clip[1], dtype))
+        if self.mean is not None and floating:   # x / std - mean / std: no overflow for values near 3.4e38
+            return (x * jnp.asarray([1.0 / s for s in self.std], dtype)
+                    - jnp.asarray([m / s for m, s in zip(self.mean, self.std)], dtype))
         if self.mean is not None:
             return (x - jnp.asarray(self.mean, dtype)) * jnp.asarray([1.0 / s for s in self.std], dtype)
         if self.bit_depth in (None, 32):

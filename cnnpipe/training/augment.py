@@ -48,11 +48,13 @@ _ATTEMPTS = 10   # torchvision's RandomResizedCrop and timm's RandomErasing try 
 # ---------------------------------------------------------------- exact integer output
 
 def _to_dtype(x: jax.Array, dtype: Any) -> jax.Array:
-    """Float pixels back to `dtype`: rounded to nearest (half to even) and clipped to its range."""
+    """Float pixels back to `dtype`: rounded to nearest (half to even) and clipped to its range; float
+    pixels clipped to their finite range (noise on values near 3.4e38 must not make Inf), NaN kept."""
     if jnp.issubdtype(dtype, jnp.integer):
         info = jnp.iinfo(dtype)
         return jnp.clip(jnp.round(x), info.min, info.max).astype(dtype)
-    return x.astype(dtype)
+    top = float(jnp.finfo(dtype).max)
+    return jnp.clip(x, -top, top).astype(dtype)
 
 
 def _peak(x: jax.Array) -> jax.Array:
@@ -270,11 +272,25 @@ def _random_erasing(x: jax.Array, key: jax.Array, p: float) -> jax.Array:
     return jnp.where(inside & found & jax.random.bernoulli(k_apply, p), fill, x)
 
 
+def _scaled(op: Callable[[jax.Array, jax.Array, Any], jax.Array]) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
+    """An intensity op that, on float images, runs on x / s and scales back, s the power of two just under the
+    image's largest |value|: the ops are linear in the values, and a plane spanning -3.4e38..3.4e38 (a fill
+    value with no nodata tag) would overflow float32 in max - min or a mean. Integer images run as they are."""
+    def run(x: jax.Array, key: jax.Array, setting: Any) -> jax.Array:
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return op(x, key, setting)
+        big = jnp.nanmax(jnp.abs(x.astype(jnp.float32)))
+        s = jnp.where(jnp.isfinite(big) & (big > 0), jnp.exp2(jnp.ceil(jnp.log2(big)) - 1.0), 1.0)
+        return _to_dtype(op(x / s.astype(x.dtype), key, setting).astype(jnp.float32) * s, x.dtype)
+    return run
+
+
 # name -> (fixed id for the key, op(image, key, setting)); the order is the order they run in
 _OPS: dict[str, tuple[int, Callable[[jax.Array, jax.Array, Any], jax.Array]]] = {
     "random_resized_crop": (1, _random_resized_crop), "crop_padding": (2, _padded_crop),
-    "flip": (3, _hflip), "vflip": (4, _vflip), "rot90": (5, _rot90), "brightness": (6, _brightness),
-    "contrast": (7, _contrast), "gamma": (8, _gamma), "noise": (9, _noise), "random_erasing": (10, _random_erasing),
+    "flip": (3, _hflip), "vflip": (4, _vflip), "rot90": (5, _rot90), "brightness": (6, _scaled(_brightness)),
+    "contrast": (7, _scaled(_contrast)), "gamma": (8, _scaled(_gamma)), "noise": (9, _scaled(_noise)),
+    "random_erasing": (10, _scaled(_random_erasing)),
 }
 OP_NAMES = tuple(_OPS)
 

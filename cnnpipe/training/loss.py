@@ -87,7 +87,8 @@ def mix_batch(images: jax.Array, key: jax.Array, *, mixup: float, cutmix: float)
     drawn per image (timm's "elem" mode). With both on, each image takes one of the
     two at random (timm's switch probability 0.5). Cutmix pastes a box of the partner
     and sets ``lam`` to the area actually kept. Mixup rounds the blend back to the
-    images' dtype (integers stay integers; at most half a unit off). Targets and
+    images' dtype (integers stay integers; at most half a unit off; where one float image has no
+    data, NaN, the other's value is taken). Targets and
     weights follow with `mix_like`. With both off: the images and ``lam = 1``.
     """
     if not (mixup or cutmix):
@@ -104,6 +105,8 @@ def mix_batch(images: jax.Array, key: jax.Array, *, mixup: float, cutmix: float)
         blend = x.astype(jnp.float32) * lam_mix + other.astype(jnp.float32) * (1 - lam_mix)
         if jnp.issubdtype(x.dtype, jnp.integer):
             blend = jnp.round(blend)
+        else:   # no data in one image is not no data in the blend: the other image's value stands
+            blend = jnp.where(jnp.isnan(x), other, jnp.where(jnp.isnan(other), x, blend))
         mixed = jnp.where(use_cut, jnp.where(mask, other, x), blend.astype(x.dtype))
         return mixed, jnp.where(use_cut, 1.0 - area, lam_mix).astype(jnp.float32)
 

@@ -58,7 +58,10 @@ def _outside_the_data(pairs: list, ds: Any) -> None:
 
     low, high = plane_range(ds.train.images)
     for k, ((lo, hi), a, b) in enumerate(zip(pairs, low, high)):
-        if not (a <= b) or hi <= a or lo >= b:   # (a plane of NaN only has no values to window)
+        if not a <= b:
+            raise ValueError(f"data.normalize.window: plane {k} has no valid training value (every pixel is "
+                             "no data)")
+        if hi <= a or lo >= b:
             raise ValueError(f"data.normalize.window: got [{lo:g}, {hi:g}] for plane {k}; its training values "
                              f"are {a:g}..{b:g} ({np.dtype(ds.train.images.dtype)}), so a window outside them "
                              "makes every pixel one value")
