@@ -391,8 +391,8 @@ def test_values_near_float32s_limits_stay_finite_through_augmentation_and_the_mo
     x = np.random.default_rng(4).normal(-10, 3, (4, 6, 6, 1)).astype(np.float32)
     x[:, :, :2] = -top   # a fill value with no nodata tag (the setting lived in a sidecar file)
     x[1] = top * 0.9
-    out = np.asarray(augment_batch(jnp.asarray(x), jax.random.key(0), AugmentConfig(
-        noise=0.05, random_erasing=1.0, brightness=0.3, contrast=0.3, gamma=0.3)))
+    cfg = AugmentConfig(noise=0.05, random_erasing=1.0, brightness=0.3, contrast=0.3, gamma=0.3)
+    out = np.asarray(jax.jit(lambda im, k: augment_batch(im, k, cfg))(jnp.asarray(x), jax.random.key(0)))
     assert np.isfinite(out).all()
     model = build_model([{"type": "conv", "filters": 2}, {"type": "global_avg_pool"}, {"type": "dense", "units": 2}],
                         num_classes=2, in_channels=1, input_size=(6, 6), bit_depth=32, rngs=nnx.Rngs(0),
@@ -400,7 +400,7 @@ def test_values_near_float32s_limits_stay_finite_through_augmentation_and_the_mo
     assert np.isfinite(np.asarray(model(jnp.asarray(np.concatenate([x, -x]))))).all()   # (x - mean) would overflow
     a = np.full((2, 4, 4, 1), 7.0, np.float32)
     a[0, 0] = np.nan
-    mixed, _ = mix_batch(jnp.asarray(a), jax.random.key(1), mixup=1.0, cutmix=0.0)
+    mixed, _ = jax.jit(lambda im, k: mix_batch(im, k, mixup=1.0, cutmix=0.0))(jnp.asarray(a), jax.random.key(1))
     assert not np.isnan(np.asarray(mixed)).any()   # no data in one image: the other's value stands
 
 
