@@ -218,7 +218,8 @@ def main() -> None:
     ap.add_argument("--n-png16", type=int, default=None, help="16-bit PNG files (default 1000, quick 150)")
     ap.add_argument("--n-messy", type=int, default=None, help="messy-folder images (default 1000, quick 150)")
     ap.add_argument("--mem-n", type=int, default=None, help="memory test: N vs 10 N images (default 2000, quick 500)")
-    ap.add_argument("--only", choices=["table"], help="run one part: table = labels.csv vs the class tree")
+    ap.add_argument("--only", choices=["table", "messy"],
+                    help="run one part: table = labels.csv vs the class tree; messy = the users' mixed folder")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     n_jpeg = args.n_jpeg if args.n_jpeg is not None else (300 if args.quick else 2000)
@@ -230,6 +231,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
+        if args.only == "messy":
+            messy = make_messy_folder(work / "messy", per_class=n_messy // 3, classes=3, big_every=12)
+            row = throughput("messy", work / "messy", work, max(rounds, 3), args.workers, valid=len(messy.valid))
+            print(f"messy folder ({len(messy.valid)} images of {len(KINDS)} kinds, {len(messy.bad)} broken): "
+                  f"{row['ratio']:.2f}x the one-process Pillow loop")
+            return
         make_folder(work / "jpeg8", n_jpeg, 0)
         if args.only == "table":
             table_vs_tree(work / "jpeg8", work, max(rounds, 5), args.workers)

@@ -16,7 +16,9 @@ __all__ = ["KILL_ENV", "HANG_ENV", "DEADLINE", "die_here_if_asked", "start_item"
 
 KILL_ENV = "CNNPIPE_TEST_KILL_WORKER_ON"
 HANG_ENV = "CNNPIPE_TEST_HANG_WORKER_ON"
-DEADLINE = f"killed by signal {signal.SIGALRM.value} (SIGALRM)"   # `how` of a worker stopped by its deadline
+# `how` of a worker stopped by its deadline (no SIGALRM, as on Windows: no deadline, never this)
+_ALARM = getattr(signal, "SIGALRM", None)
+DEADLINE = f"killed by signal {_ALARM.value} (SIGALRM)" if _ALARM is not None else "stopped by its deadline"
 
 # in_worker: True only inside a pool worker process; current: there, the shared index of the item
 # of its job now running (-1: none), which the parent reads when the worker dies
@@ -50,7 +52,7 @@ def start_item(index: int, seconds: float) -> None:
     (0: no deadline). Past it, SIGALRM's default action ends the process, wherever it is, and the
     parent reports the item with `DEADLINE` as `how`. Outside a worker (`pool=None`) it does nothing:
     only a process of its own can be stopped safely."""
-    if not _state.in_worker:
+    if not _state.in_worker or _ALARM is None:
         return
     _state.current.value = index
     signal.setitimer(signal.ITIMER_REAL, max(0.0, float(seconds)))

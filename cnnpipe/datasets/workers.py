@@ -110,7 +110,8 @@ def _worker_main(conn: Connection, current: Any) -> None:
         except Exception as exc:
             reply = ("error", exc, traceback.format_exc())
         finally:   # a deadline covers an item, never the answer or the wait for the next job
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            if hasattr(signal, "setitimer"):
+                signal.setitimer(signal.ITIMER_REAL, 0)
             current.value = -1
         try:
             conn.send(reply)

@@ -72,7 +72,8 @@ def _resample(planes: np.ndarray, out_hw: tuple[int, int], box: tuple[float, flo
             im = Image.fromarray(np.ascontiguousarray(planes[:, :, i]), "L")
             out[:, :, i] = np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
             continue
-        res = _resample_float(planes[:, :, i].astype(np.float32), (ow, oh), box, masks)
+        res = _resample_float(planes[:, :, i].astype(np.float32), (ow, oh), box,
+                              masks if planes.dtype.kind == "f" else None)   # integers hold no NaN
         # integer stores round to their type; a float store keeps the filter's values, overshoot included
         info = None if planes.dtype.kind == "f" else np.iinfo(planes.dtype)
         out[:, :, i] = res if info is None else np.rint(np.clip(res, float(info.min), float(info.max)))
@@ -87,7 +88,8 @@ def _resample_float(plane: np.ndarray, out_wh: tuple[int, int], box: tuple[float
     image, when shrinking): so valid values are filtered with the NaN weight given to 0 and
     divided by the filtered validity, and an output is NaN where less than half of its
     weight fell on valid pixels (GDAL's rule for resampling with nodata, in spirit). `masks` carries
-    the last plane's mask and filtered validity to the next plane (bands share their no-data mask).
+    the last plane's mask and filtered validity to the next plane (bands share their no-data mask);
+    None: the plane came from integers, so it holds no NaN.
     """
     from PIL import Image
 
@@ -95,10 +97,11 @@ def _resample_float(plane: np.ndarray, out_wh: tuple[int, int], box: tuple[float
         return np.asarray(Image.fromarray(a, "F").resize(out_wh, Image.Resampling.BICUBIC, box=box,
                                                          reducing_gap=_REDUCING_GAP))
 
+    if masks is None:   # integer pixels: no NaN to look for
+        return resize(plane)
     missing = np.isnan(plane)
     if not missing.any():
         return resize(plane)
-    masks = {} if masks is None else masks
     if "missing" in masks and np.array_equal(masks["missing"], missing):
         valid = masks["valid"]   # the previous plane's mask: the same filtered validity
     else:
