@@ -86,3 +86,21 @@ def hang_on_13(job: list[int]) -> list[int]:
             time.sleep(3600)
         out.append(x * x)
     return out
+
+
+def logged_hang_on_13_sigkill_on_14(job: list[tuple[str, int]]) -> list[int]:
+    """Items within a 1-second deadline each (`start_item`), logged as they start: 13 hangs, 14 SIGKILLs."""
+    from cnnpipe.datasets.workers import start_item
+
+    out = []
+    for i, (log, x) in enumerate(job):
+        start_item(i, 1.0)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f"{x}\n".encode())
+        os.close(fd)
+        if x == 13:
+            time.sleep(3600)
+        if x == 14:
+            os.kill(os.getpid(), signal.SIGKILL)
+        out.append(x * x)
+    return out

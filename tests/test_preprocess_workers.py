@@ -70,6 +70,42 @@ def test_a_file_that_hangs_is_stopped_at_its_deadline_and_reported_once(tmp_path
     assert "Traceback" not in proc.stderr
 
 
+def test_a_hanging_file_that_decides_the_store_type_costs_one_deadline(tmp_path):
+    import imagecodecs
+
+    total = _folder(tmp_path / "src", 6, 16)
+    for name in ("deep0", "deep1"):   # 16-bit files: prepared first to confirm a uint16 store
+        (tmp_path / "src" / "a" / f"{name}.png").write_bytes(imagecodecs.png_encode(np.full((16, 16), 40000,
+                                                                                            np.uint16)))
+    env = {**os.environ, HANG_ENV: "a/deep0.png"}
+    proc = subprocess.run([*CLI, str(tmp_path / "src"), str(tmp_path / "out"), "--size", "8", "--workers", "2",
+                           "--file-timeout", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("SIGALRM") == 1   # not prepared again by the write after the type was settled
+    report = _report(tmp_path / "out")
+    assert report["counts"]["images_stored"] == total + 1 and json.loads((tmp_path / "out" / "meta.json")
+                                                                          .read_text())["dtype"] == "uint16"
+    assert [(s["path"], s["kind"]) for s in report["skipped"]] == [("a/deep0.png", "timeout")]
+
+
+def test_sigterm_while_a_worker_hangs_leaves_nothing_behind(tmp_path):
+    _folder(tmp_path / "src", 12, 16)
+    env = {**os.environ, HANG_ENV: "a/img003.png"}
+    proc = subprocess.Popen([*CLI, str(tmp_path / "src"), str(tmp_path / "out"), "--size", "8", "--workers", "2",
+                             "--file-timeout", "0"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _worker_pids(proc.pid) and time.monotonic() < deadline:   # the pool is up
+        time.sleep(0.1)
+    time.sleep(1.0)   # and a worker is stuck on the file
+    workers = _worker_pids(proc.pid)
+    proc.send_signal(signal.SIGTERM)   # a plain `kill`: cleaned up as Ctrl-C is
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "cnnpipe preprocess: terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]   # no store, no temporary folder
+    assert workers and not [w for w in workers if Path(f"/proc/{w}").exists()
+                            and "Z" not in Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+
+
 def _worker_pids(parent: int) -> list[int]:
     """Pids of the pool workers: children of the fork server, itself a child of `parent`."""
     children: dict[int, list[int]] = {}

@@ -163,6 +163,17 @@ def test_an_item_past_its_deadline_is_given_up_at_once_and_the_others_kept(pool)
     assert list(ordered_map(pool, jobs_fns.square, [[2], [3]], 2)) == [[4], [9]]  # the pool still works
 
 
+def test_a_file_after_a_hang_in_its_job_still_gets_its_two_tries(pool, tmp_path):
+    log = str(tmp_path / "ran.log")
+    jobs = [[(log, 12), (log, 13), (log, 14), (log, 15)]]   # 13 hangs; 14, never run before, always kills
+    out = list(ordered_map(pool, jobs_fns.logged_hang_on_13_sigkill_on_14, jobs, 1,
+                           on_death=lambda item, how: how_of(item[1], how)))
+    assert out == [[144, f"13: {DEADLINE}", "14: killed by signal 9 (SIGKILL)", 225]]
+    runs = [int(line) for line in Path(log).read_text().split()]
+    # 12 ran, then 13 hung (given up at once); 14's first try was after the hang, so it got a retry too
+    assert {x: runs.count(x) for x in set(runs)} == {12: 2, 13: 1, 14: 2, 15: 1}
+
+
 def test_an_exception_in_fn_is_raised_in_the_parent(pool):
     with pytest.raises(ValueError, match="boom on 5") as exc:
         list(ordered_map(pool, jobs_fns.boom_on_5, [[1], [5], [7]], 3))

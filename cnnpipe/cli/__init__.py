@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 EXIT_USAGE = 2  # bad input (a file, key or value): one line on stderr, no traceback
 
@@ -385,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cnnpipe.images.decode import DecodeError
 
+    if args.command in ("preprocess", "predict"):   # a batch job's `kill` cleans up as Ctrl-C does
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(args.func(args) or 0)
     except (CLIError, DecodeError, OSError, ValueError) as exc:
@@ -399,8 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"cnnpipe {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"cnnpipe {args.command}: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}",
+              file=sys.stderr)
+        if isinstance(exc, _Terminated):
+            return 143
         if args.command in ("train", "cv"):
             # a checkpoint save cut short still has Orbax threads at work, which raise at interpreter
             # shutdown; leave now, as a kill would: resume ignores an unfinished checkpoint
@@ -408,6 +415,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(130)
         return 130
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the job is, so its clean-up (temporary store, partial CSV, workers) runs."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 def _quiet_broken_pipe() -> int:

@@ -27,14 +27,12 @@ path (numpy, Pillow, imagecodecs), never jax.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from cnnpipe.datasets.convert import (
 )
 from cnnpipe.datasets.folders import Candidate, FolderScan, scan_folder, skip, split_order
 from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
+from cnnpipe.datasets.pool_start import pool_started_early
 from cnnpipe.datasets.preprocess_settings import PreprocessError, Settings, check_paths, parse_size
 from cnnpipe.datasets.progress import Progress
 from cnnpipe.datasets.report import build_report, reason_counts
@@ -60,7 +59,7 @@ from cnnpipe.datasets.store import SPLIT_NAMES, Store, StoreWriter, build_meta, 
 from cnnpipe.datasets.table_scan import LabelTable, scan_table
 from cnnpipe.datasets.tables import find_metadata
 from cnnpipe.datasets.task_targets import folds_for_task, set_strata, split_for_task, task_of
-from cnnpipe.datasets.workers import chunks, make_pool, ordered_map
+from cnnpipe.datasets.workers import chunks, ordered_map
 from cnnpipe.images.formats import display_path
 from cnnpipe.images.pixel_types import is_float_file, store_dtype_for, widen
 from cnnpipe.images.transform import IMAGE_PATH_VERSION, ImageSpec
@@ -137,7 +136,7 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
     check_paths(src_p, out_p)
     check_output(out_p.absolute(), overwrite)
     scan, table_record = _scan(src_p, table)
-    with _pool_started_early(settings.workers, len(scan.candidates)) as pool:
+    with pool_started_early(settings.workers, len(scan.candidates)) as pool:
         build = _Build(scan, settings, src_p, out_p, table=table_record)
         build.probe()
         build.pool = pool()
@@ -167,31 +166,6 @@ def _scan(src: Path, table: LabelTable | None) -> tuple[FolderScan, dict[str, An
     return scan, record
 
 
-@contextlib.contextmanager
-def _pool_started_early(workers: int, num_files: int) -> Iterator[Callable[[], Any]]:
-    """Start the worker pool in a thread; yields a function that waits for it (None: no pool).
-
-    The pool starts (imports numpy/Pillow/imagecodecs in the workers) while this
-    process reads the headers: pass 1 is a few bytes per file. On exit the pool is
-    waited for and terminated, so no worker outlives the run.
-    """
-    if workers <= 1 or num_files <= workers:
-        yield lambda: None
-        return
-    starter = ThreadPoolExecutor(1, thread_name_prefix="cnnpipe-pool-start")
-    future = starter.submit(make_pool, workers)
-    try:
-        yield future.result
-    finally:
-        try:
-            pool = future.result()
-        except Exception:
-            pool = None
-        if pool is not None:
-            pool.close()
-        starter.shutdown()
-
-
 class _NeedsDtype(Exception):
     """A file whose values the store's type cannot hold (its header suggested a narrower type)."""
 
@@ -217,15 +191,20 @@ class _Build:
     method: str = "stratified"  # how the files were split (meta.json "split")
     folds: int | None = None
     task: Task = field(default_factory=Task)  # a label table's multi-label or regression task
+    timed_out: dict[str, Failure] = field(default_factory=dict)  # path -> its timeout, from any pass
 
     @property
     def _convert(self) -> Callable:
         """The pool job: prepare files, each within --file-timeout in a worker."""
         return functools.partial(convert_items, timeout=self.settings.file_timeout)
 
-    @property
-    def _died(self) -> Callable:
-        return functools.partial(worker_died, timeout=self.settings.file_timeout)
+    def _died(self, item: tuple, how: str) -> Failure:
+        """A file whose worker died on it (twice) or past its deadline; a timed-out file is not prepared
+        again by a later pass (store type, write): one hang costs one deadline."""
+        failure = worker_died(item, how, self.settings.file_timeout)
+        if failure.kind == "timeout":
+            self.timed_out[item[0]] = failure
+        return failure
 
     def probe(self) -> None:
         """Pass 1: keep files whose first bytes are an image; fix classes, splits and dtype."""
@@ -320,7 +299,7 @@ class _Build:
         promised = "uint8"
         for c in self.ok:
             promised = widen(promised, store_dtype_for(c.dtype))
-        maybe = [c for c in self.ok if c.dtype != "uint8"]
+        maybe = [c for c in self.ok if c.dtype != "uint8" and c.path not in self.timed_out]
         if not maybe:
             return
         spec = s.spec("uint8", self.planes.count if self.planes else None)
@@ -341,6 +320,7 @@ class _Build:
         if not cands:
             return None
         spec = self.settings.spec("float32", self.planes.count if self.planes else None)   # takes any type
+        cands = [c for c in cands if c.path not in self.timed_out]
         results = ordered_map(self.pool, self._convert, chunks([(c.path, False, spec) for c in cands], 2),
                               2 * self.settings.workers, on_death=self._died)
         try:
@@ -363,12 +343,14 @@ class _Build:
         class_index = {c: i for i, c in enumerate(self.classes)} if self.task.is_classification else {}
         splits = self._splits()
         order = {s: i for i, s in enumerate(splits)}
-        todo = sorted(self.ok, key=lambda c: (order[c.split], class_index.get(c.class_name, 0), c.class_rel))
+        todo = sorted((c for c in self.ok if c.path not in self.timed_out),
+                      key=lambda c: (order[c.split], class_index.get(c.class_name, 0), c.class_rel))
         capacity = Counter(c.split for c in todo)
         spec = self.settings.spec(self.dtype, self.planes.count if self.planes else None)
         stats_split = "train" if capacity.get("train") else None  # None: every split (no train images)
         jobs = chunks([(c.path, stats_split in (None, c.split), spec) for c in todo], _CONVERT_CHUNK)
         acc = Accumulator(spec.num_planes, splits, self.folds or 0, self.task)
+        acc.failed += [(c, self.timed_out[c.path]) for c in self.ok if c.path in self.timed_out]
         bar = Progress(self.settings.progress, len(todo), "decoding")
         with StoreWriter(self.out, overwrite=self.settings.overwrite) as writer:
             for s in splits:

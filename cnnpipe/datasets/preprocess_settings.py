@@ -92,7 +92,7 @@ class Settings:
             raise PreprocessError(f"folds: expected an integer from 2 to 100, got {self.folds!r}")
         t = self.file_timeout
         if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e7):
-            raise PreprocessError(f"file_timeout: expected seconds >= 0 (0 turns the deadline off), got {t!r}")
+            raise PreprocessError(f"file_timeout: expected seconds from 0 (no deadline) up to 1e7, got {t!r}")
         if self.dtype not in (None, "float32"):
             raise PreprocessError(f"dtype: expected 'float32' (or leave it out: the files decide), got {self.dtype!r}")
         if self.split == "group" and (self.labels is None or self.labels.group_col is None):

@@ -176,28 +176,36 @@ class _Run:
             self.error = exc
 
     def died(self, task: _Task, how: str, index: int = -1) -> None:
-        """`task` was running when its worker died (running item `index` of it, when known): split and
-        retry it, or give up on its item; an item past its deadline is given up at once."""
+        """`task` was running when its worker died, on item `index` of it when known (`start_item`).
+
+        A whole job is split into its items: the one it was on is the suspect and gets one more try
+        (none after its deadline: a hang is given up at once, never waited for twice), the others
+        were not to blame and keep theirs; when the item is not known, each gets one more try. An
+        item, or a job that is not a list, that dies on its last try gets `on_death`.
+        """
         if self.abandoned:
             return
         job = task.job
-        if not task.retry and isinstance(job.items, list):
+        if task.slot is None and isinstance(job.items, list):
             job.result, job.missing = [None] * len(job.items), len(job.items)
-            timed_out = how == DEADLINE and task.slot is None and 0 <= index < len(job.items)
-            self.ready.extendleft(reversed([_Task(self, job, i, retry=True) for i in range(len(job.items))
-                                            if not (timed_out and i == index)]))
-            if timed_out and self.on_death is not None:
-                self.done(_Task(self, job, index, retry=True), [self.on_death(job.items[index], how)])
-            elif timed_out:
-                self.error = WorkerDied(job.items[index], how)
-        elif not task.retry:  # a job that is not a list of items can only be retried whole
-            self.ready.appendleft(_Task(self, job, None, retry=True))
+            known = 0 <= index < len(job.items)
+            hung = known and how == DEADLINE
+            if hung:
+                self._give_up(_Task(self, job, index, retry=True), how)
+            self.ready.extendleft(reversed([_Task(self, job, i, retry=not known or i == index)
+                                            for i in range(len(job.items)) if not (hung and i == index)]))
+        elif not task.retry and how != DEADLINE:
+            self.ready.appendleft(_Task(self, job, task.slot, retry=True))
         else:
-            item = job.items if task.slot is None else job.items[task.slot]
-            if self.on_death is None:
-                self.error = WorkerDied(item, how)
-            else:
-                self.done(task, self.on_death(item, how) if task.slot is None else [self.on_death(item, how)])
+            self._give_up(task, how)
+
+    def _give_up(self, task: _Task, how: str) -> None:
+        """`task`'s item (or whole job) killed its worker on its last try: `on_death`'s result, or WorkerDied."""
+        item = task.job.items if task.slot is None else task.job.items[task.slot]
+        if self.on_death is None:
+            self.error = WorkerDied(item, how)
+        else:
+            self.done(task, self.on_death(item, how) if task.slot is None else [self.on_death(item, how)])
 
 
 @dataclass(slots=True, eq=False)  # hashed by identity: a dict key in _step
@@ -432,5 +440,3 @@ def ordered_map(pool: WorkerPool | None, fn: Callable[[list[T]], list[R]], jobs:
     finally:
         run.abandoned = True
         run.ready.clear()
-
-
