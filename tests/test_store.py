@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnnpipe.datasets.store import StoreWriter, _npy_shrink, build_meta, check_output, load_store
 
@@ -144,3 +146,19 @@ def test_missing_or_corrupt_store_names_path(tmp_path):
     (out / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt store metadata"):
         load_store(out)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 1200), cut=st.integers(0, 1200),
+       row_shape=st.sampled_from([(), (5,), (16, 16, 3), (8, 8, 1)]))
+def test_a_shrunk_array_file_is_byte_for_byte_what_numpy_saves(tmp_path_factory, rows, cut, row_shape):
+    import io
+
+    n = min(cut, rows)
+    a = np.arange(rows * int(np.prod(row_shape, dtype=np.int64)), dtype=np.uint16).reshape(rows, *row_shape)
+    path = tmp_path_factory.mktemp("shrink") / "a.npy"
+    np.save(path, a)
+    _npy_shrink(path, n)   # what a store whose files failed writes: the same bytes as a store made without them
+    want = io.BytesIO()
+    np.save(want, a[:n])
+    assert path.read_bytes() == want.getvalue()

@@ -188,8 +188,9 @@ def _npy_shrink(path: Path, n: int) -> None:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         offset = f.tell()
         new_shape = (n, *shape[1:])
-        header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
-                       "shape": new_shape}).encode("latin1")
+        fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran, "shape": new_shape}
+        # spelled as numpy spells it (sorted keys, a comma after each), so the file equals np.save's
+        header = ("{" + "".join(f"'{k}': {v!r}, " for k, v in sorted(fields.items())) + "}").encode("latin1")
         len_size = 2 if version == (1, 0) else 4
         prefix = 6 + 2 + len_size  # magic string + version bytes + header length field
         body_len = offset - prefix
