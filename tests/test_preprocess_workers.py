@@ -102,8 +102,15 @@ def test_sigterm_while_a_worker_hangs_leaves_nothing_behind(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "cnnpipe preprocess: terminated"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]   # no store, no temporary folder
-    assert workers and not [w for w in workers if Path(f"/proc/{w}").exists()
-                            and "Z" not in Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    assert workers and not [w for w in workers if _running(w)]
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _worker_pids(parent: int) -> list[int]:
