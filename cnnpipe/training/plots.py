@@ -166,14 +166,13 @@ def display_rgb(pixels: np.ndarray, peak: Any, low: Any = 0.0) -> np.ndarray:
 def display_range(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(low, peak) per plane of raw (H, W, C) pixels for `display_rgb`: 0 and the peak for unsigned
     pixels, the plane's minimum and maximum (NaN left out) for signed and float ones."""
+    from cnnpipe.datasets.plane_stats import plane_range
+
     x = np.asarray(pixels)
     if x.dtype.kind == "u":
         return np.zeros(x.shape[-1], np.float32), x.max(axis=(0, 1)).astype(np.float32)
-    flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
-    valid = ~np.isnan(flat)
-    low = np.where(valid, flat, np.inf).min(axis=0)
-    high = np.where(valid, flat, -np.inf).max(axis=0)
-    empty = ~valid.any(axis=0)
+    low, high = (np.asarray(v, np.float32) for v in plane_range(x[None]))
+    empty = np.isnan(low)   # a plane of no data at all: shown as 0..1
     return np.where(empty, 0.0, low).astype(np.float32), np.where(empty, 1.0, high).astype(np.float32)
 
 
