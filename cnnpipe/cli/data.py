@@ -122,6 +122,12 @@ def add_preprocess(sub: argparse._SubParsersAction) -> None:
                    help="a worker process spending longer on one file is stopped and replaced, the file reported "
                         "as timeout (default: %(default)s; 0: no deadline)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT once the new one is complete")
+    g = p.add_argument_group("where files are prepared (the same store either way; see Preprocessing on a cluster)")
+    g.add_argument("--engine", choices=["local", "dask"], default="local",
+                   help="local: worker processes on this machine (default); dask: a Dask cluster (pip install "
+                        "'cnnpipe[dask]'), a local one of --workers processes unless a scheduler is named")
+    g.add_argument("--scheduler", metavar="ADDRESS", help="the Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    g.add_argument("--scheduler-file", metavar="PATH", help="the file `dask scheduler --scheduler-file PATH` wrote")
     p.set_defaults(func=_run_preprocess)
 
 
@@ -150,6 +156,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     store = preprocess(args.src, args.out, size=args.size, resize=args.resize, val_fraction=args.val_fraction,
                        test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
                        channels=args.channels, overwrite=args.overwrite, pages=args.pages, labels=labels,
-                       split=args.split, folds=args.folds, dtype=args.dtype, file_timeout=args.file_timeout)
-    print(format_summary(store, elapsed_s=time.perf_counter() - t0))
+                       split=args.split, folds=args.folds, dtype=args.dtype, file_timeout=args.file_timeout,
+                       engine=args.engine, scheduler=args.scheduler, scheduler_file=args.scheduler_file)
+    print(format_summary(store, elapsed_s=time.perf_counter() - t0, engine=store.built_by))
     return 1 if failed_files(store.report) else 0  # the store is complete; 1 says some files are not in it

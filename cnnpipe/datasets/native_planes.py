@@ -18,7 +18,7 @@ from typing import Any
 
 from cnnpipe.datasets.convert import Failure, worker_died
 from cnnpipe.datasets.deadlines import die_here_if_asked, start_item
-from cnnpipe.datasets.workers import chunks, ordered_map
+from cnnpipe.datasets.workers import chunks
 
 __all__ = ["PlaneCount", "probe_plane_names", "choose_plane_count", "sort_by_plane_count"]
 
@@ -48,13 +48,14 @@ def _names_items(items: list[tuple[str, str]], timeout: float = 0.0) -> list[tup
     return out
 
 
-def probe_plane_names(paths: Sequence[str], pool: Any = None, pages: str = "first", timeout: float = 0.0
+def probe_plane_names(paths: Sequence[str], engine: Any = None, pages: str = "first", timeout: float = 0.0
                       ) -> list[tuple[str, ...] | Failure]:
-    """Each file's plane names (or a `Failure`), in order; decoded in `pool` if given, each file within
-    `timeout` seconds there (0: no deadline)."""
-    jobs = chunks([(p, pages) for p in paths], _CHUNK)
-    return [r for chunk in ordered_map(pool, functools.partial(_names_items, timeout=timeout), jobs, 16,
-                                       on_death=functools.partial(worker_died, timeout=timeout)) for r in chunk]
+    """Each file's plane names (or a `Failure`), in order; decoded by `engine` (`cnnpipe.datasets.engines`;
+    None: here), each file within `timeout` seconds in a worker (0: no deadline)."""
+    fn, items = functools.partial(_names_items, timeout=timeout), [(p, pages) for p in paths]
+    if engine is None:
+        return [r for chunk in map(fn, chunks(items, _CHUNK)) for r in chunk]
+    return list(engine.map(fn, items, _CHUNK, functools.partial(worker_died, timeout=timeout)))
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,8 @@ from cnnpipe.datasets.convert import (
     worker_died,
 )
 from cnnpipe.datasets.folders import Candidate, FolderScan, scan_folder, skip, split_order
+from cnnpipe.datasets.engines import Engine, engine_started_early
 from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
-from cnnpipe.datasets.pool_start import pool_started_early
 from cnnpipe.datasets.preprocess_settings import PreprocessError, Settings, check_paths, parse_size
 from cnnpipe.datasets.progress import Progress
 from cnnpipe.datasets.report import build_report, reason_counts
@@ -59,7 +59,7 @@ from cnnpipe.datasets.store import SPLIT_NAMES, Store, StoreWriter, build_meta, 
 from cnnpipe.datasets.table_scan import LabelTable, scan_table
 from cnnpipe.datasets.tables import find_metadata
 from cnnpipe.datasets.task_targets import folds_for_task, set_strata, split_for_task, task_of
-from cnnpipe.datasets.workers import chunks, ordered_map
+from cnnpipe.datasets.workers import chunks
 from cnnpipe.images.formats import display_path
 from cnnpipe.images.pixel_types import is_float_file, store_dtype_for, widen
 from cnnpipe.images.transform import IMAGE_PATH_VERSION, ImageSpec
@@ -78,7 +78,8 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
                workers: int | None = None, channels: str = "rgb", overwrite: bool = False,
                progress: bool | None = None, pages: str = "first", labels: str | os.PathLike | LabelTable | None = None,
                split: str | None = None, folds: int | None = None, dtype: str | None = None,
-               file_timeout: float = DEFAULT_FILE_TIMEOUT) -> Store:
+               file_timeout: float = DEFAULT_FILE_TIMEOUT, engine: str = "local", scheduler: str | None = None,
+               scheduler_file: str | os.PathLike | None = None) -> Store:
     """Decode an image folder once into a dataset store at `out` and return it.
 
     Args:
@@ -111,6 +112,10 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
       file_timeout: seconds a worker process may spend on one file (0: no deadline); a file past it
         is stopped (its process replaced) and reported with kind "timeout". With `workers` 1 files
         are prepared in this process, where a deadline cannot be enforced.
+      engine: "local" (this machine's worker pool) or "dask" (`cnnpipe.datasets.dask_engine`: a Dask
+        cluster; the same store, byte for byte). `scheduler` (an address, "tcp://host:8786") or
+        `scheduler_file` (written by `dask scheduler --scheduler-file`) names the cluster; neither:
+        a local cluster of `workers` processes. OUT's folder must be on a filesystem every worker sees.
 
     Returns:
       The written `Store`. Files that could not be used are in its report, each with a reason.
@@ -131,15 +136,16 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
     settings = Settings(parse_size(size), resize, channels, val_fraction, test_fraction, seed,
                         int(workers) if workers else (os.cpu_count() or 1), overwrite,
                         sys.stderr.isatty() if progress is None else bool(progress), pages, table, split, folds,
-                        dtype, file_timeout)
+                        dtype, file_timeout, engine, scheduler, None if scheduler_file is None else os.fspath(scheduler_file))
     settings.check()
     check_paths(src_p, out_p)
     check_output(out_p.absolute(), overwrite)
     scan, table_record = _scan(src_p, table)
-    with pool_started_early(settings.workers, len(scan.candidates)) as pool:
+    with engine_started_early(engine, settings.workers, len(scan.candidates), out_p, scheduler=scheduler,
+                              scheduler_file=settings.scheduler_file) as started:
         build = _Build(scan, settings, src_p, out_p, table=table_record)
         build.probe()
-        build.pool = pool()
+        build.engine = started()
         if settings.channels == "native":
             build.probe_planes()
         build.assign_splits()
@@ -182,7 +188,7 @@ class _Build:
     settings: Settings
     src: Path
     out: Path
-    pool: Any = None
+    engine: Engine | None = None
     ok: list[Candidate] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
     dtype: str = "uint8"
@@ -193,18 +199,20 @@ class _Build:
     task: Task = field(default_factory=Task)  # a label table's multi-label or regression task
     timed_out: dict[str, Failure] = field(default_factory=dict)  # path -> its timeout, from any pass
 
-    @property
-    def _convert(self) -> Callable:
-        """The pool job: prepare files, each within --file-timeout in a worker."""
-        return functools.partial(convert_items, timeout=self.settings.file_timeout)
-
-    def _died(self, item: tuple, how: str) -> Failure:
-        """A file whose worker died on it (twice) or past its deadline; a timed-out file is not prepared
-        again by a later pass (store type, write): one hang costs one deadline."""
-        failure = worker_died(item, how, self.settings.file_timeout)
-        if failure.kind == "timeout":
-            self.timed_out[item[0]] = failure
-        return failure
+    def _prepared(self, items: list[tuple[str, bool, ImageSpec]], job_size: int = _CONVERT_CHUNK) -> Iterator[Any]:
+        """Each (path, want_stats, spec) item prepared by the engine, each file within --file-timeout in a
+        worker process: its `Prepared`, `Failure` or `NeedsDtype`, in order. A timed-out file is not
+        prepared again by a later pass (store type, write): one hang costs one deadline."""
+        timeout = self.settings.file_timeout
+        results = self.engine.map(functools.partial(convert_items, timeout=timeout), items, job_size,
+                                  functools.partial(worker_died, timeout=timeout))
+        try:
+            for item, r in zip(items, results):
+                if isinstance(r, Failure) and r.kind == "timeout":
+                    self.timed_out[item[0]] = r
+                yield r
+        finally:
+            results.close()
 
     def probe(self) -> None:
         """Pass 1: keep files whose first bytes are an image; fix classes, splits and dtype."""
@@ -262,7 +270,7 @@ class _Build:
 
     def probe_planes(self) -> None:
         """`--channels native`: the plane count most files have; skip (and report) the others."""
-        found = probe_plane_names([c.path for c in self.ok], self.pool, self.settings.pages,
+        found = probe_plane_names([c.path for c in self.ok], self.engine, self.settings.pages,
                                   self.settings.file_timeout)
         keep, dropped, self.planes = sort_by_plane_count(self.ok, found)
         for cand, kind, reason in dropped:
@@ -303,13 +311,11 @@ class _Build:
         if not maybe:
             return
         spec = s.spec("uint8", self.planes.count if self.planes else None)
-        jobs = chunks([(c.path, False, spec) for c in maybe], 2)
-        results = ordered_map(self.pool, self._convert, jobs, 2 * s.workers, on_death=self._died)
+        results = self._prepared([(c.path, False, spec) for c in maybe], 2)
         try:
-            for chunk in results:
-                for r in chunk:
-                    if isinstance(r, NeedsDtype):
-                        self.dtype = widen(self.dtype, r.dtype)
+            for r in results:
+                if isinstance(r, NeedsDtype):
+                    self.dtype = widen(self.dtype, r.dtype)
                 if widen(self.dtype, promised) == self.dtype:
                     return
         finally:
@@ -321,11 +327,9 @@ class _Build:
             return None
         spec = self.settings.spec("float32", self.planes.count if self.planes else None)   # takes any type
         cands = [c for c in cands if c.path not in self.timed_out]
-        results = ordered_map(self.pool, self._convert, chunks([(c.path, False, spec) for c in cands], 2),
-                              2 * self.settings.workers, on_death=self._died)
+        results = self._prepared([(c.path, False, spec) for c in cands], 2)
         try:
-            done = (r for chunk in results for r in chunk)
-            return next((c for c, r in zip(cands, done) if not isinstance(r, Failure)), None)
+            return next((c for c, r in zip(cands, results) if not isinstance(r, Failure)), None)
         finally:
             results.close()
 
@@ -348,23 +352,26 @@ class _Build:
         capacity = Counter(c.split for c in todo)
         spec = self.settings.spec(self.dtype, self.planes.count if self.planes else None)
         stats_split = "train" if capacity.get("train") else None  # None: every split (no train images)
-        jobs = chunks([(c.path, stats_split in (None, c.split), spec) for c in todo], _CONVERT_CHUNK)
         acc = Accumulator(spec.num_planes, splits, self.folds or 0, self.task)
         acc.failed += [(c, self.timed_out[c.path]) for c in self.ok if c.path in self.timed_out]
-        bar = Progress(self.settings.progress, len(todo), "decoding")
+        bar = Progress(self.settings.progress, len(todo), f"decoding ({self.engine.describe()})")
         with StoreWriter(self.out, overwrite=self.settings.overwrite) as writer:
             for s in splits:
                 writer.create_split(s, capacity.get(s, 0), spec.size, spec.num_planes, self.dtype,
                                     folds=bool(self.folds) and s == "train", task=self.task)
-            results = (r for chunk in ordered_map(self.pool, self._convert, jobs, 4 * self.settings.workers,
-                                                  on_death=self._died) for r in chunk)
-            for cand, res in zip(todo, results):
-                label = class_index[cand.class_name] if self.task.is_classification else cand.target
-                stored = self._store_one(writer, cand, res, spec, label, acc)
-                bar.update(1, 0 if stored else 1)
+            results = self._prepared([(c.path, stats_split in (None, c.split), spec) for c in todo])
+            try:
+                for cand, res in zip(todo, results):
+                    label = class_index[cand.class_name] if self.task.is_classification else cand.target
+                    stored = self._store_one(writer, cand, res, spec, label, acc)
+                    bar.update(1, 0 if stored else 1)
+            finally:   # a restart (_NeedsDtype) or Ctrl-C: the engine's work on this pass stops now
+                results.close()
             bar.close()
             writer.commit(*self._finish(acc, splits, stats_split))
-        return load_store(self.out)
+        store = load_store(self.out)
+        store.built_by = self.engine.describe()
+        return store
 
     def _store_one(self, writer: StoreWriter, cand: Candidate, res: Prepared | Failure | NeedsDtype,
                    spec: ImageSpec, label: Any, acc: Accumulator) -> bool:

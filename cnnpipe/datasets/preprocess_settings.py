@@ -71,6 +71,9 @@ class Settings:
     folds: int | None = None  # k-fold cross-validation: every non-test file in one of `folds` folds
     dtype: str | None = None  # "float32": every file's values as they are in a float32 store; None: from the files
     file_timeout: float = 300.0  # seconds a worker may spend on one file (0: none); see preprocess
+    engine: str = "local"  # "local" or "dask" (cnnpipe.datasets.engines)
+    scheduler: str | None = None  # the Dask scheduler's address (engine "dask"; None: a local cluster)
+    scheduler_file: str | None = None  # or the file `dask scheduler --scheduler-file` wrote
 
     def check(self) -> None:
         """PreprocessError naming the first bad setting."""
@@ -93,6 +96,12 @@ class Settings:
         t = self.file_timeout
         if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e7):
             raise PreprocessError(f"file_timeout: expected seconds from 0 (no deadline) up to 1e7, got {t!r}")
+        if self.engine not in ("local", "dask"):
+            raise PreprocessError(f"engine: expected 'local' or 'dask', got {self.engine!r}")
+        if self.engine != "dask" and (self.scheduler or self.scheduler_file):
+            raise PreprocessError("scheduler: a Dask scheduler is only used with engine 'dask' (--engine dask)")
+        if self.scheduler and self.scheduler_file:
+            raise PreprocessError("scheduler: give the scheduler's address or its scheduler file, not both")
         if self.dtype not in (None, "float32"):
             raise PreprocessError(f"dtype: expected 'float32' (or leave it out: the files decide), got {self.dtype!r}")
         if self.split == "group" and (self.labels is None or self.labels.group_col is None):

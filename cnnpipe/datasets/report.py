@@ -118,10 +118,10 @@ def _target_words(table: dict[str, Any]) -> str:
     return f"labels {named}{how}"
 
 
-def format_summary(store: Store, elapsed_s: float | None = None) -> str:
+def format_summary(store: Store, elapsed_s: float | None = None, engine: str | None = None) -> str:
     """A short human summary of a store: images per split and class, skipped files, duplicates and, when
     given, the time it took (`elapsed_s`: timings are not part of the store, which reruns reproduce byte for
-    byte)."""
+    byte) and where (`engine`: "local engine, 2 worker processes")."""
     meta, report = store.meta, store.report
     h, w = store.size
     task = store.task
@@ -164,7 +164,8 @@ def format_summary(store: Store, elapsed_s: float | None = None) -> str:
     lines.append(f"duplicates: {rc['duplicate_groups']} groups, {rc['duplicate_files']} files, "
                  f"{rc['cross_split_duplicate_groups']} crossing splits")
     failed = failed_files(report)
-    lines.append((f"done in {elapsed_s:.1f} s; " if elapsed_s is not None else "")
+    lines.append((f"done in {elapsed_s:.1f} s" + (f" ({engine})" if engine else "") + "; "
+                  if elapsed_s is not None else "")
                  + (f"{failed} input file(s) failed; " if failed else "")
                  + f"details in {display_path(store.path / 'report.json')}")
     return "\n".join(lines)

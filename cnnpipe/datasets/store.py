@@ -53,6 +53,7 @@ class Store:
             raise ValueError(f"{meta_path}: unsupported dtype {self.meta['dtype']!r}; expected "
                              f"{', '.join(_DTYPES)}")
         self._report: dict[str, Any] | None = None
+        self.built_by: str | None = None   # set by the run that just built it: "dask engine, 4 worker threads"
 
     @property
     def classes(self) -> list[str]:
@@ -261,7 +262,7 @@ class StoreWriter:
         check_output(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out)
-        self.tmp = self.out.parent / _temp_name(self.out, "tmp")
+        self.tmp = self.out.parent / temp_name(self.out, "tmp")
         try:
             self.tmp.mkdir()
         except OSError as exc:  # name OUT, not the temporary folder beside it
@@ -320,7 +321,7 @@ class StoreWriter:
         check_output(self.out, self.overwrite)  # OUT may have appeared while we worked
         old = None
         if self.out.exists() or self.out.is_symlink():
-            old = self.out.parent / _temp_name(self.out, "old")
+            old = self.out.parent / temp_name(self.out, "old")
             os.rename(self.out, old)
         os.rename(self.tmp, self.out)
         self.committed = True
@@ -343,7 +344,7 @@ def _host() -> str:
     return socket.gethostname().replace("-", "_") or "host"
 
 
-def _temp_name(out: Path, kind: str) -> str:
+def temp_name(out: Path, kind: str) -> str:
     """`.OUT.tmp-HOST-PID-RANDOM`: the host and process say whether a leftover is still being written."""
     return f".{out.name}.{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -370,7 +371,7 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
         entries = list(os.scandir(out.parent))
     except OSError:
         return removed
-    for kind in ("tmp", "old"):
+    for kind in ("tmp", "old", "shards"):   # shards: a Dask run's (cnnpipe.datasets.dask_engine)
         prefix = f".{out.name}.{kind}-{_host()}-"
         for entry in entries:
             if not entry.name.startswith(prefix) or entry.is_symlink():
