@@ -182,6 +182,9 @@ class DataConfig(_Schema):
     fold: NonNegInt | None = None       # store/folder made with folds: the validation fold (cnnpipe cv sets it)
     dtype: Literal["float32"] | None = None   # folder: every file's values as they are (mixed int and float files)
     file_timeout: Annotated[Number, Field(ge=0.0)] = 300.0   # folder: seconds per file in a worker (0: none)
+    engine: Literal["local", "dask"] | None = None   # folder: where files are prepared (null: local)
+    scheduler: str | None = None        # folder, engine dask: the scheduler's address (null: a local cluster)
+    scheduler_file: str | None = None   # or the file `dask scheduler --scheduler-file` wrote
     bit_depth: Literal[8, 16] = 8       # shapes only
     num_train: PosInt = 4000            # shapes only
     num_val: PosInt = 400               # shapes only
@@ -196,7 +199,7 @@ class DataConfig(_Schema):
     def _keys_of_the_source(self) -> DataConfig:
         """A key the source does not read is an error, not silently ignored (data.fold with shapes)."""
         folder_only = ("labels", "path_col", "label_col", "split_col", "group_col", "fold_col", "split", "folds",
-                       "label_delim", "target_col", "task", "dtype")
+                       "label_delim", "target_col", "task", "dtype", "engine", "scheduler", "scheduler_file")
         used = {"folder": (*folder_only, "fold"), "store": ("fold",)}.get(self.source, ())
         for key in (*folder_only, "fold"):
             if getattr(self, key) is not None and key not in used:

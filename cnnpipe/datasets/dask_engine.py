@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from cnnpipe.datasets.convert import Prepared
-from cnnpipe.datasets.preprocess_settings import PreprocessError
+from cnnpipe.datasets.preprocess_settings import NEEDS_DASK, PreprocessError
 from cnnpipe.datasets.store import temp_name
 from cnnpipe.datasets.workers import WorkerPool, chunks, ordered_map
 
@@ -64,8 +64,7 @@ class DaskEngine:
         try:
             import distributed
         except ImportError:
-            raise PreprocessError("engine 'dask' needs Dask: pip install 'cnnpipe[dask]' (or use --engine local)"
-                                  ) from None
+            raise PreprocessError(NEEDS_DASK) from None
         self._cluster, self._maps, self._key = None, [], secrets.token_hex(6)
         self.shards: Path | None = None
         self.client = _connect(distributed, workers, scheduler, scheduler_file)
@@ -163,9 +162,6 @@ def _take(it: Iterator, n: int) -> list:
 
 def _connect(distributed: Any, workers: int, scheduler: str | None, scheduler_file: str | None) -> Any:
     """A client of the scheduler, or of a new local cluster; PreprocessError in one line if none can be had."""
-    if scheduler_file is not None and not os.path.isfile(scheduler_file):
-        raise PreprocessError(f"--scheduler-file: {scheduler_file}: no such file (written by `dask scheduler "
-                              "--scheduler-file PATH`)")
     try:
         if scheduler is None and scheduler_file is None:
             cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,

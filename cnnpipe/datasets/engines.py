@@ -79,7 +79,7 @@ def engine_started_early(name: str, workers: int, num_files: int, out: Path, *, 
     """
     def start() -> Any:
         if name == "dask":
-            from cnnpipe.datasets.dask_engine import DaskEngine   # dask is an optional extra
+            from cnnpipe.datasets.dask_engine import DaskEngine  # dask is an optional extra
 
             return DaskEngine(out, workers=workers, scheduler=scheduler, scheduler_file=scheduler_file)
         use_pool = workers > 1 and num_files > workers

@@ -49,8 +49,8 @@ from cnnpipe.datasets.convert import (
     probe_file,
     worker_died,
 )
-from cnnpipe.datasets.folders import Candidate, FolderScan, scan_folder, skip, split_order
 from cnnpipe.datasets.engines import Engine, engine_started_early
+from cnnpipe.datasets.folders import Candidate, FolderScan, scan_folder, skip, split_order
 from cnnpipe.datasets.native_planes import PlaneCount, probe_plane_names, sort_by_plane_count
 from cnnpipe.datasets.preprocess_settings import PreprocessError, Settings, check_paths, parse_size
 from cnnpipe.datasets.progress import Progress

@@ -4,6 +4,7 @@ before any work, each error naming the setting."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from cnnpipe.images.decode import DEFAULT_MAX_PIXELS
 from cnnpipe.images.tiff import PAGE_MODES
 from cnnpipe.images.transform import RESIZE_MODES, ImageSpec
 
-__all__ = ["PreprocessError", "Settings", "parse_size", "check_paths"]
+__all__ = ["NEEDS_DASK", "PreprocessError", "Settings", "parse_size", "check_paths"]
+
+NEEDS_DASK = "engine 'dask' needs Dask: pip install 'cnnpipe[dask]' (or use --engine local)"
 
 
 class PreprocessError(ValueError):
@@ -102,6 +105,12 @@ class Settings:
             raise PreprocessError("scheduler: a Dask scheduler is only used with engine 'dask' (--engine dask)")
         if self.scheduler and self.scheduler_file:
             raise PreprocessError("scheduler: give the scheduler's address or its scheduler file, not both")
+        if self.engine == "dask":   # before any file is read
+            if importlib.util.find_spec("distributed") is None:
+                raise PreprocessError(NEEDS_DASK)
+            if self.scheduler_file is not None and not os.path.isfile(self.scheduler_file):
+                raise PreprocessError(f"scheduler_file: {self.scheduler_file}: no such file (written by `dask "
+                                      "scheduler --scheduler-file PATH`)")
         if self.dtype not in (None, "float32"):
             raise PreprocessError(f"dtype: expected 'float32' (or leave it out: the files decide), got {self.dtype!r}")
         if self.split == "group" and (self.labels is None or self.labels.group_col is None):

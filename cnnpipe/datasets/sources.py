@@ -44,7 +44,8 @@ def load_dataset(data: Any, seed: int = 0) -> Dataset:
                               channels=data.channels or "rgb", val_fraction=data.val_fraction,
                               cache_dir=data.cache_dir, pages=data.pages, labels=_label_table(data),
                               split=data.split, folds=data.folds, fold=data.fold, dtype=data.dtype,
-                              file_timeout=data.file_timeout)
+                              file_timeout=data.file_timeout, engine=data.engine or "local",
+                              scheduler=data.scheduler, scheduler_file=data.scheduler_file)
     if source == "tfds":
         if not data.name:
             raise ValueError("data.name: required when data.source is 'tfds' (e.g. mnist, cifar10)")
@@ -124,11 +125,13 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
                    channels: str = "rgb", val_fraction: float = 0.1,
                    cache_dir: str | os.PathLike | None = None, pages: str = "first", labels: Any = None,
                    split: str | None = None, folds: int | None = None, fold: int | None = None,
-                   dtype: str | None = None, file_timeout: float = 300.0) -> Dataset:
+                   dtype: str | None = None, file_timeout: float = 300.0, engine: str = "local",
+                   scheduler: str | None = None, scheduler_file: str | None = None) -> Dataset:
     """A raw image folder, preprocessed once into `cache_dir` and reused while unchanged.
 
-    `labels` (a `LabelTable`), `split`, `folds`, `dtype` and `file_timeout` are
-    `cnnpipe.datasets.preprocess.preprocess`'s (the timeout is not part of the cache key);
+    `labels` (a `LabelTable`), `split`, `folds`, `dtype`, `file_timeout`, `engine`, `scheduler` and
+    `scheduler_file` are `cnnpipe.datasets.preprocess.preprocess`'s (the timeout and the engine are
+    not part of the cache key: every engine builds the same store);
     `fold` picks the validation fold of a cache made with folds (`store_dataset`).
     """
     root = Path(folder)
@@ -154,8 +157,10 @@ def folder_dataset(folder: str | os.PathLike, *, size: tuple[int, int], resize: 
         # a process pool only pays off past a few hundred files
         try:
             preprocess(root, out, size=tuple(settings["size"]), resize=resize, val_fraction=val_fraction,
-                       seed=0, channels=channels, overwrite=False, workers=1 if num_files < 256 else None,
-                       pages=pages, labels=table, split=split, folds=folds, dtype=dtype, file_timeout=file_timeout)
+                       seed=0, channels=channels, overwrite=False,
+                       workers=1 if num_files < 256 and engine == "local" else None, pages=pages, labels=table,
+                       split=split, folds=folds, dtype=dtype, file_timeout=file_timeout, engine=engine,
+                       scheduler=scheduler, scheduler_file=scheduler_file)
         except ValueError:
             if not (out / "meta.json").is_file():  # not merely another process finishing first
                 raise
