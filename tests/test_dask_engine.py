@@ -196,3 +196,26 @@ def test_workers_with_other_versions_are_refused_before_any_work(worker, words):
     with pytest.raises(PreprocessError) as exc:
         dask_engine._check_versions(_Client(worker))
     assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_ctrl_c_stops_the_cluster_tasks_and_leaves_nothing_behind(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a file hangs with no
+    deadline: the run ends at once, OUT and the shards absent, no process of the run left."""
+    _folder(tmp_path / "src", per_class=20, extra=("a/hangsalways.png",))
+    proc = subprocess.Popen([*CLI, "src", "out", "--size", "8", "--engine", "dask", "--workers", "2",
+                             "--file-timeout", "0"], cwd=tmp_path, env={**os.environ, **HOOKS},
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while not list(tmp_path.glob(".out.shards-*/*.npy")) and time.monotonic() < deadline:   # tasks are running
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=60)   # stderr closes only when every process holding it has ended
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "cnnpipe preprocess: interrupted", err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["src"]

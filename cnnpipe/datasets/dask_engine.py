@@ -34,7 +34,7 @@ import numpy as np
 from cnnpipe.datasets.convert import Prepared
 from cnnpipe.datasets.preprocess_settings import NEEDS_DASK, PreprocessError
 from cnnpipe.datasets.store import temp_name
-from cnnpipe.datasets.workers import WorkerPool, chunks, ordered_map
+from cnnpipe.datasets.workers import PoolStopped, WorkerPool, chunks, ordered_map
 
 __all__ = ["DaskEngine", "KILL_DASK_ENV"]
 
@@ -65,16 +65,15 @@ class DaskEngine:
             import distributed
         except ImportError:
             raise PreprocessError(NEEDS_DASK) from None
-        self._cluster, self._maps, self._key = None, [], secrets.token_hex(6)
-        self.shards: Path | None = None
-        self.client = _connect(distributed, workers, scheduler, scheduler_file)
+        self._cluster, self._maps, self._key, self.client = None, [], secrets.token_hex(6), None
+        out = out.absolute()
+        self.shards = out.parent / temp_name(out, "shards")
+        self.shards.mkdir(parents=True)   # first: a local cluster's workers keep their scratch files in it
         try:
+            self.client = _connect(distributed, workers, scheduler, scheduler_file, self.shards / "dask-workers")
             self._cluster = self.client.cluster if scheduler is None and scheduler_file is None else None
             _check_versions(self.client)
             self.workers = sum(w["nthreads"] for w in self.client.scheduler_info()["workers"].values())
-            out = out.absolute()
-            self.shards = out.parent / temp_name(out, "shards")
-            self.shards.mkdir(parents=True)
             self._require_visible(self.shards, "OUT's folder")
             self._cwd_checked = False
         except BaseException:
@@ -138,6 +137,8 @@ class DaskEngine:
     def close(self) -> None:
         """Stop this engine's tasks, close the client (and the local cluster), remove the shards."""
         try:
+            if self.client is None:
+                return
             if self._maps:
                 self._stop(self._key, [])
             self.client.close(timeout=10)
@@ -146,8 +147,7 @@ class DaskEngine:
         except Exception as exc:
             log.debug("closing the Dask client: %r", exc)
         finally:
-            if self.shards is not None:
-                shutil.rmtree(self.shards, ignore_errors=True)
+            shutil.rmtree(self.shards, ignore_errors=True)
 
 
 def _take(it: Iterator, n: int) -> list:
@@ -160,12 +160,18 @@ def _take(it: Iterator, n: int) -> list:
     return out
 
 
-def _connect(distributed: Any, workers: int, scheduler: str | None, scheduler_file: str | None) -> Any:
-    """A client of the scheduler, or of a new local cluster; PreprocessError in one line if none can be had."""
+def _connect(distributed: Any, workers: int, scheduler: str | None, scheduler_file: str | None,
+             scratch: Path) -> Any:
+    """A client of the scheduler, or of a new local cluster (its workers' files in `scratch`, removed with
+    the shards); PreprocessError in one line if none can be had."""
     try:
         if scheduler is None and scheduler_file is None:
-            cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                               dashboard_address=None, silence_logs=logging.ERROR)
+            import dask
+
+            with dask.config.set({"temporary-directory": str(scratch)}):   # its lock files too
+                cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                   dashboard_address=None, silence_logs=logging.ERROR,
+                                                   preload=[__name__])   # dask_setup: Ctrl-C is ours
             return distributed.Client(cluster)
         client = distributed.Client(scheduler, scheduler_file=scheduler_file, timeout=_CONNECT_S)
     except (OSError, TimeoutError, ValueError) as exc:
@@ -235,12 +241,20 @@ _STOPPED: set[str] = set()            # keys of maps (and engines) whose tasks m
 _RUNNING: dict[int, tuple] = {}       # id of a running task -> (its stop keys, its pool)
 
 
+def dask_setup(worker: Any) -> None:
+    """Preload hook of the local cluster's workers, in their main thread: they ignore Ctrl-C, which the
+    terminal sends to every process of the group. This process alone handles it, and stops them in
+    order: their own KeyboardInterrupt would print tracebacks and leave the client waiting for them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def stop_tasks(key: str) -> None:
     """Run by `Client.run` on each worker (in its event loop, beside the running tasks): the tasks of
     `key` end at their next file, their pool processes killed at once."""
     _STOPPED.add(key)
     for keys, pool in list(_RUNNING.values()):
         if key in keys:
+            pool.stopping = True
             for pid in pool.pids:
                 os.kill(pid, signal.SIGKILL)
 
@@ -277,6 +291,8 @@ def run_task(fn: Callable[[list], list], items: list, job_size: int, on_death: C
                 if any(k in _STOPPED for k in stop_keys):
                     return None
                 results.extend(out)
+        except PoolStopped:   # stop_tasks killed its process
+            return None
         finally:
             del _RUNNING[id(pool)]
     rows = [r.pixels for r in results if isinstance(r, Prepared)]

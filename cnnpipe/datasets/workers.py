@@ -28,6 +28,7 @@ import functools
 import itertools
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
 import signal
@@ -45,7 +46,7 @@ from typing import Any, TypeVar
 from cnnpipe.datasets import deadlines
 from cnnpipe.datasets.deadlines import DEADLINE, HANG_ENV, KILL_ENV, die_here_if_asked, start_item
 
-__all__ = ["KILL_ENV", "HANG_ENV", "DEADLINE", "WorkerDied", "WorkerPool", "chunks", "die_here_if_asked",
+__all__ = ["KILL_ENV", "HANG_ENV", "DEADLINE", "PoolStopped", "WorkerDied", "WorkerPool", "chunks", "die_here_if_asked",
            "make_pool", "ordered_map", "start_item"]
 
 log = logging.getLogger("cnnpipe.datasets.preprocess")
@@ -57,6 +58,10 @@ _JOIN_S = 5.0      # a worker that closed its pipe is exiting; past this it is k
 
 WORKER_PRELOAD = ["cnnpipe.datasets.convert", "cnnpipe.datasets.native_planes", "imagecodecs", "tifffile", "PIL.JpegImagePlugin", "PIL.PngImagePlugin",
                    "PIL.TiffImagePlugin", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.WebPImagePlugin"]
+
+
+class PoolStopped(RuntimeError):
+    """A worker of a pool whose owner is stopping it (`WorkerPool.stopping`) died: no retry, no replacement."""
 
 
 class WorkerDied(RuntimeError):
@@ -87,12 +92,16 @@ def _worker_init() -> None:
 
 
 def _receive(conn: Connection, inbox: queue.SimpleQueue) -> None:
-    """Move jobs from the pipe to `inbox` as they arrive; None once the parent hangs up."""
+    """Move jobs from the pipe to `inbox` as they arrive; exit the process once the parent hangs up.
+
+    Its parent gone (the pool closed, or the process that owned it killed: a Dask worker), nobody can
+    take this worker's answer, so it ends now, even mid-file: a file that hangs with no deadline must
+    not keep it (and the fork server, which lives while any child it forked does) running forever."""
     try:
         while True:
             inbox.put(conn.recv_bytes())
     except (EOFError, OSError):
-        inbox.put(None)
+        os._exit(0)
 
 
 def _worker_main(conn: Connection, current: Any) -> None:
@@ -103,7 +112,7 @@ def _worker_main(conn: Connection, current: Any) -> None:
     # a thread empties the pipe while this one works: a parent sending a job never waits on a worker
     # that is itself waiting to send a large result (both blocked: a deadlock)
     threading.Thread(target=_receive, args=(conn, inbox), name="cnnpipe-worker-inbox", daemon=True).start()
-    while (raw := inbox.get()) is not None:
+    while raw := inbox.get():
         try:
             fn, job = pickle.loads(raw)  # here, not in the thread: a job that cannot load is answered
             reply: tuple = ("ok", fn(job), "")
@@ -269,6 +278,7 @@ class WorkerPool:
         if workers < 1:
             raise ValueError(f"workers: expected at least 1, got {workers!r}")
         self._ctx, self._workers, self._closed = _context(), [], False
+        self.stopping = False   # its owner is killing the workers on purpose (a stopped Dask task): PoolStopped
         try:
             for _ in range(workers):
                 self._workers.append(self._start())
@@ -398,6 +408,10 @@ class WorkerPool:
     def _replace(self, w: _Worker) -> None:
         """`w` died (its answers taken in): start a worker in its place, deal out the tasks it held."""
         how, held, i = _reap(w.proc), list(w.held), self._workers.index(w)
+        if self.stopping:   # killed on purpose by its owner: its jobs are not wanted any more
+            w.conn.close()
+            del self._workers[i]
+            raise PoolStopped(f"a worker process {how} while its pool was being stopped")
         index = int(w.current.value)   # shared memory outlives the process: the item it was on
         w.conn.close()
         del self._workers[i]
