@@ -17,6 +17,10 @@
    with a labels.csv of ids without extensions, against the class tree, in
    alternating timed blocks: the table path (read, match every row, report every
    file) costs nothing next to decoding. Target: table / tree >= 0.95.
+4. Engines (--only dask). Whole `cnnpipe preprocess` processes, the dask engine on a local
+   cluster vs the local engine, alternating, on 5,000 32x32 PNGs and 1,000 1024x768 JPEGs (the
+   stores compared byte for byte); and the dask client's peak RSS on 5,000 vs 50,000 tiny PNGs.
+   Targets: dask / local >= 0.8x; the client's memory flat.
 3. Memory. Peak RSS of a fresh process running `preprocess` on folders of
    N and 10 N small JPEGs (N = 2,000), and the largest worker's peak. Target:
    the peak does not grow with the image count (the images stream to disk).
@@ -209,6 +213,91 @@ def memory(n: int, work: Path, workers: int) -> dict:
     return info
 
 
+def _cli(src: Path, out: Path, workers: int, engine: str, size: str = "64") -> float:
+    """Seconds of a whole `cnnpipe preprocess` process (imports, pool or cluster start-up, the store)."""
+    cmd = [sys.executable, "-m", "cnnpipe.cli", "preprocess", str(src), str(out), "--size", size, "--overwrite",
+           "--engine", engine, *(["--workers", str(workers)] if workers else [])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    took = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return took
+
+
+def _files_of(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def engines(name: str, src: Path, work: Path, rounds: int, workers: int) -> dict:
+    """Whole `cnnpipe preprocess` processes, local engine vs dask engine (a local cluster), alternating."""
+    n = len(list_files(src))
+    outs = {e: work / f"store-{name}-{e}" for e in ("local", "dask")}
+    for e, out in outs.items():   # warm the page cache; the stores must be equal byte for byte
+        _cli(src, out, workers, e)
+    same = _files_of(outs["local"]) == _files_of(outs["dask"])
+    times: dict[str, list[float]] = {"local": [], "dask": []}
+    for _ in range(rounds):
+        for e in ("local", "dask"):
+            times[e].append(_cli(src, outs[e], workers, e))
+    for out in outs.values():
+        shutil.rmtree(out)
+    local, dask = (n / statistics.median(times[e]) for e in ("local", "dask"))
+    print(f"{name:<12} {n:>5} files: local engine {local:7.1f} img/s | dask engine {dask:7.1f} img/s  "
+          f"ratio {dask / local:4.2f}x (target >= 0.8x); stores identical: {same}", flush=True)
+    return {"case": name, "local_img_s": local, "dask_img_s": dask, "ratio": dask / local, "identical": same}
+
+
+_DASK_MEM_CHILD = """
+import json, resource, sys
+from cnnpipe.datasets.preprocess import preprocess
+store = preprocess(sys.argv[1], sys.argv[2], size=(8, 8), engine="dask", progress=False)
+print(json.dumps({"stored": len(store), "client_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def dask_memory(ns: tuple[int, ...], work: Path) -> list[dict]:
+    """Peak RSS of the client process (which holds the local cluster's scheduler too) on N tiny PNGs."""
+    rows = []
+    rng = np.random.default_rng(2)
+    for n in ns:
+        src = work / f"dmem-{n}"
+        for i in range(n):
+            d = src / f"class{i % 4}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(d / f"{i:06d}.png")
+        res = subprocess.run([sys.executable, "-c", _DASK_MEM_CHILD, str(src), str(work / f"dmem-store-{n}")],
+                             check=True, capture_output=True, text=True)
+        info = {"n": n, **json.loads(res.stdout.strip().splitlines()[-1])}
+        shutil.rmtree(src)
+        shutil.rmtree(work / f"dmem-store-{n}")
+        print(f"dask client {n:>6} images: peak RSS {info['client_kib'] / 1024:7.1f} MiB", flush=True)
+        rows.append(info)
+    return rows
+
+
+def dask_part(work: Path, rounds: int, workers: int, quick: bool) -> None:
+    """Issue 31's figures: the dask engine vs the local engine, and the client's memory."""
+    rng = np.random.default_rng(5)
+    small = work / "png-small"
+    for i in range(500 if quick else 5000):
+        d = small / f"class{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:05d}.png")
+    photos = work / "jpeg-photo"
+    for i in range(100 if quick else 1000):
+        d = photos / f"class{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        if i < 8:   # 8 distinct photos, each saved under many names (a different last pixel: no duplicates)
+            img = (_base(1024, i)[:768] * 255).astype(np.uint8)
+        img[-1, -1] = i % 256, i // 256, 0
+        Image.fromarray(img).save(d / f"{i:05d}.jpg", quality=90)
+    rows = [engines("small-png", small, work, rounds, workers), engines("photo-jpeg", photos, work, rounds, workers)]
+    mems = dask_memory((500, 5000) if quick else (5000, 50000), work)
+    print("dask / local: " + ", ".join(f"{r['case']} {r['ratio']:.2f}x" for r in rows) + " (target >= 0.8x); "
+          f"client peak RSS {mems[1]['n']} vs {mems[0]['n']} files: x{mems[1]['client_kib'] / mems[0]['client_kib']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller folders, one round (a smoke run)")
@@ -218,8 +307,9 @@ def main() -> None:
     ap.add_argument("--n-png16", type=int, default=None, help="16-bit PNG files (default 1000, quick 150)")
     ap.add_argument("--n-messy", type=int, default=None, help="messy-folder images (default 1000, quick 150)")
     ap.add_argument("--mem-n", type=int, default=None, help="memory test: N vs 10 N images (default 2000, quick 500)")
-    ap.add_argument("--only", choices=["table", "messy"],
-                    help="run one part: table = labels.csv vs the class tree; messy = the users' mixed folder")
+    ap.add_argument("--only", choices=["table", "messy", "dask"],
+                    help="run one part: table = labels.csv vs the class tree; messy = the users' mixed folder; "
+                         "dask = the dask engine vs the local engine, and the dask client's memory")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     n_jpeg = args.n_jpeg if args.n_jpeg is not None else (300 if args.quick else 2000)
@@ -231,6 +321,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
+        if args.only == "dask":
+            dask_part(work, max(rounds, 3), args.workers, args.quick)
+            return
         if args.only == "messy":
             messy = make_messy_folder(work / "messy", per_class=n_messy // 3, classes=3, big_every=12)
             row = throughput("messy", work / "messy", work, max(rounds, 3), args.workers, valid=len(messy.valid))

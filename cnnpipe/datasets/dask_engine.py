@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 
 from cnnpipe.datasets.convert import Prepared
 from cnnpipe.datasets.preprocess_settings import NEEDS_DASK, PreprocessError
-from cnnpipe.datasets.store import temp_name
+from cnnpipe.datasets.store import RowStream, temp_name
 from cnnpipe.datasets.workers import PoolStopped, WorkerPool, chunks, ordered_map
 
 __all__ = ["DaskEngine", "KILL_DASK_ENV"]
@@ -75,6 +76,7 @@ class DaskEngine:
             _check_versions(self.client)
             self.workers = sum(w["nthreads"] for w in self.client.scheduler_info()["workers"].values())
             self._require_visible(self.shards, "OUT's folder")
+            self.client.run(start_pools)
             self._cwd_checked = False
         except BaseException:
             self.close()
@@ -168,10 +170,11 @@ def _connect(distributed: Any, workers: int, scheduler: str | None, scheduler_fi
         if scheduler is None and scheduler_file is None:
             import dask
 
-            with dask.config.set({"temporary-directory": str(scratch)}):   # its lock files too
-                cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                   dashboard_address=None, silence_logs=logging.ERROR,
-                                                   preload=[__name__])   # dask_setup: Ctrl-C is ours
+            # worker threads, not processes: the files are prepared in cnnpipe's own pool processes (one per
+            # thread) either way, and worker processes would add start-up time and a second copy of each row
+            with dask.config.set({"temporary-directory": str(scratch)}):   # its scratch and lock files
+                cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=False,
+                                                   dashboard_address=None, silence_logs=logging.ERROR)
             return distributed.Client(cluster)
         client = distributed.Client(scheduler, scheduler_file=scheduler_file, timeout=_CONNECT_S)
     except (OSError, TimeoutError, ValueError) as exc:
@@ -238,14 +241,9 @@ def _read_back(done: tuple[str | None, list]) -> Iterator[Any]:
 # ---------------------------------------------------------------- inside a Dask worker
 
 _STOPPED: set[str] = set()            # keys of maps (and engines) whose tasks must end now
-_RUNNING: dict[int, tuple] = {}       # id of a running task -> (its stop keys, its pool)
-
-
-def dask_setup(worker: Any) -> None:
-    """Preload hook of the local cluster's workers, in their main thread: they ignore Ctrl-C, which the
-    terminal sends to every process of the group. This process alone handles it, and stops them in
-    order: their own KeyboardInterrupt would print tracebacks and leave the client waiting for them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+_RUNNING: dict[int, tuple] = {}       # id of a running task's pool -> (its stop keys, the pool)
+_IDLE: list[WorkerPool] = []          # one-process pools no task is using (`_pool`)
+_IDLE_LOCK = threading.Lock()
 
 
 def stop_tasks(key: str) -> None:
@@ -268,6 +266,29 @@ def _allow_children() -> None:
     multiprocessing.current_process()._config["daemon"] = False
 
 
+def _pool() -> WorkerPool:
+    """An idle one-process pool of this worker process, or a new one. Pools are kept from task to task
+    (a fork per task, and a cold process, would cost more than Dask's own per-task overhead); their
+    processes end with the worker (`workers._receive`)."""
+    with _IDLE_LOCK:
+        if _IDLE:
+            return _IDLE.pop()
+    _allow_children()
+    return WorkerPool(1)
+
+
+def start_pools(dask_worker: Any) -> None:
+    """Run by `Client.run` as the engine starts: a pool per worker thread, started in the background so
+    that the fork server's imports overlap the client's scan of the files, ready for the first task."""
+    def start() -> None:
+        for _ in range(max(0, dask_worker.state.nthreads - len(_IDLE))):
+            pool = _pool()
+            with _IDLE_LOCK:
+                _IDLE.append(pool)
+
+    threading.Thread(target=start, name="cnnpipe-pool-start", daemon=True).start()
+
+
 def _in_folder(cwd: str | None, fn: Callable[[list], list], job: list) -> list:
     """`fn(job)` in folder `cwd` (the client's, for relative paths): the process is this task's alone."""
     if cwd is not None:
@@ -278,33 +299,61 @@ def _in_folder(cwd: str | None, fn: Callable[[list], list], job: list) -> list:
 def run_task(fn: Callable[[list], list], items: list, job_size: int, on_death: Callable[[Any, str], Any],
              shard: str, stop_keys: tuple[str, ...], cwd: str | None) -> tuple[str | None, list] | None:
     """One Dask task: `fn` over `items` in a one-process `WorkerPool` (the per-file rules), the prepared
-    rows written to `shard` (.npy, written whole then renamed), the results returned without pixels.
-    None if the run was stopped (`stop_tasks`)."""
+    rows streamed to `shard` (an .npy renamed into place when complete), the results returned without
+    pixels. None if the run was stopped (`stop_tasks`)."""
     _kill_here_if_asked(items, shard)
-    _allow_children()
-    with WorkerPool(1) as pool:
-        _RUNNING[id(pool)] = (stop_keys, pool)
-        try:
-            results = []
-            for out in ordered_map(pool, functools.partial(_in_folder, cwd, fn), chunks(items, job_size), 3,
-                                   on_death=on_death):
-                if any(k in _STOPPED for k in stop_keys):
-                    return None
-                results.extend(out)
-        except PoolStopped:   # stop_tasks killed its process
-            return None
-        finally:
-            del _RUNNING[id(pool)]
-    rows = [r.pixels for r in results if isinstance(r, Prepared)]
-    if not rows:
-        return None, results
-    tmp = f"{shard}.part-{os.getpid()}-{secrets.token_hex(4)}.npy"
+    rows, pool = _Shard(shard, len(items)), _pool()
+    _RUNNING[id(pool)] = (stop_keys, pool)
     try:
-        np.save(tmp, np.stack(rows))
-        os.replace(tmp, shard)   # a task run twice (its worker presumed dead) writes the same rows
+        results = []
+        for out in ordered_map(pool, functools.partial(_in_folder, cwd, fn), chunks(items, job_size), 3,
+                               on_death=on_death):
+            if any(k in _STOPPED for k in stop_keys):
+                return None
+            results += [rows.add(r) if isinstance(r, Prepared) else r for r in out]
+        return rows.finish(), results
+    except PoolStopped:   # stop_tasks killed its process
+        return None
     finally:
-        Path(tmp).unlink(missing_ok=True)
-    return shard, [dataclasses.replace(r, pixels=None) if isinstance(r, Prepared) else r for r in results]
+        del _RUNNING[id(pool)]
+        rows.discard()
+        if pool.stopping:   # dropped: the next task starts another
+            pool.close()
+        else:
+            with _IDLE_LOCK:
+                _IDLE.append(pool)
+
+
+class _Shard:
+    """A task's rows, streamed to a temporary .npy beside `path` as they come (a task's memory does not
+    grow with its size) and renamed to `path` when complete: a reader never sees part of a shard, and a
+    task run twice (its worker presumed dead) writes the same rows."""
+
+    def __init__(self, path: str, capacity: int) -> None:
+        self.path, self.capacity = path, capacity
+        self.tmp = Path(f"{path}.part-{os.getpid()}-{secrets.token_hex(4)}.npy")
+        self.stream: RowStream | None = None
+
+    def add(self, r: Prepared) -> Prepared:
+        """Write `r`'s pixels as the next row; `r` without them."""
+        if self.stream is None:
+            self.stream = RowStream(self.tmp, self.capacity, r.pixels.shape, r.pixels.dtype)
+        self.stream.write(r.pixels)
+        return dataclasses.replace(r, pixels=None)
+
+    def finish(self) -> str | None:
+        """The shard's path (None: no rows)."""
+        if self.stream is None:
+            return None
+        self.stream.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Drop what was not finished."""
+        if self.stream is not None:
+            self.stream.f.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def _kill_here_if_asked(items: list, shard: str) -> None:

@@ -150,15 +150,7 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
             build.probe_planes()
         build.assign_splits()
         build.confirm_dtype()
-        while True:
-            try:
-                return build.write()
-            except _NeedsDtype as exc:
-                wider = widen(build.dtype, exc.dtype)
-                if wider == build.dtype:   # a bug guard: a restart must change the store
-                    raise PreprocessError(exc.message) from None
-                log.info("%s; restarting with a %s store", exc.message, wider)
-                build.dtype = wider
+        return build.write_wide_enough()
 
 
 def _scan(src: Path, table: LabelTable | None) -> tuple[FolderScan, dict[str, Any] | None]:
@@ -341,6 +333,18 @@ class _Build:
         fractions = {"val": 0.0 if self.folds else self.settings.val_fraction,
                      "test": self.settings.test_fraction}
         return [s for s in SPLIT_NAMES if s == "train" or fractions[s] > 0]
+
+    def write_wide_enough(self) -> Store:
+        """`write`, restarted with a wider store type while a file needs one (`_NeedsDtype`)."""
+        while True:
+            try:
+                return self.write()
+            except _NeedsDtype as exc:
+                wider = widen(self.dtype, exc.dtype)
+                if wider == self.dtype:   # a bug guard: a restart must change the store
+                    raise PreprocessError(exc.message) from None
+                log.info("%s; restarting with a %s store", exc.message, wider)
+                self.dtype = wider
 
     def write(self) -> Store:
         """Pass 2: prepare every usable file in the workers and stream the rows into a new store."""

@@ -209,7 +209,7 @@ def _named(exc: OSError, path: Path) -> OSError:
     return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
-class _RowStream:
+class RowStream:
     """Append-only writer of an .npy array's rows with plain file writes.
 
     The header is written for `capacity` rows up front; rows go to disk as
@@ -268,10 +268,10 @@ class StoreWriter:
         except OSError as exc:  # name OUT, not the temporary folder beside it
             raise OSError(exc.errno, f"cannot create the store here ({exc.strerror or type(exc).__name__})",
                           str(self.out)) from None
-        self._images: dict[str, _RowStream] = {}
-        self._labels: dict[str, _RowStream] = {}
+        self._images: dict[str, RowStream] = {}
+        self._labels: dict[str, RowStream] = {}
         self._sources: dict[str, list[str]] = {}
-        self._folds: dict[str, _RowStream] = {}
+        self._folds: dict[str, RowStream] = {}
         self.committed = False
 
     def __enter__(self) -> StoreWriter:
@@ -286,13 +286,13 @@ class StoreWriter:
         int32 class indices, or `task`'s target rows."""
         d = self.tmp / split
         d.mkdir()
-        self._images[split] = _RowStream(d / "images.npy", capacity, (int(size[0]), int(size[1]), int(channels)),
+        self._images[split] = RowStream(d / "images.npy", capacity, (int(size[0]), int(size[1]), int(channels)),
                                          np.dtype(dtype))
         task = task or Task()
-        self._labels[split] = _RowStream(d / "labels.npy", capacity, task.target_shape, task.target_dtype)
+        self._labels[split] = RowStream(d / "labels.npy", capacity, task.target_shape, task.target_dtype)
         self._sources[split] = []
         if folds:
-            self._folds[split] = _RowStream(d / "folds.npy", capacity, (), np.dtype(np.int8))
+            self._folds[split] = RowStream(d / "folds.npy", capacity, (), np.dtype(np.int8))
 
     def append(self, split: str, image: np.ndarray, label: Any, source: str = "", fold: int = -1) -> int:
         """Write one (H, W, C) image, its label (a class index or a target row), source name (and fold)

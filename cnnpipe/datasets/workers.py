@@ -1,5 +1,4 @@
-"""Worker processes for `cnnpipe preprocess`: a pool that never imports jax and
-survives its workers' deaths and an in-order map with bounded memory.
+"""Worker processes for `cnnpipe preprocess`: a pool that never imports jax and survives its workers' deaths.
 
 Workers are started by a fork server (never a plain fork: the parent may hold jax/XLA threads)
 that has already imported the decoding stack; they ignore Ctrl-C: the parent alone handles it.
@@ -92,11 +91,9 @@ def _worker_init() -> None:
 
 
 def _receive(conn: Connection, inbox: queue.SimpleQueue) -> None:
-    """Move jobs from the pipe to `inbox` as they arrive; exit the process once the parent hangs up.
-
-    Its parent gone (the pool closed, or the process that owned it killed: a Dask worker), nobody can
-    take this worker's answer, so it ends now, even mid-file: a file that hangs with no deadline must
-    not keep it (and the fork server, which lives while any child it forked does) running forever."""
+    """Move jobs from the pipe to `inbox` as they arrive. Once the parent hangs up (closed the pool, or was
+    killed: a Dask worker) nobody can take an answer, so the process ends now, even mid-file: a file hanging
+    with no deadline must not keep it (and the fork server, alive while any child is) running forever."""
     try:
         while True:
             inbox.put(conn.recv_bytes())
@@ -309,8 +306,6 @@ class WorkerPool:
         for w in workers:
             _reap(w.proc)
 
-    terminate = join = close  # the `multiprocessing.Pool` names, for callers written against it
-
     def map(self, fn: Callable[[T], R], items: Iterable[T], chunksize: int = 1) -> list[R]:
         """`[fn(x) for x in items]`, run in the workers (the `multiprocessing.Pool.map` call)."""
         jobs = chunks(list(items), max(1, chunksize))
@@ -427,9 +422,7 @@ class WorkerPool:
             self._workers.insert(i, self._start())
 
 
-def make_pool(workers: int) -> WorkerPool:
-    """A `WorkerPool` of `workers` processes that import this module but never the caller's script."""
-    return WorkerPool(workers)
+make_pool = WorkerPool   # the name callers use: `make_pool(n)`, n processes that never import the caller's script
 
 
 def ordered_map(pool: WorkerPool | None, fn: Callable[[list[T]], list[R]], jobs: Iterable[list[T]], window: int,
