@@ -186,13 +186,14 @@ def test_rerun_removes_temporaries_of_killed_runs_only(tmp_path):
     dead.wait()
     out = tmp_path / "out"
     stale = tmp_path / f".out.tmp-{_host()}-{dead.pid}-abcd1234"
+    shards = tmp_path / f".out.shards-{_host()}-{dead.pid}-abcd1234"   # a killed dask-engine client's
     live = tmp_path / f".out.tmp-{_host()}-{os.getpid()}-abcd1234"
     other_host = tmp_path / f".out.tmp-elsewhere-{dead.pid}-abcd1234"
-    for d in (stale, live, other_host):
+    for d in (stale, shards, live, other_host):
         (d / "train").mkdir(parents=True)
     src = _folder(tmp_path / "src")
     assert main(["preprocess", str(src), str(out), "--size", "8", "--workers", "1"]) == 0
-    assert not stale.exists() and live.exists() and other_host.exists()
+    assert not stale.exists() and not shards.exists() and live.exists() and other_host.exists()
 
 
 def test_killed_mid_commit_puts_the_previous_store_back(tmp_path):

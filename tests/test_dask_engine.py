@@ -117,14 +117,15 @@ def test_a_local_cluster_builds_the_local_engines_store_byte_for_byte(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out_dask", "out_local", "src"]   # no shards left
 
 
-def test_an_external_cluster_gives_the_same_store_through_its_scheduler_address(tmp_path, cluster):
+def test_an_external_cluster_gives_the_same_store_through_its_scheduler_address(tmp_path, cluster, monkeypatch):
     total = _folder(tmp_path / "src")
     local = preprocess(tmp_path / "src", tmp_path / "local", size=8, workers=2)
     address = json.loads(Path(cluster).read_text())["address"]
-    store = preprocess(tmp_path / "src", tmp_path / "dask", size=8, engine="dask", scheduler=address)
+    monkeypatch.chdir(tmp_path)   # relative paths: the workers, started elsewhere, work in this folder
+    store = preprocess("src", "dask", size=8, engine="dask", scheduler=address)
     assert store.built_by == "dask engine, 2 worker threads on the cluster"
     assert _files(tmp_path / "dask") == _files(local.path)
-    _every_file_once(store.path, total)
+    _every_file_once(tmp_path / "dask", total)
 
 
 def test_a_dask_worker_killed_mid_run_changes_nothing(tmp_path, cluster):
