@@ -220,3 +220,23 @@ def test_ctrl_c_stops_the_cluster_tasks_and_leaves_nothing_behind(tmp_path):
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "cnnpipe preprocess: interrupted", err
     assert "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_a_worker_that_joins_later_with_other_versions_fails_its_task_in_one_line(monkeypatch):
+    mine = dask_engine._versions_here()
+    monkeypatch.setattr(dask_engine, "_versions_here", lambda: {**mine, "imagecodecs": "2020.1.1"})
+    with pytest.raises(PreprocessError, match=r"has 2020\.1\.1, this process has imagecodecs \d"):
+        dask_engine.run_task(None, [], 8, None, "shard.npy", ("k",), None, mine)
+
+
+def test_a_task_the_cluster_keeps_losing_stops_the_run_in_one_line():
+    class KilledWorker(Exception):   # distributed's name: Dask gave up after workers died running the task
+        pass
+
+    class Future:
+        def result(self):
+            raise KilledWorker("Attempted to run task 'cnnpipe-abc-0' on 4 different workers,\nbut all died")
+
+    with pytest.raises(PreprocessError) as exc:
+        dask_engine._result(Future())
+    assert "\n" not in str(exc.value) and "lost a task (KilledWorker: Attempted to run task" in str(exc.value)

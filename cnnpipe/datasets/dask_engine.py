@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -50,7 +51,7 @@ _VERSIONED = ("cnnpipe", "dask", "distributed", "numpy", "pillow", "imagecodecs"
 
 class DaskEngine:
     """A Dask client: of the cluster at `scheduler` / `scheduler_file`, else of a local cluster of
-    `workers` processes started here. Checks the workers' versions and that they see OUT's folder.
+    `workers` worker threads started here. Checks the workers' versions and that they see OUT's folder.
 
     Raises:
       PreprocessError: Dask is not installed, the scheduler cannot be reached or has no worker, a
@@ -73,7 +74,7 @@ class DaskEngine:
         try:
             self.client = _connect(distributed, workers, scheduler, scheduler_file, self.shards / "dask-workers")
             self._cluster = self.client.cluster if scheduler is None and scheduler_file is None else None
-            _check_versions(self.client)
+            self._versions = _check_versions(self.client)
             self.workers = sum(w["nthreads"] for w in self.client.scheduler_info()["workers"].values())
             self._require_visible(self.shards, "OUT's folder")
             self.client.run(start_pools)
@@ -103,7 +104,7 @@ class DaskEngine:
                     shard = self.shards / f"{stop_key}-{i:07d}.npy"
                     futures.append(self.client.submit(
                         run_task, fn, task, job_size, on_death, str(shard), (self._key, stop_key), cwd,
-                        key=f"cnnpipe-{stop_key}-{i}"))
+                        self._versions, key=f"cnnpipe-{stop_key}-{i}"))
                 if not futures:
                     return
                 yield from _read_back(_result(futures[0]))
@@ -190,29 +191,41 @@ def _connect(distributed: Any, workers: int, scheduler: str | None, scheduler_fi
     return client
 
 
-def _check_versions(client: Any) -> None:
-    """PreprocessError naming the first worker whose versions differ from this process's (or that lacks
-    cnnpipe): decoders of other versions could store other pixels, and the store must not depend on
-    where a file was prepared."""
+def _check_versions(client: Any) -> dict[str, str | None]:
+    """This process's versions of `_VERSIONED` (and Python); PreprocessError naming the first worker
+    whose versions differ (or that lacks cnnpipe): decoders of other versions could store other pixels,
+    and the store must not depend on where a file was prepared. Workers that join later are checked by
+    each task (`run_task`)."""
     found = client.get_versions(packages=list(_VERSIONED))
     mine = found["client"]["packages"]
     hosts = [(f"the scheduler {client.scheduler.address}", found["scheduler"]["packages"], ("dask", "distributed"))]
     hosts += [(f"worker {a}", v["packages"], _VERSIONED) for a, v in sorted(found["workers"].items())]
     for where, theirs, names in hosts:
-        py_mine, py_theirs = ".".join(mine["python"].split(".")[:2]), ".".join(theirs["python"].split(".")[:2])
-        if py_mine != py_theirs:
-            raise PreprocessError(f"engine 'dask': {where} runs Python {py_theirs}, this process {py_mine}")
-        for pkg in names:
-            if theirs.get(pkg) != mine.get(pkg):
-                has = "lacks it" if theirs.get(pkg) is None else f"has {theirs[pkg]}"
-                raise PreprocessError(f"engine 'dask': {where} {has}, this process has {pkg} {mine.get(pkg)}; "
-                                      "install the same versions everywhere (decoders decide a store's pixels)")
+        if (problem := _mismatch(where, mine, theirs, names)) is not None:
+            raise PreprocessError(problem)
+    return {k: mine.get(k) for k in ("python", *_VERSIONED)}
+
+
+def _mismatch(where: str, mine: dict, theirs: dict, names: tuple[str, ...]) -> str | None:
+    """Why `theirs` (versions by package, as `distributed.versions` gives them) cannot serve `mine`, or None."""
+    py_mine, py_theirs = ".".join(mine["python"].split(".")[:2]), ".".join(theirs["python"].split(".")[:2])
+    if py_mine != py_theirs:
+        return f"engine 'dask': {where} runs Python {py_theirs}, this process {py_mine}"
+    for pkg in names:
+        if theirs.get(pkg) != mine.get(pkg):
+            has = "lacks it" if theirs.get(pkg) is None else f"has {theirs[pkg]}"
+            return (f"engine 'dask': {where} {has}, this process has {pkg} {mine.get(pkg)}; install the same "
+                    "versions everywhere (decoders decide a store's pixels)")
+    return None
 
 
 def _result(future: Any) -> Any:
     """A task's result; a cluster that lost the task's workers again and again is one PreprocessError line."""
     try:
         return future.result()
+    except ImportError as exc:   # a worker without cnnpipe (one that joined after the version check)
+        raise PreprocessError(f"engine 'dask': a worker cannot run cnnpipe's tasks ({type(exc).__name__}: "
+                              f"{exc}); install the client's cnnpipe on every worker") from None
     except Exception as exc:
         if type(exc).__name__ in ("KilledWorker", "FutureCancelledError", "CancelledError"):
             raise PreprocessError(f"engine 'dask': the cluster lost a task ({type(exc).__name__}: "
@@ -266,6 +279,13 @@ def _allow_children() -> None:
     multiprocessing.current_process()._config["daemon"] = False
 
 
+@functools.cache
+def _versions_here() -> dict[str, str | None]:
+    from distributed.versions import get_package_info
+
+    return get_package_info(_VERSIONED)
+
+
 def _pool() -> WorkerPool:
     """An idle one-process pool of this worker process, or a new one. Pools are kept from task to task
     (a fork per task, and a cold process, would cost more than Dask's own per-task overhead); their
@@ -297,10 +317,18 @@ def _in_folder(cwd: str | None, fn: Callable[[list], list], job: list) -> list:
 
 
 def run_task(fn: Callable[[list], list], items: list, job_size: int, on_death: Callable[[Any, str], Any],
-             shard: str, stop_keys: tuple[str, ...], cwd: str | None) -> tuple[str | None, list] | None:
+             shard: str, stop_keys: tuple[str, ...], cwd: str | None, versions: dict
+             ) -> tuple[str | None, list] | None:
     """One Dask task: `fn` over `items` in a one-process `WorkerPool` (the per-file rules), the prepared
     rows streamed to `shard` (an .npy renamed into place when complete), the results returned without
-    pixels. None if the run was stopped (`stop_tasks`)."""
+    pixels. None if the run was stopped (`stop_tasks`).
+
+    Raises:
+      PreprocessError: this worker's versions are not the client's `versions` (a worker that joined
+        after the engine's check)."""
+    if (problem := _mismatch(f"worker {socket.gethostname()}", versions, _versions_here(),
+                             _VERSIONED)) is not None:
+        raise PreprocessError(problem)
     _kill_here_if_asked(items, shard)
     rows, pool = _Shard(shard, len(items)), _pool()
     _RUNNING[id(pool)] = (stop_keys, pool)
