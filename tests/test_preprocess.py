@@ -454,7 +454,7 @@ def test_workers_do_not_rerun_the_callers_script(tmp_path):
         "    from cnnpipe.datasets.workers import make_pool\n"
         "    pool = make_pool(2)\n"
         "    assert pool.map(eval, [\"'jax' in __import__('sys').modules\"] * 4) == [False] * 4\n"
-        "    pool.terminate(); pool.join()\n")
+        "    pool.close()\n")
     marks = tmp_path / "marks"
     marks.mkdir()
     res = subprocess.run([sys.executable, str(script), str(marks)], capture_output=True, text=True, timeout=60)
