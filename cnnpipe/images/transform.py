@@ -26,6 +26,7 @@ import numpy as np
 from cnnpipe.images.decode import Planes, convert_planes, jpeg_size, read_file, read_image
 from cnnpipe.images.formats import DecodeError
 from cnnpipe.images.pixel_types import NoData, all_missing, has_nodata, store_dtype_for, to_float32, widen
+from cnnpipe.images.resample import resample as _resample
 
 __all__ = ["RESIZE_MODES", "CHANNEL_MODES", "IMAGE_PATH_VERSION", "ImageSpec", "InputImage", "NeedsSixteenBit", "NeedsWiderType", "resamples", "prepare_bytes",
            "prepare_planes", "prepare_image", "promote_to_16bit", "resize_image", "spec_for_model"]
@@ -36,81 +37,7 @@ CHANNEL_MODES = ("rgb", "gray", "native")
 # folder caches record it, so a cache built by an older chain is rebuilt, never reused.
 IMAGE_PATH_VERSION = 5  # 5: signed and float files into int16/float32 stores, nodata as NaN (4: 12-bit JPEG, --pages)
 
-# Shrinking by >= 2x this gap first box-reduces by an integer factor, then applies
-# bicubic over the rest (Pillow's reducing_gap): antialiased like one bicubic pass, ~1.7x faster.
-_REDUCING_GAP = 2.0
-_MAX_8BIT_REDUCE = 128  # largest integer reduce factor Pillow's 8-bit path keeps exact (see _resample)
-
-
 # ---------------------------------------------------------------- resize
-
-def _resample(planes: np.ndarray, out_hw: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
-    """Resize (h, w, C) uint8/uint16/int16/float32 to (H, W, C) of the same dtype, antialiased bicubic over `box`.
-
-    uint8 goes through Pillow's 8-bit resampler (RGB at once, other counts a
-    plane at a time: the same fixed-point filter per plane); uint16 per plane
-    in float32 ("F" mode), rounded back, so nothing passes through 8 bits.
-    """
-    from PIL import Image
-
-    oh, ow = out_hw
-    bicubic = Image.Resampling.BICUBIC
-    h, w, c = planes.shape
-    # float rounding can put a computed box a hair outside the image; Pillow refuses that
-    x0, y0, x1, y1 = box
-    box = (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h))
-    # Pillow's 8-bit box reduce loses precision past a factor of about 200 (a constant 255
-    # comes out 254), so such shrinks of 8-bit images take the float path, as 16-bit does
-    exact_8bit = max((box[2] - box[0]) / ow, (box[3] - box[1]) / oh) / _REDUCING_GAP <= _MAX_8BIT_REDUCE
-    if planes.dtype == np.uint8 and c == 3 and exact_8bit:
-        im = Image.fromarray(np.ascontiguousarray(planes), "RGB")
-        return np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
-    out = np.empty((oh, ow, c), planes.dtype)
-    masks: dict = {}   # bands of one scene share their no-data mask: its filtered validity is computed once
-    for i in range(c):
-        if planes.dtype == np.uint8 and exact_8bit:
-            im = Image.fromarray(np.ascontiguousarray(planes[:, :, i]), "L")
-            out[:, :, i] = np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
-            continue
-        res = _resample_float(planes[:, :, i].astype(np.float32), (ow, oh), box,
-                              masks if planes.dtype.kind == "f" else None)   # integers hold no NaN
-        # integer stores round to their type; a float store keeps the filter's values, overshoot included
-        info = None if planes.dtype.kind == "f" else np.iinfo(planes.dtype)
-        out[:, :, i] = res if info is None else np.rint(np.clip(res, float(info.min), float(info.max)))
-    return out
-
-
-def _resample_float(plane: np.ndarray, out_wh: tuple[int, int], box: tuple[float, ...],
-                    masks: dict | None = None) -> np.ndarray:
-    """One float32 plane (h, w) resized by Pillow's "F" mode; NaN (no data) by normalised convolution.
-
-    A NaN inside the filter's support would make every output it touches NaN (a whole
-    image, when shrinking): so valid values are filtered with the NaN weight given to 0 and
-    divided by the filtered validity, and an output is NaN where less than half of its
-    weight fell on valid pixels (GDAL's rule for resampling with nodata, in spirit). `masks` carries
-    the last plane's mask and filtered validity to the next plane (bands share their no-data mask);
-    None: the plane came from integers, so it holds no NaN.
-    """
-    from PIL import Image
-
-    def resize(a: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(a, "F").resize(out_wh, Image.Resampling.BICUBIC, box=box,
-                                                         reducing_gap=_REDUCING_GAP))
-
-    if masks is None:   # integer pixels: no NaN to look for
-        return resize(plane)
-    missing = np.isnan(plane)
-    if not missing.any():
-        return resize(plane)
-    if "missing" in masks and np.array_equal(masks["missing"], missing):
-        valid = masks["valid"]   # the previous plane's mask: the same filtered validity
-    else:
-        valid = resize((~missing).astype(np.float32))
-        masks.update(missing=missing, valid=valid)
-    total = resize(np.where(missing, np.float32(0), plane))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(valid >= 0.5, total / valid, np.nan).astype(np.float32)
-
 
 def promote_to_16bit(img: np.ndarray) -> np.ndarray:
     """uint8 -> uint16 exactly, x257 (0 -> 0, 255 -> 65535: full scale stays full scale)."""
