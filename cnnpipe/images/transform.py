@@ -50,28 +50,36 @@ def resize_image(img: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarra
     crop: scale so the image covers the target, keep the centre; pad: scale so
     it fits inside, centre it on zeros; stretch: scale each side independently.
     """
+    return _resize(img, size, mode, False)
+
+
+def _resize(img: np.ndarray, size: tuple[int, int], mode: str, promote16: bool) -> np.ndarray:
+    """`resize_image`; `promote16`: of uint8 `img` promoted to 16 bits (`promote_to_16bit`), promoting
+    only what is kept (cut, padded and resampled pixels are the same either way: x257 is exact)."""
     h, w, c = img.shape
     th, tw = int(size[0]), int(size[1])
+    promote = promote_to_16bit if promote16 else (lambda a: a)
     if min(h, w, th, tw) < 1:
         raise ValueError(f"resize: sizes must be at least 1x1, got {h}x{w} -> {th}x{tw}")
     if (h, w) == (th, tw):
-        return img
+        return promote(img)
     if mode == "stretch":
-        return _resample(img, (th, tw), (0.0, 0.0, float(w), float(h)))
+        return _resample(img, (th, tw), (0.0, 0.0, float(w), float(h)), promote16)
     if mode == "crop":
         s = max(th / h, tw / w)
         if s == 1.0:  # only cutting is needed: slice exactly, no resampling
             y0, x0 = (h - th) // 2, (w - tw) // 2
-            return img[y0:y0 + th, x0:x0 + tw]
+            return promote(img[y0:y0 + th, x0:x0 + tw])
         bh, bw = th / s, tw / s  # source box with the target's aspect ratio
         y0, x0 = (h - bh) / 2, (w - bw) / 2
-        return _resample(img, (th, tw), (x0, y0, x0 + bw, y0 + bh))
+        return _resample(img, (th, tw), (x0, y0, x0 + bw, y0 + bh), promote16)
     if mode == "pad":
         s = min(th / h, tw / w)
         nh, nw = min(th, max(1, round(h * s))), min(tw, max(1, round(w * s)))
-        inner = img if (nh, nw) == (h, w) else _resample(img, (nh, nw), (0.0, 0.0, float(w), float(h)))
+        inner = promote(img) if (nh, nw) == (h, w) else _resample(img, (nh, nw), (0.0, 0.0, float(w), float(h)),
+                                                                  promote16)
         # padding is no data: 0 in an integer store, NaN in a float one (the model fills it on the device)
-        out = np.full((th, tw, c), np.nan if img.dtype.kind == "f" else 0, img.dtype)
+        out = np.full((th, tw, c), np.nan if img.dtype.kind == "f" else 0, inner.dtype)
         y0, x0 = (th - nh) // 2, (tw - nw) // 2
         out[y0:y0 + nh, x0:x0 + nw] = inner
         return out
@@ -274,7 +282,7 @@ def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
         raise DecodeError(source, f"no data: every one of its {native.data.size} samples is {what}", kind="no_data")
     dtype = _check_type(native, spec, source)
     planes = convert_planes(native, channels=channels, alpha=alpha)  # type: ignore[arg-type]
-    img, nodata = planes.hwc(), None
+    img, nodata, promote16 = planes.hwc(), None, False
     if dtype == np.float32:
         img, nodata = to_float32(img, native.nodata)
         if nodata.missing == nodata.total:   # values beyond float32's range only
@@ -283,13 +291,18 @@ def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
         if native.dtype != np.float32:
             notes.append(f"{native.dtype} values stored as float32")
     elif img.dtype != dtype:
-        img = promote_to_16bit(img) if dtype == np.uint16 else img.astype(dtype)
+        # 8-bit into 16: promoted by the resize below, which promotes only the pixels it keeps
+        promote16 = dtype == np.uint16 and img.dtype == np.uint8
+        if not promote16:
+            img = promote_to_16bit(img) if dtype == np.uint16 else img.astype(dtype)
         notes.append("8-bit image promoted exactly to 16-bit (x257)" if dtype == np.uint16
                      else f"{native.dtype} values stored as {dtype}")
     if img.shape[:2] != tuple(spec.size):
         notes.append(f"resized from {img.shape[1]}x{img.shape[0]} to {spec.size[1]}x{spec.size[0]} (W x H) "
                      f"by {spec.resize}")
-        img = resize_image(img, spec.size, spec.resize)
+        img = _resize(img, spec.size, spec.resize, promote16)
+    elif promote16:
+        img = promote_to_16bit(img)
         if nodata is not None and np.isnan(img).all():   # sparse data: no output had enough valid weight
             raise DecodeError(source, f"no data after resizing: {nodata.missing} of its {nodata.total} samples are "
                                       f"NaN, Inf or nodata, and none of the {spec.size[1]}x{spec.size[0]} outputs "
