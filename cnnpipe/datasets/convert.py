@@ -250,6 +250,26 @@ def convert_items(items: list[tuple[str, bool, ImageSpec]], timeout: float = 0.0
     return out
 
 
+def _load_codecs() -> None:
+    """Load what imagecodecs, tifffile and Pillow otherwise load on first use: each worker would pay it
+    (about 10 ms) on its first PNG, TIFF and JPEG of every run; workers start from a fork server that has
+    imported this module (`cnnpipe.datasets.workers`), so they start with them loaded."""
+    try:
+        import imagecodecs
+        import tifffile
+        from PIL import Image
+
+        for name in ("png_decode", "tiff_decode", "jpeg8_decode", "zlib_decode", "deflate_decode", "lzw_decode"):
+            getattr(imagecodecs, name)
+        _ = tifffile.TIFF.DECOMPRESSORS   # the table tiff.py checks compressions against
+        Image.preinit()
+    except Exception:   # a codec missing from this build: it is reported when a file needs it
+        pass
+
+
+_load_codecs()
+
+
 def worker_died(item: tuple[str, ...], how: str, timeout: float = 0.0) -> Failure:
     """The result of a file whose worker process died twice while preparing it (see `workers.ordered_map`),
     or was stopped by its deadline (`timeout` seconds; kind "timeout")."""
