@@ -26,8 +26,9 @@ def specs() -> list[ImageSpec]:
     out = []
     for size in ((64, 64), (37, 50), (1, 1), (130, 90)):
         for mode in ("crop", "pad", "stretch"):
-            for channels, planes in (("rgb", None), ("gray", None), ("native", 1), ("native", 3), ("native", 4)):
-                for depth, dtype in ((8, None), (16, None), (32, "float32")):
+            for channels, planes in (("rgb", None), ("gray", None), ("native", 1), ("native", 2), ("native", 3),
+                                   ("native", 4)):
+                for depth, dtype in ((8, None), (16, None), (32, "float32"), (16, "int16")):
                     if size != (64, 64) and (channels, planes) in (("native", 4), ("gray", None)) and depth != 16:
                         continue
                     out.append(ImageSpec(size, mode, channels, depth, planes, dtype=dtype))
@@ -45,8 +46,39 @@ def fingerprint(res) -> str:
             f"{res.warnings} {res.decoded_bit_depth} {res.decoded_dtype} {res.nodata}")
 
 
-def files(tmp: Path) -> list[str]:
+def scientific(root: Path, seed: int = 0) -> list[str]:
+    """Signed, 32-bit and float TIFFs (1-3 planes, 1x1 to 700x900): NaN, Inf, nodata, sparse files, overshoot."""
+    import numpy as np
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
     out = []
+    for i in range(48):
+        h, w = (int(rng.integers(200, 701)), int(rng.integers(200, 901))) if i % 6 == 5 else \
+            (int(rng.integers(1, 130)), int(rng.integers(1, 130)))
+        c = (1, 2, 3)[i % 3]
+        dtype = ("float32", "float64", "int16", "int8", "uint32", "int32", "float16", "float32")[i % 8]
+        a = rng.normal(0, 1000 if dtype != "int8" else 40, (h, w, c))
+        if not dtype.startswith("float"):
+            a = np.clip(a, np.iinfo(dtype).min, np.iinfo(dtype).max)
+        a = a.astype(dtype)
+        nodata = None
+        if dtype.startswith("float") and i % 4 in (0, 1):
+            a[rng.random((h, w)) < (0.97 if i % 16 == 0 else 0.2)] = np.nan
+            a.reshape(-1)[:: max(1, a.size // 3)] = np.inf
+        if i % 5 == 2:
+            nodata = float(a.reshape(-1)[0]) if np.isfinite(a.reshape(-1)[0]) else -9999.0
+        tags = [(42113, "s", 0, f"{nodata:g}", True)] if nodata is not None else []
+        path = root / f"sci_{i:02d}_{dtype}_{h}x{w}x{c}.tif"
+        tifffile.imwrite(path, a[..., 0] if c == 1 else a, photometric="minisblack", planarconfig="contig",
+                         extratags=tags)
+        out.append(str(path))
+    return out
+
+
+def files(tmp: Path) -> list[str]:
+    out = scientific(tmp / "sci")
     for seed, per_class in ((0, 40), (1, 40)):
         m = make_messy_folder(tmp / f"m{seed}", per_class=per_class, classes=3, big_every=12, seed=seed)
         out += [str(m.root / p) for p in m.valid + m.bad]

@@ -301,12 +301,12 @@ def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
         notes.append(f"resized from {img.shape[1]}x{img.shape[0]} to {spec.size[1]}x{spec.size[0]} (W x H) "
                      f"by {spec.resize}")
         img = _resize(img, spec.size, spec.resize, promote16)
-    elif promote16:
-        img = promote_to_16bit(img)
         if nodata is not None and np.isnan(img).all():   # sparse data: no output had enough valid weight
             raise DecodeError(source, f"no data after resizing: {nodata.missing} of its {nodata.total} samples are "
                                       f"NaN, Inf or nodata, and none of the {spec.size[1]}x{spec.size[0]} outputs "
                                       "has valid pixels for half of its weight", kind="no_data")
+    elif promote16:
+        img = promote_to_16bit(img)
     pixels = np.ascontiguousarray(img)
     want = (*spec.size, spec.num_planes)
     if pixels.shape != want or pixels.dtype != dtype:
