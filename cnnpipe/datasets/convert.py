@@ -10,7 +10,9 @@ Pillow, imagecodecs), never jax.
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -28,6 +30,7 @@ HEAD_BYTES = 64  # enough for sniffing and the PNG IHDR
 # seconds one file may take in a worker: a 100-megapixel TIFF on a slow network disk takes well under a
 # minute to read and prepare; 5 minutes is a hang, not a big file
 DEFAULT_FILE_TIMEOUT = 300.0
+_EXACT_FLOAT64 = 2 ** 53  # integers up to this are exact in float64
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ def _header_dtype(fmt: str, head: bytes, path: str) -> str:
     if fmt == "PNG":
         return "uint16" if len(head) > 24 and head[24] == 16 else "uint8"
     if fmt == "TIFF":
+        plain = _plain_tiff_dtype(head, path)
+        if plain is not None:
+            return plain
         try:
             import tifffile
 
@@ -111,6 +117,76 @@ def _header_dtype(fmt: str, head: bytes, path: str) -> str:
         except Exception:
             return "uint8"
     return "uint8"
+
+
+def _plain_tiff_dtype(head: bytes, path: str) -> str | None:
+    """"uint8" or "uint16" for a classic TIFF whose first directory plainly has unsigned samples of at most
+    16 bits, read from the directory's entries alone; None for anything else (tifffile then decides).
+
+    The parent probes every file before any worker starts, so a TIFF costs a few reads here instead
+    of tifffile's parse and a stderr capture. Where a value is not plain (BigTIFF, a repeated tag,
+    samples of unequal size, a SampleFormat other than unsigned, LSM, old-style JPEG) tifffile
+    decides, so the answer is the one tifffile gives for every file it can open. (A file tifffile
+    cannot open, which then fails to decode too, may be guessed 16-bit here instead of 8: the guess
+    only chooses which files `confirm_dtype` decodes first; the store type comes from decoded files.)
+    """
+    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(head[:4])
+    if order is None or len(head) < 8:
+        return None
+    try:
+        with open(path, "rb") as f:
+            tags = _ifd_entries(f, order, struct.unpack(order + "I", head[4:8])[0])
+            if tags is None or _LSM_INFO in tags or _short(tags.get(_COMPRESSION), order) == 6:
+                return None
+            bits = _shorts(f, tags.get(_BITS_PER_SAMPLE), order)
+            formats = _shorts(f, tags.get(_SAMPLE_FORMAT), order) if _SAMPLE_FORMAT in tags else (1,)
+    except (OSError, struct.error):
+        return None
+    if not bits or not formats or len(set(bits)) != 1 or set(formats) != {1} or not 0 < bits[0] <= 16:
+        return None
+    return "uint16" if bits[0] > 8 else "uint8"
+
+
+_BITS_PER_SAMPLE, _COMPRESSION, _SAMPLE_FORMAT, _LSM_INFO = 258, 259, 339, 34412
+_SHORT = 3   # the TIFF field type of BitsPerSample, Compression and SampleFormat
+
+
+def _ifd_entries(f: BinaryIO, order: str, offset: int) -> dict[int, tuple[int, int, bytes]] | None:
+    """{tag: (type, count, value or offset field)} of the directory at `offset`; None if cut or a tag repeats."""
+    f.seek(offset)
+    raw = f.read(2)
+    if len(raw) < 2:
+        return None
+    n = struct.unpack(order + "H", raw)[0]
+    raw = f.read(12 * n)
+    if n == 0 or len(raw) < 12 * n:
+        return None
+    tags = {}
+    for code, typ, count, value in struct.iter_unpack(order + "HHI4s", raw):
+        if code in tags:
+            return None
+        tags[code] = (typ, count, value)
+    return tags
+
+
+def _shorts(f: BinaryIO, entry: tuple[int, int, bytes] | None, order: str) -> tuple[int, ...] | None:
+    """The SHORT values of one directory entry (read from its offset when they do not fit in it)."""
+    if entry is None or entry[0] != _SHORT or not 0 < entry[1] <= 64:
+        return None
+    typ, count, value = entry
+    if count > 2:
+        f.seek(struct.unpack(order + "I", value)[0])
+        value = f.read(2 * count)
+        if len(value) < 2 * count:
+            return None
+    return struct.unpack(f"{order}{count}H", value[:2 * count])
+
+
+def _short(entry: tuple[int, int, bytes] | None, order: str) -> int | None:
+    """The value of a one-SHORT entry (None without the tag or for another shape)."""
+    if entry is None or entry[0] != _SHORT or entry[1] != 1:
+        return None
+    return struct.unpack(order + "H", entry[2][:2])[0]
 
 
 def convert_file(path: str, want_stats: bool, spec: ImageSpec) -> Prepared | Failure | NeedsDtype:
@@ -148,8 +224,14 @@ def _plane_sums(pixels: np.ndarray) -> tuple[list, list, list[int]]:
     """
     c = pixels.shape[2]
     if pixels.dtype.kind != "f":
+        n = pixels.size // c
+        info = np.iinfo(pixels.dtype)
+        if n * max(-int(info.min), int(info.max)) ** 2 < _EXACT_FLOAT64:
+            # every partial sum is an integer below 2**53, so float64 (and BLAS, in any order, with FMA)
+            # is exact; a matrix product is many times faster than numpy's integer reductions
+            planes = pixels.reshape(-1, c).T.astype(np.float64)
+            return [int(v) for v in planes @ np.ones(n)], [int(np.dot(p, p)) for p in planes], [n] * c
         flat = pixels.reshape(-1, c).astype(np.int64 if pixels.dtype.kind == "i" else np.uint64)
-        n = flat.shape[0]
         return [int(v) for v in flat.sum(0)], [int(v) for v in np.einsum("ij,ij->j", flat, flat)], [n] * c
     flat = pixels.reshape(-1, c).astype(np.float64)
     ok = ~np.isnan(flat)
@@ -166,6 +248,26 @@ def convert_items(items: list[tuple[str, bool, ImageSpec]], timeout: float = 0.0
         start_item(i, timeout)
         out.append(convert_file(path, want, spec))
     return out
+
+
+def _load_codecs() -> None:
+    """Load what imagecodecs, tifffile and Pillow otherwise load on first use: each worker would pay it
+    (about 10 ms) on its first PNG, TIFF and JPEG of every run; workers start from a fork server that has
+    imported this module (`cnnpipe.datasets.workers`), so they start with them loaded."""
+    try:
+        import imagecodecs
+        import tifffile
+        from PIL import Image
+
+        for name in ("png_decode", "tiff_decode", "jpeg8_decode", "zlib_decode", "deflate_decode", "lzw_decode"):
+            getattr(imagecodecs, name)
+        _ = tifffile.TIFF.DECOMPRESSORS   # the table tiff.py checks compressions against
+        Image.preinit()
+    except Exception:   # a codec missing from this build: it is reported when a file needs it
+        pass
+
+
+_load_codecs()
 
 
 def worker_died(item: tuple[str, ...], how: str, timeout: float = 0.0) -> Failure:

@@ -3,7 +3,8 @@
 Owns: `formats` (per-format decoders, magic bytes, codec messages), `decode`
 (bytes -> `Planes`: orientation, channel and alpha policies, bit depth kept) and
 `transform` (the one image path: match planes, promote 8 -> 16 bits exactly,
-resize; shared by preprocess, the dataset caches, predict and inspect).
+resize; shared by preprocess, the dataset caches, predict and inspect) with
+`resample` (its exact antialiased resize through Pillow).
 
 May import: the top-level foundation modules (`config`, `files`, `fdcapture`).
 

@@ -166,6 +166,10 @@ class _ListHandler(logging.Handler):
         self.out.append(record.getMessage())
 
 
+# blocks are serialised by `stderr_lines`' lock: one block at a time has this handler on the codec loggers
+_HANDLER = _ListHandler([])
+
+
 @contextlib.contextmanager
 def codec_messages() -> Iterator[list[str]]:
     """Collect what codecs print or warn while the block runs, instead of letting it reach stderr.
@@ -180,12 +184,13 @@ def codec_messages() -> Iterator[list[str]]:
     """
     raw: list[str] = []
     out: list[str] = []
-    handler = _ListHandler(raw)
+    handler = _HANDLER
     loggers = [logging.getLogger(name) for name in _CODEC_LOGGERS]
     printed: list[str] = []
     caught: list[Any] = []
     try:
         with stderr_lines() as printed, warnings.catch_warnings(record=True) as caught:
+            handler.out = raw   # one handler for every block (making one per file costs more than the block)
             warnings.simplefilter("always")
             propagate = [lg.propagate for lg in loggers]
             for lg in loggers:

@@ -104,7 +104,7 @@ def decode_tiff(data: bytes, source: str | None, max_pixels: int | None, pages: 
             return Decoded(_invert(arr, info.bits) if info.photometric == _MINISWHITE else arr, names,
                            info.orientation, notes=warnings)
         _check_supported(info, source)
-        nodata = nodata_value(data)
+        nodata = _nodata_of(first)   # from the directory already parsed, not a second parse of the file
         overshoot = _check_complete([first], len(data), source)
         notes = ((f"{count} pages; page 1 kept",) if count > 1 else ()) + overshoot
         if info.photometric == _PALETTE and info.spp == 1:
@@ -128,19 +128,28 @@ def _page_chain_errors() -> Iterator[list[str]]:
     read as fewer pages (a damaged 3-channel stack as one gray page), so it is corrupt.
     """
     found: list[str] = []
-
-    class _Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            hit = re.search(r"invalid (page offset|offset to first page) \S+", record.getMessage())
-            if hit:
-                found.append(hit.group(0))
-
-    handler, logger = _Handler(logging.WARNING), logging.getLogger("tifffile")
+    handler, logger = _ChainHandler(found), logging.getLogger("tifffile")
     logger.addHandler(handler)
     try:
         yield found
     finally:
         logger.removeHandler(handler)
+
+
+class _ChainHandler(logging.Handler):
+    """Appends tifffile's "invalid page offset" warnings to `found` (a class made once, not per file)."""
+
+    def __init__(self, found: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.found = found
+
+    def emit(self, record: logging.LogRecord) -> None:
+        hit = _CHAIN_BROKEN.search(record.getMessage())
+        if hit:
+            self.found.append(hit.group(0))
+
+
+_CHAIN_BROKEN = re.compile(r"invalid (page offset|offset to first page) \S+")
 
 
 def _check_supported(info: _Page, source: str | None) -> None:
@@ -182,7 +191,15 @@ def nodata_value(data: bytes) -> float | None:
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            raw = tif.pages.first.tags.valueof(42113)
+            return _nodata_of(tif.pages.first)
+    except Exception:   # the decode itself reports a damaged file
+        return None
+
+
+def _nodata_of(page: Any) -> float | None:
+    """`nodata_value` of a parsed first page."""
+    try:
+        raw = page.tags.valueof(42113)
     except Exception:   # the decode itself reports a damaged file
         return None
     try:

@@ -26,6 +26,7 @@ import numpy as np
 from cnnpipe.images.decode import Planes, convert_planes, jpeg_size, read_file, read_image
 from cnnpipe.images.formats import DecodeError
 from cnnpipe.images.pixel_types import NoData, all_missing, has_nodata, store_dtype_for, to_float32, widen
+from cnnpipe.images.resample import resample as _resample
 
 __all__ = ["RESIZE_MODES", "CHANNEL_MODES", "IMAGE_PATH_VERSION", "ImageSpec", "InputImage", "NeedsSixteenBit", "NeedsWiderType", "resamples", "prepare_bytes",
            "prepare_planes", "prepare_image", "promote_to_16bit", "resize_image", "spec_for_model"]
@@ -36,81 +37,7 @@ CHANNEL_MODES = ("rgb", "gray", "native")
 # folder caches record it, so a cache built by an older chain is rebuilt, never reused.
 IMAGE_PATH_VERSION = 5  # 5: signed and float files into int16/float32 stores, nodata as NaN (4: 12-bit JPEG, --pages)
 
-# Shrinking by >= 2x this gap first box-reduces by an integer factor, then applies
-# bicubic over the rest (Pillow's reducing_gap): antialiased like one bicubic pass, ~1.7x faster.
-_REDUCING_GAP = 2.0
-_MAX_8BIT_REDUCE = 128  # largest integer reduce factor Pillow's 8-bit path keeps exact (see _resample)
-
-
 # ---------------------------------------------------------------- resize
-
-def _resample(planes: np.ndarray, out_hw: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
-    """Resize (h, w, C) uint8/uint16/int16/float32 to (H, W, C) of the same dtype, antialiased bicubic over `box`.
-
-    uint8 goes through Pillow's 8-bit resampler (RGB at once, other counts a
-    plane at a time: the same fixed-point filter per plane); uint16 per plane
-    in float32 ("F" mode), rounded back, so nothing passes through 8 bits.
-    """
-    from PIL import Image
-
-    oh, ow = out_hw
-    bicubic = Image.Resampling.BICUBIC
-    h, w, c = planes.shape
-    # float rounding can put a computed box a hair outside the image; Pillow refuses that
-    x0, y0, x1, y1 = box
-    box = (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h))
-    # Pillow's 8-bit box reduce loses precision past a factor of about 200 (a constant 255
-    # comes out 254), so such shrinks of 8-bit images take the float path, as 16-bit does
-    exact_8bit = max((box[2] - box[0]) / ow, (box[3] - box[1]) / oh) / _REDUCING_GAP <= _MAX_8BIT_REDUCE
-    if planes.dtype == np.uint8 and c == 3 and exact_8bit:
-        im = Image.fromarray(np.ascontiguousarray(planes), "RGB")
-        return np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
-    out = np.empty((oh, ow, c), planes.dtype)
-    masks: dict = {}   # bands of one scene share their no-data mask: its filtered validity is computed once
-    for i in range(c):
-        if planes.dtype == np.uint8 and exact_8bit:
-            im = Image.fromarray(np.ascontiguousarray(planes[:, :, i]), "L")
-            out[:, :, i] = np.asarray(im.resize((ow, oh), bicubic, box=box, reducing_gap=_REDUCING_GAP))
-            continue
-        res = _resample_float(planes[:, :, i].astype(np.float32), (ow, oh), box,
-                              masks if planes.dtype.kind == "f" else None)   # integers hold no NaN
-        # integer stores round to their type; a float store keeps the filter's values, overshoot included
-        info = None if planes.dtype.kind == "f" else np.iinfo(planes.dtype)
-        out[:, :, i] = res if info is None else np.rint(np.clip(res, float(info.min), float(info.max)))
-    return out
-
-
-def _resample_float(plane: np.ndarray, out_wh: tuple[int, int], box: tuple[float, ...],
-                    masks: dict | None = None) -> np.ndarray:
-    """One float32 plane (h, w) resized by Pillow's "F" mode; NaN (no data) by normalised convolution.
-
-    A NaN inside the filter's support would make every output it touches NaN (a whole
-    image, when shrinking): so valid values are filtered with the NaN weight given to 0 and
-    divided by the filtered validity, and an output is NaN where less than half of its
-    weight fell on valid pixels (GDAL's rule for resampling with nodata, in spirit). `masks` carries
-    the last plane's mask and filtered validity to the next plane (bands share their no-data mask);
-    None: the plane came from integers, so it holds no NaN.
-    """
-    from PIL import Image
-
-    def resize(a: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(a, "F").resize(out_wh, Image.Resampling.BICUBIC, box=box,
-                                                         reducing_gap=_REDUCING_GAP))
-
-    if masks is None:   # integer pixels: no NaN to look for
-        return resize(plane)
-    missing = np.isnan(plane)
-    if not missing.any():
-        return resize(plane)
-    if "missing" in masks and np.array_equal(masks["missing"], missing):
-        valid = masks["valid"]   # the previous plane's mask: the same filtered validity
-    else:
-        valid = resize((~missing).astype(np.float32))
-        masks.update(missing=missing, valid=valid)
-    total = resize(np.where(missing, np.float32(0), plane))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(valid >= 0.5, total / valid, np.nan).astype(np.float32)
-
 
 def promote_to_16bit(img: np.ndarray) -> np.ndarray:
     """uint8 -> uint16 exactly, x257 (0 -> 0, 255 -> 65535: full scale stays full scale)."""
@@ -123,28 +50,36 @@ def resize_image(img: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarra
     crop: scale so the image covers the target, keep the centre; pad: scale so
     it fits inside, centre it on zeros; stretch: scale each side independently.
     """
+    return _resize(img, size, mode, False)
+
+
+def _resize(img: np.ndarray, size: tuple[int, int], mode: str, promote16: bool) -> np.ndarray:
+    """`resize_image`; `promote16`: of uint8 `img` promoted to 16 bits (`promote_to_16bit`), promoting
+    only what is kept (cut, padded and resampled pixels are the same either way: x257 is exact)."""
     h, w, c = img.shape
     th, tw = int(size[0]), int(size[1])
+    promote = promote_to_16bit if promote16 else (lambda a: a)
     if min(h, w, th, tw) < 1:
         raise ValueError(f"resize: sizes must be at least 1x1, got {h}x{w} -> {th}x{tw}")
     if (h, w) == (th, tw):
-        return img
+        return promote(img)
     if mode == "stretch":
-        return _resample(img, (th, tw), (0.0, 0.0, float(w), float(h)))
+        return _resample(img, (th, tw), (0.0, 0.0, float(w), float(h)), promote16)
     if mode == "crop":
         s = max(th / h, tw / w)
         if s == 1.0:  # only cutting is needed: slice exactly, no resampling
             y0, x0 = (h - th) // 2, (w - tw) // 2
-            return img[y0:y0 + th, x0:x0 + tw]
+            return promote(img[y0:y0 + th, x0:x0 + tw])
         bh, bw = th / s, tw / s  # source box with the target's aspect ratio
         y0, x0 = (h - bh) / 2, (w - bw) / 2
-        return _resample(img, (th, tw), (x0, y0, x0 + bw, y0 + bh))
+        return _resample(img, (th, tw), (x0, y0, x0 + bw, y0 + bh), promote16)
     if mode == "pad":
         s = min(th / h, tw / w)
         nh, nw = min(th, max(1, round(h * s))), min(tw, max(1, round(w * s)))
-        inner = img if (nh, nw) == (h, w) else _resample(img, (nh, nw), (0.0, 0.0, float(w), float(h)))
+        inner = promote(img) if (nh, nw) == (h, w) else _resample(img, (nh, nw), (0.0, 0.0, float(w), float(h)),
+                                                                  promote16)
         # padding is no data: 0 in an integer store, NaN in a float one (the model fills it on the device)
-        out = np.full((th, tw, c), np.nan if img.dtype.kind == "f" else 0, img.dtype)
+        out = np.full((th, tw, c), np.nan if img.dtype.kind == "f" else 0, inner.dtype)
         y0, x0 = (th - nh) // 2, (tw - nw) // 2
         out[y0:y0 + nh, x0:x0 + nw] = inner
         return out
@@ -347,7 +282,7 @@ def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
         raise DecodeError(source, f"no data: every one of its {native.data.size} samples is {what}", kind="no_data")
     dtype = _check_type(native, spec, source)
     planes = convert_planes(native, channels=channels, alpha=alpha)  # type: ignore[arg-type]
-    img, nodata = planes.hwc(), None
+    img, nodata, promote16 = planes.hwc(), None, False
     if dtype == np.float32:
         img, nodata = to_float32(img, native.nodata)
         if nodata.missing == nodata.total:   # values beyond float32's range only
@@ -356,17 +291,22 @@ def prepare_planes(native: Planes, spec: ImageSpec, source: str) -> InputImage:
         if native.dtype != np.float32:
             notes.append(f"{native.dtype} values stored as float32")
     elif img.dtype != dtype:
-        img = promote_to_16bit(img) if dtype == np.uint16 else img.astype(dtype)
+        # 8-bit into 16: promoted by the resize below, which promotes only the pixels it keeps
+        promote16 = dtype == np.uint16 and img.dtype == np.uint8
+        if not promote16:
+            img = promote_to_16bit(img) if dtype == np.uint16 else img.astype(dtype)
         notes.append("8-bit image promoted exactly to 16-bit (x257)" if dtype == np.uint16
                      else f"{native.dtype} values stored as {dtype}")
     if img.shape[:2] != tuple(spec.size):
         notes.append(f"resized from {img.shape[1]}x{img.shape[0]} to {spec.size[1]}x{spec.size[0]} (W x H) "
                      f"by {spec.resize}")
-        img = resize_image(img, spec.size, spec.resize)
+        img = _resize(img, spec.size, spec.resize, promote16)
         if nodata is not None and np.isnan(img).all():   # sparse data: no output had enough valid weight
             raise DecodeError(source, f"no data after resizing: {nodata.missing} of its {nodata.total} samples are "
                                       f"NaN, Inf or nodata, and none of the {spec.size[1]}x{spec.size[0]} outputs "
                                       "has valid pixels for half of its weight", kind="no_data")
+    elif promote16:
+        img = promote_to_16bit(img)
     pixels = np.ascontiguousarray(img)
     want = (*spec.size, spec.num_planes)
     if pixels.shape != want or pixels.dtype != dtype:
