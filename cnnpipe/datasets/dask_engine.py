@@ -63,6 +63,9 @@ class DaskEngine:
 
     def __init__(self, out: Path, *, workers: int, scheduler: str | None = None,
                  scheduler_file: str | None = None) -> None:
+        local = scheduler is None and scheduler_file is None
+        if local:   # its worker threads are in this process: their pools start while Dask is imported
+            threading.Thread(target=_start_pools, args=(workers,), name="cnnpipe-pool-start", daemon=True).start()
         try:
             import distributed
         except ImportError:
@@ -73,11 +76,12 @@ class DaskEngine:
         self.shards.mkdir(parents=True)   # first: a local cluster's workers keep their scratch files in it
         try:
             self.client = _connect(distributed, workers, scheduler, scheduler_file, self.shards / "dask-workers")
-            self._cluster = self.client.cluster if scheduler is None and scheduler_file is None else None
+            self._cluster = self.client.cluster if local else None
             self._versions = _check_versions(self.client)
             self.workers = sum(w["nthreads"] for w in self.client.scheduler_info()["workers"].values())
             self._require_visible(self.shards, "OUT's folder")
-            self.client.run(start_pools)
+            if not local:
+                self.client.run(start_pools)
             self._cwd_checked = False
         except BaseException:
             self.close()
@@ -147,6 +151,7 @@ class DaskEngine:
             self.client.close(timeout=10)
             if self._cluster is not None:
                 self._cluster.close(timeout=10)
+                _close_idle_pools()   # its workers were threads of this process: their pools are ours
         except Exception as exc:
             log.debug("closing the Dask client: %r", exc)
         finally:
@@ -300,13 +305,22 @@ def _pool() -> WorkerPool:
 def start_pools(dask_worker: Any) -> None:
     """Run by `Client.run` as the engine starts: a pool per worker thread, started in the background so
     that the fork server's imports overlap the client's scan of the files, ready for the first task."""
-    def start() -> None:
-        for _ in range(max(0, dask_worker.state.nthreads - len(_IDLE))):
-            pool = _pool()
-            with _IDLE_LOCK:
-                _IDLE.append(pool)
+    threading.Thread(target=_start_pools, args=(dask_worker.state.nthreads,), name="cnnpipe-pool-start",
+                     daemon=True).start()
 
-    threading.Thread(target=start, name="cnnpipe-pool-start", daemon=True).start()
+
+def _close_idle_pools() -> None:
+    with _IDLE_LOCK:
+        pools, _IDLE[:] = list(_IDLE), []
+    for pool in pools:
+        pool.close()
+
+
+def _start_pools(n: int) -> None:
+    for _ in range(max(0, n - len(_IDLE))):
+        pool = _pool()
+        with _IDLE_LOCK:
+            _IDLE.append(pool)
 
 
 def _in_folder(cwd: str | None, fn: Callable[[list], list], job: list) -> list:
