@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +23,8 @@ from PIL import Image
 
 pytest.importorskip("distributed")
 
-from cnnpipe.datasets import dask_engine  # noqa: E402
-from cnnpipe.datasets.dask_engine import KILL_DASK_ENV  # noqa: E402
+from cnnpipe.datasets import dask_connect, dask_engine, dask_tasks  # noqa: E402
+from cnnpipe.datasets.dask_tasks import KILL_DASK_ENV  # noqa: E402
 from cnnpipe.datasets.preprocess import PreprocessError, preprocess  # noqa: E402
 from cnnpipe.datasets.workers import HANG_ENV, KILL_ENV  # noqa: E402
 
@@ -161,9 +162,21 @@ def test_cluster_problems_are_one_line(tmp_path, monkeypatch, capsys):
         preprocess(tmp_path / "src", tmp_path / "out", size=8, engine="dask", scheduler_file=tmp_path / "nope.json")
     with pytest.raises(PreprocessError, match="only used with engine 'dask'"):
         preprocess(tmp_path / "src", tmp_path / "out", size=8, scheduler="tcp://127.0.0.1:1")
-    monkeypatch.setattr(dask_engine, "_CONNECT_S", 1)
-    with pytest.raises(PreprocessError, match=r"cannot connect to tcp://127.0.0.1:1\b"):
+    monkeypatch.setattr(dask_connect, "CONNECT_S", 1)
+    with pytest.raises(PreprocessError, match=r"cannot connect to the Dask scheduler tcp://127.0.0.1:1 \("):
         preprocess(tmp_path / "src", tmp_path / "out", size=8, engine="dask", scheduler="tcp://127.0.0.1:1")
+    # an address that accepts the connection and never answers (not a Dask scheduler): the same, in time
+    with socket.create_server(("127.0.0.1", 0)) as mute:
+        t0 = time.monotonic()
+        with pytest.raises(PreprocessError, match="no answer"):
+            preprocess(tmp_path / "src", tmp_path / "out", size=8, engine="dask",
+                       scheduler=f"tcp://127.0.0.1:{mute.getsockname()[1]}")
+        assert time.monotonic() - t0 < 15
+    for text in ("{", "", '{"address": 5}', "[1, 2]"):   # not scheduler files
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(PreprocessError, match="not a Dask scheduler file"):
+            preprocess(tmp_path / "src", tmp_path / "out", size=8, engine="dask", scheduler_file=tmp_path / "bad.json")
+    (tmp_path / "bad.json").unlink()
     assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["src"]
     proc = subprocess.run([*CLI, str(tmp_path / "src"), str(tmp_path / "out"), "--size", "8", "--engine", "dask",
                            "--scheduler-file", "nope.json"], capture_output=True, text=True, timeout=60)
@@ -185,17 +198,17 @@ class _Client:
 
 
 @pytest.mark.parametrize("worker, words", [
-    ({"cnnpipe": None}, "worker tcp://127.0.0.1:4001 lacks it, this process has cnnpipe 0.1.0"),
-    ({"pillow": "10"}, "worker tcp://127.0.0.1:4001 has 10, this process has pillow 11"),
+    ({"cnnpipe": None}, "worker tcp://127.0.0.1:4001 does not have it, this process has cnnpipe 0.1.0"),
+    ({"pillow": "10"}, "worker tcp://127.0.0.1:4001 has pillow 10, this process has pillow 11"),
     ({"python": "3.12.1.final.0"}, "worker tcp://127.0.0.1:4001 runs Python 3.12, this process 3.11"),
     ({"python": "3.11.9.final.0"}, None),
 ])
 def test_workers_with_other_versions_are_refused_before_any_work(worker, words):
     if words is None:
-        dask_engine._check_versions(_Client(worker))
+        dask_connect.check_versions(_Client(worker))
         return
     with pytest.raises(PreprocessError) as exc:
-        dask_engine._check_versions(_Client(worker))
+        dask_connect.check_versions(_Client(worker))
     assert words in str(exc.value) and "\n" not in str(exc.value)
 
 
@@ -223,10 +236,10 @@ def test_ctrl_c_stops_the_cluster_tasks_and_leaves_nothing_behind(tmp_path):
 
 
 def test_a_worker_that_joins_later_with_other_versions_fails_its_task_in_one_line(monkeypatch):
-    mine = dask_engine._versions_here()
-    monkeypatch.setattr(dask_engine, "_versions_here", lambda: {**mine, "imagecodecs": "2020.1.1"})
-    with pytest.raises(PreprocessError, match=r"has 2020\.1\.1, this process has imagecodecs \d"):
-        dask_engine.run_task(None, [], 8, None, "shard.npy", ("k",), None, mine)
+    mine = dask_tasks._versions_here()
+    monkeypatch.setattr(dask_tasks, "_versions_here", lambda: {**mine, "imagecodecs": "2020.1.1"})
+    with pytest.raises(PreprocessError, match=r"has imagecodecs 2020\.1\.1, this process has imagecodecs \d"):
+        dask_tasks.run_task(None, [], 8, None, "shard.npy", ("k",), None, mine)
 
 
 def test_a_task_the_cluster_keeps_losing_stops_the_run_in_one_line():
@@ -239,4 +252,4 @@ def test_a_task_the_cluster_keeps_losing_stops_the_run_in_one_line():
 
     with pytest.raises(PreprocessError) as exc:
         dask_engine._result(Future())
-    assert "\n" not in str(exc.value) and "lost a task (KilledWorker: Attempted to run task" in str(exc.value)
+    assert "\n" not in str(exc.value) and "lost task ? (KilledWorker): the Dask workers" in str(exc.value)

@@ -17,8 +17,9 @@ The pool, or the Dask cluster, starts in a thread while this process reads the f
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ from cnnpipe.datasets.workers import WorkerPool, chunks, make_pool, ordered_map
 __all__ = ["ENGINES", "Engine", "LocalEngine", "engine_started_early"]
 
 ENGINES = ("local", "dask")
+_START_WAIT_S = 15   # a local pool or cluster starts in a second or two; a remote one may hang forever
 
 
 class Engine(Protocol):
@@ -85,18 +87,25 @@ def engine_started_early(name: str, workers: int, num_files: int, out: Path, *, 
         use_pool = workers > 1 and num_files > workers
         return LocalEngine(make_pool(workers) if use_pool else None, workers)
 
-    starter = ThreadPoolExecutor(1, thread_name_prefix="cnnpipe-engine-start")
-    future = starter.submit(start)
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(start())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    # a daemon thread: a start that hangs (a peer that never answers) must not keep the process alive
+    threading.Thread(target=run, name="cnnpipe-engine-start", daemon=True).start()
     try:
         yield future.result
     finally:
-        try:
-            engine = future.result()
+        try:   # an engine still starting (Ctrl-C came early) is waited for, a while, to be closed
+            engine = future.result(timeout=_START_WAIT_S)
         except BaseException:
             engine = None
         if engine is not None:
             _close(engine)
-        starter.shutdown()
 
 
 def _close(engine: Any) -> None:

@@ -22,19 +22,15 @@ second wait; the job's other items are retried.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import logging
-import multiprocessing
 import os
 import pickle
 import queue
 import signal
-import sys
 import threading
 import traceback
-import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +40,7 @@ from typing import Any, TypeVar
 
 from cnnpipe.datasets import deadlines
 from cnnpipe.datasets.deadlines import DEADLINE, HANG_ENV, KILL_ENV, die_here_if_asked, start_item
+from cnnpipe.datasets.process_start import context, main_hidden
 
 __all__ = ["KILL_ENV", "HANG_ENV", "DEADLINE", "PoolStopped", "WorkerDied", "WorkerPool", "chunks", "die_here_if_asked",
            "make_pool", "ordered_map", "start_item"]
@@ -55,8 +52,6 @@ T, R = TypeVar("T"), TypeVar("R")
 _HELD = 2          # jobs a worker holds at once: the running one and the next, so it never idles
 _JOIN_S = 5.0      # a worker that closed its pipe is exiting; past this it is killed
 
-WORKER_PRELOAD = ["cnnpipe.datasets.convert", "cnnpipe.datasets.native_planes", "imagecodecs", "tifffile", "PIL.JpegImagePlugin", "PIL.PngImagePlugin",
-                   "PIL.TiffImagePlugin", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.WebPImagePlugin"]
 
 
 class PoolStopped(RuntimeError):
@@ -224,30 +219,6 @@ class _Worker:
     held: deque[_Task] = field(default_factory=deque)
 
 
-@contextlib.contextmanager
-def _main_hidden() -> Iterator[None]:
-    """Hide the caller's script while workers start: a forkserver/spawn child re-runs it (for functions
-    defined there; ours are importable), and a script importing jax would drag jax into every worker."""
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if main is not None:
-            sys.modules["__main__"] = main
-
-
-def _context() -> Any:
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        # the fork server imports the whole decoding stack once (codecs and Pillow's
-        # plugins are otherwise imported lazily, on each worker's first file); workers
-        # fork from it ready. Only the first pool of a process starts the server.
-        ctx.set_forkserver_preload(WORKER_PRELOAD)
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
 def _reap(proc: Any) -> str:
     """Reap an exiting worker (killed if it lingers): 'killed by signal 9 (SIGKILL)', 'exited with status 3'."""
     proc.join(_JOIN_S)
@@ -274,7 +245,7 @@ class WorkerPool:
     def __init__(self, workers: int) -> None:
         if workers < 1:
             raise ValueError(f"workers: expected at least 1, got {workers!r}")
-        self._ctx, self._workers, self._closed = _context(), [], False
+        self._ctx, self._workers, self._closed = context(), [], False
         self.stopping = False   # its owner is killing the workers on purpose (a stopped Dask task): PoolStopped
         try:
             for _ in range(workers):
@@ -317,7 +288,7 @@ class WorkerPool:
         current = self._ctx.RawValue("l", -1)
         proc = self._ctx.Process(target=_worker_main, args=(theirs, current), name="cnnpipe-worker", daemon=True)
         try:
-            with _main_hidden():
+            with main_hidden():
                 proc.start()
         except (EOFError, OSError) as exc:  # the fork server itself died (killed): start a new one, once
             ours.close()
