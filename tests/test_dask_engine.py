@@ -160,7 +160,7 @@ def test_cluster_problems_are_one_line(tmp_path, monkeypatch, capsys):
     _folder(tmp_path / "src", per_class=2)
     with pytest.raises(PreprocessError, match="no such file"):
         preprocess(tmp_path / "src", tmp_path / "out", size=8, engine="dask", scheduler_file=tmp_path / "nope.json")
-    with pytest.raises(PreprocessError, match="only used with engine 'dask'"):
+    with pytest.raises(PreprocessError, match="only used with the dask engine"):
         preprocess(tmp_path / "src", tmp_path / "out", size=8, scheduler="tcp://127.0.0.1:1")
     monkeypatch.setattr(dask_connect, "CONNECT_S", 1)
     with pytest.raises(PreprocessError, match=r"cannot connect to the Dask scheduler tcp://127.0.0.1:1 \("):
@@ -177,6 +177,11 @@ def test_cluster_problems_are_one_line(tmp_path, monkeypatch, capsys):
         with pytest.raises(PreprocessError, match="not a Dask scheduler file"):
             preprocess(tmp_path / "src", tmp_path / "out", size=8, engine="dask", scheduler_file=tmp_path / "bad.json")
     (tmp_path / "bad.json").unlink()
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as empty:   # a scheduler alone
+        with pytest.raises(PreprocessError, match=f"no worker joined the scheduler {empty.scheduler_address} "):
+            preprocess(tmp_path / "src", tmp_path / "out", size=8, engine="dask", scheduler=empty.scheduler_address)
     assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["src"]
     proc = subprocess.run([*CLI, str(tmp_path / "src"), str(tmp_path / "out"), "--size", "8", "--engine", "dask",
                            "--scheduler-file", "nope.json"], capture_output=True, text=True, timeout=60)

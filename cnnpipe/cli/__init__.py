@@ -48,11 +48,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
-# Splitting a batch over CPU devices pays off from about 64 images per device: the
-# reference CNN at batch 128 trains 1.35x faster on 2 devices than on 1
-# (benchmarks/bench_train.py), while `simple_cnn` at batch 64 trains 1.15-1.2x faster on
-# one device (6.5 vs 7.9 ms a step, benchmarks/bench_e2e.py's digits): below that the
-# cross-device reduction and per-device dispatch cost more than the second core gives.
+# Splitting a batch over CPU devices pays off from about 64 images per device: the reference CNN at batch
+# 128 trains 1.35x faster on 2 devices than on 1 (bench_train.py), `simple_cnn` at batch 64 1.15-1.2x faster
+# on one (6.5 vs 7.9 ms a step, bench_e2e.py's digits): below that, reduction and dispatch cost more.
 MIN_IMAGES_PER_CPU_DEVICE = 64
 
 
@@ -373,9 +371,16 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every other input error (`--help` keeps usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `cnnpipe` argument parser with every sub-command registered."""
-    parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cnnpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         add(sub)

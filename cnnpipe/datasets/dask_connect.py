@@ -47,7 +47,7 @@ def connect(distributed: Any, workers: int, address: str | None, scratch: Path) 
     if address is None:
         return _local_client(distributed, workers, scratch)
     try:
-        client = _within(CONNECT_S + 5, lambda: distributed.Client(address, timeout=CONNECT_S,
+        client = _within(1.2 * CONNECT_S, lambda: distributed.Client(address, timeout=CONNECT_S,
                                                                    set_as_default=False))
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
         why = "no answer" if isinstance(exc, TimeoutError) else str(exc).splitlines()[0][:200]

@@ -101,8 +101,12 @@ class Settings:
             raise PreprocessError(f"file_timeout: expected seconds from 0 (no deadline) up to 1e7, got {t!r}")
         if self.engine not in ("local", "dask"):
             raise PreprocessError(f"engine: expected 'local' or 'dask', got {self.engine!r}")
-        if self.engine != "dask" and (self.scheduler or self.scheduler_file):
-            raise PreprocessError("scheduler: a Dask scheduler is only used with engine 'dask' (--engine dask)")
+        if self.engine != "dask" and (self.scheduler is not None or self.scheduler_file is not None):
+            raise PreprocessError("scheduler: a Dask scheduler is only used with the dask engine (--engine dask; "
+                                  "config data.engine: dask)")
+        for name in ("scheduler", "scheduler_file"):
+            if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
+                raise PreprocessError(f"{name}: expected an address or a path, got {getattr(self, name)!r}")
         if self.scheduler and self.scheduler_file:
             raise PreprocessError("scheduler: give the scheduler's address or its scheduler file, not both")
         if self.engine == "dask":   # before any file is read

@@ -381,7 +381,11 @@ class WorkerPool:
         index = int(w.current.value)   # shared memory outlives the process: the item it was on
         w.conn.close()
         del self._workers[i]
-        log.warning("a worker process %s; %d job(s) it held go to the other workers", how, len(held))
+        if how == DEADLINE:   # its file is reported as timeout, not tried again
+            log.warning("a worker process was stopped at the file deadline (--file-timeout); a fresh one takes "
+                        "its other files")
+        else:
+            log.warning("a worker process %s; %d job(s) it held go to the other workers", how, len(held))
         # it ran its tasks in order, so only the oldest was started; the others go back unchanged
         for task in reversed(held[1:]):
             if not task.run.abandoned:
