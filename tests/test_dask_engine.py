@@ -179,7 +179,7 @@ def test_cluster_problems_are_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.json").unlink()
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as empty:   # a scheduler alone
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:   # a scheduler alone
         with pytest.raises(PreprocessError, match=f"no worker joined the scheduler {empty.scheduler_address} "):
             preprocess(tmp_path / "src", tmp_path / "out", size=8, engine="dask", scheduler=empty.scheduler_address)
     assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["src"]
