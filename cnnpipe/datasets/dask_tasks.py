@@ -35,6 +35,7 @@ _STOPPED: set[str] = set()            # keys of maps (and engines) whose tasks m
 _RUNNING: dict[int, tuple] = {}       # id of a running task's pool -> (its stop keys, the pool)
 _IDLE: list[WorkerPool] = []          # one-process pools no task is using (`_pool`)
 _LOCK = threading.Lock()              # guards the three: a pool is running, idle or stopped, never two
+_IN_CLIENT = False                    # this process is a client whose local cluster's workers are threads
 
 
 def run_task(fn: Callable[[list], list], items: list, job_size: int, on_death: Callable[[Any, str], Any],
@@ -50,7 +51,7 @@ def run_task(fn: Callable[[list], list], items: list, job_size: int, on_death: C
     if (problem := mismatch(f"worker {socket.gethostname()}", versions, _versions_here(), VERSIONED)) is not None:
         raise PreprocessError(problem)
     _kill_here_if_asked(items, shard)
-    rows, pool = _Shard(shard, len(items)), _pool()
+    rows, pool = _Shard(shard, len(items)), _pool(_scratch())
     with _LOCK:
         _RUNNING[id(pool)] = (stop_keys, pool)
     try:
@@ -88,14 +89,20 @@ def stop_tasks(key: str) -> None:
 def start_pools(dask_worker: Any) -> None:
     """Run by `Client.run` as the engine starts: a pool per worker thread, started in the background so
     that the fork server's imports overlap the client's scan of the files, ready for the first task."""
-    threading.Thread(target=start_local_pools, args=(dask_worker.state.nthreads,), name="cnnpipe-pool-start",
-                     daemon=True).start()
+    threading.Thread(target=_start_pools, args=(dask_worker.state.nthreads, dask_worker.local_directory),
+                     name="cnnpipe-pool-start", daemon=True).start()
 
 
 def start_local_pools(n: int) -> None:
     """Up to `n` idle pools in this process (a local cluster's worker threads run in the client)."""
+    global _IN_CLIENT
+    _IN_CLIENT = True
+    _start_pools(n, None)
+
+
+def _start_pools(n: int, scratch: str | None) -> None:
     for _ in range(max(0, n - len(_IDLE))):
-        pool = _pool()
+        pool = _pool(scratch)
         with _LOCK:
             _IDLE.append(pool)
 
@@ -115,34 +122,35 @@ def _versions_here() -> dict[str, str | None]:
     return get_package_info(VERSIONED)
 
 
-def _pool() -> WorkerPool:
+def _pool(scratch: str | None) -> WorkerPool:
     """An idle one-process pool of this process, or a new one. Pools are kept from task to task (a fork
     per task, and a cold process, would cost more than Dask's own per-task overhead); their processes
-    end with the worker (`workers._receive`)."""
+    end with the worker (`workers._receive`). `scratch`: the Dask worker's own folder, or None."""
     with _LOCK:
         if _IDLE:
             return _IDLE.pop()
-    _prepare_process()
-    return WorkerPool(1)
-
-
-def _prepare_process() -> None:
     # Dask starts its worker processes as daemonic, and multiprocessing refuses to let a daemonic process
     # start children; the flag means nothing else inside the worker itself (its nanny holds the real one),
     # and our pool's processes are daemonic themselves, so they end with the worker.
     config = multiprocessing.current_process()._config
     config["daemon"] = False
-    # the fork server's socket folder (pymp-*) goes in the Dask worker's own scratch folder, which Dask
-    # removes even after the worker was killed; in TMPDIR it would outlive a worker ended by a signal
-    if config.get("tempdir") is None and multiprocessing.parent_process() is not None:
-        try:
-            from distributed import get_worker
+    # the fork server's socket folder (pymp-*) goes in the Dask worker's scratch folder, which Dask removes
+    # even after the worker was killed; in TMPDIR it would outlive a worker ended by a signal. Not in the
+    # client's process (a local cluster): its scratch goes with the engine, the fork server stays.
+    if scratch is not None and not _IN_CLIENT and config.get("tempdir") is None:
+        (Path(scratch) / "cnnpipe-mp").mkdir(exist_ok=True)
+        config["tempdir"] = str(Path(scratch) / "cnnpipe-mp")
+    return WorkerPool(1)
 
-            scratch = Path(get_worker().local_directory) / "cnnpipe-mp"
-        except (ImportError, ValueError):   # not in a Dask worker
-            return
-        scratch.mkdir(exist_ok=True)
-        config["tempdir"] = str(scratch)
+
+def _scratch() -> str | None:
+    """This Dask worker's own folder (None outside one)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().local_directory
+    except (ImportError, ValueError):
+        return None
 
 
 def _in_folder(cwd: str | None, fn: Callable[[list], list], job: list) -> list:
