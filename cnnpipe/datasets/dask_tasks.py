@@ -137,9 +137,11 @@ def _pool(scratch: str | None) -> WorkerPool:
     # the fork server's socket folder (pymp-*) goes in the Dask worker's scratch folder, which Dask removes
     # even after the worker was killed; in TMPDIR it would outlive a worker ended by a signal. Not in the
     # client's process (a local cluster): its scratch goes with the engine, the fork server stays.
-    if scratch is not None and not _IN_CLIENT and config.get("tempdir") is None:
-        (Path(scratch) / "cnnpipe-mp").mkdir(exist_ok=True)
-        config["tempdir"] = str(Path(scratch) / "cnnpipe-mp")
+    # (A socket's path is at most 107 bytes: a deep scratch folder keeps TMPDIR.)
+    folder = Path(scratch or "") / "cnnpipe-mp"
+    if scratch is not None and not _IN_CLIENT and config.get("tempdir") is None and len(str(folder)) < 64:
+        folder.mkdir(exist_ok=True)
+        config["tempdir"] = str(folder)
     return WorkerPool(1)
 
 
