@@ -49,3 +49,16 @@ def _xla_flags_stay_the_sessions():
         os.environ.pop("XLA_FLAGS", None)
     else:
         os.environ["XLA_FLAGS"] = old
+
+
+# The slowest test files (compiles, training runs, subprocesses), longest first. pytest-xdist's
+# `--dist loadfile` hands out files in collection order, so starting these first leaves short files
+# for the end instead of one worker finishing a long file alone.
+_SLOW_FIRST = ("test_finetune", "test_train", "test_steps", "test_dispatch", "test_distributed", "test_notebooks",
+               "test_cli_train", "test_predict", "test_native_planes", "test_scientific_store", "test_imbalance",
+               "test_backbones", "test_layers", "test_dask_engine", "test_checkpoint", "test_normalize")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: a file's order is kept
