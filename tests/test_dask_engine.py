@@ -222,7 +222,7 @@ def test_ctrl_c_stops_the_cluster_tasks_and_leaves_nothing_behind(tmp_path):
     deadline: the run ends at once, OUT and the shards absent, no process of the run left."""
     _folder(tmp_path / "src", per_class=20, extra=("a/hangsalways.png",))
     proc = subprocess.Popen([*CLI, "src", "out", "--size", "8", "--engine", "dask", "--workers", "2",
-                             "--file-timeout", "0"], cwd=tmp_path, env={**os.environ, **HOOKS},
+                             "--file-timeout", "0"], cwd=tmp_path, env={**os.environ, **HOOKS, "PYTHONFAULTHANDLER": "1"},
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 90
     while not list(tmp_path.glob(".out.shards-*/*.npy")) and time.monotonic() < deadline:   # tasks are running
@@ -230,10 +230,12 @@ def test_ctrl_c_stops_the_cluster_tasks_and_leaves_nothing_behind(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     t0 = time.monotonic()
     try:
-        _, err = proc.communicate(timeout=60)   # stderr closes only when every process holding it has ended
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=40)   # stderr closes only when every process holding it has ended
+    except subprocess.TimeoutExpired:   # where it hangs: faulthandler prints every thread's stack on SIGABRT
+        os.kill(proc.pid, signal.SIGABRT)
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"Ctrl-C did not end the run:\n{proc.communicate()[1][-6000:]}") from None
     assert time.monotonic() - t0 < 30
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "cnnpipe preprocess: interrupted", err
     assert "Traceback" not in err

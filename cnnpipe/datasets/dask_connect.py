@@ -19,7 +19,7 @@ from typing import Any
 
 from cnnpipe.datasets.preprocess_settings import PreprocessError
 
-__all__ = ["CONNECT_S", "VERSIONED", "connect", "check_versions", "mismatch", "scheduler_address"]
+__all__ = ["CONNECT_S", "VERSIONED", "connect", "check_versions", "mismatch", "scheduler_address", "within"]
 
 CONNECT_S = 30      # seconds to reach a scheduler, and for its first worker to connect
 # the packages whose versions decide a store's bytes (decoders) or whether tasks run at all
@@ -47,7 +47,7 @@ def connect(distributed: Any, workers: int, address: str | None, scratch: Path) 
     if address is None:
         return _local_client(distributed, workers, scratch)
     try:
-        client = _within(1.2 * CONNECT_S, lambda: distributed.Client(address, timeout=CONNECT_S,
+        client = within(1.2 * CONNECT_S, lambda: distributed.Client(address, timeout=CONNECT_S,
                                                                    set_as_default=False))
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
         why = "no answer" if isinstance(exc, TimeoutError) else str(exc).splitlines()[0][:200]
@@ -74,7 +74,7 @@ def _local_client(distributed: Any, workers: int, scratch: Path) -> Any:
     return distributed.Client(cluster, set_as_default=False)
 
 
-def _within(seconds: float, fn: Callable[[], Any]) -> Any:
+def within(seconds: float, fn: Callable[[], Any]) -> Any:
     """`fn()`, or TimeoutError after `seconds`: a peer that accepts the connection and never answers
     would otherwise hold Dask's client forever (its own timeout does not cover that). The thread is a
     daemon: one left waiting does not keep the process alive."""

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from cnnpipe.datasets.convert import Prepared
-from cnnpipe.datasets.dask_connect import check_versions, connect, scheduler_address
+from cnnpipe.datasets.dask_connect import check_versions, connect, scheduler_address, within
 from cnnpipe.datasets.dask_tasks import close_idle_pools, run_task, start_local_pools, start_pools, stop_tasks
 from cnnpipe.datasets.preprocess_settings import NEEDS_DASK, PreprocessError
 from cnnpipe.datasets.store import temp_name
@@ -41,6 +41,7 @@ __all__ = ["DaskEngine"]
 
 log = logging.getLogger("cnnpipe.datasets.preprocess")
 
+_STOP_S = 10         # seconds to stop a run's tasks on the cluster before giving up on it
 _TASK_MAX = 256      # files per task: Dask's per-task cost is milliseconds; 1,024 left workers idle at the end
 
 
@@ -137,10 +138,9 @@ class DaskEngine:
 
     def _stop(self, key: str, futures: list) -> None:
         """Cancel `futures` and stop the tasks of `key` already running (Dask itself cannot)."""
-        try:
-            self.client.cancel(futures)
-            self.client.run(stop_tasks, key)
-        except Exception as exc:   # a cluster going away: nothing left running there to stop
+        try:   # bounded: a cluster that does not answer must not hold up Ctrl-C
+            within(_STOP_S, lambda: (self.client.cancel(futures), self.client.run(stop_tasks, key)))
+        except Exception as exc:   # a cluster going away (or gone): nothing left running there to stop
             log.debug("stopping the Dask tasks: %r", exc)
 
     def close(self) -> None:
