@@ -217,13 +217,21 @@ def test_workers_with_other_versions_are_refused_before_any_work(worker, words):
     assert words in str(exc.value) and "\n" not in str(exc.value)
 
 
+def _as_a_terminal_job() -> None:
+    """In the child before exec: SIGINT neither ignored nor blocked, as in a terminal's foreground job (a
+    process started with SIGINT ignored or blocked keeps it so: the test runner's state must not leak)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_the_cluster_tasks_and_leaves_nothing_behind(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a file hangs with no
     deadline: the run ends at once, OUT and the shards absent, no process of the run left."""
     _folder(tmp_path / "src", per_class=20, extra=("a/hangsalways.png",))
+    here = f"this test process: SIGINT {signal.getsignal(signal.SIGINT)}, blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}"
     proc = subprocess.Popen([*CLI, "src", "out", "--size", "8", "--engine", "dask", "--workers", "2",
                              "--file-timeout", "0"], cwd=tmp_path, env={**os.environ, **HOOKS, "PYTHONFAULTHANDLER": "1"},
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_as_a_terminal_job)
     deadline = time.monotonic() + 90
     while not list(tmp_path.glob(".out.shards-*/*.npy")) and time.monotonic() < deadline:   # tasks are running
         time.sleep(0.05)
@@ -235,7 +243,7 @@ def test_ctrl_c_stops_the_cluster_tasks_and_leaves_nothing_behind(tmp_path):
         os.kill(proc.pid, signal.SIGABRT)
         time.sleep(2)
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"Ctrl-C did not end the run:\n{proc.communicate()[1][-6000:]}") from None
+        raise AssertionError(f"Ctrl-C did not end the run ({here}):\n{proc.communicate()[1][-6000:]}") from None
     assert time.monotonic() - t0 < 30
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "cnnpipe preprocess: interrupted", err
     assert "Traceback" not in err
