@@ -217,11 +217,12 @@ def test_workers_with_other_versions_are_refused_before_any_work(worker, words):
     assert words in str(exc.value) and "\n" not in str(exc.value)
 
 
-def _as_a_terminal_job() -> None:
-    """In the child before exec: SIGINT neither ignored nor blocked, as in a terminal's foreground job (a
-    process started with SIGINT ignored or blocked keeps it so: the test runner's state must not leak)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+# Python that execs the rest of its arguments with SIGINT neither ignored nor blocked, as in a terminal's
+# foreground job: a process started with SIGINT ignored or blocked keeps it so, and the test runner's
+# state must not leak into the run (a fork with preexec_fn would do it too, but forks a process running jax).
+AS_A_TERMINAL_JOB = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                     "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                     "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
 
 
 def test_ctrl_c_stops_the_cluster_tasks_and_leaves_nothing_behind(tmp_path):
@@ -229,9 +230,10 @@ def test_ctrl_c_stops_the_cluster_tasks_and_leaves_nothing_behind(tmp_path):
     deadline: the run ends at once, OUT and the shards absent, no process of the run left."""
     _folder(tmp_path / "src", per_class=20, extra=("a/hangsalways.png",))
     here = f"this test process: SIGINT {signal.getsignal(signal.SIGINT)}, blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}"
-    proc = subprocess.Popen([*CLI, "src", "out", "--size", "8", "--engine", "dask", "--workers", "2",
-                             "--file-timeout", "0"], cwd=tmp_path, env={**os.environ, **HOOKS, "PYTHONFAULTHANDLER": "1"},
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_as_a_terminal_job)
+    proc = subprocess.Popen([*AS_A_TERMINAL_JOB, *CLI[1:], "src", "out", "--size", "8", "--engine", "dask",
+                             "--workers", "2", "--file-timeout", "0"], cwd=tmp_path,
+                            env={**os.environ, **HOOKS, "PYTHONFAULTHANDLER": "1"},
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 90
     while not list(tmp_path.glob(".out.shards-*/*.npy")) and time.monotonic() < deadline:   # tasks are running
         time.sleep(0.05)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from cnnpipe.datasets.preprocess_settings import PreprocessError
+from cnnpipe.datasets.workers import in_daemon_thread
 
 __all__ = ["CONNECT_S", "VERSIONED", "connect", "check_versions", "mismatch", "scheduler_address", "within"]
 
@@ -76,18 +75,8 @@ def _local_client(distributed: Any, workers: int, scratch: Path) -> Any:
 
 def within(seconds: float, fn: Callable[[], Any]) -> Any:
     """`fn()`, or TimeoutError after `seconds`: a peer that accepts the connection and never answers
-    would otherwise hold Dask's client forever (its own timeout does not cover that). The thread is a
-    daemon: one left waiting does not keep the process alive."""
-    done: Future = Future()
-
-    def run() -> None:
-        try:
-            done.set_result(fn())
-        except BaseException as exc:
-            done.set_exception(exc)
-
-    threading.Thread(target=run, name="cnnpipe-dask-connect", daemon=True).start()
-    return done.result(timeout=seconds)
+    would otherwise hold Dask's client forever (its own timeout does not cover that)."""
+    return in_daemon_thread(fn, "cnnpipe-dask-call").result(timeout=seconds)
 
 
 def check_versions(client: Any) -> dict[str, str | None]:

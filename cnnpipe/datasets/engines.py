@@ -17,13 +17,11 @@ The pool, or the Dask cluster, starts in a thread while this process reads the f
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
-from cnnpipe.datasets.workers import WorkerPool, chunks, make_pool, ordered_map
+from cnnpipe.datasets.workers import WorkerPool, chunks, in_daemon_thread, make_pool, ordered_map
 
 __all__ = ["ENGINES", "Engine", "LocalEngine", "engine_started_early"]
 
@@ -87,16 +85,7 @@ def engine_started_early(name: str, workers: int, num_files: int, out: Path, *, 
         use_pool = workers > 1 and num_files > workers
         return LocalEngine(make_pool(workers) if use_pool else None, workers)
 
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(start())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    # a daemon thread: a start that hangs (a peer that never answers) must not keep the process alive
-    threading.Thread(target=run, name="cnnpipe-engine-start", daemon=True).start()
+    future = in_daemon_thread(start, "cnnpipe-engine-start")
     try:
         yield future.result
     finally:

@@ -33,6 +33,7 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
@@ -42,7 +43,7 @@ from cnnpipe.datasets import deadlines
 from cnnpipe.datasets.deadlines import DEADLINE, HANG_ENV, KILL_ENV, die_here_if_asked, start_item
 from cnnpipe.datasets.process_start import context, main_hidden
 
-__all__ = ["KILL_ENV", "HANG_ENV", "DEADLINE", "PoolStopped", "WorkerDied", "WorkerPool", "chunks", "die_here_if_asked",
+__all__ = ["KILL_ENV", "HANG_ENV", "DEADLINE", "PoolStopped", "WorkerDied", "in_daemon_thread", "WorkerPool", "chunks", "die_here_if_asked",
            "make_pool", "ordered_map", "start_item"]
 
 log = logging.getLogger("cnnpipe.datasets.preprocess")
@@ -68,6 +69,21 @@ class WorkerDied(RuntimeError):
 
 class _RemoteTraceback(Exception):
     """The worker's traceback text: the `__cause__` of an exception from `fn`, re-raised here."""
+
+
+def in_daemon_thread(fn: Callable[[], Any], name: str) -> Future:
+    """`fn()` started in a daemon thread; its Future. A daemon: a call that hangs (a peer that never
+    answers) must not keep the process alive at exit."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
