@@ -17,6 +17,7 @@ the engine closes; a killed run's folder is removed by the next run (`store.remo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -104,7 +105,7 @@ class DaskEngine:
         todo = enumerate(chunks(items, size))
         try:
             while True:
-                for i, task in _take(todo, 3 * self.workers + 1 - len(futures)):
+                for i, task in itertools.islice(todo, max(0, 3 * self.workers + 1 - len(futures))):
                     shard = self.shards / f"{stop_key}-{i:07d}.npy"
                     futures.append(self.client.submit(
                         run_task, fn, task, job_size, on_death, str(shard), (self._key, stop_key), cwd,
@@ -158,16 +159,6 @@ class DaskEngine:
             if self._local:   # its workers were threads of this process: their pools are ours
                 close_idle_pools()
             shutil.rmtree(self.shards, ignore_errors=True)
-
-
-def _take(it: Iterator, n: int) -> list:
-    out = []
-    for _ in range(max(0, n)):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
 
 
 def _result(future: Any) -> Any:
