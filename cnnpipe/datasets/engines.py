@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from cnnpipe.datasets.preprocess_settings import ENGINES
 from cnnpipe.datasets.workers import WorkerPool, chunks, in_daemon_thread, make_pool, ordered_map
 
 __all__ = ["ENGINES", "Engine", "LocalEngine", "engine_started_early"]
 
-ENGINES = ("local", "dask")
 _START_WAIT_S = 15   # a local pool or cluster starts in a second or two; a remote one may hang forever
 
 
@@ -43,6 +43,10 @@ class Engine(Protocol):
 
     def describe(self) -> str:
         """'local engine, 2 worker processes', for the progress line and the summary."""
+        ...
+
+    def close(self) -> None:
+        """Stop its workers (and tasks), remove what it wrote; a second call does nothing."""
         ...
 
 
@@ -63,6 +67,10 @@ class LocalEngine:
     def describe(self) -> str:
         return f"local engine, {self.workers} worker process{'es' if self.workers != 1 else ''}"
 
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
 
 @contextlib.contextmanager
 def engine_started_early(name: str, workers: int, num_files: int, out: Path, *, scheduler: str | None = None,
@@ -71,7 +79,7 @@ def engine_started_early(name: str, workers: int, num_files: int, out: Path, *, 
 
     Local: a pool of `workers` processes (none for one worker or as few files as workers). Dask: a
     client of the cluster at `scheduler` / `scheduler_file`, or of a local cluster of `workers`
-    processes; its shard folder is made beside `out`. On exit the engine is closed (workers
+    worker threads; its shard folder is made beside `out`. On exit the engine is closed (workers
     terminated, tasks cancelled, shards removed), whether it was used or not.
 
     Raises (from the function it yields): PreprocessError (a ValueError) for a cluster that cannot
@@ -94,12 +102,4 @@ def engine_started_early(name: str, workers: int, num_files: int, out: Path, *, 
         except BaseException:
             engine = None
         if engine is not None:
-            _close(engine)
-
-
-def _close(engine: Any) -> None:
-    if isinstance(engine, LocalEngine):
-        if engine.pool is not None:
-            engine.pool.close()
-    else:
-        engine.close()
+            engine.close()

@@ -19,8 +19,9 @@ from cnnpipe.images.decode import DEFAULT_MAX_PIXELS
 from cnnpipe.images.tiff import PAGE_MODES
 from cnnpipe.images.transform import RESIZE_MODES, ImageSpec
 
-__all__ = ["NEEDS_DASK", "PreprocessError", "Settings", "parse_size", "check_paths"]
+__all__ = ["ENGINES", "NEEDS_DASK", "PreprocessError", "Settings", "parse_size", "check_paths"]
 
+ENGINES = ("local", "dask")   # where files are prepared (`cnnpipe.datasets.engines`)
 NEEDS_DASK = "engine 'dask' needs Dask: pip install 'cnnpipe[dask]' (or use --engine local)"
 
 
@@ -99,8 +100,8 @@ class Settings:
         t = self.file_timeout
         if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e7):
             raise PreprocessError(f"file_timeout: expected seconds from 0 (no deadline) up to 1e7, got {t!r}")
-        if self.engine not in ("local", "dask"):
-            raise PreprocessError(f"engine: expected 'local' or 'dask', got {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise PreprocessError(f"engine: expected one of {', '.join(map(repr, ENGINES))}, got {self.engine!r}")
         if self.engine != "dask" and (self.scheduler is not None or self.scheduler_file is not None):
             raise PreprocessError("scheduler: a Dask scheduler is only used with the dask engine (--engine dask; "
                                   "config data.engine: dask)")
