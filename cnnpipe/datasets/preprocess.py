@@ -115,7 +115,7 @@ def preprocess(src: str | os.PathLike, out: str | os.PathLike, *, size: int | st
       engine: "local" (this machine's worker pool) or "dask" (`cnnpipe.datasets.dask_engine`: a Dask
         cluster; the same store, byte for byte). `scheduler` (an address, "tcp://host:8786") or
         `scheduler_file` (written by `dask scheduler --scheduler-file`) names the cluster; neither:
-        a local cluster of `workers` processes. OUT's folder must be on a filesystem every worker sees.
+        a local cluster of `workers` worker threads. OUT's folder must be on a filesystem every worker sees.
 
     Returns:
       The written `Store`. Files that could not be used are in its report, each with a reason.
